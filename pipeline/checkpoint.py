@@ -1,0 +1,136 @@
+"""Model checkpoints: a directory (any fsspec URL) that describes itself and loads without Ray.
+
+    <dir>/model.safetensors   the weights; safetensors never runs code when loaded
+    <dir>/config.json         {"format", "format_version", "model": AutoencoderConfig,
+                               "weights_sha256", "training": {...facts...}}
+
+`training` holds whatever the trainer knows: data fingerprint, epochs, metrics, and the
+calibration (reconstruction-error quantiles on held-out normal data) that thresholds use.
+Loading rebuilds the model from the config alone, strips DDP's `module.` prefix, checks
+the weights' digest, and refuses weights that do not fit the config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from pipeline import storage
+from pipeline.model import AutoencoderConfig, build_model
+
+FORMAT = "squeeze-autoencoder"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+DDP_PREFIX = "module."
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, malformed, tampered with, or does not fit its config."""
+
+
+@dataclass
+class Checkpoint:
+    model: nn.Module
+    config: AutoencoderConfig
+    training: dict[str, Any] = field(default_factory=dict)
+    url: str = ""
+    weights_sha256: str = ""
+
+    @property
+    def calibration(self) -> dict[str, Any]:
+        return self.training.get("calibration") or {}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def strip_ddp_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len(DDP_PREFIX):] if k.startswith(DDP_PREFIX) else k: v for k, v in state.items()}
+
+
+def weights_bytes(model: nn.Module) -> bytes:
+    """The model's weights as safetensors bytes (standard memory layout, no DDP prefix)."""
+    state = strip_ddp_prefix(_unwrap(model).state_dict())
+    return save_safetensors({k: v.detach().cpu().contiguous() for k, v in state.items()})
+
+
+def save_checkpoint(url: str, model: nn.Module, training: dict[str, Any] | None = None) -> None:
+    """Write `model` (plain or DDP-wrapped) and its config to the directory `url`."""
+    config: AutoencoderConfig = _unwrap(model).config
+    weights = weights_bytes(model)
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": config.to_dict(),
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
+        "training": training or {},
+    }
+    # Weights first: a config.json present means its weights are complete.
+    storage.write_bytes(storage.join(url, WEIGHTS_FILE), weights)
+    storage.write_text(storage.join(url, CONFIG_FILE), json.dumps(meta, indent=2, sort_keys=True))
+
+
+def read_checkpoint_meta(url: str) -> dict[str, Any]:
+    """The parsed config.json of a checkpoint directory, validated but without loading weights."""
+    config_url = storage.join(url, CONFIG_FILE)
+    if not storage.exists(config_url):
+        raise CheckpointError(f"{url} is not a checkpoint: {CONFIG_FILE} not found")
+    try:
+        meta = json.loads(storage.read_text(config_url))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{config_url} is not valid JSON: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{config_url} is not a {FORMAT} checkpoint config (format={meta.get('format') if isinstance(meta, dict) else None!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{url}: checkpoint format_version {meta.get('format_version')!r} is not supported (expected {FORMAT_VERSION})")
+    try:
+        AutoencoderConfig.from_dict(meta.get("model") or {})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{url}: bad model config: {e}") from e
+    return meta
+
+
+def load_checkpoint(url: str, device: str | torch.device = "cpu") -> Checkpoint:
+    """Rebuild the model a checkpoint describes, load its weights, and put it in eval mode."""
+    meta = read_checkpoint_meta(url)
+    config = AutoencoderConfig.from_dict(meta["model"])
+    weights_url = storage.join(url, WEIGHTS_FILE)
+    if not storage.exists(weights_url):
+        raise CheckpointError(f"{url}: {WEIGHTS_FILE} not found")
+    data = storage.read_bytes(weights_url)
+    digest = hashlib.sha256(data).hexdigest()
+    if meta.get("weights_sha256") and digest != meta["weights_sha256"]:
+        raise CheckpointError(f"{weights_url} does not match the digest in {CONFIG_FILE}: the weights were changed or truncated")
+    try:
+        state = strip_ddp_prefix(load_safetensors(data))
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{weights_url} is not a readable safetensors file: {e}") from e
+
+    model = build_model(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(expected[k].shape)}"
+                   for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong_shape:
+        details = []
+        if missing:
+            details.append(f"missing {len(missing)} tensors (e.g. {missing[:3]})")
+        if unexpected:
+            details.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[:3]})")
+        if wrong_shape:
+            details.append(f"{len(wrong_shape)} shape mismatches (e.g. {wrong_shape[:3]})")
+        raise CheckpointError(f"{url}: weights do not fit the {config.arch} model its config describes: " + "; ".join(details))
+    model.load_state_dict(state)
+    model.to(device).eval()
+    return Checkpoint(model=model, config=config, training=meta.get("training") or {}, url=url, weights_sha256=digest)

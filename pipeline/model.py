@@ -1,0 +1,248 @@
+"""The squeeze autoencoder: SqueezeNet Fire modules on both sides of a convolutional autoencoder.
+
+A Fire module squeezes its input to few channels with a 1x1 convolution, then expands them
+again with parallel 1x1 and 3x3 convolutions whose outputs are concatenated. Most of a
+plain network's parameters sit in wide 3x3 convolutions; Fire keeps only a share of the
+expand filters 3x3 and feeds them a squeezed input, which is where the savings come from.
+
+The decoder mirrors the encoder with "fire-deconv" modules (SqueezeSeg): the 2x upsampling
+runs on the squeezed channels, where it is cheap, before the expand.
+
+`PlainAutoencoder` has the same widths, resolutions, bottleneck and latent size but plain
+3x3 convolutions in place of every Fire module: the baseline for the claim that squeezing
+costs little quality for a large cut in parameters and FLOPs.
+
+Both models take images as floats in [0, 1], shape (B, C, S, S), and return
+`{"z": (B, latent_dim), "x_hat": (B, C, S, S) in [0, 1]}`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+ARCHITECTURES = ("fire", "plain")
+BlockFactory = Callable[[int, int], nn.Module]  # (in_channels, out_channels) -> block
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    """Everything needed to rebuild a model; saved as JSON in every checkpoint.
+
+    Widths follow SqueezeNet's macro-parameters: the stem has `base_width` channels and each
+    of the three stages doubles it; a Fire module with E expand channels squeezes to
+    round(E * squeeze_ratio) channels and makes round(E * pct_3x3) of its expand filters 3x3.
+    """
+
+    arch: str = "fire"
+    image_size: int = 64
+    channels: int = 3
+    latent_dim: int = 128
+    base_width: int = 32
+    squeeze_ratio: float = 0.125
+    pct_3x3: float = 0.5
+    bottleneck_channels: int = 8
+    # Per-channel normalisation applied inside the model; inputs stay in [0, 1].
+    mean: tuple[float, ...] = field(default=())
+    std: tuple[float, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.arch not in ARCHITECTURES:
+            problems.append(f"arch must be one of {ARCHITECTURES}, got {self.arch!r}")
+        if not (32 <= self.image_size <= 256 and self.image_size % 16 == 0):
+            problems.append(f"image_size must be a multiple of 16 from 32 to 256, got {self.image_size}")
+        if self.channels not in (1, 3):
+            problems.append(f"channels must be 1 or 3, got {self.channels}")
+        if self.latent_dim < 1:
+            problems.append(f"latent_dim must be positive, got {self.latent_dim}")
+        if self.base_width < 4:
+            problems.append(f"base_width must be at least 4, got {self.base_width}")
+        if not 0.0 < self.squeeze_ratio <= 1.0:
+            problems.append(f"squeeze_ratio must be in (0, 1], got {self.squeeze_ratio}")
+        if not 0.0 < self.pct_3x3 < 1.0:
+            problems.append(f"pct_3x3 must be in (0, 1), got {self.pct_3x3}")
+        if self.bottleneck_channels < 1:
+            problems.append(f"bottleneck_channels must be positive, got {self.bottleneck_channels}")
+        # JSON gives lists back; keep tuples so configs compare and hash as values.
+        mean = tuple(float(m) for m in self.mean) or (0.5,) * self.channels
+        std = tuple(float(s) for s in self.std) or (0.25,) * self.channels
+        if len(mean) != self.channels or len(std) != self.channels:
+            problems.append(f"mean and std need {self.channels} values each, got {mean} and {std}")
+        if any(s <= 0 for s in std):
+            problems.append(f"std must be positive, got {std}")
+        if problems:
+            raise ValueError("invalid AutoencoderConfig: " + "; ".join(problems))
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "std", std)
+
+    @property
+    def stage_widths(self) -> tuple[int, int, int]:
+        return (self.base_width * 2, self.base_width * 4, self.base_width * 8)
+
+    @property
+    def bottleneck_size(self) -> int:
+        """Side of the feature map the encoder flattens: four halvings of the image."""
+        return self.image_size // 16
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> AutoencoderConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {unknown}")
+        return cls(**values)
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+def _fire_widths(out_channels: int, squeeze_ratio: float, pct_3x3: float) -> tuple[int, int, int]:
+    squeeze = max(1, round(out_channels * squeeze_ratio))
+    expand3 = min(out_channels - 1, max(1, round(out_channels * pct_3x3)))
+    return squeeze, out_channels - expand3, expand3
+
+
+class Fire(nn.Module):
+    """1x1 squeeze, then parallel 1x1 and 3x3 expand, concatenated. (B, in, H, W) -> (B, out, H, W)."""
+
+    def __init__(self, in_channels: int, out_channels: int, squeeze_ratio: float, pct_3x3: float):
+        super().__init__()
+        squeeze, expand1, expand3 = _fire_widths(out_channels, squeeze_ratio, pct_3x3)
+        self.squeeze = _conv_bn_relu(in_channels, squeeze, 1)
+        self.expand1x1 = nn.Conv2d(squeeze, expand1, 1, bias=False)
+        self.expand3x3 = nn.Conv2d(squeeze, expand3, 3, padding=1, bias=False)
+        self.norm = nn.BatchNorm2d(out_channels)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.squeeze(x)  # (B, squeeze, H, W)
+        e = torch.cat([self.expand1x1(s), self.expand3x3(s)], dim=1)  # (B, out, H, W)
+        return self.act(self.norm(e))
+
+
+class FireDeconv(nn.Module):
+    """Fire with a 2x transposed convolution on the squeezed channels. (B, in, H, W) -> (B, out, 2H, 2W)."""
+
+    def __init__(self, in_channels: int, out_channels: int, squeeze_ratio: float, pct_3x3: float):
+        super().__init__()
+        squeeze, expand1, expand3 = _fire_widths(out_channels, squeeze_ratio, pct_3x3)
+        self.squeeze = _conv_bn_relu(in_channels, squeeze, 1)
+        self.upsample = nn.Sequential(
+            nn.ConvTranspose2d(squeeze, squeeze, 4, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(squeeze),
+            nn.ReLU(inplace=True),
+        )
+        self.expand1x1 = nn.Conv2d(squeeze, expand1, 1, bias=False)
+        self.expand3x3 = nn.Conv2d(squeeze, expand3, 3, padding=1, bias=False)
+        self.norm = nn.BatchNorm2d(out_channels)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.upsample(self.squeeze(x))  # (B, squeeze, 2H, 2W)
+        e = torch.cat([self.expand1x1(s), self.expand3x3(s)], dim=1)  # (B, out, 2H, 2W)
+        return self.act(self.norm(e))
+
+
+class _Autoencoder(nn.Module):
+    """Stem, three down stages, a flat latent, three up stages, and an output layer.
+
+    Subclasses only choose the block used in each stage (`down_block` keeps the resolution,
+    `up_block` doubles it); everything else (stem, bottleneck,
+    latent projection, output layer) is shared so the comparison isolates the blocks.
+    """
+
+    def __init__(self, config: AutoencoderConfig, down_block: BlockFactory, up_block: BlockFactory):
+        super().__init__()
+        self.config = config
+        c = config
+        w1, w2, w3 = c.stage_widths
+        side = c.bottleneck_size
+        self.register_buffer("mean", torch.tensor(c.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(c.std).view(1, -1, 1, 1), persistent=False)
+
+        self.stem = nn.Sequential(  # (B, C, S, S) -> (B, base, S/2, S/2)
+            nn.Conv2d(c.channels, c.base_width, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(c.base_width),
+            nn.ReLU(inplace=True),
+        )
+        self.down = nn.Sequential(  # -> (B, w3, S/16, S/16)
+            down_block(c.base_width, w1), nn.MaxPool2d(2),
+            down_block(w1, w2), nn.MaxPool2d(2),
+            down_block(w2, w3), nn.MaxPool2d(2),
+        )
+        self.to_bottleneck = nn.Conv2d(w3, c.bottleneck_channels, 1)  # (B, bottleneck, S/16, S/16)
+        self.to_latent = nn.Linear(c.bottleneck_channels * side * side, c.latent_dim)
+
+        self.from_latent = nn.Linear(c.latent_dim, c.bottleneck_channels * side * side)
+        self.from_bottleneck = _conv_bn_relu(c.bottleneck_channels, w3, 1)
+        self.up = nn.Sequential(  # (B, w3, S/16, S/16) -> (B, base, S/2, S/2)
+            up_block(w3, w2),
+            up_block(w2, w1),
+            up_block(w1, c.base_width),
+        )
+        self.head = nn.Sequential(  # -> (B, C, S, S)
+            nn.Upsample(scale_factor=2, mode="nearest"),
+            nn.Conv2d(c.base_width, c.channels, 3, padding=1),
+            nn.Sigmoid(),
+        )
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, S, S) in [0, 1] -> (B, latent_dim)."""
+        h = self.down(self.stem((x - self.mean) / self.std))  # (B, w3, S/16, S/16)
+        h = self.to_bottleneck(h)  # (B, bottleneck, S/16, S/16)
+        return self.to_latent(h.flatten(1))  # (B, latent_dim)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, latent_dim) -> (B, C, S, S) in [0, 1]."""
+        side = self.config.bottleneck_size
+        h = torch.relu(self.from_latent(z)).view(-1, self.config.bottleneck_channels, side, side)
+        h = self.up(self.from_bottleneck(h))  # (B, base, S/2, S/2)
+        return self.head(h)  # (B, C, S, S)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.encode(x)
+        return {"z": z, "x_hat": self.decode(z)}
+
+
+class FireAutoencoder(_Autoencoder):
+    """Fire modules down, fire-deconv modules up."""
+
+    def __init__(self, config: AutoencoderConfig):
+        sr, pct = config.squeeze_ratio, config.pct_3x3
+        super().__init__(
+            config,
+            down_block=lambda i, o: Fire(i, o, sr, pct),
+            up_block=lambda i, o: FireDeconv(i, o, sr, pct),
+        )
+
+
+class PlainAutoencoder(_Autoencoder):
+    """The baseline: a 3x3 convolution for every Fire module, nearest upsampling on the way up."""
+
+    def __init__(self, config: AutoencoderConfig):
+        super().__init__(
+            config,
+            down_block=lambda i, o: _conv_bn_relu(i, o, 3),
+            up_block=lambda i, o: nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), _conv_bn_relu(i, o, 3)),
+        )
+
+
+def build_model(config: AutoencoderConfig) -> _Autoencoder:
+    """The model a config describes, freshly initialised."""
+    return {"fire": FireAutoencoder, "plain": PlainAutoencoder}[config.arch](config)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
