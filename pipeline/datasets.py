@@ -1,0 +1,69 @@
+"""Ray Data edge: read image shards and decode them into pixel batches.
+
+Every stage that needs pixels (training, embedding, reports) reads shards through
+`read_shards` and decodes with `decode_rows`, so column layouts, the resize policy and
+per-row failure reasons behave the same everywhere. Decoding runs as Ray Data CPU tasks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from pipeline import storage
+from pipeline.images import DEFAULT_RESIZE, decode_batch
+from pipeline.shards import Columns, image_bytes
+
+PATH_COLUMN = "path"  # the shard a row came from, added by read_parquet(include_paths=True)
+
+
+def read_shards(url: str, columns: Columns, extra: Sequence[str] = (), include_paths: bool = False,
+                override_num_blocks: int | None = None):
+    """A lazy Ray Dataset over the Parquet shards under `url`, with only the columns needed."""
+    import ray.data
+
+    fs, _ = storage.arrow_filesystem(url)
+    paths = [storage.filesystem(shard)[1] for shard in storage.list_shards(url)]
+    wanted = list(dict.fromkeys([columns.id, columns.image, *extra]))
+    return ray.data.read_parquet(
+        paths, filesystem=fs, columns=wanted, include_paths=include_paths,
+        override_num_blocks=override_num_blocks,
+    )
+
+
+def split_of(ids: Sequence[str], val_fraction: float) -> np.ndarray:
+    """(N,) bool, True for held-out validation rows: a stable hash of the id, so any run,
+    worker count or shard layout puts the same image on the same side."""
+    if val_fraction <= 0:
+        return np.zeros(len(ids), dtype=bool)
+    limit = int(val_fraction * 2**32)
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(str(i).encode("utf-8"), digest_size=4).digest(), "big") < limit for i in ids],
+        dtype=bool,
+    )
+
+
+def decode_rows(batch: dict[str, np.ndarray], columns: Columns, image_size: int, channels: int,
+                resize: str = DEFAULT_RESIZE, keep: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """Shard rows -> {"id", "pixels" (N, S, S, C) uint8, "error" (reason or None), *keep}."""
+    ids = batch[columns.id].astype(str)
+    pixels, reasons = decode_batch(image_bytes(batch[columns.image]), image_size, channels, resize)
+    out = {"id": ids, "pixels": pixels, "error": np.array(reasons, dtype=object)}
+    for name in keep:
+        out[name] = batch[name]
+    return out
+
+
+def decode_split(batch: dict[str, np.ndarray], columns: Columns, image_size: int, channels: int,
+                 resize: str, val_fraction: float, validation: bool) -> dict[str, np.ndarray]:
+    """Training input: only the rows of one split, decoded; {"pixels", "ok"} so it converts to tensors.
+
+    Rows of the other split are dropped before decoding, so each split pays only for itself.
+    """
+    ids = batch[columns.id].astype(str)
+    mine = split_of(ids, val_fraction) == validation
+    images = [img for img, m in zip(image_bytes(batch[columns.image]), mine) if m]
+    pixels, reasons = decode_batch(images, image_size, channels, resize)
+    return {"pixels": pixels, "ok": np.array([r is None for r in reasons], dtype=bool)}
