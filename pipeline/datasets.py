@@ -28,9 +28,8 @@ def read_shards(url: str, columns: Columns, extra: Sequence[str] = (), include_p
     paths = [storage.filesystem(shard)[1] for shard in storage.list_shards(url)]
     wanted = list(dict.fromkeys([columns.id, columns.image, *extra]))
     return ray.data.read_parquet(
-        paths, filesystem=fs, columns=wanted, include_paths=include_paths,
-        override_num_blocks=override_num_blocks,
-    )
+        paths, filesystem=fs, include_paths=include_paths, override_num_blocks=override_num_blocks,
+    ).select_columns([*wanted, PATH_COLUMN] if include_paths else wanted)
 
 
 def split_of(ids: Sequence[str], val_fraction: float) -> np.ndarray:

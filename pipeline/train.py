@@ -145,6 +145,21 @@ def _all_gather(array: np.ndarray) -> np.ndarray:
     return array
 
 
+def _average_buffers(net: torch.nn.Module) -> None:
+    """Average BatchNorm running statistics over the workers.
+
+    DDP keeps each worker's running stats from its own last batches; averaging them before
+    validation makes every worker evaluate, and rank 0 save, one and the same model.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    world = torch.distributed.get_world_size()
+    for buffer in net.buffers():
+        if buffer.is_floating_point():
+            torch.distributed.all_reduce(buffer)
+            buffer.div_(world)
+
+
 def _maybe_crash(cfg: TrainConfig, rank: int, world: int, epoch: int, step: int) -> None:
     """Tests only: the last worker dies once, mid-epoch, after the first checkpoint exists."""
     if cfg.inject_crash and rank == world - 1 and epoch == 1 and step == 1 and not os.path.exists(cfg.inject_crash):
@@ -218,6 +233,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         scheduler.step()
         train_seconds = time.perf_counter() - started
 
+        _average_buffers(net)
         model.eval()
         val_errors, val_failed = [], 0.0
         with torch.inference_mode(), autocast:
@@ -331,6 +347,7 @@ def plan_resources(cfg: TrainConfig, cluster_cpus: float) -> tuple[float, int]:
 def train(cfg: TrainConfig) -> TrainResult:
     """Train (or resume) the run in `cfg.out` and export its best model to `<out>/model/`."""
     import ray
+    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -348,6 +365,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     print(f"training {cfg.model} autoencoder ({count_parameters(build_model(model_config)):,} parameters) "
           f"on {rows:,} rows, {cfg.workers} worker(s) x {cpus:g} CPU{' + 1 GPU' if cfg.gpu else ''}, "
           f"{cfg.epochs} epochs -> {cfg.out}", flush=True)
+
+    # Same seed, same weights: blocks reach the workers in the same order on every run.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
 
     def split(validation: bool):
         return read_shards(cfg.data, cfg.columns).map_batches(

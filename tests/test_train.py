@@ -1,0 +1,159 @@
+"""Training on Ray Train: learning, resume after a kill, surviving a crashed worker, seeds, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.checkpoint import load_checkpoint
+from pipeline.datasets import split_of
+from pipeline.images import decode_batch
+from pipeline.model import build_model
+from pipeline.reconstruction import mse_per_image
+from pipeline.synth import write_synthetic_corpus
+from pipeline.train import METRICS_FILE, TrainConfig, TrainingInputError, train
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = dict(image_size=32, latent_dim=16, base_width=8, batch_size=8, val_fraction=0.2, lr=5e-3)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("corpus") / "shards"
+    write_synthetic_corpus(str(out), n=320, image_size=32, anomaly_fraction=0.0, seed=1, rows_per_shard=80)
+    # Two rows that cannot decode: counted in the metrics, left out of training.
+    pq.write_table(pa.table({"id": ["bad-0", "bad-1"], "image": [b"junk", b""]}), out / "zz-bad.parquet")
+    return str(out)
+
+
+def _val_images(data: str, cfg: TrainConfig) -> torch.Tensor:
+    table = pa.concat_tables(pq.read_table(p, columns=["id", "image"]) for p in sorted(Path(data).glob("*.parquet")))
+    ids = table.column("id").to_pylist()
+    val = split_of(ids, cfg.val_fraction)
+    images = [b for b, v in zip(table.column("image").to_pylist(), val) if v]
+    pixels, errors = decode_batch(images, cfg.image_size, cfg.channels)
+    pixels = pixels[[e is None for e in errors]]
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0
+
+
+def _val_mse(model, x: torch.Tensor) -> float:
+    with torch.inference_mode():
+        return float(mse_per_image(x, model.eval()(x)["x_hat"]).mean())
+
+
+def _metrics(out: str) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / METRICS_FILE).read_text().splitlines()]
+
+
+@pytest.mark.ray
+def test_two_worker_training_learns_and_exports_a_model_that_loads_without_ray(ray_local, corpus, tmp_path):
+    cfg = TrainConfig(data=corpus, out=str(tmp_path / "run"), workers=2, epochs=6, **{**SMALL, "batch_size": 4})
+    x_val = _val_images(corpus, cfg)
+    torch.manual_seed(cfg.seed)
+    untrained = _val_mse(build_model(cfg.model_config()), x_val)
+
+    result = train(cfg)
+
+    history = _metrics(cfg.out)
+    assert [m["epoch"] for m in history] == [1, 2, 3, 4, 5, 6]
+    assert {"train_loss", "val_mse", "val_psnr", "images_per_s", "decode_failures"} <= set(history[0])
+    assert history[-1]["val_mse"] < 0.6 * untrained
+    assert history[0]["train_images"] + history[0]["val_images"] == 320
+    assert all(m["decode_failures"] == 2 for m in history)
+    assert history[0]["val_images"] == len(x_val)
+    # The exported model is the best epoch; loaded with no Ray, it reproduces the reported val MSE.
+    exported = load_checkpoint(result.model_url)
+    best = min(history, key=lambda m: m["val_mse"])
+    assert result.best_epoch == best["epoch"] == exported.training["exported_epoch"]
+    assert _val_mse(exported.model, x_val) == pytest.approx(best["val_mse"], rel=1e-4)
+    calibration = exported.calibration
+    assert calibration["count"] == len(x_val) and len(calibration["grid"]) == 1001
+    assert calibration["quantiles"]["0.5"] <= calibration["quantiles"]["0.99"] <= calibration["max"]
+    # Ray Train kept the best checkpoints and the latest one, no more.
+    kept = sorted(p.name for p in (Path(cfg.out) / "checkpoints").glob("epoch-*"))
+    assert f"epoch-{len(history):04d}" in kept and len(kept) <= cfg.keep_checkpoints + 1
+
+
+@pytest.mark.ray
+def test_a_worker_crash_mid_epoch_is_survived(ray_local, corpus, tmp_path):
+    marker = tmp_path / "crashed"
+    cfg = TrainConfig(data=corpus, out=str(tmp_path / "run"), workers=2, epochs=3, inject_crash=str(marker), **SMALL)
+    train(cfg)
+    assert marker.exists(), "the injected crash never happened"
+    assert [m["epoch"] for m in _metrics(cfg.out)] == [1, 2, 3]
+
+
+@pytest.mark.ray
+def test_same_seed_gives_identical_weights(ray_local, corpus, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        cfg = TrainConfig(data=corpus, out=str(tmp_path / name), workers=1, epochs=1, seed=7, **SMALL)
+        runs.append(load_checkpoint(train(cfg).model_url))
+    assert runs[0].weights_sha256 == runs[1].weights_sha256
+    other = TrainConfig(data=corpus, out=str(tmp_path / "c"), workers=1, epochs=1, seed=8, **SMALL)
+    assert load_checkpoint(train(other).model_url).weights_sha256 != runs[0].weights_sha256
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_rerun_after_sigkill_resumes_and_stops_at_the_requested_epochs(corpus, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "jobs.train", "--data", corpus, "--out", str(out), "--epochs", "4",
+           "--workers", "1", "--image-size", "32", "--latent-dim", "16", "--base-width", "8",
+           "--batch-size", "8", "--val-fraction", "0.2"]
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / "checkpoints" / "epoch-0001").exists():
+        time.sleep(0.2)
+    assert (out / "checkpoints" / "epoch-0001").exists(), "no checkpoint appeared before the deadline"
+    time.sleep(1.0)
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray it started, at once
+    first.wait()
+    done_before = len(_metrics(str(out))) if (out / METRICS_FILE).exists() else 0
+    assert done_before < 4, "the first run finished before it could be killed"
+
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming from epoch" in second.stdout + second.stderr
+    assert [m["epoch"] for m in _metrics(str(out))] == [1, 2, 3, 4]
+
+
+def test_empty_dataset_is_refused_before_training(tmp_path):
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.table({"id": pa.array([], pa.string()), "image": pa.array([], pa.binary())}),
+                   tmp_path / "data" / "part-0.parquet")
+    with pytest.raises(TrainingInputError, match="holds no rows"):
+        train(TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run")))
+
+
+def test_data_where_no_image_decodes_is_refused_before_training(tmp_path):
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "image": [b"", b"not an image", b"\x89PNG\r\n"]}),
+                   tmp_path / "data" / "part-0.parquet")
+    with pytest.raises(TrainingInputError, match="none of the first 3 images .* decode"):
+        train(TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run")))
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path, corpus):
+    cfg = TrainConfig(data=corpus, out=str(tmp_path / "run"), **SMALL)
+    from pipeline.shards import fingerprint
+    from pipeline.train import check_run_folder
+
+    check_run_folder(replace(cfg, data_fingerprint=fingerprint(corpus)))
+    with pytest.raises(TrainingInputError, match=r"image_size: 32 -> 64"):
+        train(replace(cfg, image_size=64))
+    with pytest.raises(TrainingInputError, match=r"model: 'fire' -> 'plain'"):
+        train(replace(cfg, model="plain"))
