@@ -20,7 +20,7 @@ PATH_COLUMN = "path"  # the shard a row came from, added by read_parquet(include
 
 
 def read_shards(url: str, columns: Columns, extra: Sequence[str] = (), include_paths: bool = False,
-                override_num_blocks: int | None = None):
+                override_num_blocks: int | None = None, num_cpus: float = 1.0):
     """A lazy Ray Dataset over the Parquet shards under `url`, with only the columns needed."""
     import ray.data
 
@@ -29,6 +29,7 @@ def read_shards(url: str, columns: Columns, extra: Sequence[str] = (), include_p
     wanted = list(dict.fromkeys([columns.id, columns.image, *extra]))
     return ray.data.read_parquet(
         paths, filesystem=fs, include_paths=include_paths, override_num_blocks=override_num_blocks,
+        num_cpus=num_cpus,
     ).select_columns([*wanted, PATH_COLUMN] if include_paths else wanted)
 
 

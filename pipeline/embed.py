@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import torch
 
 from pipeline import storage
@@ -169,7 +170,7 @@ class EmbedConfig:
     actors: int | None = None
     gpu: bool | None = None  # None: use GPUs when the cluster has them
     torch_threads: int | None = None
-    rows_per_file: int = 100_000
+    rows_per_file: int = 20_000
     model_sha256: str = field(default="", repr=False)
 
     @property
@@ -193,24 +194,47 @@ class EmbedSummary:
         return asdict(self)
 
 
-def plan_actors(cfg: EmbedConfig, resources: dict[str, float]) -> tuple[int, float, float, int]:
-    """(actors, CPUs per actor, GPUs per actor, torch threads per actor) from the cluster's resources.
+@dataclass(frozen=True)
+class ResourcePlan:
+    actors: int
+    cpus_per_actor: float
+    gpus_per_actor: float
+    torch_threads: int
+    task_cpus: float  # logical CPUs of each read, decode and write task
 
-    An actor pool that takes every CPU starves the read and decode tasks and the job hangs
-    (DESIGN.md): on CPU-only clusters one CPU in every `cpus + 1` stays free for them.
+
+def plan_resources(cfg: EmbedConfig, resources: dict[str, float], resuming: bool) -> ResourcePlan:
+    """Actor pool and task sizes from the cluster's resources.
+
+    An actor pool that takes every CPU starves the other operators and the job hangs
+    ("3/2 CPU", DESIGN.md). Besides our read, decode and write tasks, Ray Data runs two
+    operators of its own that each hold a whole CPU: the file listing, and on a resumed run
+    the checkpoint filter actor. Actors are sized so that all of these always fit. Logical
+    CPUs are scheduling tokens here; each actor's torch thread count decides its real use,
+    so on a 2-CPU machine a resumed run gives the model actor no logical CPU at all and
+    still computes on both cores.
     """
     cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
+    task_cpus = 0.5 if cpus <= 4 else 1.0
+    available = cpus - 1.0 - (1.0 if resuming else 0.0)  # listing, checkpoint filter
     use_gpu = gpus >= 1 if cfg.gpu is None else cfg.gpu
     if use_gpu:
-        actors = cfg.actors or int(gpus)
-        return actors, 1.0, 1.0, cfg.torch_threads or 2
-    if cfg.actors:
-        per_actor = max(0.5, min(1.0, (cpus - 1.0) / cfg.actors))
-        return cfg.actors, per_actor, 0.0, cfg.torch_threads or max(1, int(cpus // cfg.actors))
-    # On small machines one actor with all cores' threads keeps the model busy while the
-    # decode tasks run in its shadow; bigger clusters get one actor per 4 CPUs.
-    actors = max(1, int((cpus - 1) // 4)) if cpus > 4 else 1
-    return actors, 1.0, 0.0, cfg.torch_threads or max(1, int(cpus // actors))
+        # Autoscaling GPU workers may not be up yet: at least one actor, placed when they are.
+        actors = cfg.actors or max(1, int(gpus))
+        return ResourcePlan(actors, 0.0, 1.0, cfg.torch_threads or 4, task_cpus)
+    # Small machines: one actor whose threads use every core while the light decode tasks
+    # run in its shadow. Bigger clusters: one actor per 4 CPUs.
+    actors = cfg.actors or max(1, int(available // 4))
+    per_actor = math.floor((available - task_cpus) / actors * 2) / 2
+    per_actor = min(4.0, per_actor) if per_actor >= 0.5 else 0.0
+    threads = cfg.torch_threads or max(1, int(cpus // actors))
+    return ResourcePlan(actors, per_actor, 0.0, threads, task_cpus)
+
+
+def _output_row_bytes(cfg: EmbedConfig, model_config: dict[str, Any]) -> int:
+    """A rough size of one output row: the latent plus scores, ids and passthrough."""
+    latent = model_config["latent_dim"] * {"float32": 4, "float16": 2, "int8": 1}[cfg.latent_dtype]
+    return latent + 64 + 32 * len(cfg.passthrough)
 
 
 def check_output_folder(cfg: EmbedConfig) -> bool:
@@ -278,36 +302,49 @@ def embed(cfg: EmbedConfig) -> EmbedSummary:
         print(f"{cfg.out} is already complete for this model and settings; nothing to do", flush=True)
         return summarize(cfg, rows_in, threshold, time.perf_counter() - started)
 
-    actors, cpus, gpus, threads = plan_actors(cfg, ray.cluster_resources())
+    fs, out_path = storage.arrow_filesystem(cfg.out)
+    resuming = fs.get_file_info(storage.join(out_path, CHECKPOINT_DIR)).type != pafs.FileType.NotFound
+    plan = plan_resources(cfg, ray.cluster_resources(), resuming)
     # The id column name must be the same in input and output for Ray's checkpoint filter.
     keep = [c for c in dict.fromkeys([*cfg.passthrough, cfg.id_column]) if c != "id"]
-    print(f"embedding {rows_in:,} rows with {model_config['arch']} model ({cfg.model}) on {actors} actor(s) x "
-          f"{cpus:g} CPU{f' + {gpus:g} GPU' if gpus else ''}, {threads} torch threads; "
+    print(f"embedding {rows_in:,} rows with {model_config['arch']} model ({cfg.model}) on {plan.actors} actor(s) x "
+          f"{plan.cpus_per_actor:g} CPU{f' + {plan.gpus_per_actor:g} GPU' if plan.gpus_per_actor else ''}, "
+          f"{plan.torch_threads} torch threads{', resuming' if resuming else ''}; "
           f"threshold mse > {threshold:.6g} ({cfg.threshold}) -> {cfg.out}", flush=True)
 
-    fs, out_path = storage.arrow_filesystem(cfg.out)
     ctx = ray.data.DataContext.get_current()
-    ctx.checkpoint_config = CheckpointConfig(
+    checkpoint = CheckpointConfig(
         id_column=cfg.id_column, checkpoint_path=storage.join(out_path, CHECKPOINT_DIR), override_filesystem=fs,
         delete_checkpoint_on_success=False)
+    checkpoint.checkpoint_actor_pool_max_size = 1  # each holds a CPU; one filters fast enough
+    ctx.checkpoint_config = checkpoint
+    # Each written file is one commit of the exactly-once protocol: blocks of about
+    # rows_per_file output rows bound what a kill can cost (Ray's default, 128 MiB of
+    # latents, would be hundreds of thousands of rows).
+    saved_block_size = ctx.target_max_block_size
+    ctx.target_max_block_size = max(64 * 1024, cfg.rows_per_file * _output_row_bytes(cfg, model_config))
     try:
-        ds = read_shards(cfg.data, cfg.columns, extra=keep)
+        # One block per shard: each written file commits its rows, so a kill loses little.
+        ds = read_shards(cfg.data, cfg.columns, extra=keep, num_cpus=plan.task_cpus,
+                         override_num_blocks=len(storage.list_shards(cfg.data)))
         ds = ds.map_batches(
-            decode_rows, batch_format="numpy", batch_size=cfg.batch_size,
+            decode_rows, batch_format="numpy", batch_size=cfg.batch_size, num_cpus=plan.task_cpus,
             fn_kwargs=dict(columns=cfg.columns, image_size=model_config["image_size"],
                            channels=model_config["channels"], resize=resize, keep=keep))
         ds = ds.map_batches(
             Embedder, batch_format="numpy", batch_size=cfg.batch_size,
             fn_constructor_kwargs=dict(
                 model_url=cfg.model, latent_dtype=cfg.latent_dtype, threshold=threshold, passthrough=keep,
-                torch_threads=threads, device="cuda" if gpus else "cpu",
+                torch_threads=plan.torch_threads, device="cuda" if plan.gpus_per_actor else "cpu",
                 metadata={"model": cfg.model, "weights_sha256": cfg.model_sha256, "threshold": threshold,
                           "threshold_spec": cfg.threshold, "latent_dtype": cfg.latent_dtype,
                           "model_config": model_config}),
-            compute=ActorPoolStrategy(size=actors), num_cpus=cpus, num_gpus=gpus)
-        ds.write_parquet(out_path, filesystem=fs, min_rows_per_file=min(cfg.rows_per_file, rows_in))
+            compute=ActorPoolStrategy(size=plan.actors), num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor)
+        ds.write_parquet(out_path, filesystem=fs, min_rows_per_file=min(cfg.rows_per_file, rows_in),
+                         ray_remote_args={"num_cpus": plan.task_cpus})  # write_parquet has no num_cpus=
     finally:
         ctx.checkpoint_config = None
+        ctx.target_max_block_size = saved_block_size
     summary = summarize(cfg, rows_in, threshold, time.perf_counter() - started)
     storage.write_text(storage.join(cfg.out, SUCCESS_FILE), json.dumps(summary.to_dict(), indent=2))
     return summary

@@ -1,0 +1,272 @@
+"""Image shards: the Parquet layouts we read, and checks that run on footers before any work.
+
+An image shard has an id column and an image column (see DESIGN.md, "Image shards"). The
+image column is either plain `binary` / `large_binary` bytes, or the Hugging Face datasets
+image struct `struct<bytes: binary, path: string>`. Column names are configurable with
+`Columns`; img2dataset's layout is `Columns(id="key", image="jpg")`.
+
+- `image_bytes(column)` turns any of those column forms (pyarrow, or the NumPy object arrays
+  Ray Data hands to `map_batches`) into a list of bytes-or-None.
+- `check_columns` reads only the shards' schemas and fails before any work with the columns
+  it did find; `check_unique_ids` reads only the id column; `fingerprint` names a dataset
+  from its footers alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline import storage
+
+# Output shards are named <SHARD_PREFIX><number>.parquet; only such names are ever cleaned up.
+SHARD_PREFIX = "part-"
+# Footers are small reads dominated by latency on object stores: fetch many at once.
+_FOOTER_THREADS = 16
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Names of the id and image columns of an image shard."""
+
+    id: str = "id"
+    image: str = "image"
+
+
+IMG2DATASET = Columns(id="key", image="jpg")
+
+
+class ColumnError(ValueError):
+    """A shard lacks a needed column, or its image column has a type we cannot read."""
+
+
+class DuplicateIdError(ValueError):
+    """The id column is not unique across the corpus."""
+
+
+# --- reading the image column ------------------------------------------------------------
+
+
+def _is_binary(data_type: pa.DataType) -> bool:
+    return (
+        pa.types.is_binary(data_type)
+        or pa.types.is_large_binary(data_type)
+        or pa.types.is_fixed_size_binary(data_type)
+        or pa.types.is_binary_view(data_type)
+    )
+
+
+def _is_image_struct(data_type: pa.DataType) -> bool:
+    if not pa.types.is_struct(data_type):
+        return False
+    index = data_type.get_field_index("bytes")
+    return index >= 0 and _is_binary(data_type.field(index).type)
+
+
+def is_image_type(data_type: pa.DataType) -> bool:
+    """Whether a column of this type can hold encoded images (binary, or the HF struct)."""
+    return _is_binary(data_type) or _is_image_struct(data_type)
+
+
+def _object_to_bytes(value) -> bytes | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, dict):  # Hugging Face struct as Ray Data's numpy format gives it
+        return _object_to_bytes(value.get("bytes"))
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, np.ndarray) and value.dtype == np.uint8:
+        return value.tobytes()
+    if isinstance(value, float) and value != value:  # NaN: pandas' null
+        return None
+    raise TypeError(f"image column holds {type(value).__name__} values, not encoded image bytes")
+
+
+def image_bytes(column) -> list[bytes | None]:
+    """Encoded image bytes, one per row (None for a null), from any supported column form.
+
+    `column`: a pyarrow Array / ChunkedArray of binary-like type or of the Hugging Face
+    struct `struct<bytes: binary, path: string>`; or a NumPy object array / sequence whose
+    elements are bytes, None, or dicts {"bytes": ..., "path": ...}.
+    """
+    if isinstance(column, pa.ChunkedArray):
+        out: list[bytes | None] = []
+        for chunk in column.chunks:
+            out.extend(image_bytes(chunk))
+        return out
+    if isinstance(column, pa.Array):
+        if _is_image_struct(column.type):
+            # struct_field keeps the struct's own nulls (a plain .field() would not).
+            column = pc.struct_field(column, "bytes")
+        if not _is_binary(column.type):
+            raise TypeError(
+                f"image column has type {column.type}; expected binary or struct<bytes: binary, path: string>"
+            )
+        # One C++ pass to an object array of bytes; no per-row pyarrow scalars.
+        return column.to_numpy(zero_copy_only=False).tolist()
+    if isinstance(column, np.ndarray) and column.dtype.kind == "S":
+        return [bytes(value) for value in column]
+    return [_object_to_bytes(value) for value in column]
+
+
+# --- writing ------------------------------------------------------------------------------
+
+
+def write_shard(url: str, table: pa.Table, image_column: str = "image", row_group_rows: int = 1024) -> int:
+    """Write `table` as one Parquet shard at `url`, atomically; returns the bytes written.
+
+    Encoded images do not compress further, so their column is stored uncompressed and
+    without dictionary encoding (both only cost CPU); other columns get zstd. Row groups
+    of `row_group_rows` keep a reader's memory per batch small.
+    """
+    other = [name for name in table.column_names if name != image_column]
+    compression = {name: "zstd" for name in other}
+    if image_column in table.column_names:
+        compression[image_column] = "none"
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer, compression=compression, use_dictionary=other, row_group_size=row_group_rows)
+    data = buffer.getvalue().to_pybytes()
+    storage.write_bytes(url, data)
+    return len(data)
+
+
+def remove_stale_shards(out_url: str, keep: Sequence[str], prefix: str = SHARD_PREFIX) -> list[str]:
+    """Remove `<prefix>*.parquet` files directly under `out_url` whose names are not in `keep`.
+
+    A writer with stable shard names calls this after a run: a rerun with a different
+    sizing writes fewer (or other) names, and the previous run's extra shards would otherwise
+    be read as data. Only names of our own pattern are touched: anything else stays.
+    Returns the names removed, sorted.
+    """
+    fs, root = storage.filesystem(out_url)
+    fs.invalidate_cache(root)  # object-store listings are cached, and other processes wrote here
+    if not fs.isdir(root):
+        return []
+    keep_names = set(keep)
+    removed = []
+    for entry in fs.ls(root, detail=False):
+        name = posixpath.basename(entry.rstrip("/"))
+        if name.startswith(prefix) and name.endswith(storage.PARQUET_SUFFIX) and name not in keep_names:
+            fs.rm(entry)
+            removed.append(name)
+    return sorted(removed)
+
+
+# --- footer-only checks --------------------------------------------------------------------
+
+
+def _shard_paths(url: str) -> tuple[pafs.FileSystem, list[str], list[str]]:
+    """(pyarrow filesystem, shard URLs, paths inside that filesystem) for the shards under `url`."""
+    shard_urls = storage.list_shards(url)
+    arrow_fs, _ = storage.arrow_filesystem(url)
+    return arrow_fs, shard_urls, [storage.arrow_filesystem(shard)[1] for shard in shard_urls]
+
+
+def _read_footers(url: str) -> tuple[list[str], list[tuple[int, pq.FileMetaData]]]:
+    """Shard URLs under `url` and, for each, (size in bytes, Parquet footer)."""
+    arrow_fs, shard_urls, paths = _shard_paths(url)
+
+    def read(path: str) -> tuple[int, pq.FileMetaData]:
+        with arrow_fs.open_input_file(path) as f:
+            return f.size(), pq.ParquetFile(f).metadata
+
+    with ThreadPoolExecutor(min(_FOOTER_THREADS, len(paths))) as pool:
+        return shard_urls, list(pool.map(read, paths))
+
+
+def check_columns(url: str, columns: Columns, passthrough: Sequence[str] = ()) -> pa.Schema:
+    """Check from the footers alone that every shard under `url` has the needed columns.
+
+    Needed: `columns.id`, `columns.image` (binary or the Hugging Face image struct) and every
+    `passthrough` column. Returns the schema shared by the shards (unified across them).
+    Raises ColumnError naming the shard and the columns it does have; FileNotFoundError when
+    there are no shards.
+    """
+    shard_urls, footers = _read_footers(url)
+    needed = {columns.id: "id column", columns.image: "image column"}
+    needed.update({name: "passthrough column" for name in passthrough if name not in needed})
+    schemas = []
+    for shard_url, (_, footer) in zip(shard_urls, footers):
+        schema = footer.schema.to_arrow_schema()
+        missing = [f"{name!r} ({role})" for name, role in needed.items() if name not in schema.names]
+        if missing:
+            raise ColumnError(
+                f"shard {shard_url} has no {', '.join(missing)}; columns found: {', '.join(schema.names)}. "
+                "Name the columns with --id-column / --image-column (img2dataset: --id-column key --image-column jpg)."
+            )
+        image_type = schema.field(columns.image).type
+        if not is_image_type(image_type):
+            raise ColumnError(
+                f"shard {shard_url}: image column {columns.image!r} has type {image_type}; "
+                "expected binary (encoded image bytes) or struct<bytes: binary, path: string>"
+            )
+        schemas.append(schema.remove_metadata())
+    try:
+        return pa.unify_schemas(schemas)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+        raise ColumnError(f"the shards under {url} have conflicting schemas: {error}") from error
+
+
+def find_duplicate_ids(url: str, id_column: str, max_examples: int = 5) -> tuple[int, list[str]]:
+    """(how many distinct ids occur more than once, up to `max_examples` of them).
+
+    Reads only the id column, one shard at a time. What is held is the id column itself as
+    Arrow data (about the ids' byte length plus 4-8 bytes each, far less than a Python set)
+    and, at the end, Arrow's hash table of distinct ids. Null ids count as one value "None".
+    Examples come in the order they first appear.
+    """
+    arrow_fs, _, paths = _shard_paths(url)
+    chunks = []
+    for path in paths:
+        table = pq.read_table(path, columns=[id_column], filesystem=arrow_fs)
+        chunks.extend(table.column(id_column).chunks)
+    if not chunks:
+        return 0, []
+    ids = pa.chunked_array(chunks) if len({c.type for c in chunks}) == 1 else pa.chunked_array(
+        [c.cast(pa.string()) for c in chunks]
+    )
+    counts = pc.value_counts(ids)
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    examples = [str(value) for value in repeated.field("values")[:max_examples].to_pylist()]
+    return len(repeated), examples
+
+
+def check_unique_ids(url: str, id_column: str) -> None:
+    """Raise DuplicateIdError, naming examples, if any id occurs more than once under `url`."""
+    duplicated, examples = find_duplicate_ids(url, id_column)
+    if duplicated:
+        shown = ", ".join(repr(example) for example in examples)
+        raise DuplicateIdError(
+            f"{duplicated} ids occur more than once in column {id_column!r} of {url} (e.g. {shown}); "
+            "ids must be unique across the corpus"
+        )
+
+
+def fingerprint(url: str) -> str:
+    """A stable 16-hex-digit name for the dataset under `url`, from its footers alone.
+
+    Hashes each shard's path relative to `url`, byte size and row count, so the same shards
+    copied to another prefix or bucket keep their fingerprint, and any rewrite that changes
+    a shard's size or rows changes it.
+    """
+    shard_urls, footers = _read_footers(url)
+    root = storage.filesystem(url)[1]
+    entries = []
+    for shard_url, (size, footer) in zip(shard_urls, footers):
+        path = storage.filesystem(shard_url)[1]
+        name = posixpath.relpath(path, root) if path != root else posixpath.basename(path)
+        entries.append([name, size, footer.num_rows])
+    digest = hashlib.sha256(json.dumps(entries, separators=(",", ":")).encode("utf-8"))
+    return digest.hexdigest()[:16]

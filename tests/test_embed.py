@@ -1,0 +1,240 @@
+"""Embedding job: the Ray pipeline equals the plain loop, exactly once across a SIGKILL, clear refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline import storage
+from pipeline.checkpoint import save_checkpoint
+from pipeline.embed import (
+    METADATA_KEY, EmbedConfig, EmbedInputError, Embedder, dequantize_latents, embed, embed_reference, read_latents,
+    resolve_threshold,
+)
+from pipeline.model import AutoencoderConfig, build_model
+from pipeline.shards import ColumnError, DuplicateIdError
+from pipeline.synth import write_synthetic_corpus
+from pipeline.train import calibration_from_errors
+
+REPO = Path(__file__).resolve().parents[1]
+BAD_ROWS = {"bad-empty": b"", "bad-junk": b"this is not an image", "bad-truncated": None}
+
+
+def _make_model(url: str, channels: int = 3, seed: int = 0, image_size: int = 32) -> str:
+    """A real checkpoint with a real calibration (errors of the model on a few synthetic images)."""
+    torch.manual_seed(seed)
+    model = build_model(AutoencoderConfig(image_size=image_size, channels=channels, latent_dim=16, base_width=8)).eval()
+    x = torch.rand(32, channels, image_size, image_size)
+    with torch.inference_mode():
+        errors = ((model(x)["x_hat"] - x) ** 2).flatten(1).mean(1).numpy()
+    save_checkpoint(url, model, training={"calibration": calibration_from_errors(errors),
+                                          "preprocessing": {"resize": "pad"}})
+    return url
+
+
+def _make_corpus(root: Path, n: int, rows_per_shard: int, bad: bool = True, image_size: int = 32) -> str:
+    write_synthetic_corpus(str(root), n=n, image_size=image_size, anomaly_fraction=0.1, seed=3,
+                           rows_per_shard=rows_per_shard)
+    if bad:
+        good = pq.read_table(next(root.glob("*.parquet")))
+        image = good.column("image")[0].as_py()
+        truncated = image[: len(image) // 2]
+        images = [truncated if v is None else v for v in BAD_ROWS.values()]
+        pq.write_table(pa.table({"id": list(BAD_ROWS), "image": pa.array(images, pa.binary()),
+                                 "label": [1, 1, 1], "anomaly_kind": ["bad"] * 3}), root / "zz-bad.parquet")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def model_url(tmp_path_factory):
+    return _make_model(str(tmp_path_factory.mktemp("model") / "model"))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return _make_corpus(tmp_path_factory.mktemp("corpus") / "shards", n=240, rows_per_shard=60)
+
+
+def _by_id(table: pa.Table) -> dict[str, dict]:
+    return {row["id"]: row for row in table.to_pylist()}
+
+
+@pytest.mark.ray
+def test_ray_job_equals_the_plain_reference_row_for_row(ray_local, corpus, model_url, tmp_path):
+    cfg = EmbedConfig(data=corpus, model=model_url, out=str(tmp_path / "latents"), passthrough=("label",),
+                      batch_size=64)
+    summary = embed(cfg)
+    assert (summary.rows_in, summary.rows_out, summary.error_rows) == (243, 243, 3)
+
+    got = read_latents(cfg.out)
+    ids = got.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 243
+    reference = embed_reference(cfg, summary.threshold)
+    assert set(ids) == set(reference.column("id").to_pylist())
+    ray_rows, ref_rows = _by_id(got), _by_id(reference)
+    for row_id, ref in ref_rows.items():
+        row = ray_rows[row_id]
+        assert row["error"] == ref["error"] and row["label"] == ref["label"]
+        if ref["error"] is None:
+            np.testing.assert_allclose(row["latent"], ref["latent"], atol=1e-5)
+            assert row["mse"] == pytest.approx(ref["mse"], abs=1e-6)
+            assert row["is_anomaly"] == ref["is_anomaly"]
+    # Bad rows: a reason each, null latent and scores, and the job went on.
+    for bad in BAD_ROWS:
+        row = ray_rows[bad]
+        assert row["error"] and row["latent"] is None and row["mse"] is None and row["is_anomaly"] is None
+    assert len({ray_rows[b]["error"] for b in BAD_ROWS}) == 3, "each kind of bad input has its own reason"
+    assert summary.flagged_rows == sum(bool(r["is_anomaly"]) for r in ray_rows.values())
+    # The threshold is the calibration's 0.99 quantile, and every file records the model.
+    assert summary.threshold == pytest.approx(resolve_threshold("quantile:0.99", _calibration(model_url)))
+    files = storage.list_files(cfg.out)
+    assert files
+    for f in files:
+        meta = json.loads(pq.read_metadata(f).metadata[METADATA_KEY])
+        assert meta["model"] == model_url and len(meta["weights_sha256"]) == 64
+    assert got.schema.field("latent").type == pa.list_(pa.float32(), 16)
+
+    # A rerun of a finished job does nothing and duplicates nothing.
+    again = embed(cfg)
+    assert again.rows_out == 243 and len(read_latents(cfg.out)) == 243
+
+
+def _calibration(model_url: str) -> dict:
+    from pipeline.checkpoint import read_checkpoint_meta
+
+    return read_checkpoint_meta(model_url)["training"]["calibration"]
+
+
+@pytest.mark.parametrize("dtype,stated_error", [("float16", 2e-3), ("int8", 1 / 254 + 1e-6)])
+def test_compact_latents_stay_within_the_stated_error(model_url, dtype, stated_error):
+    """float16: relative error <= 2^-10; int8 with a per-row scale: <= max|z| / 254 per element."""
+    rng = np.random.default_rng(0)
+    batch = {"id": np.array([f"r{i}" for i in range(16)]), "error": np.array([None] * 16, dtype=object),
+             "pixels": rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)}
+    exact = Embedder(model_url, "float32")(batch)
+    compact = Embedder(model_url, dtype)(batch)
+    z = np.stack(exact.column("latent").to_numpy(zero_copy_only=False))
+    stored = np.stack(compact.column("latent").to_numpy(zero_copy_only=False))
+    scale = compact.column("latent_scale").to_numpy() if dtype == "int8" else None
+    assert stored.dtype == {"float16": np.float16, "int8": np.int8}[dtype]
+    error = np.abs(dequantize_latents(stored, scale) - z)
+    bound = stated_error * np.abs(z).max(axis=1, keepdims=True)
+    assert (error <= bound).all()
+    np.testing.assert_array_equal(compact.column("mse").to_numpy(), exact.column("mse").to_numpy())
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_exactly_once_after_sigkill_and_rerun(tmp_path):
+    # 64x64 images so the job runs long enough (tens of seconds) to be killed past half way.
+    data = _make_corpus(tmp_path / "shards", n=3000, rows_per_shard=100, bad=False, image_size=64)
+    model_url = _make_model(str(tmp_path / "model"), image_size=64)
+    out = tmp_path / "latents"
+    cmd = [sys.executable, "-m", "jobs.embed", "--data", data, "--model", model_url, "--out", str(out),
+           "--batch-size", "50", "--rows-per-file", "50", "--actors", "1"]
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+
+    def written() -> int:
+        """Rows in the output files; a file still being written (no footer yet) counts 0."""
+        rows = 0
+        for f in storage.list_files(str(out)):
+            try:
+                rows += pq.read_metadata(f).num_rows
+            except (OSError, pa.ArrowInvalid):
+                pass
+        return rows
+
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and first.poll() is None and written() < 1650:
+        time.sleep(0.1)
+    assert first.poll() is None, "the first run ended before it could be killed"
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    before = set(storage.list_files(str(out)))
+    assert written() >= 1500
+
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    after = {f: pq.read_metadata(f).num_rows for f in storage.list_files(str(out))}
+    new_rows = sum(n for f, n in after.items() if f not in before)
+    print(f"killed with {len(before)} files written; the rerun wrote {new_rows} rows in {len(after) - len(before)} files")
+    assert new_rows < 0.6 * 3000, f"the rerun wrote {new_rows} rows: it redid finished work"
+    ids = read_latents(str(out), columns=["id"]).column("id").to_pylist()
+    assert len(ids) == 3000 and len(set(ids)) == 3000
+    expected = set(pq.ParquetDataset(data).read(columns=["id"]).column("id").to_pylist())
+    assert set(ids) == expected
+
+
+@pytest.mark.ray
+def test_input_and_output_on_s3(ray_local, s3_bucket, model_url, tmp_path):
+    local = _make_corpus(tmp_path / "shards", n=60, rows_per_shard=30)
+    fs, _ = storage.filesystem(s3_bucket)
+    fs.put(local + "/", f"{s3_bucket[5:]}/shards/", recursive=True)
+    s3_model = f"{s3_bucket}/model"
+    _make_model(s3_model)
+    cfg = EmbedConfig(data=f"{s3_bucket}/shards", model=s3_model, out=f"{s3_bucket}/latents",
+                      latent_dtype="int8", passthrough=("label", "anomaly_kind"))
+    summary = embed(cfg)
+    assert (summary.rows_in, summary.rows_out, summary.error_rows) == (63, 63, 3)
+    table = read_latents(cfg.out)
+    assert sorted(table.column("id").to_pylist()) == sorted(
+        read_latents(cfg.data, columns=["id"]).column("id").to_pylist())
+    assert table.schema.field("latent").type == pa.list_(pa.int8(), 16)
+    assert {"latent_scale", "label", "anomaly_kind"} <= set(table.column_names)
+
+
+# ---------------------------------------------------------------- refused before any work
+
+
+def test_missing_column_is_refused_listing_the_columns_found(corpus, model_url, tmp_path):
+    with pytest.raises(ColumnError, match=r"(?s)'jpg'.*image"):
+        embed(EmbedConfig(data=corpus, model=model_url, out=str(tmp_path / "o"), image_column="jpg"))
+    with pytest.raises(ColumnError, match="nope"):
+        embed(EmbedConfig(data=corpus, model=model_url, out=str(tmp_path / "o"), passthrough=("nope",)))
+
+
+def test_duplicate_ids_are_refused_with_examples(tmp_path, model_url):
+    data = _make_corpus(tmp_path / "shards", n=20, rows_per_shard=10, bad=False)
+    first = pq.read_table(sorted(Path(data).glob("*.parquet"))[0])
+    pq.write_table(first.slice(0, 2), Path(data) / "copy.parquet")
+    with pytest.raises(DuplicateIdError, match=first.column("id")[0].as_py()):
+        embed(EmbedConfig(data=data, model=model_url, out=str(tmp_path / "o")))
+
+
+def test_grayscale_model_is_refused_for_colour_data(corpus, tmp_path):
+    gray = _make_model(str(tmp_path / "gray"), channels=1)
+    with pytest.raises(EmbedInputError, match="grayscale"):
+        embed(EmbedConfig(data=corpus, model=gray, out=str(tmp_path / "o")))
+
+
+def test_output_folder_of_another_model_is_refused(corpus, model_url, tmp_path):
+    from pipeline.embed import check_output_folder
+    from pipeline.checkpoint import read_checkpoint_meta
+
+    out = str(tmp_path / "o")
+    sha = read_checkpoint_meta(model_url)["weights_sha256"]
+    check_output_folder(EmbedConfig(data=corpus, model=model_url, out=out, resize="pad", model_sha256=sha))
+    other = _make_model(str(tmp_path / "other"), seed=1)
+    with pytest.raises(EmbedInputError, match="holds results of another model"):
+        embed(EmbedConfig(data=corpus, model=other, out=out))
+    with pytest.raises(EmbedInputError, match="other settings .*latent_dtype"):
+        embed(EmbedConfig(data=corpus, model=model_url, out=out, latent_dtype="int8"))
+
+
+@pytest.mark.parametrize("spec", ["quantile:1.5", "value:abc", "median", "quantile:"])
+def test_bad_threshold_specs_are_refused(spec):
+    with pytest.raises(EmbedInputError, match="threshold"):
+        resolve_threshold(spec, {"grid": [0.0, 1.0]})
