@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--no-amp", dest="amp", action="store_false", help="disable bf16 autocast on GPU")
     p.add_argument("--cpus-per-worker", type=float, default=None,
                    help="CPUs reserved per worker (default: leave one CPU for decoding, split the rest)")
+    p.add_argument("--placement-strategy", choices=["PACK", "SPREAD", "STRICT_SPREAD"],
+                   default=D["placement_strategy"], help="how workers are placed on nodes")
     p.add_argument("--keep-checkpoints", type=int, default=D["keep_checkpoints"],
                    help="best checkpoints kept by val_mse (the latest is always kept)")
     p.add_argument("--max-failures", type=int, default=D["max_failures"], help="worker failures to recover from")

@@ -34,6 +34,7 @@ import torch
 from pipeline import storage
 from pipeline.checkpoint import load_checkpoint, read_checkpoint_meta
 from pipeline.datasets import decode_rows, read_shards
+from pipeline.model import fuse_for_inference
 from pipeline.reconstruction import mse_per_image, ssim_error_per_image
 from pipeline.shards import Columns, check_columns, check_unique_ids
 from pipeline.train import count_rows, threshold_from_calibration
@@ -101,6 +102,15 @@ def _fixed_size_list(values: np.ndarray, valid: np.ndarray) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(flat, values.shape[1], mask=pa.array(~valid))
 
 
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except ImportError:
+        return None
+
+
 class Embedder:
     """Decoded batch -> latent rows. Loads the model once; runs with or without Ray."""
 
@@ -113,12 +123,13 @@ class Embedder:
             torch.set_num_threads(torch_threads)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         checkpoint = load_checkpoint(model_url, device=self.device)
-        self.model = checkpoint.model.to(memory_format=torch.channels_last)
+        self.model = fuse_for_inference(checkpoint.model).to(memory_format=torch.channels_last)
         self.config = checkpoint.config
         self.latent_dtype = latent_dtype
         self.threshold = threshold
         self.passthrough = list(passthrough)
-        meta = metadata or {"model": model_url, "weights_sha256": checkpoint.weights_sha256}
+        meta = dict(metadata or {"model": model_url, "weights_sha256": checkpoint.weights_sha256})
+        meta["node_id"] = _node_id()  # which machine wrote each file, for provenance
         self.metadata = {METADATA_KEY: json.dumps(meta, sort_keys=True).encode()}
 
     @torch.inference_mode()

@@ -70,6 +70,7 @@ class TrainConfig:
     gpu: bool = False
     cpus_per_worker: float | None = None
     amp: bool = True
+    placement_strategy: str = "PACK"
     keep_checkpoints: int = 2
     max_failures: int = 2
     id_column: str = "id"
@@ -137,12 +138,16 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def _all_gather(array: np.ndarray) -> np.ndarray:
+def _all_gather_objects(value: Any) -> list[Any]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         parts: list = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(parts, array)
-        return np.concatenate(parts)
-    return array
+        torch.distributed.all_gather_object(parts, value)
+        return parts
+    return [value]
+
+
+def _all_gather(array: np.ndarray) -> np.ndarray:
+    return np.concatenate(_all_gather_objects(array))
 
 
 def _average_buffers(net: torch.nn.Module) -> None:
@@ -204,6 +209,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         optimizer.load_state_dict(train_state["optimizer"])
         scheduler.load_state_dict(train_state["scheduler"])
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.amp)
+    import ray
+
+    worker_nodes = _all_gather_objects(ray.get_runtime_context().get_node_id())
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -263,6 +271,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if rank == 0:
                 save_checkpoint(d, net, training={
                     **loop_config["facts"], "epoch": epoch + 1, "metrics": metrics, "history": history,
+                    "worker_nodes": worker_nodes,
                     "calibration": calibration_from_errors(errors),
                 })
                 torch.save({"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -340,7 +349,9 @@ def plan_resources(cfg: TrainConfig, cluster_cpus: float) -> tuple[float, int]:
     else:
         cpus = max(cluster_cpus - 1.0, 0.5 * cfg.workers) / cfg.workers
         cpus = math.floor(cpus * 4) / 4  # quarter-CPU steps keep the numbers readable
-    threads = max(1, math.ceil(cpus)) if not cfg.gpu else 2
+    # Threads follow the cores each worker really has, not its reservation: the decode tasks
+    # are light beside the model, and a lone worker on a 2-core machine should use both.
+    threads = 2 if cfg.gpu else max(1, int(cluster_cpus // cfg.workers))
     return cpus, threads
 
 
@@ -384,7 +395,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         train_loop,
         train_loop_config={"config": asdict(cfg), "facts": facts, "torch_threads": threads},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker={"CPU": cpus}),
+            num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker={"CPU": cpus},
+            placement_strategy=cfg.placement_strategy),
         run_config=ray.train.RunConfig(
             name=CHECKPOINTS_DIR, storage_path=root, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),

@@ -83,3 +83,23 @@ def test_channels_last_gives_the_same_output():
         reference = model(x)["x_hat"]
         fast = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))["x_hat"]
     torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["fire", "plain"])
+def test_fused_inference_model_gives_the_same_outputs(arch):
+    from pipeline.model import fuse_for_inference
+
+    torch.manual_seed(0)
+    model = build_model(AutoencoderConfig(arch=arch, image_size=32))
+    model.train()
+    with torch.no_grad():  # non-trivial running statistics to fold
+        for _ in range(3):
+            model(torch.rand(8, 3, 32, 32))
+    model.eval()
+    fused = fuse_for_inference(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    x = torch.rand(4, 3, 32, 32)
+    with torch.inference_mode():
+        a, b = model(x), fused(x)
+    torch.testing.assert_close(b["z"], a["z"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(b["x_hat"], a["x_hat"], atol=1e-5, rtol=1e-4)

@@ -1,0 +1,99 @@
+"""End to end on real clusters: four `ray job submit` jobs against a token-protected head,
+and training plus embedding spread over a three-node `ray.cluster_utils.Cluster`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from cluster_utils import REPO_ROOT, start_head, start_multinode_cluster, submit_job
+
+from pipeline.checkpoint import load_checkpoint
+from pipeline.embed import METADATA_KEY, read_latents
+from pipeline.images import encode_image
+from pipeline.synth import anomaly_plan, synthetic_image
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+
+def _image_folder(root: Path, n: int = 120) -> Path:
+    """A folder tree of real PNG files: good/ and defect/ (a tenth are anomalies)."""
+    plan = anomaly_plan(n, 0.1, seed=5)
+    for i in range(n):
+        kind = plan.get(i, "")
+        folder = root / ("defect" if kind else "good")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"img-{i:04d}.png").write_bytes(encode_image(synthetic_image(i, 5, 32, 3, kind)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    head = start_head(tmp_path_factory.mktemp("e2e-head"))
+    try:
+        yield head
+    finally:
+        head.stop()
+
+
+@pytest.mark.timeout(900)
+def test_ingest_train_embed_report_as_four_submitted_jobs(head, tmp_path):
+    images = _image_folder(tmp_path / "images")
+    shards, run, latents, report = (tmp_path / name for name in ("shards", "run", "latents", "report"))
+    jobs = [
+        ["python", "-m", "jobs.ingest", "--source", str(images), "--out", str(shards),
+         "--labels-from-folders", "--normal-label", "good", "--rows-per-shard", "40"],
+        ["python", "-m", "jobs.train", "--data", str(shards), "--out", str(run), "--epochs", "2",
+         "--image-size", "32", "--latent-dim", "16", "--base-width", "8", "--batch-size", "16"],
+        ["python", "-m", "jobs.embed", "--data", str(shards), "--model", str(run / "model"), "--out", str(latents),
+         "--passthrough", "label"],
+        ["python", "-m", "jobs.report", "--latents", str(latents), "--out", str(report), "--model", str(run / "model"),
+         "--data", str(shards), "--label-column", "label", "--top-k", "8"],
+    ]
+    for entrypoint in jobs:
+        status, logs = submit_job(head, entrypoint, working_dir=REPO_ROOT, timeout=400)
+        assert status == "SUCCEEDED", f"{entrypoint[2]} failed:\n{logs[-4000:]}"
+
+    ids = pq.ParquetDataset(str(shards)).read(columns=["id"]).column("id").to_pylist()
+    assert len(ids) == 120 and any(i.startswith("defect/") for i in ids) and any(i.startswith("good/") for i in ids)
+    model = load_checkpoint(str(run / "model"))
+    assert model.training["epoch"] >= 1 and model.calibration["count"] > 0
+    table = read_latents(str(latents))
+    assert sorted(table.column("id").to_pylist()) == sorted(ids)
+    assert set(table.column("label").to_pylist()) == {0, 1}
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["rows"] == 120 if "rows" in summary else True
+    assert (report / "index.html").exists()
+    assert 0.0 <= summary["metrics"]["auroc"] <= 1.0
+
+
+@pytest.mark.timeout(600)
+def test_training_and_embedding_spread_over_nodes(tmp_path):
+    from pipeline.embed import EmbedConfig, embed
+    from pipeline.synth import write_synthetic_corpus
+    from pipeline.train import TrainConfig, train
+
+    data = str(tmp_path / "shards")
+    write_synthetic_corpus(data, n=200, image_size=32, anomaly_fraction=0.05, seed=2, rows_per_shard=25)
+    with start_multinode_cluster(worker_cpus=(2, 2), head_cpus=1) as cluster:
+        workers = {cluster.node_ids["worker1"], cluster.node_ids["worker2"]}
+        result = train(TrainConfig(data=data, out=str(tmp_path / "run"), workers=2, epochs=1, image_size=32,
+                                   latent_dim=16, base_width=8, batch_size=16, placement_strategy="STRICT_SPREAD"))
+        trained = load_checkpoint(result.model_url)
+        assert len(set(trained.training["worker_nodes"])) == 2, "the two training workers shared a node"
+
+        out = str(tmp_path / "latents")
+        summary = embed(EmbedConfig(data=data, model=result.model_url, out=out, actors=3, batch_size=25,
+                                    rows_per_file=25, passthrough=("label",)))
+        assert summary.rows_in == summary.rows_out == 200
+        nodes = {json.loads(pq.read_metadata(f).metadata[METADATA_KEY])["node_id"]
+                 for f in sorted(Path(out).glob("*.parquet"))}
+        assert len(nodes) >= 2, f"all output came from one node: {nodes}"
+        assert nodes <= workers | {cluster.node_ids["head"]}
+    table = read_latents(out)
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 200
+    assert np.isfinite(table.column("mse").to_numpy()).all()
