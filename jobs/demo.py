@@ -114,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     metrics = facts.get("metrics") or {}
     print(f"model        fire autoencoder, {last['epoch']} epochs, val PSNR {last['val_psnr']:.2f} dB")
     print(f"rows         {summary.rows_in} in, {summary.rows_out} out, {summary.error_rows} failed to decode")
-    print(f"flagged      {facts.get('flagged_rows', summary.flagged_rows)} rows "
-          f"(threshold {facts.get('threshold', {}).get('value', summary.threshold)})")
+    threshold = facts["threshold"]
+    print(f"flagged      {threshold['flagged_rows']} rows ({threshold['flagged_share']:.1%}; "
+          f"mse > {threshold['value']:.4g}, {threshold['spec']} of the held-out errors)")
     if metrics:
         print(f"AUROC        {metrics.get('auroc'):.3f}   average precision {metrics.get('average_precision'):.3f}")
     print("speed        " + ", ".join(f"{k} {v}" for k, v in rates.items()) if rates else "speed        (all reused)")

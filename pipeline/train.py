@@ -400,6 +400,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         run_config=ray.train.RunConfig(
             name=CHECKPOINTS_DIR, storage_path=root, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            # Our one line per epoch says what matters; Ray Train's INFO lines repeat each report.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute="val_mse",
                 checkpoint_score_order="min"),
