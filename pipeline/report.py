@@ -68,6 +68,7 @@ summary.json keys:
     interpolation             {id_a, id_b, steps, image} or null
     files                     every file the report wrote, relative to the output folder
     notes                     what was left out and why, model mismatches, sampling
+    seconds                   how long the report took
 """
 
 from __future__ import annotations
@@ -113,6 +114,7 @@ MAX_SHARDS_SHOWN = 100
 IMAGE_WRITE_THREADS = 8
 _OUR_IMAGE_NAME = re.compile(r"^(worst|typical)-\d{4,}-(original|reconstruction|error)\.png$")
 IMAGES_DIR = "images"
+_OPTIONAL_FILES = ("histogram_ssim_error.png", "roc_pr.png", "interpolation.png")
 
 
 class ReportInputError(ValueError):
@@ -202,7 +204,8 @@ def inspect_latents(cfg: ReportConfig, notes: list[str]) -> LatentInfo:
         dataset = pads.dataset(list(paths), filesystem=fs, format="parquet")
         schema = dataset.schema
         rows = dataset.count_rows()
-        first_meta = pq.read_schema(fs.open_input_file(paths[0])).metadata or {}
+        with fs.open_input_file(paths[0]) as f:
+            first_meta = pq.read_schema(f).metadata or {}
     except (OSError, pa.ArrowInvalid) as e:
         raise ReportInputError(f"{cfg.latents} is not a readable Parquet dataset: {e}") from e
     metadata = None
@@ -359,7 +362,7 @@ def _sample_mask(ids: Sequence[str], fraction: float) -> np.ndarray:
                     dtype=bool)
 
 
-def _row_records(table: pa.Table, rows: np.ndarray, plan: ScanPlan, extra: dict[str, np.ndarray]) -> list[dict]:
+def _row_records(table: pa.Table, rows: np.ndarray, plan: ScanPlan) -> list[dict]:
     """Selected rows as small dicts (original values, exact strings) for galleries and top lists."""
     picked = table.take(pa.array(rows, pa.int64())) if len(rows) else table.slice(0, 0)
     names = [plan.id_column, "mse", "ssim_error" if plan.has_ssim else None, plan.label_column, plan.kind_column,
@@ -376,7 +379,6 @@ def _row_records(table: pa.Table, rows: np.ndarray, plan: ScanPlan, extra: dict[
             else label,
             "anomaly_kind": values[plan.kind_column][i] if plan.kind_column else None,
             "shard": values[PATH_COLUMN][i] if PATH_COLUMN in values else None,
-            **{k: float(v[i]) for k, v in extra.items()},
         })
     return records
 
@@ -424,10 +426,13 @@ def scan_scores(table: pa.Table, plan: ScanPlan) -> pa.Table:
 
     codes, shards = _codes(table, PATH_COLUMN)
     m = len(shards)
-    meta["shards"] = [[s, int(r), int(e), int(c), float(t), float(x) if c else None] for s, r, e, c, t, x in zip(
-        shards, np.bincount(codes, minlength=m), np.bincount(codes, weights=errors, minlength=m),
-        np.bincount(codes, weights=scored, minlength=m), np.bincount(codes[scored], mse[scored], minlength=m),
-        [mse[scored & (codes == i)].max() if (scored & (codes == i)).any() else 0.0 for i in range(m)])]
+    highest = np.full(m, -np.inf)
+    np.maximum.at(highest, codes[scored], mse[scored])
+    per_shard = zip(shards, np.bincount(codes, minlength=m), np.bincount(codes, weights=errors, minlength=m),
+                    np.bincount(codes, weights=scored, minlength=m),
+                    np.bincount(codes[scored], mse[scored], minlength=m), highest)
+    meta["shards"] = [[s, int(r), int(e), int(c), float(t), float(x) if c else None]
+                      for s, r, e, c, t, x in per_shard]
     meta["kinds"] = []
     if plan.kind_column:
         codes, kinds = _codes(table, plan.kind_column)
@@ -450,7 +455,7 @@ def scan_scores(table: pa.Table, plan: ScanPlan) -> pa.Table:
     arrays["sample_label"] = labels[sample]
 
     top = _smallest(-mse, ids, plan.top_k)
-    meta["top"] = _row_records(table, top, plan, {})
+    meta["top"] = _row_records(table, top, plan)
     return _pack(meta, arrays)
 
 
@@ -472,10 +477,11 @@ def scan_flags(table: pa.Table, plan: ScanPlan) -> pa.Table:
 
         labels = _label_codes(table, plan.label_column)
         known = scored & (labels >= 0)
-        matrix = confusion_matrix(labels[known], flagged[known].astype(np.int8), labels=[0, 1])
+        matrix = confusion_matrix(labels[known], flagged[known].astype(np.int8), labels=[0, 1]) if known.any() \
+            else np.zeros((2, 2), np.int64)  # scikit-learn refuses an empty block (all rows undecodable)
         meta["confusion"] = matrix.astype(int).tolist()
     typical = _smallest(np.abs(mse - plan.median), ids, plan.typical_k) if math.isfinite(plan.median) else []
-    meta["typical"] = _row_records(table, np.asarray(typical, np.int64), plan, {})
+    meta["typical"] = _row_records(table, np.asarray(typical, np.int64), plan)
     return _pack(meta, {})
 
 
@@ -749,7 +755,8 @@ def _heat_map(error: np.ndarray, scale: float) -> np.ndarray:
 
 
 def build_galleries(model_url: str, data_url: str, id_column: str, image_column: str,
-                    galleries: dict[str, list[dict]], notes: list[str]) -> tuple[dict[str, list[dict]], dict[str, bytes], float]:
+                    galleries: dict[str, list[dict]], notes: list[str],
+                    ) -> tuple[dict[str, list[dict]], dict[str, bytes], float]:
     """Reconstruct each gallery row; returns entries, {relative file name: PNG bytes}, heat scale."""
     import torch
 
@@ -780,7 +787,10 @@ def build_galleries(model_url: str, data_url: str, id_column: str, image_column:
             out = (x_hat.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
             for n, i in enumerate(chunk):
                 recon[i] = (out[n], error[n], float(mse[n]))
-    scale = max([float(e.max()) for _, e, _ in recon.values()] + [1e-6])
+    # One colour scale for the whole gallery, so maps compare; the 99.5th percentile rather than
+    # the maximum, so that one glaring defect does not turn every other map black.
+    all_errors = np.concatenate([e.ravel() for _, e, _ in recon.values()]) if recon else np.zeros(1)
+    scale = max(float(np.percentile(all_errors, 99.5)), 1e-6)
     files: dict[str, bytes] = {}
     entries: dict[str, list[dict]] = {}
     for name, rows in galleries.items():
@@ -890,19 +900,25 @@ def _num(value: Any, digits: int = 4) -> str:
     return _e(value)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "") -> str:
-    """`header` and `rows` hold HTML that is already escaped."""
-    head = "".join(f"<th>{h}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+def _table(header: Sequence[str] | None, rows: Sequence[Sequence[str]], cls: str = "") -> str:
+    """`header` and `rows` hold HTML that is already escaped. No header: a key/value table
+    whose first column is a row heading."""
+    head = "<thead><tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr></thead>" if header else ""
+
+    def cells(row: Sequence[str]) -> str:
+        return "".join(f"<th>{c}</th>" if header is None and i == 0 else f"<td>{c}</td>" for i, c in enumerate(row))
+
+    body = "".join(f"<tr>{cells(row)}</tr>" for row in rows)
+    return f'<table class="{cls}">{head}<tbody>{body}</tbody></table>'
 
 
 _STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1100px;padding:0 16px;color:#222}
 h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;
-vertical-align:middle}th{background:#f4f4f4}code{white-space:pre-wrap;word-break:break-all}
-.gallery img{width:112px;height:112px;image-rendering:pixelated;display:block}
+vertical-align:middle}th{background:#f4f4f4}code{white-space:pre-wrap;overflow-wrap:anywhere}
+.gallery td:nth-child(2){min-width:9em;max-width:18em}
+.gallery img{width:96px;height:96px;image-rendering:pixelated;display:block}
 .figure{max-width:100%}.note{color:#8a4b00}.small{color:#666;font-size:12px}
 """
 
@@ -916,7 +932,7 @@ def render_html(summary: dict[str, Any]) -> str:
                  '<a href="summary.json">summary.json</a> &middot; <a href="top_anomalies.parquet">'
                  "top_anomalies.parquet</a></p>")
     meta = s["latents"]["metadata"] or {}
-    parts.append("<h2>Inputs</h2>" + _table(["", ""], [
+    parts.append("<h2>Inputs</h2>" + _table(None, [
         ["latent files", _num(s["latents"]["files"])],
         ["model (embed job)", f"<code>{_e(meta.get('model'))}</code>"],
         ["embed threshold", f"{_num(meta.get('threshold'))} ({_e(meta.get('threshold_spec'))})"],
@@ -924,7 +940,7 @@ def render_html(summary: dict[str, Any]) -> str:
         ["--data", f"<code>{_e(s['config']['data'])}</code>"],
     ]))
     reasons = "".join(f"<li><code>{_e(r)}</code>: {_num(n)}</li>" for r, n in counts["errors_by_reason"].items())
-    parts.append("<h2>Counts</h2>" + _table(["", ""], [
+    parts.append("<h2>Counts</h2>" + _table(None, [
         ["rows", _num(counts["rows"])],
         ["scored rows", _num(counts["scored_rows"])],
         ["error rows (could not be scored)", _num(counts["error_rows"]) + (f"<ul>{reasons}</ul>" if reasons else "")],
@@ -932,7 +948,7 @@ def render_html(summary: dict[str, Any]) -> str:
         ["flagged by this report", f"<b>{_num(threshold['flagged_rows'])}</b> "
                                    f"({_num(100 * (threshold['flagged_share'] or 0), 3)}% of scored rows)"],
     ]))
-    parts.append("<h2>Threshold</h2>" + _table(["", ""], [
+    parts.append("<h2>Threshold</h2>" + _table(None, [
         ["policy", f"<code>{_e(threshold['spec'])}</code>"],
         ["value", f"mse &gt; {_num(threshold['value'], 6)}"],
         ["source", _e(threshold["source"])],
@@ -953,8 +969,9 @@ def render_html(summary: dict[str, Any]) -> str:
     if s.get("by_kind"):
         parts.append("<h2>By anomaly kind</h2>" + _table(
             ["kind", "rows", "scored", "flagged", "flag rate", "mean mse"],
-            [[f"<code>{_e(k['kind'])}</code>" if k["kind"] else "<i>(none)</i>", _num(k["rows"]), _num(k["scored_rows"]),
-              _num(k["flagged_rows"]), _num(k["flag_rate"], 3), _num(k["mean_mse"])] for k in s["by_kind"]]))
+            [[f"<code>{_e(k['kind'])}</code>" if k["kind"] else "<i>(none)</i>", _num(k["rows"]),
+              _num(k["scored_rows"]), _num(k["flagged_rows"]), _num(k["flag_rate"], 3), _num(k["mean_mse"])]
+             for k in s["by_kind"]]))
     shards = sorted(s["shards"], key=lambda r: (-(r["flag_rate"] or 0), r["shard"]))
     note = (f"<p class=small>{MAX_SHARDS_SHOWN} of {len(shards)} shards shown (highest flag rate first); "
             "all are in summary.json</p>" if len(shards) > MAX_SHARDS_SHOWN else "")
@@ -964,8 +981,8 @@ def render_html(summary: dict[str, Any]) -> str:
           _num(r["flag_rate"], 3), _num(r["mean_mse"]), _num(r["max_mse"])] for r in shards[:MAX_SHARDS_SHOWN]]))
     galleries = s.get("galleries")
     if galleries:
-        parts.append(f"<p class=small>error heat maps share one scale: 0 (black) to "
-                     f"{_num(galleries['error_scale'])} squared error per pixel (yellow)</p>")
+        parts.append(f"<p class=small>error heat maps: squared error per pixel (mean over channels) on one scale "
+                     f"for every map, 0 (black) to {_num(galleries['error_scale'])} and above (yellow)</p>")
         parts.append(_gallery_html("Worst images", galleries["worst"], "worst"))
         if galleries["typical"]:
             parts.append(_gallery_html("Typical images (around the median mse)", galleries["typical"], "typical"))
@@ -1005,7 +1022,7 @@ def _metrics_html(m: dict[str, Any]) -> str:
         ["label 0", _num(t["tn"]), _num(t["fp"])], ["label 1", _num(t["fn"]), _num(t["tp"])]])
     figure = '<p><img class="figure" src="roc_pr.png" alt="ROC and precision-recall curves"></p>' \
         if m["auroc"] is not None else ""
-    return (f'<section id="metrics"><h2>Label metrics</h2>{sampled}' + _table(["", ""], rows)
+    return (f'<section id="metrics"><h2>Label metrics</h2>{sampled}' + _table(None, rows)
             + f"<h3>At the report's threshold</h3>{confusion}<p>precision {_num(t['precision'], 3)}, recall "
             f"{_num(t['recall'], 3)}, F1 {_num(t['f1'], 3)}</p>{figure}</section>")
 
@@ -1074,16 +1091,22 @@ def _write_all(out: str, files: dict[str, bytes]) -> None:
         list(pool.map(lambda item: storage.write_bytes(storage.join(out, item[0]), item[1]), files.items()))
 
 
-def _remove_stale_images(out: str, keep: set[str]) -> None:
-    """A previous report with a larger K left gallery images of ours behind: remove those only."""
-    fs, path = storage.filesystem(storage.join(out, IMAGES_DIR))
-    fs.invalidate_cache(path)
-    if not fs.isdir(path):
-        return
-    for entry in fs.ls(path, detail=False):
-        name = posixpath.basename(entry.rstrip("/"))
-        if _OUR_IMAGE_NAME.match(name) and f"{IMAGES_DIR}/{name}" not in keep:
-            fs.rm(entry)
+def _remove_stale_files(out: str, keep: set[str]) -> None:
+    """Remove what a previous report into `out` wrote and this one did not (gallery images of a
+    larger K, a ROC figure or interpolation strip this run has no data for). Only our own
+    names are touched."""
+    fs, root = storage.filesystem(out)
+    images = posixpath.join(root, IMAGES_DIR)
+    fs.invalidate_cache(root)
+    fs.invalidate_cache(images)
+    candidates = [posixpath.join(root, name) for name in _OPTIONAL_FILES if name not in keep]
+    if fs.isdir(images):
+        candidates += [entry for entry in fs.ls(images, detail=False)
+                       if _OUR_IMAGE_NAME.match(posixpath.basename(entry.rstrip("/")))
+                       and f"{IMAGES_DIR}/{posixpath.basename(entry.rstrip('/'))}" not in keep]
+    for path in candidates:
+        if fs.exists(path):
+            fs.rm(path)
 
 
 @dataclass
@@ -1280,7 +1303,7 @@ def report(cfg: ReportConfig, inputs: Inputs | None = None) -> dict[str, Any]:
     summary = _json_clean(summary)
     print(f"report: writing {len(files) + 2} files to {cfg.out}", flush=True)
     _write_all(cfg.out, files)
-    _remove_stale_images(cfg.out, set(files))
+    _remove_stale_files(cfg.out, set(files))
     storage.write_text(storage.join(cfg.out, "summary.json"), json.dumps(summary, indent=2, allow_nan=False) + "\n")
     storage.write_text(storage.join(cfg.out, "index.html"), render_html(summary))  # last: the report is whole
     return summary

@@ -1,0 +1,84 @@
+"""Report on a latent dataset: score distribution, threshold, label metrics, the worst images.
+
+Local (embedded Ray):
+    python -m jobs.report --latents demo-output/latents --out demo-output/report \\
+        --model demo-output/run/model --data demo-output/shards
+
+On a cluster:
+    ray job submit --working-dir . -- python -m jobs.report \\
+        --latents s3://bucket/latents/r1 --out s3://bucket/reports/r1 \\
+        --model s3://bucket/runs/r1/model --data s3://bucket/shards --threshold contamination:0.01
+
+Open <out>/index.html in a browser; <out>/summary.json holds the same figures for programs
+(its keys are listed in pipeline/report.py). Without --model and --data the report has no
+image galleries. Exit status 2: the input cannot be reported on as asked (message on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, fields
+
+from pipeline.report import ReportConfig, ReportInputError, check_inputs, report
+
+D = {f.name: f.default for f in fields(ReportConfig)}
+
+
+def _id_pair(text: str) -> tuple[str, str]:
+    first, sep, second = text.partition(",")
+    if not sep or not first or not second:
+        raise argparse.ArgumentTypeError(f"expected ID_A,ID_B, got {text!r}")
+    return first, second
+
+
+def parse_args(argv: list[str] | None = None) -> ReportConfig:
+    p = argparse.ArgumentParser(prog="python -m jobs.report", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--latents", required=True, help="URL of the latent dataset (the embed job's --out)")
+    p.add_argument("--out", required=True, help="URL of the report folder to write")
+    p.add_argument("--model", default=None,
+                   help="exported model: calibration for quantile thresholds, reconstructions for the galleries")
+    p.add_argument("--data", default=None, help="URL of the image shards the latents were made from (galleries)")
+    p.add_argument("--label-column", default=None,
+                   help="latent column with 1 = anomaly, 0 = normal (None: 'label' when the latents have one)")
+    p.add_argument("--threshold", default=D["threshold"],
+                   help="quantile:Q of the model's calibration, contamination:X (flag the top X share), or value:X")
+    p.add_argument("--top-k", type=int, default=D["top_k"], help="worst images listed and shown")
+    p.add_argument("--typical-k", type=int, default=D["typical_k"], help="typical images shown (nearest the median)")
+    p.add_argument("--id-column", default=D["id_column"], help="id column of the --data shards")
+    p.add_argument("--image-column", default=D["image_column"], help="image column of the --data shards")
+    p.add_argument("--interpolate", type=_id_pair, default=None, metavar="ID_A,ID_B",
+                   help="render a latent interpolation strip between two ids (needs --model)")
+    p.add_argument("--interpolation-steps", type=int, default=D["interpolation_steps"],
+                   help="images in the interpolation strip, endpoints included")
+    p.add_argument("--max-exact-rows", type=int, default=D["max_exact_rows"],
+                   help="above this many rows, quantiles come from a log histogram and metrics from a sample")
+    return ReportConfig(**vars(p.parse_args(argv)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    import ray
+
+    print("report config:", json.dumps(asdict(cfg)), flush=True)
+    try:
+        inputs = check_inputs(cfg)  # footers and metadata only: refuse bad input before starting Ray
+        if not ray.is_initialized():  # tests call main() inside their session's Ray
+            ray.init()
+        summary = report(cfg, inputs)
+    except ReportInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    threshold = summary["threshold"]
+    line = {"out": cfg.out, "rows": summary["counts"]["rows"], "threshold": threshold["value"],
+            "policy": threshold["spec"], "flagged_rows": threshold["flagged_rows"]}
+    if "metrics" in summary:
+        line.update(auroc=summary["metrics"]["auroc"], average_precision=summary["metrics"]["average_precision"])
+    print(json.dumps(line), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
