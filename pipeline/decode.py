@@ -50,7 +50,8 @@ from pipeline import storage
 from pipeline.checkpoint import load_checkpoint, read_checkpoint_meta
 from pipeline.embed import METADATA_KEY, EmbedConfig, dequantize_latents, plan_resources
 from pipeline.images import encode_image
-from pipeline.shards import SHARD_PREFIX
+from pipeline.model import AutoencoderConfig, fuse_for_inference
+from pipeline.shards import SHARD_PREFIX, remove_stale_shards
 
 IMAGE_FORMATS = ("png", "jpeg")
 SOURCE = "decoded"
@@ -86,7 +87,8 @@ def latents_from_batch(batch: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         stored = raw
     else:
         rows = list(raw)
-        valid = np.array([r is not None for r in rows], dtype=bool)
+        # A null may also arrive as a float NaN (pandas' null) rather than None.
+        valid = np.array([r is not None and not (isinstance(r, float) and r != r) for r in rows], dtype=bool)
         kept = [np.asarray(r) for r, ok in zip(rows, valid) if ok]
         stored = np.stack(kept) if kept else np.zeros((0, 0), np.float32)
     # Only int8 latents have a scale column; lists from to_pylist() lose the int8 dtype.
@@ -99,6 +101,13 @@ def latents_from_batch(batch: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
 def to_pixels(x_hat: torch.Tensor) -> np.ndarray:
     """(B, C, S, S) floats in [0, 1] -> (B, S, S, C) uint8, rounded to nearest."""
     return x_hat.float().mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def load_decoder(model_url: str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, AutoencoderConfig]:
+    """The checkpoint's model as the job runs it: BatchNorm folded in, channels_last (same outputs
+    as `checkpoint.model` to float rounding, so a pixel may differ by one level)."""
+    checkpoint = load_checkpoint(model_url, device=device)
+    return fuse_for_inference(checkpoint.model).to(memory_format=torch.channels_last), checkpoint.config
 
 
 @torch.inference_mode()
@@ -117,9 +126,7 @@ class LatentDecoder:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        checkpoint = load_checkpoint(model_url, device=self.device)
-        self.model = checkpoint.model
-        self.config = checkpoint.config
+        self.model, self.config = load_decoder(model_url, self.device)
         self.image_format = image_format
         self.quality = quality
 
@@ -156,6 +163,7 @@ class Selection:
     """What the job will decode, from a scan of the latents' id, latent validity and error columns."""
 
     rows_in: int
+    rows_without_latent: int  # in the whole input; a sample is drawn from the other rows
     ids: list[str] | None  # None: every row that has a latent
     selected: int  # rows named by the selection (with or without a latent)
     skipped_null_latent: int
@@ -189,10 +197,10 @@ def select_rows(url: str, ids: Sequence[str] = (), sample: int | None = None, se
     if has_error:
         projection["error"] = pc.field("error")
     wanted = list(dict.fromkeys(str(i) for i in ids))
-    wanted_set = set(wanted)
+    wanted_array = pa.array(wanted, pa.string())
     found: set[str] = set()
     reasons: Counter[str] = Counter()
-    rows_in = selected = skipped = 0
+    rows_in = selected = skipped = without_latent = 0
     best_keys = np.zeros(0, np.uint64)
     best_ids = np.zeros(0, object)
     for batch in dataset.to_batches(columns=projection, batch_size=batch_rows):
@@ -200,8 +208,9 @@ def select_rows(url: str, ids: Sequence[str] = (), sample: int | None = None, se
         batch_ids = batch.column("id").to_numpy(zero_copy_only=False).astype(str)
         has_latent = batch.column("has_latent").to_numpy(zero_copy_only=False)
         errors = batch.column("error").to_pylist() if has_error else [None] * batch.num_rows
+        without_latent += int((~has_latent).sum())
         if wanted:
-            mine = np.fromiter((i in wanted_set for i in batch_ids), bool, len(batch_ids))
+            mine = pc.is_in(batch.column("id"), value_set=wanted_array).to_numpy(zero_copy_only=False)
             found.update(batch_ids[mine].tolist())
         else:
             mine = np.ones(len(batch_ids), bool)
@@ -225,13 +234,13 @@ def select_rows(url: str, ids: Sequence[str] = (), sample: int | None = None, se
             shown = ", ".join(repr(i) for i in missing[:MISSING_SHOWN])
             more = f" and {len(missing) - MISSING_SHOWN} more" if len(missing) > MISSING_SHOWN else ""
             raise DecodeInputError(f"{len(missing)} of the {len(wanted)} requested ids are not in {url}: {shown}{more}")
-        return Selection(rows_in, wanted, selected, skipped, dict(reasons))
+        return Selection(rows_in, without_latent, wanted, selected, skipped, dict(reasons))
     if sample is not None:
         if len(best_ids) < sample:
             raise DecodeInputError(f"--sample {sample} asks for more ids than the {len(best_ids)} rows of {url} "
                                    "that have a latent")
-        return Selection(rows_in, sorted(best_ids.tolist()), sample, 0, {})
-    return Selection(rows_in, None, selected, skipped, dict(reasons))
+        return Selection(rows_in, without_latent, sorted(best_ids.tolist()), sample, 0, {})
+    return Selection(rows_in, without_latent, None, selected, skipped, dict(reasons))
 
 
 # ------------------------------------------------------------------------------ the job
@@ -257,6 +266,7 @@ class DecodeConfig:
 @dataclass
 class DecodeSummary:
     rows_in: int
+    rows_without_latent: int
     selected: int
     skipped_null_latent: int
     written: int
@@ -270,26 +280,25 @@ class DecodeSummary:
         return asdict(self)
 
 
-def check_model_fits(cfg: DecodeConfig) -> dict[str, Any]:
+def check_model_fits(latents_url: str, model_url: str) -> dict[str, Any]:
     """The checkpoint's meta, after checking it is the model (or at least the shape) the latents came from."""
-    meta = read_checkpoint_meta(cfg.model)
-    dataset = _latent_dataset(cfg.latents)
-    schema = dataset.schema
+    meta = read_checkpoint_meta(model_url)
+    schema = _latent_dataset(latents_url).schema
     for name in ("id", "latent"):
         if name not in schema.names:
-            raise DecodeInputError(f"{cfg.latents} is not a latent dataset: no {name!r} column "
+            raise DecodeInputError(f"{latents_url} is not a latent dataset: no {name!r} column "
                                    f"(columns: {', '.join(schema.names)})")
     latent_type = schema.field("latent").type
     dim = latent_type.list_size if pa.types.is_fixed_size_list(latent_type) else None
     if dim is not None and dim != meta["model"]["latent_dim"]:
-        raise DecodeInputError(f"the latents have {dim} dimensions but the model at {cfg.model} has "
+        raise DecodeInputError(f"the latents have {dim} dimensions but the model at {model_url} has "
                                f"latent_dim {meta['model']['latent_dim']}")
     recorded = (schema.metadata or {}).get(METADATA_KEY)
     if recorded:
         sha = json.loads(recorded).get("weights_sha256")
         if sha and meta.get("weights_sha256") and sha != meta["weights_sha256"]:
-            raise DecodeInputError(f"the latents under {cfg.latents} were made by another model (weights {sha[:12]}, "
-                                   f"{cfg.model} has {meta['weights_sha256'][:12]}): its decoder would give noise")
+            raise DecodeInputError(f"the latents under {latents_url} were made by another model (weights {sha[:12]}, "
+                                   f"{model_url} has {meta['weights_sha256'][:12]}): its decoder would give noise")
     return meta
 
 
@@ -332,61 +341,70 @@ def count_written(url: str) -> tuple[int, list[str]]:
 
 def decode(cfg: DecodeConfig) -> DecodeSummary:
     """Run the decoding job described by `cfg` on the connected Ray cluster."""
+    started = time.perf_counter()
+    if cfg.image_format not in IMAGE_FORMATS:
+        raise DecodeInputError(f"--format must be one of {IMAGE_FORMATS}, got {cfg.image_format!r}")
+    if not 1 <= cfg.quality <= 100:
+        raise DecodeInputError(f"--quality must be in 1..100, got {cfg.quality}")
+    meta = check_model_fits(cfg.latents, cfg.model)
+    check_output_folder(cfg)
+    selection = select_rows(cfg.latents, cfg.ids, cfg.sample, cfg.seed)
+    what = f"{len(selection.ids)} selected ids" if selection.ids is not None else "every row"
+    print(f"decoding {what} of {selection.rows_in:,} latent rows ({selection.skipped_null_latent} of them without "
+          f"a latent, skipped) with the {meta['model']['arch']} model {cfg.model} -> {cfg.image_format} shards in "
+          f"{cfg.out}", flush=True)
+    if selection.to_decode:
+        _run_pipeline(cfg, selection)
+        written, files = count_written(cfg.out)
+    else:  # nothing to write: an earlier run's shards are replaced by none
+        storage.makedirs(cfg.out)
+        remove_stale_shards(cfg.out, keep=[])
+        written, files = 0, []
+    seconds = time.perf_counter() - started
+    summary = DecodeSummary(
+        rows_in=selection.rows_in, rows_without_latent=selection.rows_without_latent, selected=selection.selected,
+        skipped_null_latent=selection.skipped_null_latent, written=written, files=files, seconds=seconds,
+        images_per_s=written / max(seconds, 1e-9), out=cfg.out, skipped_by_reason=selection.skipped_by_reason)
+    storage.write_text(storage.join(cfg.out, RUN_FILE),
+                       json.dumps({"config": asdict(cfg), "summary": summary.to_dict()}, indent=2, sort_keys=True))
+    if written != selection.to_decode:
+        raise RuntimeError(f"expected {selection.to_decode} decoded rows in {cfg.out} but found {written}")
+    return summary
+
+
+def _run_pipeline(cfg: DecodeConfig, selection: Selection) -> None:
+    """read latents -> filter (selected ids with a latent) -> LatentDecoder actors -> image shards."""
     import ray
     import ray.data
     from ray.data import ActorPoolStrategy, SaveMode
     from ray.data.expressions import col
 
-    started = time.perf_counter()
-    if cfg.image_format not in IMAGE_FORMATS:
-        raise DecodeInputError(f"--format must be one of {IMAGE_FORMATS}, got {cfg.image_format!r}")
-    meta = check_model_fits(cfg)
-    check_output_folder(cfg)
-    selection = select_rows(cfg.latents, cfg.ids, cfg.sample, cfg.seed)
+    # The embed job's planner: its actor pool leaves CPU for the read, filter and write tasks.
     plan = plan_resources(EmbedConfig(data=cfg.latents, model=cfg.model, out=cfg.out, actors=cfg.actors, gpu=cfg.gpu,
                                       torch_threads=cfg.torch_threads), ray.cluster_resources(), resuming=False)
-    what = (f"{len(selection.ids)} selected ids" if selection.ids is not None else "every row")
-    print(f"decoding {what} of {selection.rows_in:,} latent rows ({selection.skipped_null_latent} without a latent, "
-          f"skipped) with {meta['model']['arch']} model ({cfg.model}) on {plan.actors} actor(s) x "
-          f"{plan.cpus_per_actor:g} CPU{f' + {plan.gpus_per_actor:g} GPU' if plan.gpus_per_actor else ''}, "
-          f"{plan.torch_threads} torch threads -> {cfg.image_format} shards in {cfg.out}", flush=True)
-
+    print(f"{plan.actors} decoder actor(s) x {plan.cpus_per_actor:g} CPU"
+          f"{f' + {plan.gpus_per_actor:g} GPU' if plan.gpus_per_actor else ''}, {plan.torch_threads} torch threads",
+          flush=True)
+    in_fs, paths = _latent_paths(cfg.latents)
+    names = _latent_dataset(cfg.latents).schema.names
+    ds = ray.data.read_parquet(paths, filesystem=in_fs, num_cpus=plan.task_cpus).select_columns(
+        [c for c in LATENT_COLUMNS if c in names])
+    keep = col("latent").is_not_null()
+    if selection.ids is not None:
+        keep = keep & col("id").is_in(selection.ids)
+    ds = ds.filter(expr=keep, num_cpus=plan.task_cpus)
+    ds = ds.map_batches(
+        LatentDecoder, batch_format="numpy", batch_size=cfg.batch_size,
+        fn_constructor_kwargs=dict(model_url=cfg.model, image_format=cfg.image_format, quality=cfg.quality,
+                                   torch_threads=plan.torch_threads, device="cuda" if plan.gpus_per_actor else "cpu"),
+        compute=ActorPoolStrategy(size=plan.actors), num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor)
     fs, out_path = storage.arrow_filesystem(cfg.out)
-    if selection.to_decode == 0:
-        storage.remove(cfg.out, recursive=True)  # nothing to write: replace any earlier output with nothing
-    else:
-        in_fs, paths = _latent_paths(cfg.latents)
-        names = _latent_dataset(cfg.latents).schema.names
-        ds = ray.data.read_parquet(paths, filesystem=in_fs, num_cpus=plan.task_cpus).select_columns(
-            [c for c in LATENT_COLUMNS if c in names])
-        keep = col("latent").is_not_null()
-        if selection.ids is not None:
-            keep = keep & col("id").is_in(selection.ids)
-        ds = ds.filter(expr=keep, num_cpus=plan.task_cpus)
-        ds = ds.map_batches(
-            LatentDecoder, batch_format="numpy", batch_size=cfg.batch_size,
-            fn_constructor_kwargs=dict(model_url=cfg.model, image_format=cfg.image_format, quality=cfg.quality,
-                                       torch_threads=plan.torch_threads,
-                                       device="cuda" if plan.gpus_per_actor else "cpu"),
-            compute=ActorPoolStrategy(size=plan.actors), num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor)
-        ds.write_parquet(out_path, filesystem=fs, filename_provider=_stable_names(), mode=SaveMode.OVERWRITE,
-                         min_rows_per_file=min(cfg.rows_per_file, selection.to_decode),
-                         # Encoded images do not compress further; the rest gets zstd (as write_shard).
-                         compression={"image": "none", "id": "zstd", "format": "zstd", "source": "zstd",
-                                      "width": "zstd", "height": "zstd"},
-                         ray_remote_args={"num_cpus": plan.task_cpus})
-    written, files = count_written(cfg.out) if selection.to_decode else (0, [])
-    seconds = time.perf_counter() - started
-    summary = DecodeSummary(
-        rows_in=selection.rows_in, selected=selection.selected, skipped_null_latent=selection.skipped_null_latent,
-        written=written, files=files, seconds=seconds, images_per_s=written / max(seconds, 1e-9), out=cfg.out,
-        skipped_by_reason=selection.skipped_by_reason)
-    if selection.to_decode:
-        storage.write_text(storage.join(cfg.out, RUN_FILE),
-                           json.dumps({"config": asdict(cfg), "summary": summary.to_dict()}, indent=2, sort_keys=True))
-    if written != selection.to_decode:
-        raise RuntimeError(f"expected {selection.to_decode} decoded rows in {cfg.out} but found {written}")
-    return summary
+    ds.write_parquet(out_path, filesystem=fs, filename_provider=_stable_names(), mode=SaveMode.OVERWRITE,
+                     min_rows_per_file=min(cfg.rows_per_file, selection.to_decode),
+                     # Encoded images do not compress further; the rest gets zstd (as write_shard does).
+                     compression={"image": "none", "id": "zstd", "format": "zstd", "source": "zstd",
+                                  "width": "zstd", "height": "zstd"},
+                     ray_remote_args={"num_cpus": plan.task_cpus})  # write_parquet has no num_cpus=
 
 
 # ------------------------------------------------------------------------------ generation
@@ -414,13 +432,11 @@ def interpolation_grid(model_url: str, latents_url: str, id_a: str, id_b: str, s
     id_a's latent to id_b's (dequantized), both endpoints included."""
     if steps < 2:
         raise ValueError(f"steps must be at least 2 (both endpoints), got {steps}")
+    check_model_fits(latents_url, model_url)
     z = read_latent_rows(latents_url, [id_a, id_b])
-    checkpoint = load_checkpoint(model_url)
-    if len(z[id_a]) != checkpoint.config.latent_dim:
-        raise DecodeInputError(f"the latents have {len(z[id_a])} dimensions but the model has "
-                               f"latent_dim {checkpoint.config.latent_dim}")
+    model, _ = load_decoder(model_url)
     t = np.linspace(0.0, 1.0, steps, dtype=np.float32)[:, None]  # (steps, 1)
     line = (1.0 - t) * z[id_a][None] + t * z[id_b][None]  # (steps, latent_dim)
     line[-1] = z[id_b]  # exact endpoint, whatever (1 - 1) * a + 1 * b rounds to
-    pixels = decode_latents(checkpoint.model, line)  # (steps, S, S, C)
+    pixels = decode_latents(model, line)  # (steps, S, S, C)
     return np.concatenate(list(pixels), axis=1)  # (S, steps * S, C)

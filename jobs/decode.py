@@ -1,0 +1,76 @@
+"""Decode stored latents back into images, written as image shards the pipeline can read again.
+
+Local (embedded Ray):
+    python -m jobs.decode --latents demo-output/latents --model demo-output/run/model \\
+        --out demo-output/decoded --sample 64 --seed 0
+
+On a cluster (GPUs are used when the cluster has them):
+    ray job submit --working-dir . -- python -m jobs.decode \\
+        --latents s3://bucket/latents/r1 --model s3://bucket/runs/r1/model --out s3://bucket/decoded/r1 \\
+        --ids synth-00000001,synth-00000002 --format png
+
+Output: <out>/part-*.parquet with id, image, width, height, format, source="decoded" (the
+image-shard contract), and <out>/_decode.json with the config and summary. A rerun with
+the same --out replaces that folder's shards. Rows whose latent is null (their image
+failed to decode upstream) are skipped and counted in the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, fields
+
+from pipeline.checkpoint import CheckpointError
+from pipeline.decode import IMAGE_FORMATS, DecodeConfig, DecodeInputError, decode
+
+D = {f.name: f.default for f in fields(DecodeConfig)}
+
+
+def parse_args(argv: list[str] | None = None) -> DecodeConfig:
+    p = argparse.ArgumentParser(prog="python -m jobs.decode", description=__doc__.split("\n")[0])
+    p.add_argument("--latents", required=True, help="URL of a latent dataset (the embed job's --out)")
+    p.add_argument("--model", required=True, help="URL of the model that made the latents")
+    p.add_argument("--out", required=True, help="URL of the image shards to write (replaced on a rerun)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--ids", default="", help="comma-separated ids to decode (default: every row that has a latent)")
+    which.add_argument("--sample", type=int, default=D["sample"],
+                       help="decode N ids drawn deterministically from --seed among rows that have a latent "
+                            "(default: off)")
+    p.add_argument("--format", dest="image_format", choices=IMAGE_FORMATS, default=D["image_format"],
+                   help="encoding of the written images; png is lossless (default: %(default)s)")
+    p.add_argument("--quality", type=int, default=D["quality"], help="JPEG quality, 1-95 (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=D["seed"], help="seed of the --sample draw (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=D["batch_size"],
+                   help="latents per model call (default: %(default)s)")
+    p.add_argument("--actors", type=int, default=None, help="model actors (default: from the cluster's resources)")
+    p.add_argument("--gpu", dest="gpu", action="store_true", default=None,
+                   help="force GPU actors (default: GPUs when the cluster has them)")
+    p.add_argument("--cpu", dest="gpu", action="store_false", help="force CPU actors even if GPUs exist")
+    p.add_argument("--torch-threads", type=int, default=None, help="torch threads per actor (default: from CPUs)")
+    p.add_argument("--rows-per-file", type=int, default=D["rows_per_file"],
+                   help="target images per output file (default: %(default)s)")
+    args = vars(p.parse_args(argv))
+    args["ids"] = tuple(dict.fromkeys(i.strip() for i in args["ids"].split(",") if i.strip()))
+    return DecodeConfig(**args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    import ray
+
+    print("decode config:", json.dumps(asdict(cfg)), flush=True)
+    if not ray.is_initialized():  # a test or notebook may already have started one
+        ray.init()
+    try:
+        summary = decode(cfg)
+    except (DecodeInputError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary.to_dict()), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
