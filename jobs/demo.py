@@ -93,10 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     last = [json.loads(line) for line in storage.read_text(metrics_url).splitlines()][-1]
 
     stage("3/4 embedding and scoring (Ray Data)")
-    from pipeline.embed import EmbedConfig, embed
+    from pipeline.embed import SUCCESS_FILE, EmbedConfig, embed
 
+    finished_before = storage.exists(storage.join(latents, SUCCESS_FILE))
     summary = embed(EmbedConfig(data=shards, model=model, out=latents, passthrough=("label", "anomaly_kind")))
-    rates["embed"] = f"{summary.images_per_s:,.0f} img/s"
+    if not finished_before:
+        rates["embed"] = f"{summary.images_per_s:,.0f} img/s"
 
     stage("4/4 report")
     from jobs.report import main as report_main
