@@ -201,7 +201,10 @@ async def _browse(url: str, profile: Path, timeout: float = 60.0) -> dict:
 
 def browse(index_html: Path, tmp_path: Path) -> dict:
     if shutil.which("chromium") is None:
-        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium; .ci/run does)")
+        message = "Debian's chromium is not installed (apt-get install -y chromium; .ci/run does)"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # in CI a missing browser is a broken setup, never a skip
+        pytest.skip(message)
     profile = tmp_path / "chromium-profile"
     profile.mkdir()
     return asyncio.run(_browse(index_html.resolve().as_uri(), profile))
