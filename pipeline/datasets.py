@@ -24,8 +24,7 @@ def read_shards(url: str, columns: Columns, extra: Sequence[str] = (), include_p
     """A lazy Ray Dataset over the Parquet shards under `url`, with only the columns needed."""
     import ray.data
 
-    fs, _ = storage.arrow_filesystem(url)
-    paths = [storage.filesystem(shard)[1] for shard in storage.list_shards(url)]
+    fs, paths = storage.arrow_files(url)
     wanted = list(dict.fromkeys([columns.id, columns.image, *extra]))
     return ray.data.read_parquet(
         paths, filesystem=fs, include_paths=include_paths, override_num_blocks=override_num_blocks,

@@ -48,7 +48,7 @@ import torch
 
 from pipeline import storage
 from pipeline.checkpoint import load_checkpoint, read_checkpoint_meta
-from pipeline.embed import METADATA_KEY, EmbedConfig, dequantize_latents, plan_resources
+from pipeline.embed import METADATA_KEY, dequantize_latents, plan_resources
 from pipeline.images import encode_image
 from pipeline.model import AutoencoderConfig, fuse_for_inference
 from pipeline.shards import SHARD_PREFIX, remove_stale_shards
@@ -175,8 +175,7 @@ class Selection:
 
 
 def _latent_paths(url: str) -> tuple[Any, list[str]]:
-    fs, _ = storage.arrow_filesystem(url)
-    return fs, [storage.filesystem(p)[1] for p in storage.list_shards(url)]
+    return storage.arrow_files(url)
 
 
 def _latent_dataset(url: str) -> pads.Dataset:
@@ -380,8 +379,8 @@ def _run_pipeline(cfg: DecodeConfig, selection: Selection) -> None:
     from ray.data.expressions import col
 
     # The embed job's planner: its actor pool leaves CPU for the read, filter and write tasks.
-    plan = plan_resources(EmbedConfig(data=cfg.latents, model=cfg.model, out=cfg.out, actors=cfg.actors, gpu=cfg.gpu,
-                                      torch_threads=cfg.torch_threads), ray.cluster_resources(), resuming=False)
+    plan = plan_resources(ray.cluster_resources(), resuming=False, actors=cfg.actors, gpu=cfg.gpu,
+                          torch_threads=cfg.torch_threads)
     print(f"{plan.actors} decoder actor(s) x {plan.cpus_per_actor:g} CPU"
           f"{f' + {plan.gpus_per_actor:g} GPU' if plan.gpus_per_actor else ''}, {plan.torch_threads} torch threads",
           flush=True)

@@ -36,8 +36,8 @@ from pipeline.checkpoint import load_checkpoint, read_checkpoint_meta
 from pipeline.datasets import decode_rows, read_shards
 from pipeline.model import fuse_for_inference
 from pipeline.reconstruction import mse_per_image, ssim_error_per_image
-from pipeline.shards import Columns, check_columns, check_unique_ids
-from pipeline.train import count_rows, threshold_from_calibration
+from pipeline.shards import Columns, check_columns, check_unique_ids, count_rows
+from pipeline.train import threshold_from_calibration
 
 LATENT_DTYPES = ("float32", "float16", "int8")
 METADATA_KEY = b"squeeze"
@@ -214,7 +214,8 @@ class ResourcePlan:
     task_cpus: float  # logical CPUs of each read, decode and write task
 
 
-def plan_resources(cfg: EmbedConfig, resources: dict[str, float], resuming: bool) -> ResourcePlan:
+def plan_resources(resources: dict[str, float], resuming: bool, actors: int | None = None,
+                   gpu: bool | None = None, torch_threads: int | None = None) -> ResourcePlan:
     """Actor pool and task sizes from the cluster's resources.
 
     An actor pool that takes every CPU starves the other operators and the job hangs
@@ -228,17 +229,17 @@ def plan_resources(cfg: EmbedConfig, resources: dict[str, float], resuming: bool
     cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
     task_cpus = 0.5 if cpus <= 4 else 1.0
     available = cpus - 1.0 - (1.0 if resuming else 0.0)  # listing, checkpoint filter
-    use_gpu = gpus >= 1 if cfg.gpu is None else cfg.gpu
+    use_gpu = gpus >= 1 if gpu is None else gpu
     if use_gpu:
         # Autoscaling GPU workers may not be up yet: at least one actor, placed when they are.
-        actors = cfg.actors or max(1, int(gpus))
-        return ResourcePlan(actors, 0.0, 1.0, cfg.torch_threads or 4, task_cpus)
+        actors = actors or max(1, int(gpus))
+        return ResourcePlan(actors, 0.0, 1.0, torch_threads or 4, task_cpus)
     # Small machines: one actor whose threads use every core while the light decode tasks
     # run in its shadow. Bigger clusters: one actor per 4 CPUs.
-    actors = cfg.actors or max(1, int(available // 4))
+    actors = actors or max(1, int(available // 4))
     per_actor = math.floor((available - task_cpus) / actors * 2) / 2
     per_actor = min(4.0, per_actor) if per_actor >= 0.5 else 0.0
-    threads = cfg.torch_threads or max(1, int(cpus // actors))
+    threads = torch_threads or max(1, int(cpus // actors))
     return ResourcePlan(actors, per_actor, 0.0, threads, task_cpus)
 
 
@@ -315,7 +316,7 @@ def embed(cfg: EmbedConfig) -> EmbedSummary:
 
     fs, out_path = storage.arrow_filesystem(cfg.out)
     resuming = fs.get_file_info(storage.join(out_path, CHECKPOINT_DIR)).type != pafs.FileType.NotFound
-    plan = plan_resources(cfg, ray.cluster_resources(), resuming)
+    plan = plan_resources(ray.cluster_resources(), resuming, cfg.actors, cfg.gpu, cfg.torch_threads)
     # The id column name must be the same in input and output for Ray's checkpoint filter.
     keep = [c for c in dict.fromkeys([*cfg.passthrough, cfg.id_column]) if c != "id"]
     print(f"embedding {rows_in:,} rows with {model_config['arch']} model ({cfg.model}) on {plan.actors} actor(s) x "
@@ -363,15 +364,13 @@ def embed(cfg: EmbedConfig) -> EmbedSummary:
 
 def read_latents(url: str, columns: Sequence[str] | None = None) -> pa.Table:
     """The latent dataset under `url` (small data and tests; jobs stream it with Ray Data)."""
-    fs, _ = storage.arrow_filesystem(url)
-    paths = [storage.filesystem(p)[1] for p in storage.list_files(url)]
+    fs, paths = storage.arrow_files(url, shards=False)
     return pads.dataset(paths, filesystem=fs, format="parquet").to_table(columns=columns)
 
 
 def summarize(cfg: EmbedConfig, rows_in: int, threshold: float, seconds: float) -> EmbedSummary:
     """Counts from the written output (id, error and flag columns only, streamed)."""
-    fs, _ = storage.arrow_filesystem(cfg.out)
-    paths = [storage.filesystem(p)[1] for p in storage.list_files(cfg.out)]
+    fs, paths = storage.arrow_files(cfg.out, shards=False)
     rows_out = error_rows = flagged = 0
     reasons: dict[str, int] = {}
     if paths:

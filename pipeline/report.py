@@ -728,8 +728,7 @@ def fetch_images(data_url: str, id_column: str, image_column: str, ids: Sequence
     from pipeline.shards import Columns, check_columns, image_bytes
 
     schema = check_columns(data_url, Columns(id=id_column, image=image_column))
-    fs, _ = storage.arrow_filesystem(data_url)
-    paths = [storage.filesystem(s)[1] for s in storage.list_shards(data_url)]
+    fs, paths = storage.arrow_files(data_url)
     id_type = schema.field(id_column).type
     wanted = pa.array(list(ids), pa.string())
     if not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipeline import storage
@@ -172,6 +173,12 @@ def _shard_paths(url: str) -> tuple[pafs.FileSystem, list[str], list[str]]:
     shard_urls = storage.list_shards(url)
     arrow_fs, _ = storage.arrow_filesystem(url)
     return arrow_fs, shard_urls, [storage.arrow_filesystem(shard)[1] for shard in shard_urls]
+
+
+def count_rows(url: str) -> int:
+    """Rows in all shards under `url`, from the Parquet footers only."""
+    fs, paths = storage.arrow_files(url)
+    return pads.dataset(paths, filesystem=fs, format="parquet").count_rows()
 
 
 def _read_footers(url: str) -> tuple[list[str], list[tuple[int, pq.FileMetaData]]]:

@@ -94,6 +94,16 @@ def list_shards(url: str) -> list[str]:
     return shards
 
 
+def arrow_files(url: str, shards: bool = True) -> tuple[pafs.FileSystem, list[str]]:
+    """A pyarrow filesystem and the paths inside it of the Parquet files under `url`.
+
+    `shards=True` raises when there are none (`list_shards`); otherwise the list may be empty.
+    """
+    fs, _ = arrow_filesystem(url)
+    urls = list_shards(url) if shards else list_files(url)
+    return fs, [filesystem(u)[1] for u in urls]
+
+
 def makedirs(url: str) -> None:
     fs, path = filesystem(url)
     fs.makedirs(path, exist_ok=True)

@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import torch
 
@@ -34,7 +33,7 @@ from pipeline.datasets import decode_split, read_shards
 from pipeline.images import DEFAULT_RESIZE, decode_batch
 from pipeline.model import AutoencoderConfig, build_model, count_parameters
 from pipeline.reconstruction import mse_per_image, psnr
-from pipeline.shards import Columns, check_columns, fingerprint, image_bytes
+from pipeline.shards import Columns, check_columns, count_rows, fingerprint, image_bytes
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
@@ -290,13 +289,6 @@ def format_progress(m: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------- driver side
-
-
-def count_rows(url: str) -> int:
-    """Rows in all shards under `url`, from the Parquet footers only."""
-    fs, _ = storage.arrow_filesystem(url)
-    paths = [storage.filesystem(s)[1] for s in storage.list_shards(url)]
-    return pads.dataset(paths, filesystem=fs, format="parquet").count_rows()
 
 
 def preflight_decode(cfg: TrainConfig) -> None:
