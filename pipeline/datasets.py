@@ -19,16 +19,34 @@ from pipeline.shards import Columns, image_bytes
 PATH_COLUMN = "path"  # the shard a row came from, added by read_parquet(include_paths=True)
 
 
+def read_parquet(paths: Sequence[str], filesystem, **kwargs):
+    """`ray.data.read_parquet` over explicit file paths, through Ray Data's V1 Parquet reader.
+
+    Every stage reads Parquet through here. Ray 2.60's default V2 reader starts a listing
+    task and 32 footer-reading actors on every execution, and packs small files into one
+    read task: on this project's 2-core machine each training epoch then waited about 2 s
+    for its first batch and read at half speed (docs/BENCHMARKS.md, "Training"). We always
+    pass the file list, so V2's listing buys nothing; V1 reads one task per file, split into
+    blocks, and supports the same write checkpointing. `DataContext.use_datasource_v2` is
+    Ray's documented switch; the dataset keeps a copy of the context it was created with.
+    """
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    saved, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet(list(paths), filesystem=filesystem, **kwargs)
+    finally:
+        ctx.use_datasource_v2 = saved
+
+
 def read_shards(url: str, columns: Columns, extra: Sequence[str] = (), include_paths: bool = False,
                 override_num_blocks: int | None = None, num_cpus: float = 1.0):
     """A lazy Ray Dataset over the Parquet shards under `url`, with only the columns needed."""
-    import ray.data
-
     fs, paths = storage.arrow_files(url)
     wanted = list(dict.fromkeys([columns.id, columns.image, *extra]))
-    return ray.data.read_parquet(
-        paths, filesystem=fs, include_paths=include_paths, override_num_blocks=override_num_blocks,
-        num_cpus=num_cpus,
+    return read_parquet(
+        paths, fs, include_paths=include_paths, override_num_blocks=override_num_blocks, num_cpus=num_cpus,
     ).select_columns([*wanted, PATH_COLUMN] if include_paths else wanted)
 
 

@@ -48,6 +48,7 @@ import torch
 
 from pipeline import storage
 from pipeline.checkpoint import load_checkpoint, read_checkpoint_meta
+from pipeline.datasets import read_parquet
 from pipeline.embed import METADATA_KEY, dequantize_latents, plan_resources
 from pipeline.images import encode_image
 from pipeline.model import AutoencoderConfig, fuse_for_inference
@@ -374,7 +375,6 @@ def decode(cfg: DecodeConfig) -> DecodeSummary:
 def _run_pipeline(cfg: DecodeConfig, selection: Selection) -> None:
     """read latents -> filter (selected ids with a latent) -> LatentDecoder actors -> image shards."""
     import ray
-    import ray.data
     from ray.data import ActorPoolStrategy, SaveMode
     from ray.data.expressions import col
 
@@ -386,7 +386,7 @@ def _run_pipeline(cfg: DecodeConfig, selection: Selection) -> None:
           flush=True)
     in_fs, paths = _latent_paths(cfg.latents)
     names = _latent_dataset(cfg.latents).schema.names
-    ds = ray.data.read_parquet(paths, filesystem=in_fs, num_cpus=plan.task_cpus).select_columns(
+    ds = read_parquet(paths, in_fs, num_cpus=plan.task_cpus).select_columns(
         [c for c in LATENT_COLUMNS if c in names])
     keep = col("latent").is_not_null()
     if selection.ids is not None:

@@ -94,6 +94,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.datasets import read_parquet
 
 FORMAT = "squeeze-report"
 FORMAT_VERSION = 1
@@ -573,9 +574,7 @@ class FlagTotals:
 def _run_pass(info: LatentInfo, plan: ScanPlan, fn, label: str) -> Iterator[tuple[dict, dict]]:
     """Stream one Ray Data pass: read the small columns, reduce each block with `fn` in a
     Ray task, and yield the unpacked partials on the driver as they arrive."""
-    import ray.data
-
-    ds = ray.data.read_parquet(list(info.paths), filesystem=info.fs, include_paths=True, partitioning=None)
+    ds = read_parquet(info.paths, info.fs, include_paths=True, partitioning=None)
     ds = ds.select_columns([*plan.columns, PATH_COLUMN])
     ds = ds.map_batches(fn, batch_format="pyarrow", batch_size=None, fn_kwargs={"plan": plan})
     rows = 0
