@@ -173,6 +173,26 @@ def _maybe_crash(cfg: TrainConfig, rank: int, world: int, epoch: int, step: int)
         os._exit(1)
 
 
+class _WaitClock:
+    """Wraps a batch iterator and adds up the time spent waiting for each next batch: an epoch
+    whose wait is a large share of its time is input-bound (decoding cannot keep up)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __call__(self, batches):
+        iterator = iter(batches)
+        while True:
+            started = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                self.seconds += time.perf_counter() - started
+            yield batch
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
@@ -218,11 +238,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         model.train()
         started = time.perf_counter()
         loss_sum = images = failed = 0.0
+        waiting = _WaitClock()
         batches = train_shard.iter_torch_batches(
             batch_size=cfg.batch_size, local_shuffle_buffer_size=4 * cfg.batch_size,
             local_shuffle_seed=cfg.seed * 100_003 + epoch * 31 + rank, pin_memory=cuda,
         )
-        for step, batch in enumerate(batches):
+        for step, batch in enumerate(waiting(batches)):
             _maybe_crash(cfg, rank, world, epoch, step)
             ok = batch["ok"]
             failed += float((~ok).sum())
@@ -251,7 +272,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     x = _to_input(batch["pixels"][ok])
                     val_errors.append(mse_per_image(x, net(x)["x_hat"]).float().cpu().numpy())
         errors = _all_gather(np.concatenate(val_errors) if val_errors else np.zeros(0, np.float32))
-        loss_sum, images, failed, val_failed = _all_reduce_sum([loss_sum, images, failed, val_failed], device)
+        loss_sum, images, failed, val_failed, data_wait = _all_reduce_sum(
+            [loss_sum, images, failed, val_failed, waiting.seconds], device)
         if images == 0:
             raise RuntimeError("no training image decoded in a whole epoch: check the data's image column")
         val_mse = float(errors.mean()) if errors.size else math.nan
@@ -260,7 +282,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             "train_loss": loss_sum / images, "val_mse": val_mse, "val_psnr": psnr(val_mse) if errors.size else math.nan,
             "train_images": int(images), "val_images": int(errors.size),
             "decode_failures": int(failed + val_failed),
-            "images_per_s": images / train_seconds, "epoch_seconds": time.perf_counter() - started,
+            "images_per_s": images / train_seconds, "train_seconds": train_seconds,
+            "data_wait_seconds": data_wait / world, "epoch_seconds": time.perf_counter() - started,
             "lr": scheduler.get_last_lr()[0],
         }
         history = [*history, metrics]
@@ -285,6 +308,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 def format_progress(m: dict[str, Any]) -> str:
     return (f"epoch {m['epoch']}/{m['epochs']}  train_loss {m['train_loss']:.5f}  val_mse {m['val_mse']:.5f}  "
             f"val_psnr {m['val_psnr']:.2f} dB  {m['images_per_s']:.0f} img/s  "
+            f"waited for data {m['data_wait_seconds'] / m['train_seconds']:.0%}  "
             f"decode_failures {m['decode_failures']}  {m['epoch_seconds']:.1f}s")
 
 

@@ -156,3 +156,28 @@ def test_resuming_with_other_settings_is_refused(tmp_path, corpus):
         train(replace(cfg, image_size=64))
     with pytest.raises(TrainingInputError, match=r"model: 'fire' -> 'plain'"):
         train(replace(cfg, model="plain"))
+
+
+@pytest.mark.ray
+def test_data_checkpoints_and_model_on_s3_and_resume_from_there(ray_local, corpus, s3_bucket):
+    from pipeline import storage
+
+    fs, _ = storage.filesystem(s3_bucket)
+    fs.put(corpus + "/", f"{s3_bucket[5:]}/shards/", recursive=True)
+    cfg = TrainConfig(data=f"{s3_bucket}/shards", out=f"{s3_bucket}/run", workers=1, epochs=1, **SMALL)
+    first = train(cfg).history
+    # Asking for one epoch more continues from the checkpoint on S3 rather than starting over:
+    # epoch 1's record (its timings included) is the first run's, untouched.
+    result = train(replace(cfg, epochs=2))
+
+    history = [json.loads(line) for line in storage.read_text(f"{cfg.out}/{METRICS_FILE}").splitlines()]
+    assert [m["epoch"] for m in history] == [1, 2]
+    assert history[0] == first[0]
+    assert history[0]["train_images"] + history[0]["val_images"] == 320
+    run = f"{s3_bucket[5:]}/run"
+    assert fs.exists(f"{run}/checkpoints/epoch-0002") and fs.exists(f"{run}/run.json")
+    assert result.model_url == f"{cfg.out}/model"
+    exported = load_checkpoint(result.model_url)
+    x_val = _val_images(corpus, cfg)
+    best = min(history, key=lambda m: m["val_mse"])
+    assert _val_mse(exported.model, x_val) == pytest.approx(best["val_mse"], rel=1e-4)
