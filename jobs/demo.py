@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from jobs.cli import HelpFormatter
 from pipeline import storage
 
 
@@ -34,7 +35,7 @@ class DemoConfig:
 def parse_args(argv: list[str] | None = None) -> DemoConfig:
     d = DemoConfig()
     p = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--out", default=d.out, help="folder for every stage's output")
     p.add_argument("--images", type=int, default=d.images, help="images in the synthetic corpus")
     p.add_argument("--anomaly-fraction", type=float, default=d.anomaly_fraction, help="share of anomalies")

@@ -24,6 +24,7 @@ import json
 import sys
 from dataclasses import fields
 
+from jobs.cli import HelpFormatter
 from pipeline.ingest import SOURCE_FORMATS, IngestConfig, ingest
 from pipeline.shards import ColumnError, DuplicateIdError
 
@@ -36,7 +37,7 @@ def _csv(text: str) -> tuple[str, ...]:
 
 def parse_args(argv: list[str] | None = None) -> IngestConfig:
     p = argparse.ArgumentParser(prog="python -m jobs.ingest", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--source", required=True, help="URL of an image folder tree or of Parquet shards")
     p.add_argument("--out", required=True, help="URL to write the normalised shards under")
     p.add_argument("--source-format", choices=SOURCE_FORMATS, default=D["source_format"],

@@ -21,6 +21,7 @@ import json
 import sys
 from dataclasses import asdict, fields
 
+from jobs.cli import HelpFormatter
 from pipeline.report import ReportConfig, ReportInputError, check_inputs, report
 
 D = {f.name: f.default for f in fields(ReportConfig)}
@@ -35,7 +36,7 @@ def _id_pair(text: str) -> tuple[str, str]:
 
 def parse_args(argv: list[str] | None = None) -> ReportConfig:
     p = argparse.ArgumentParser(prog="python -m jobs.report", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--latents", required=True, help="URL of the latent dataset (the embed job's --out)")
     p.add_argument("--out", required=True, help="URL of the report folder to write")
     p.add_argument("--model", default=None,

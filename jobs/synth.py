@@ -18,6 +18,7 @@ import json
 import sys
 from dataclasses import asdict, fields
 
+from jobs.cli import HelpFormatter
 from pipeline.synth import SynthConfig, write_synthetic_corpus
 
 D = {f.name: f.default for f in fields(SynthConfig)}
@@ -25,7 +26,7 @@ D = {f.name: f.default for f in fields(SynthConfig)}
 
 def parse_args(argv: list[str] | None = None) -> SynthConfig:
     p = argparse.ArgumentParser(prog="python -m jobs.synth", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--out", required=True, help="URL to write the shards under (any fsspec URL)")
     p.add_argument("--n", type=int, default=D["n"], help="number of images")
     p.add_argument("--image-size", type=int, default=D["image_size"], help="side of the square images, pixels")

@@ -18,6 +18,7 @@ import json
 import sys
 from dataclasses import asdict, fields
 
+from jobs.cli import HelpFormatter
 from pipeline.images import RESIZE_POLICIES
 from pipeline.train import TrainConfig, TrainingInputError, train
 
@@ -26,7 +27,7 @@ D = {f.name: f.default for f in fields(TrainConfig)}
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="URL of the image shards (local path, s3://, gs://, ...)")
     p.add_argument("--out", required=True, help="URL of the run folder (checkpoints, metrics, exported model)")
     p.add_argument("--model", choices=["fire", "plain"], default=D["model"], help="architecture")

@@ -1,0 +1,33 @@
+"""Every job's command line: help that states each default once, and what parse_args builds."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+JOBS = ["synth", "ingest", "train", "embed", "report", "decode", "demo"]
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_help_states_each_default_once_and_never_none(job):
+    out = subprocess.run([sys.executable, "-m", f"jobs.{job}", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())  # argparse wraps lines anywhere
+    assert f"python -m jobs.{job}" in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+    for option in re.split(r"\s(?=--[a-z])", text):
+        assert option.count("default") <= 1, option
+
+
+def test_embed_options_reach_the_config():
+    embed_job = importlib.import_module("jobs.embed")
+    cfg = embed_job.parse_args(["--data", "d", "--model", "m", "--out", "o", "--decode-in", "tasks",
+                                "--batch-size", "32", "--passthrough", "label,source"])
+    assert (cfg.decode_in, cfg.batch_size, cfg.passthrough) == ("tasks", 32, ("label", "source"))
+    assert embed_job.parse_args(["--data", "d", "--model", "m", "--out", "o"]).batch_size is None
