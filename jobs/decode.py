@@ -24,6 +24,7 @@ from dataclasses import asdict, fields
 
 from pipeline.checkpoint import CheckpointError
 from pipeline.decode import IMAGE_FORMATS, DecodeConfig, DecodeInputError, decode
+from pipeline.embed import CPU_BATCH_SIZE, GPU_BATCH_SIZE
 
 D = {f.name: f.default for f in fields(DecodeConfig)}
 
@@ -42,8 +43,8 @@ def parse_args(argv: list[str] | None = None) -> DecodeConfig:
                    help="encoding of the written images; png is lossless (default: %(default)s)")
     p.add_argument("--quality", type=int, default=D["quality"], help="JPEG quality, 1-95 (default: %(default)s)")
     p.add_argument("--seed", type=int, default=D["seed"], help="seed of the --sample draw (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=D["batch_size"],
-                   help="latents per model call (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"latents per model call (default: {CPU_BATCH_SIZE} on CPUs, {GPU_BATCH_SIZE} on GPUs)")
     p.add_argument("--actors", type=int, default=None, help="model actors (default: from the cluster's resources)")
     p.add_argument("--gpu", dest="gpu", action="store_true", default=None,
                    help="force GPU actors (default: GPUs when the cluster has them)")

@@ -18,8 +18,11 @@ import json
 import sys
 from dataclasses import asdict, fields
 
+from jobs.cli import HelpFormatter
 from pipeline.checkpoint import CheckpointError
-from pipeline.embed import LATENT_DTYPES, EmbedConfig, EmbedInputError, embed
+from pipeline.embed import (
+    CPU_BATCH_SIZE, DECODE_PLACEMENTS, GPU_BATCH_SIZE, LATENT_DTYPES, EmbedConfig, EmbedInputError, embed,
+)
 from pipeline.images import RESIZE_POLICIES
 from pipeline.shards import ColumnError, DuplicateIdError
 
@@ -28,7 +31,7 @@ D = {f.name: f.default for f in fields(EmbedConfig)}
 
 def parse_args(argv: list[str] | None = None) -> EmbedConfig:
     p = argparse.ArgumentParser(prog="python -m jobs.embed", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="URL of the image shards")
     p.add_argument("--model", required=True, help="URL of an exported model (a train run's <out>/model)")
     p.add_argument("--out", required=True, help="URL of the latent dataset to write")
@@ -41,11 +44,15 @@ def parse_args(argv: list[str] | None = None) -> EmbedConfig:
     p.add_argument("--image-column", default=D["image_column"], help="column holding encoded image bytes")
     p.add_argument("--resize", choices=RESIZE_POLICIES, default=None,
                    help="resize policy (default: the one the model was trained with)")
-    p.add_argument("--batch-size", type=int, default=D["batch_size"], help="images per model call")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"images per model call (default: {CPU_BATCH_SIZE} on CPUs, {GPU_BATCH_SIZE} on GPUs)")
     p.add_argument("--actors", type=int, default=None, help="model actors (default: from the cluster's resources)")
     p.add_argument("--gpu", dest="gpu", action="store_true", default=None, help="force GPU actors")
     p.add_argument("--cpu", dest="gpu", action="store_false", help="force CPU actors even if GPUs exist")
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads per actor (default: from CPUs)")
+    p.add_argument("--decode-in", choices=DECODE_PLACEMENTS, default=D["decode_in"],
+                   help="where images are decoded: in the model actors, in CPU tasks of their own, or auto "
+                        "(the actors on machines of up to 4 CPUs without GPUs, CPU tasks otherwise)")
     p.add_argument("--rows-per-file", type=int, default=D["rows_per_file"], help="target rows per output file")
     args = vars(p.parse_args(argv))
     args["passthrough"] = tuple(c for c in args["passthrough"].split(",") if c)

@@ -256,7 +256,7 @@ class DecodeConfig:
     image_format: str = "png"
     quality: int = 95  # JPEG only
     seed: int = 0
-    batch_size: int = 256
+    batch_size: int | None = None  # None: the embed job's tuned sizes (pipeline.embed.plan_resources)
     actors: int | None = None
     gpu: bool | None = None  # None: use GPUs when the cluster has them
     torch_threads: int | None = None
@@ -380,7 +380,7 @@ def _run_pipeline(cfg: DecodeConfig, selection: Selection) -> None:
 
     # The embed job's planner: its actor pool leaves CPU for the read, filter and write tasks.
     plan = plan_resources(ray.cluster_resources(), resuming=False, actors=cfg.actors, gpu=cfg.gpu,
-                          torch_threads=cfg.torch_threads)
+                          torch_threads=cfg.torch_threads, batch_size=cfg.batch_size)
     print(f"{plan.actors} decoder actor(s) x {plan.cpus_per_actor:g} CPU"
           f"{f' + {plan.gpus_per_actor:g} GPU' if plan.gpus_per_actor else ''}, {plan.torch_threads} torch threads",
           flush=True)
@@ -393,7 +393,7 @@ def _run_pipeline(cfg: DecodeConfig, selection: Selection) -> None:
         keep = keep & col("id").is_in(selection.ids)
     ds = ds.filter(expr=keep, num_cpus=plan.task_cpus)
     ds = ds.map_batches(
-        LatentDecoder, batch_format="numpy", batch_size=cfg.batch_size,
+        LatentDecoder, batch_format="numpy", batch_size=plan.batch_size,
         fn_constructor_kwargs=dict(model_url=cfg.model, image_format=cfg.image_format, quality=cfg.quality,
                                    torch_threads=plan.torch_threads, device="cuda" if plan.gpus_per_actor else "cpu"),
         compute=ActorPoolStrategy(size=plan.actors), num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor)

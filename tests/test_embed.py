@@ -19,8 +19,8 @@ import torch
 from pipeline import storage
 from pipeline.checkpoint import save_checkpoint
 from pipeline.embed import (
-    METADATA_KEY, EmbedConfig, EmbedInputError, Embedder, dequantize_latents, embed, embed_reference, read_latents,
-    resolve_threshold,
+    METADATA_KEY, SMALL_CLUSTER_CPUS, EmbedConfig, EmbedInputError, Embedder, dequantize_latents, embed,
+    embed_reference, plan_resources, read_latents, resolve_threshold,
 )
 from pipeline.model import AutoencoderConfig, build_model
 from pipeline.shards import ColumnError, DuplicateIdError
@@ -71,9 +71,10 @@ def _by_id(table: pa.Table) -> dict[str, dict]:
 
 
 @pytest.mark.ray
-def test_ray_job_equals_the_plain_reference_row_for_row(ray_local, corpus, model_url, tmp_path):
+@pytest.mark.parametrize("decode_in", ["actor", "tasks"])
+def test_ray_job_equals_the_plain_reference_row_for_row(ray_local, corpus, model_url, tmp_path, decode_in):
     cfg = EmbedConfig(data=corpus, model=model_url, out=str(tmp_path / "latents"), passthrough=("label",),
-                      batch_size=64)
+                      batch_size=64, decode_in=decode_in)
     summary = embed(cfg)
     assert (summary.rows_in, summary.rows_out, summary.error_rows) == (243, 243, 3)
 
@@ -108,6 +109,29 @@ def test_ray_job_equals_the_plain_reference_row_for_row(ray_local, corpus, model
     # A rerun of a finished job does nothing and duplicates nothing.
     again = embed(cfg)
     assert again.rows_out == 243 and len(read_latents(cfg.out)) == 243
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 3, 4, 5, 8, 16, 64])
+@pytest.mark.parametrize("resuming", [False, True])
+def test_the_actor_pool_always_leaves_room_for_a_read_a_write_and_the_checkpoint_filter(cpus, resuming):
+    if resuming and cpus < 2:
+        with pytest.raises(EmbedInputError, match="resuming needs a cluster of at least 2 CPUs"):
+            plan_resources({"CPU": float(cpus)}, resuming)
+        return
+    plan = plan_resources({"CPU": float(cpus)}, resuming)
+    reserved = plan.actors * plan.cpus_per_actor + 2 * plan.task_cpus + (1.0 if resuming else 0.0)
+    assert plan.actors >= 1 and reserved <= cpus
+    assert plan.torch_threads * plan.actors <= max(cpus, 2)  # threads follow the cores, no more
+    assert plan.decode_in_actor == (cpus <= SMALL_CLUSTER_CPUS)
+
+
+def test_gpu_actors_leave_decoding_to_cpu_tasks_and_placement_can_be_forced():
+    gpu = plan_resources({"CPU": 4.0, "GPU": 2.0}, resuming=False)
+    assert (gpu.actors, gpu.gpus_per_actor, gpu.cpus_per_actor, gpu.decode_in_actor) == (2, 1.0, 0.0, False)
+    assert plan_resources({"CPU": 64.0}, False, decode_in="actor").decode_in_actor
+    assert not plan_resources({"CPU": 2.0}, False, decode_in="tasks").decode_in_actor
+    with pytest.raises(ValueError, match="decode_in must be one of"):
+        plan_resources({"CPU": 2.0}, False, decode_in="gpu")
 
 
 def _calibration(model_url: str) -> dict:
