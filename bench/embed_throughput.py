@@ -6,6 +6,9 @@ Both do the same work on the same cores: read Parquet, decode PNG, encode + deco
 Fire model, score (MSE and SSIM), write Parquet. The bare loop uses the very same
 `decode_batch` and `Embedder` in one process with all cores' torch threads, so the ratio
 measures what the distributed pipeline costs (or gains by overlapping decode, model and I/O).
+Each run is a fresh process, timed from the job's first step (imports done) to its last;
+bare and Ray alternate, `--rounds` times at N and once at 5N, and ratios are of medians.
+The two sizes split the Ray job's time into a fixed start-up and a per-image rate.
 
 Memory: peak proportional set size (PSS: shared pages split between processes) summed over
 the job's whole process tree (driver, raylet, GCS, workers, object store mappings),
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,6 +57,7 @@ def make_inputs(root: Path, n: int) -> tuple[str, str]:
 
 def bare_loop(data: str, model: str, out: str, batch_size: int) -> dict:
     """The baseline: one process, no Ray, the same decode and Embedder code."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from pipeline import storage
@@ -70,7 +75,7 @@ def bare_loop(data: str, model: str, out: str, batch_size: int) -> dict:
             plain = {name: batch.column(name).to_numpy(zero_copy_only=False) for name in ("id", "image")}
             tables.append(embedder(decode_rows(plain, Columns(), 64, 3)))
             rows += batch.num_rows
-        pq.write_table(__import__("pyarrow").concat_tables(tables), f"{out}/part-{i:05d}.parquet")
+        pq.write_table(pa.concat_tables(tables), f"{out}/part-{i:05d}.parquet")
     return {"rows": rows, "seconds": time.perf_counter() - started}
 
 
@@ -126,12 +131,33 @@ def run_measured(mode: str, data: str, model: str, out: str, batch_size: int, sa
     return result
 
 
+def alternate(modes: list[str], rounds: int, data: str, model: str, work: Path, n: int,
+              batch_size: int) -> dict[str, list[float]]:
+    """Run the modes in turn, `rounds` times, each in a fresh process; seconds of every run.
+
+    This machine's speed drifts by 20-30% over minutes (other tenants): alternating puts both
+    sides under the same drift, and medians keep one slow spell from deciding the ratio.
+    """
+    seconds: dict[str, list[float]] = {mode: [] for mode in modes}
+    for _ in range(rounds):
+        for mode in modes:
+            out = work / f"out-{mode}-{n}-{time.monotonic_ns()}"
+            r = run_measured(mode, data, model, str(out), batch_size, sample_memory=False)
+            assert r["rows"] == n, r
+            seconds[mode].append(r["seconds"])
+            print(f"  {mode} {n:,}: {r['seconds']:.1f} s", file=sys.stderr, flush=True)
+    return seconds
+
+
 def main() -> None:
+    from pipeline.embed import CPU_BATCH_SIZE
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--images", type=int, default=20_000, help="N; memory is also measured at 5N")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--images", type=int, default=20_000, help="N; throughput and memory are also measured at 5N")
+    p.add_argument("--rounds", type=int, default=3, help="alternating bare/Ray runs at N (1 at 5N)")
+    p.add_argument("--batch-size", type=int, default=CPU_BATCH_SIZE)
     p.add_argument("--work", default=None, help="folder for inputs and outputs (default: a temp dir)")
-    p.add_argument("--skip-memory", action="store_true", help="only the throughput comparison at N")
+    p.add_argument("--skip-5n", action="store_true", help="only the throughput comparison at N")
     p.add_argument("--child", choices=["bare", "ray"], help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -145,22 +171,35 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-embed-"))
     n = args.images
     data, model = make_inputs(work, n)
-    results = {}
-    for mode in ("bare", "ray", "bare", "ray"):  # alternate, keep the better of two runs each
-        out = work / f"out-{mode}-{n}-{time.monotonic_ns()}"
-        r = run_measured(mode, data, model, str(out), args.batch_size, sample_memory=False)
-        assert r["rows"] == n, r
-        if mode not in results or r["seconds"] < results[mode]["seconds"]:
-            results[mode] = r
-    bare, ray_ = results["bare"], results["ray"]
+    runs = alternate(["bare", "ray"], args.rounds, data, model, work, n, args.batch_size)
+    table_rows = []
+
+    def add(size: int, result: dict[str, list[float]]) -> None:
+        bare, ray_ = statistics.median(result["bare"]), statistics.median(result["ray"])
+        for name, secs, all_runs in (("bare single-process loop", bare, result["bare"]),
+                                     ("Ray Data job", ray_, result["ray"])):
+            table_rows.append([f"{size:,}", name, len(all_runs), ", ".join(f"{s:.1f}" for s in all_runs), secs,
+                               size / secs, f"{bare / secs:.2f}"])
+
+    add(n, runs)
+    if not args.skip_5n:
+        data5, _ = make_inputs(work, 5 * n)
+        runs5 = alternate(["bare", "ray"], 1, data5, model, work, 5 * n, args.batch_size)
+        add(5 * n, runs5)
     print(f"Machine: {machine()}\n")
-    print(table(["path", "images", "seconds", "images/s", "ratio to bare"], [
-        ["bare single-process loop", n, bare["seconds"], n / bare["seconds"], "1.00"],
-        ["Ray Data job", n, ray_["seconds"], n / ray_["seconds"], f"{bare['seconds'] / ray_['seconds']:.2f}"],
-    ]))
-    if args.skip_memory:
+    print(f"Batch {args.batch_size}; seconds of each run in the order they ran (bare and Ray alternating); "
+          f"the ratio is of medians.\n")
+    print(table(["images", "path", "runs", "seconds (each run)", "median s", "images/s", "ratio to bare"],
+                table_rows))
+    if args.skip_5n:
         return
-    data5, _ = make_inputs(work, 5 * n)
+    # Time = start-up + per-image work: two sizes give both (least squares on two points).
+    t_n, t_5n = statistics.median(runs["ray"]), runs5["ray"][0]
+    b_n, b_5n = statistics.median(runs["bare"]), runs5["bare"][0]
+    print(f"\nFixed cost (T(N) - (T(5N) - T(N)) / 4): Ray job {t_n - (t_5n - t_n) / 4:.1f} s, "
+          f"bare loop {b_n - (b_5n - b_n) / 4:.1f} s; per-image rate beyond it: Ray {4 * n / (t_5n - t_n):,.0f}, "
+          f"bare {4 * n / (b_5n - b_n):,.0f} images/s")
+
     small = run_measured("ray", data, model, str(work / f"out-ray-mem-{n}-{time.monotonic_ns()}"), args.batch_size,
                          sample_memory=True)
     big = run_measured("ray", data5, model, str(work / f"out-ray-mem-{5 * n}-{time.monotonic_ns()}"),

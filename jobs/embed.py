@@ -21,7 +21,7 @@ from dataclasses import asdict, fields
 from jobs.cli import HelpFormatter
 from pipeline.checkpoint import CheckpointError
 from pipeline.embed import (
-    CPU_BATCH_SIZE, DECODE_PLACEMENTS, GPU_BATCH_SIZE, LATENT_DTYPES, EmbedConfig, EmbedInputError, embed,
+    CPU_BATCH_SIZE, GPU_BATCH_SIZE, LATENT_DTYPES, EmbedConfig, EmbedInputError, embed,
 )
 from pipeline.images import RESIZE_POLICIES
 from pipeline.shards import ColumnError, DuplicateIdError
@@ -50,9 +50,6 @@ def parse_args(argv: list[str] | None = None) -> EmbedConfig:
     p.add_argument("--gpu", dest="gpu", action="store_true", default=None, help="force GPU actors")
     p.add_argument("--cpu", dest="gpu", action="store_false", help="force CPU actors even if GPUs exist")
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads per actor (default: from CPUs)")
-    p.add_argument("--decode-in", choices=DECODE_PLACEMENTS, default=D["decode_in"],
-                   help="where images are decoded: in the model actors, in CPU tasks of their own, or auto "
-                        "(the actors on machines of up to 4 CPUs without GPUs, CPU tasks otherwise)")
     p.add_argument("--rows-per-file", type=int, default=D["rows_per_file"], help="target rows per output file")
     args = vars(p.parse_args(argv))
     args["passthrough"] = tuple(c for c in args["passthrough"].split(",") if c)

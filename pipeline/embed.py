@@ -3,8 +3,7 @@
 `Embedder` is the mapper: a callable class whose `__init__` loads the checkpoint once and
 whose `__call__` turns a decoded batch (a plain dict of NumPy arrays, as `decode_rows`
 makes it) into latent rows. It runs without Ray too: `embed_reference` is the plain loop the
-tests hold the Ray job to. On machines with no core to spare, `DecodingEmbedder` decodes
-inside the actor instead of in separate tasks (`plan_resources` says why).
+tests hold the Ray job to.
 
 Output (the latent dataset contract in DESIGN.md), one row per input row:
     id, latent (fixed_size_list<float32|float16|int8>), latent_scale (int8 only),
@@ -167,23 +166,6 @@ class Embedder:
         return pa.table(columns).replace_schema_metadata(self.metadata)
 
 
-class DecodingEmbedder(Embedder):
-    """Shard rows -> latent rows: `decode_rows`, then the Embedder, in one process.
-
-    Used where the cluster has no core to spare for separate decode tasks (`plan_resources`).
-    """
-
-    def __init__(self, model_url: str, decode: dict[str, Any], **kwargs):
-        super().__init__(model_url, **kwargs)
-        self.decode = decode
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        return super().__call__(decode_rows(batch, **self.decode))
-
-
-DECODE_PLACEMENTS = ("auto", "actor", "tasks")
-
-
 @dataclass(frozen=True)
 class EmbedConfig:
     data: str
@@ -199,7 +181,6 @@ class EmbedConfig:
     actors: int | None = None
     gpu: bool | None = None  # None: use GPUs when the cluster has them
     torch_threads: int | None = None
-    decode_in: str = "auto"  # "actor", "tasks", or "auto": from the cluster's resources
     rows_per_file: int = 20_000
     model_sha256: str = field(default="", repr=False)
 
@@ -231,12 +212,9 @@ class ResourcePlan:
     gpus_per_actor: float
     torch_threads: int
     task_cpus: float  # logical CPUs of each read, decode and write task
-    decode_in_actor: bool  # decode inside the model actors, not in CPU tasks of their own
     batch_size: int  # images per model call
 
 
-# Up to this many CPUs a cluster has no core to spare: its actors decode their own input.
-SMALL_CLUSTER_CPUS = 4
 # Images per model call. On CPUs, batches of 256 64x64 images ran at ~550 img/s against ~900
 # at 128: the larger activations go to fresh mmap'd memory on every call, and the kernel's
 # page faults took as much time as the convolutions (bench: docs/BENCHMARKS.md). GPUs want
@@ -247,7 +225,7 @@ GPU_BATCH_SIZE = 1024
 
 def plan_resources(resources: dict[str, float], resuming: bool, actors: int | None = None,
                    gpu: bool | None = None, torch_threads: int | None = None,
-                   decode_in: str = "auto", batch_size: int | None = None) -> ResourcePlan:
+                   batch_size: int | None = None) -> ResourcePlan:
     """Actor pool and task sizes from the cluster's resources.
 
     An actor pool that takes every CPU starves the other operators and the job hangs
@@ -256,35 +234,25 @@ def plan_resources(resources: dict[str, float], resuming: bool, actors: int | No
     holds a whole CPU. Logical CPUs are scheduling tokens here; each actor's torch thread
     count decides its real use, so on a 2-CPU machine a resumed run gives the model actor
     no logical CPU at all and still computes on both cores.
-
-    Decoding runs in CPU tasks of its own on GPU clusters and on CPU clusters larger than
-    SMALL_CLUSTER_CPUS, so the model actors only compute. A small machine has no core to
-    spare: decode tasks there take cycles from the actor's torch threads and send every
-    decoded image through the object store, and decoding inside the actor measured ~10%
-    faster on 2 cores (docs/BENCHMARKS.md). `decode_in` ("actor" / "tasks") overrides.
     """
-    if decode_in not in DECODE_PLACEMENTS:
-        raise ValueError(f"decode_in must be one of {DECODE_PLACEMENTS}, got {decode_in!r}")
     cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
-    small = cpus <= SMALL_CLUSTER_CPUS
-    task_cpus = 0.5 if small else 1.0
+    task_cpus = 0.5 if cpus <= 4 else 1.0
     available = cpus - (1.0 if resuming else 0.0)  # the checkpoint filter
     if available < 2 * task_cpus:
         raise EmbedInputError(
             f"resuming needs a cluster of at least {1 + 2 * task_cpus:g} CPUs (Ray Data's checkpoint filter "
             f"holds a whole CPU, reading and writing {2 * task_cpus:g}); this one has {cpus:g}")
     use_gpu = gpus >= 1 if gpu is None else gpu
-    in_actor = decode_in == "actor" or (decode_in == "auto" and small and not use_gpu)
     if use_gpu:
         # Autoscaling GPU workers may not be up yet: at least one actor, placed when they are.
         actors = actors or max(1, int(gpus))
-        return ResourcePlan(actors, 0.0, 1.0, torch_threads or 4, task_cpus, in_actor, batch_size or GPU_BATCH_SIZE)
+        return ResourcePlan(actors, 0.0, 1.0, torch_threads or 4, task_cpus, batch_size or GPU_BATCH_SIZE)
     # One actor per 4 CPUs (at least one), each with a thread per CPU it stands for.
     actors = actors or max(1, int(available // 4))
     per_actor = math.floor((available - 2 * task_cpus) / actors * 2) / 2
     per_actor = min(4.0, per_actor) if per_actor >= 0.5 else 0.0
     threads = torch_threads or max(1, int(cpus // actors))
-    return ResourcePlan(actors, per_actor, 0.0, threads, task_cpus, in_actor, batch_size or CPU_BATCH_SIZE)
+    return ResourcePlan(actors, per_actor, 0.0, threads, task_cpus, batch_size or CPU_BATCH_SIZE)
 
 
 def _output_row_bytes(cfg: EmbedConfig, model_config: dict[str, Any]) -> int:
@@ -360,14 +328,12 @@ def embed(cfg: EmbedConfig) -> EmbedSummary:
 
     fs, out_path = storage.arrow_filesystem(cfg.out)
     resuming = fs.get_file_info(storage.join(out_path, CHECKPOINT_DIR)).type != pafs.FileType.NotFound
-    plan = plan_resources(ray.cluster_resources(), resuming, cfg.actors, cfg.gpu, cfg.torch_threads, cfg.decode_in,
-                          cfg.batch_size)
+    plan = plan_resources(ray.cluster_resources(), resuming, cfg.actors, cfg.gpu, cfg.torch_threads, cfg.batch_size)
     # The id column name must be the same in input and output for Ray's checkpoint filter.
     keep = [c for c in dict.fromkeys([*cfg.passthrough, cfg.id_column]) if c != "id"]
     print(f"embedding {rows_in:,} rows with {model_config['arch']} model ({cfg.model}) on {plan.actors} actor(s) x "
           f"{plan.cpus_per_actor:g} CPU{f' + {plan.gpus_per_actor:g} GPU' if plan.gpus_per_actor else ''}, "
-          f"{plan.torch_threads} torch threads, batches of {plan.batch_size}, decoding in {'the actors' if plan.decode_in_actor else 'CPU tasks'}"
-          f"{', resuming' if resuming else ''}; "
+          f"{plan.torch_threads} torch threads, batches of {plan.batch_size}{', resuming' if resuming else ''}; "
           f"threshold mse > {threshold:.6g} ({cfg.threshold}) -> {cfg.out}", flush=True)
 
     ctx = ray.data.DataContext.get_current()
@@ -385,22 +351,18 @@ def embed(cfg: EmbedConfig) -> EmbedSummary:
         # One block per shard: each written file commits its rows, so a kill loses little.
         ds = read_shards(cfg.data, cfg.columns, extra=keep, num_cpus=plan.task_cpus,
                          override_num_blocks=len(storage.list_shards(cfg.data)))
-        decode = dict(columns=cfg.columns, image_size=model_config["image_size"],
-                      channels=model_config["channels"], resize=resize, keep=keep)
-        mapper_kwargs = dict(
-            model_url=cfg.model, latent_dtype=cfg.latent_dtype, threshold=threshold, passthrough=keep,
-            torch_threads=plan.torch_threads, device="cuda" if plan.gpus_per_actor else "cpu",
-            metadata={"model": cfg.model, "weights_sha256": cfg.model_sha256, "threshold": threshold,
-                      "threshold_spec": cfg.threshold, "latent_dtype": cfg.latent_dtype,
-                      "model_config": model_config})
-        if plan.decode_in_actor:
-            mapper, mapper_kwargs = DecodingEmbedder, {**mapper_kwargs, "decode": decode}
-        else:
-            ds = ds.map_batches(decode_rows, batch_format="numpy", batch_size=plan.batch_size,
-                                num_cpus=plan.task_cpus, fn_kwargs=decode)
-            mapper = Embedder
         ds = ds.map_batches(
-            mapper, batch_format="numpy", batch_size=plan.batch_size, fn_constructor_kwargs=mapper_kwargs,
+            decode_rows, batch_format="numpy", batch_size=plan.batch_size, num_cpus=plan.task_cpus,
+            fn_kwargs=dict(columns=cfg.columns, image_size=model_config["image_size"],
+                           channels=model_config["channels"], resize=resize, keep=keep))
+        ds = ds.map_batches(
+            Embedder, batch_format="numpy", batch_size=plan.batch_size,
+            fn_constructor_kwargs=dict(
+                model_url=cfg.model, latent_dtype=cfg.latent_dtype, threshold=threshold, passthrough=keep,
+                torch_threads=plan.torch_threads, device="cuda" if plan.gpus_per_actor else "cpu",
+                metadata={"model": cfg.model, "weights_sha256": cfg.model_sha256, "threshold": threshold,
+                          "threshold_spec": cfg.threshold, "latent_dtype": cfg.latent_dtype,
+                          "model_config": model_config}),
             compute=ActorPoolStrategy(size=plan.actors), num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor)
         ds.write_parquet(out_path, filesystem=fs, min_rows_per_file=min(cfg.rows_per_file, rows_in),
                          ray_remote_args={"num_cpus": plan.task_cpus})  # write_parquet has no num_cpus=

@@ -19,7 +19,7 @@ import torch
 from pipeline import storage
 from pipeline.checkpoint import save_checkpoint
 from pipeline.embed import (
-    METADATA_KEY, SMALL_CLUSTER_CPUS, EmbedConfig, EmbedInputError, Embedder, dequantize_latents, embed,
+    CPU_BATCH_SIZE, GPU_BATCH_SIZE, METADATA_KEY, EmbedConfig, EmbedInputError, Embedder, dequantize_latents, embed,
     embed_reference, plan_resources, read_latents, resolve_threshold,
 )
 from pipeline.model import AutoencoderConfig, build_model
@@ -71,10 +71,9 @@ def _by_id(table: pa.Table) -> dict[str, dict]:
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("decode_in", ["actor", "tasks"])
-def test_ray_job_equals_the_plain_reference_row_for_row(ray_local, corpus, model_url, tmp_path, decode_in):
+def test_ray_job_equals_the_plain_reference_row_for_row(ray_local, corpus, model_url, tmp_path):
     cfg = EmbedConfig(data=corpus, model=model_url, out=str(tmp_path / "latents"), passthrough=("label",),
-                      batch_size=64, decode_in=decode_in)
+                      batch_size=64)
     summary = embed(cfg)
     assert (summary.rows_in, summary.rows_out, summary.error_rows) == (243, 243, 3)
 
@@ -122,16 +121,14 @@ def test_the_actor_pool_always_leaves_room_for_a_read_a_write_and_the_checkpoint
     reserved = plan.actors * plan.cpus_per_actor + 2 * plan.task_cpus + (1.0 if resuming else 0.0)
     assert plan.actors >= 1 and reserved <= cpus
     assert plan.torch_threads * plan.actors <= max(cpus, 2)  # threads follow the cores, no more
-    assert plan.decode_in_actor == (cpus <= SMALL_CLUSTER_CPUS)
+    assert plan.batch_size == CPU_BATCH_SIZE
 
 
-def test_gpu_actors_leave_decoding_to_cpu_tasks_and_placement_can_be_forced():
+def test_gpu_actors_take_one_gpu_each_and_large_batches():
     gpu = plan_resources({"CPU": 4.0, "GPU": 2.0}, resuming=False)
-    assert (gpu.actors, gpu.gpus_per_actor, gpu.cpus_per_actor, gpu.decode_in_actor) == (2, 1.0, 0.0, False)
-    assert plan_resources({"CPU": 64.0}, False, decode_in="actor").decode_in_actor
-    assert not plan_resources({"CPU": 2.0}, False, decode_in="tasks").decode_in_actor
-    with pytest.raises(ValueError, match="decode_in must be one of"):
-        plan_resources({"CPU": 2.0}, False, decode_in="gpu")
+    assert (gpu.actors, gpu.gpus_per_actor, gpu.cpus_per_actor, gpu.batch_size) == (2, 1.0, 0.0, GPU_BATCH_SIZE)
+    assert plan_resources({"CPU": 4.0, "GPU": 2.0}, False, gpu=False).gpus_per_actor == 0.0
+    assert plan_resources({"CPU": 2.0}, False, batch_size=32).batch_size == 32
 
 
 def _calibration(model_url: str) -> dict:

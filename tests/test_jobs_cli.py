@@ -27,7 +27,7 @@ def test_help_states_each_default_once_and_never_none(job):
 
 def test_embed_options_reach_the_config():
     embed_job = importlib.import_module("jobs.embed")
-    cfg = embed_job.parse_args(["--data", "d", "--model", "m", "--out", "o", "--decode-in", "tasks",
-                                "--batch-size", "32", "--passthrough", "label,source"])
-    assert (cfg.decode_in, cfg.batch_size, cfg.passthrough) == ("tasks", 32, ("label", "source"))
+    cfg = embed_job.parse_args(["--data", "d", "--model", "m", "--out", "o", "--batch-size", "32",
+                                "--passthrough", "label,source", "--cpu"])
+    assert (cfg.batch_size, cfg.passthrough, cfg.gpu) == (32, ("label", "source"), False)
     assert embed_job.parse_args(["--data", "d", "--model", "m", "--out", "o"]).batch_size is None
