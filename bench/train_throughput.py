@@ -1,12 +1,16 @@
 """Training throughput and quality: Ray Train against a bare loop, and Fire against plain.
 
-    python bench/train_throughput.py --images 4000 --epochs 3
+    python bench/train_throughput.py --images 6000 --epochs 4
 
-1. Throughput: the same Fire model, data, batch size and number of steps, trained (a) by a
-   bare single-process PyTorch loop (pyarrow read + decode + step, all cores' threads) and
-   (b) by the Ray Train job (`pipeline.train.train`, one worker, decoding in Ray Data tasks).
-   Images/s is training images over the epochs' training time, measured the same way in both;
-   wall time including Ray's start-up is shown beside it.
+1. Throughput: the same Fire model, data and number of optimizer steps, trained (a) by a
+   bare single-process PyTorch loop (pyarrow read + decode + step, all cores' threads),
+   (b) by the Ray Train job (`pipeline.train.train`) with one worker using every core's
+   threads, and (c) with one single-threaded worker per core (DDP over gloo, each worker
+   half the batch, so the global batch and the steps stay those of the bare loop). Decoding
+   runs in Ray Data tasks. The runs alternate, `--rounds` times; medians are compared.
+   Images/s is training images over the epochs' training time, measured the same way on
+   all sides (Ray's includes waiting for Ray Data); wall time including Ray's start-up,
+   validation every epoch and checkpoints is shown beside it.
 2. Quality: Fire and plain autoencoders after the same training budget on the same corpus:
    validation PSNR, parameters and GFLOPs per image.
 """
@@ -15,10 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -41,16 +49,18 @@ def bare_loop(cfg: TrainConfig) -> dict:
 
     from pipeline import storage
 
+    started_all = time.perf_counter()
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model_config()).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     shards = storage.list_shards(cfg.data)
-    train_seconds = images = 0.0
+    epochs = []
     for _ in range(cfg.epochs):
         model.train()
         started = time.perf_counter()
+        images = 0
         for shard in shards:
             for batch in pq.ParquetFile(shard).iter_batches(batch_size=cfg.batch_size, columns=["id", "image"]):
                 ids = batch.column("id").to_pylist()
@@ -64,8 +74,21 @@ def bare_loop(cfg: TrainConfig) -> dict:
                 optimizer.step()
                 images += len(x)
         scheduler.step()
-        train_seconds += time.perf_counter() - started
-    return {"images_per_s": images / train_seconds, "val_mse": validation_mse(cfg, model)}
+        epochs.append({"train_images": images, "train_seconds": time.perf_counter() - started,
+                       "data_wait_seconds": 0.0})
+    val_mse = validation_mse(cfg, model)
+    return summarize(epochs, val_mse, time.perf_counter() - started_all)
+
+
+def summarize(epochs: list[dict], val_mse: float, wall: float) -> dict:
+    """Images/s over all epochs and over the epochs after the first (start-up excluded)."""
+    def rate(part):
+        return sum(m["train_images"] for m in part) / sum(m["train_seconds"] for m in part)
+
+    return {"images_per_s": rate(epochs), "after_first_epoch": rate(epochs[1:]) if len(epochs) > 1 else math.nan,
+            "first_epoch_wait_s": epochs[0]["data_wait_seconds"],
+            "wait_share": sum(m["data_wait_seconds"] for m in epochs) / sum(m["train_seconds"] for m in epochs),
+            "val_mse": val_mse, "wall_s": wall}
 
 
 def validation_mse(cfg: TrainConfig, model: torch.nn.Module) -> float:
@@ -88,15 +111,25 @@ def validation_mse(cfg: TrainConfig, model: torch.nn.Module) -> float:
 
 
 def ray_train(cfg: TrainConfig) -> dict:
+    import ray
+
     from pipeline.train import train
 
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
     started = time.perf_counter()
-    result = train(cfg)
+    history = train(cfg).history
     wall = time.perf_counter() - started
-    history = result.history
-    images = sum(m["train_images"] for m in history)
-    train_seconds = sum(m["train_images"] / m["images_per_s"] for m in history)
-    return {"images_per_s": images / train_seconds, "val_mse": history[-1]["val_mse"], "wall_s": wall}
+    ray.shutdown()
+    return summarize(history, history[-1]["val_mse"], wall)
+
+
+def run_child(mode: str, cfg: TrainConfig) -> dict:
+    """One measured run in a fresh process: no Ray processes linger beside a bare run."""
+    config = {k: v for k, v in asdict(cfg).items() if k != "inject_crash"}
+    out = subprocess.run([sys.executable, __file__, "--child", mode, "--config", json.dumps(config)],
+                         stdout=subprocess.PIPE, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def gflops(cfg: TrainConfig) -> float:
@@ -108,13 +141,18 @@ def gflops(cfg: TrainConfig) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--images", type=int, default=4000)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--images", type=int, default=6000)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=64, help="global batch (each of W workers takes 1/W)")
+    p.add_argument("--rounds", type=int, default=2, help="alternating runs of each throughput setup")
     p.add_argument("--work", default=None, help="folder for data and runs (default: a temp dir)")
+    p.add_argument("--child", choices=["bare", "ray"], help=argparse.SUPPRESS)
+    p.add_argument("--config", help=argparse.SUPPRESS)
     args = p.parse_args()
-
-    import ray
+    if args.child:
+        cfg = TrainConfig(**json.loads(args.config))
+        print(json.dumps((bare_loop if args.child == "bare" else ray_train)(cfg)), flush=True)
+        return
 
     from pipeline.synth import write_synthetic_corpus
 
@@ -123,32 +161,50 @@ def main() -> None:
     if not data.exists():
         write_synthetic_corpus(str(data), n=args.images, image_size=64, anomaly_fraction=0.0, seed=0,
                                rows_per_shard=500)
-    base = dict(data=str(data), epochs=args.epochs, batch_size=args.batch_size, workers=1)
+    cores = os.cpu_count()
+    base = dict(data=str(data), epochs=args.epochs)
+    setups = {
+        "bare single-process loop": ("bare", dict(batch_size=args.batch_size)),
+        f"Ray Train, 1 worker x {cores} threads": ("ray", dict(batch_size=args.batch_size, workers=1)),
+        f"Ray Train, {cores} workers x 1 thread (DDP)": ("ray", dict(batch_size=args.batch_size // cores,
+                                                                       workers=cores)),
+    }
+    runs: dict[str, list[dict]] = {name: [] for name in setups}
+    for round_ in range(args.rounds):
+        for name, (mode, extra) in setups.items():
+            out = work / f"run-{time.monotonic_ns()}"
+            runs[name].append(run_child(mode, TrainConfig(out=str(out), **base, **extra)))
+            print(f"  round {round_ + 1} {name}: {runs[name][-1]['images_per_s']:.0f} img/s", file=sys.stderr,
+                  flush=True)
+    plain_cfg = TrainConfig(out=str(work / f"ray-plain-{time.monotonic_ns()}"), model="plain", workers=1,
+                            batch_size=args.batch_size, **base)
+    plain_ray = run_child("ray", plain_cfg)
 
-    fire_bare = bare_loop(TrainConfig(out=str(work / "bare"), **base))
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    stamp = time.monotonic_ns()
-    fire_ray = ray_train(TrainConfig(out=str(work / f"ray-fire-{stamp}"), **base))
-    plain_cfg = TrainConfig(out=str(work / f"ray-plain-{stamp}"), model="plain", **base)
-    plain_ray = ray_train(plain_cfg)
-    ray.shutdown()
+    def median(name, key):
+        return statistics.median(r[key] for r in runs[name])
 
+    bare_rate = median("bare single-process loop", "images_per_s")
+    rows = []
+    for name in setups:
+        rate = median(name, "images_per_s")
+        rows.append([name, ", ".join(f"{r['images_per_s']:.0f}" for r in runs[name]), rate,
+                     f"{rate / bare_rate:.2f}", median(name, "after_first_epoch"),
+                     f"{median(name, 'first_epoch_wait_s'):.1f}", f"{median(name, 'wait_share'):.0%}",
+                     median(name, "wall_s")])
     print(f"Machine: {machine()}\n")
-    print(f"Throughput: {args.images} 64x64 images, {args.epochs} epochs, batch {args.batch_size}, Fire model\n")
-    print(table(["path", "train images/s", "ratio to bare", "wall s (incl. start-up)"], [
-        ["bare single-process loop", fire_bare["images_per_s"], "1.00", "-"],
-        ["Ray Train, 1 worker", fire_ray["images_per_s"],
-         f"{fire_ray['images_per_s'] / fire_bare['images_per_s']:.2f}", fire_ray["wall_s"]],
-    ]))
-    print(f"\nQuality after the same budget ({args.epochs} epochs on {args.images} images, Ray Train):\n")
+    print(f"Throughput: {args.images} 64x64 images ({args.images * 0.95:.0f} trained on), {args.epochs} epochs, "
+          f"global batch {args.batch_size}, Fire model; medians of {args.rounds} alternating runs\n")
+    print(table(["setup", "train images/s (each run)", "median images/s", "ratio to bare",
+                 "images/s after epoch 1", "epoch-1 data wait (s)", "data wait share", "wall s"], rows))
+    print(f"\nQuality after the same budget ({args.epochs} epochs on {args.images} images, Ray Train, 1 worker):\n")
+    fire_name = f"Ray Train, 1 worker x {cores} threads"
     fire_cfg = TrainConfig(out="-", **base)
     rows = []
-    for name, cfg, r in (("fire", fire_cfg, fire_ray), ("plain", plain_cfg, plain_ray)):
+    for name, cfg, r in (("fire", fire_cfg, runs[fire_name][0]), ("plain", plain_cfg, plain_ray)):
         rows.append([name, f"{count_parameters(build_model(cfg.model_config())):,}", gflops(cfg), r["val_mse"],
                      f"{psnr(r['val_mse']):.2f}", r["images_per_s"]])
     print(table(["model", "parameters", "GFLOPs/image", "val MSE", "val PSNR (dB)", "train images/s"], rows))
-    print("\n" + json.dumps({"bare": fire_bare, "ray_fire": fire_ray, "ray_plain": plain_ray}))
+    print("\n" + json.dumps({"runs": runs, "ray_plain": plain_ray}))
 
 
 if __name__ == "__main__":

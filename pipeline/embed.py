@@ -255,6 +255,23 @@ def plan_resources(resources: dict[str, float], resuming: bool, actors: int | No
     return ResourcePlan(actors, per_actor, 0.0, threads, task_cpus, batch_size or CPU_BATCH_SIZE)
 
 
+# The least object-store memory the job's blocks in flight may fill (see object_store_budget).
+MIN_OBJECT_STORE_BUDGET = 256 * 2**20
+
+
+def object_store_budget(plan: ResourcePlan, model_config: dict[str, Any]) -> int:
+    """Bytes of object store the job's blocks in flight may fill: 16 decoded batches per actor,
+    at least MIN_OBJECT_STORE_BUDGET.
+
+    Reading and decoding run far faster than the model on a CPU. Left to Ray Data's default
+    budget (a share of the whole object store), decoded blocks piled up ahead of the actors
+    for as long as the job ran: the peak memory of 100,000 images was 1.35x that of 20,000.
+    Bounded, it is 1.16x, at the same speed (docs/BENCHMARKS.md).
+    """
+    image_bytes = model_config["image_size"] ** 2 * model_config["channels"]
+    return max(MIN_OBJECT_STORE_BUDGET, plan.actors * 16 * plan.batch_size * image_bytes)
+
+
 def _output_row_bytes(cfg: EmbedConfig, model_config: dict[str, Any]) -> int:
     """A rough size of one output row: the latent plus scores, ids and passthrough."""
     latent = model_config["latent_dim"] * {"float32": 4, "float16": 2, "int8": 1}[cfg.latent_dtype]
@@ -345,8 +362,10 @@ def embed(cfg: EmbedConfig) -> EmbedSummary:
     # Each written file is one commit of the exactly-once protocol: blocks of about
     # rows_per_file output rows bound what a kill can cost (Ray's default, 128 MiB of
     # latents, would be hundreds of thousands of rows).
-    saved_block_size = ctx.target_max_block_size
+    saved_block_size, saved_limits = ctx.target_max_block_size, ctx.execution_options.resource_limits
     ctx.target_max_block_size = max(64 * 1024, cfg.rows_per_file * _output_row_bytes(cfg, model_config))
+    ctx.execution_options.resource_limits = saved_limits.copy(object_store_memory=min(
+        saved_limits.object_store_memory, object_store_budget(plan, model_config)))
     try:
         # One block per shard: each written file commits its rows, so a kill loses little.
         ds = read_shards(cfg.data, cfg.columns, extra=keep, num_cpus=plan.task_cpus,
@@ -369,6 +388,7 @@ def embed(cfg: EmbedConfig) -> EmbedSummary:
     finally:
         ctx.checkpoint_config = None
         ctx.target_max_block_size = saved_block_size
+        ctx.execution_options.resource_limits = saved_limits
     summary = summarize(cfg, rows_in, threshold, time.perf_counter() - started)
     storage.write_text(storage.join(cfg.out, SUCCESS_FILE), json.dumps(summary.to_dict(), indent=2))
     return summary

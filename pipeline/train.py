@@ -393,9 +393,6 @@ def train(cfg: TrainConfig) -> TrainResult:
           f"on {rows:,} rows, {cfg.workers} worker(s) x {cpus:g} CPU{' + 1 GPU' if cfg.gpu else ''}, "
           f"{cfg.epochs} epochs -> {cfg.out}", flush=True)
 
-    # Same seed, same weights: blocks reach the workers in the same order on every run.
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-
     def split(validation: bool):
         return read_shards(cfg.data, cfg.columns).map_batches(
             decode_split, batch_format="numpy",
@@ -423,6 +420,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                 checkpoint_score_order="min"),
         ),
         datasets={"train": split(False), "val": split(True)},
+        # Same seed, same weights: blocks reach the workers in the same order on every run.
+        # Set here, for these datasets only, not on the driver's DataContext that later jobs share.
+        dataset_config=ray.train.DataConfig(execution_options=ray.data.ExecutionOptions(preserve_order=True)),
     )
     result = trainer.fit()
     if result.error:

@@ -19,8 +19,8 @@ import torch
 from pipeline import storage
 from pipeline.checkpoint import save_checkpoint
 from pipeline.embed import (
-    CPU_BATCH_SIZE, GPU_BATCH_SIZE, METADATA_KEY, EmbedConfig, EmbedInputError, Embedder, dequantize_latents, embed,
-    embed_reference, plan_resources, read_latents, resolve_threshold,
+    CPU_BATCH_SIZE, GPU_BATCH_SIZE, METADATA_KEY, MIN_OBJECT_STORE_BUDGET, EmbedConfig, EmbedInputError, Embedder,
+    dequantize_latents, embed, embed_reference, object_store_budget, plan_resources, read_latents, resolve_threshold,
 )
 from pipeline.model import AutoencoderConfig, build_model
 from pipeline.shards import ColumnError, DuplicateIdError
@@ -129,6 +129,14 @@ def test_gpu_actors_take_one_gpu_each_and_large_batches():
     assert (gpu.actors, gpu.gpus_per_actor, gpu.cpus_per_actor, gpu.batch_size) == (2, 1.0, 0.0, GPU_BATCH_SIZE)
     assert plan_resources({"CPU": 4.0, "GPU": 2.0}, False, gpu=False).gpus_per_actor == 0.0
     assert plan_resources({"CPU": 2.0}, False, batch_size=32).batch_size == 32
+
+
+def test_the_object_store_budget_grows_with_actors_and_batches_from_a_floor():
+    small = plan_resources({"CPU": 2.0}, False)
+    model = {"image_size": 64, "channels": 3}
+    assert object_store_budget(small, model) == MIN_OBJECT_STORE_BUDGET
+    gpus = plan_resources({"CPU": 64.0, "GPU": 8.0}, False)
+    assert object_store_budget(gpus, model) == 8 * 16 * GPU_BATCH_SIZE * 64 * 64 * 3 > MIN_OBJECT_STORE_BUDGET
 
 
 def _calibration(model_url: str) -> dict:
