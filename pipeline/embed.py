@@ -265,8 +265,8 @@ def object_store_budget(plan: ResourcePlan, model_config: dict[str, Any]) -> int
 
     Reading and decoding run far faster than the model on a CPU. Left to Ray Data's default
     budget (a share of the whole object store), decoded blocks piled up ahead of the actors
-    for as long as the job ran: the peak memory of 100,000 images was 1.35x that of 20,000.
-    Bounded, it is 1.16x, at the same speed (docs/BENCHMARKS.md).
+    for as long as the job ran: the peak memory of 100,000 images was 1.34x that of 20,000.
+    Bounded, it is 1.14x, at the same speed (docs/BENCHMARKS.md).
     """
     image_bytes = model_config["image_size"] ** 2 * model_config["channels"]
     return max(MIN_OBJECT_STORE_BUDGET, plan.actors * 16 * plan.batch_size * image_bytes)
