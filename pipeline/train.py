@@ -305,6 +305,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             print(format_progress(metrics), flush=True)
 
 
+def _ordered_ingest_options():
+    """Ray Train's ingest options (the driver's resource limits and exclusions), in order."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
+
+
 def format_progress(m: dict[str, Any]) -> str:
     return (f"epoch {m['epoch']}/{m['epochs']}  train_loss {m['train_loss']:.5f}  val_mse {m['val_mse']:.5f}  "
             f"val_psnr {m['val_psnr']:.2f} dB  {m['images_per_s']:.0f} img/s  "
@@ -422,7 +431,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         datasets={"train": split(False), "val": split(True)},
         # Same seed, same weights: blocks reach the workers in the same order on every run.
         # Set here, for these datasets only, not on the driver's DataContext that later jobs share.
-        dataset_config=ray.train.DataConfig(execution_options=ray.data.ExecutionOptions(preserve_order=True)),
+        dataset_config=ray.train.DataConfig(execution_options=_ordered_ingest_options()),
     )
     result = trainer.fit()
     if result.error:
