@@ -305,15 +305,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             print(format_progress(metrics), flush=True)
 
 
-def _ordered_ingest_options():
-    """Ray Train's ingest options (the driver's resource limits and exclusions), in order."""
-    import ray.train
-
-    options = ray.train.DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return options
-
-
 def format_progress(m: dict[str, Any]) -> str:
     return (f"epoch {m['epoch']}/{m['epochs']}  train_loss {m['train_loss']:.5f}  val_mse {m['val_mse']:.5f}  "
             f"val_psnr {m['val_psnr']:.2f} dB  {m['images_per_s']:.0f} img/s  "
@@ -413,6 +404,11 @@ def train(cfg: TrainConfig) -> TrainResult:
              "seed": cfg.seed, "workers": cfg.workers, "val_fraction": cfg.val_fraction,
              "preprocessing": {"resize": cfg.resize, "id_column": cfg.id_column, "image_column": cfg.image_column}}
     fs, root = storage.arrow_filesystem(cfg.out)
+    # Same seed, same weights: blocks reach the workers in the same order on every run. Set on
+    # Ray Train's ingest options (which carry the driver's limits) for these datasets only, not on
+    # the driver's DataContext that later jobs share.
+    ingest = ray.train.DataConfig.default_ingest_options()
+    ingest.preserve_order = True
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": asdict(cfg), "facts": facts, "torch_threads": threads},
@@ -429,9 +425,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 checkpoint_score_order="min"),
         ),
         datasets={"train": split(False), "val": split(True)},
-        # Same seed, same weights: blocks reach the workers in the same order on every run.
-        # Set here, for these datasets only, not on the driver's DataContext that later jobs share.
-        dataset_config=ray.train.DataConfig(execution_options=_ordered_ingest_options()),
+        dataset_config=ray.train.DataConfig(execution_options=ingest),
     )
     result = trainer.fit()
     if result.error:

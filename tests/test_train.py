@@ -58,7 +58,8 @@ def _metrics(out: str) -> list[dict]:
 
 @pytest.mark.ray
 def test_two_worker_training_learns_and_exports_a_model_that_loads_without_ray(ray_local, corpus, tmp_path):
-    cfg = TrainConfig(data=corpus, out=str(tmp_path / "run"), workers=2, epochs=6, **{**SMALL, "batch_size": 4, "latent_dim": 32})
+    cfg = TrainConfig(data=corpus, out=str(tmp_path / "run"), workers=2, epochs=6,
+                      **{**SMALL, "batch_size": 4, "latent_dim": 32})
     x_val = _val_images(corpus, cfg)
     torch.manual_seed(cfg.seed)
     untrained = _val_mse(build_model(cfg.model_config()), x_val)
