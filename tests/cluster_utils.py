@@ -395,6 +395,11 @@ def start_multinode_cluster(worker_cpus: tuple[int, ...] = (1, 1), head_cpus: in
     had_local_ray = ray.is_initialized()
     ray.shutdown()
     temp_dir = _short_temp_dir("raymulti-")
+    # Cluster.add_node records the head's address in the default temp dir (/tmp/ray) whatever
+    # temp_dir says, and fails on a fresh machine where nothing has created that folder yet.
+    from ray._common.utils import get_default_ray_temp_dir
+
+    os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
     common = dict(temp_dir=str(temp_dir), object_store_memory=128 * 1024**2)
     names = ["head"] + [f"worker{i + 1}" for i in range(len(worker_cpus))]
     resources = {name: f"multinode_{name}" for name in names}
