@@ -21,7 +21,7 @@ test images:
 - PNG (lossless, zlib level 6) and raw uint8 for scale.
 
 PSNR is the mean of per-image PSNR (dB, [0, 1] pixels); SSIM is the mean of per-image
-SSIM (pipeline.reconstruction: Gaussian 11x11, sigma 1.5).
+SSIM (pipeline.scoring: Gaussian 11x11, sigma 1.5).
 
 Corpora: the synthetic family (pipeline.synth, 64x64, no anomalies: 2,048 train images,
 256 test images with indices disjoint from training) and real photographs: 64x64 patches
@@ -55,11 +55,12 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 from pipeline.checkpoint import save_checkpoint  # noqa: E402
-from pipeline.decode import decode_latents, latents_from_batch, load_decoder  # noqa: E402
-from pipeline.embed import LATENT_DTYPES, Embedder, quantize_latents  # noqa: E402
+from pipeline.embed import Embedder  # noqa: E402
+from pipeline.inference import decode_latents, load_inference_model  # noqa: E402
+from pipeline.latents import LATENT_DTYPES, latents_from_batch, quantize_latents  # noqa: E402
 from pipeline.images import encode_image  # noqa: E402
 from pipeline.model import AutoencoderConfig, build_model, count_parameters  # noqa: E402
-from pipeline.reconstruction import mse_per_image, psnr, ssim_per_image  # noqa: E402
+from pipeline.scoring import mse_per_image, psnr, ssim_per_image  # noqa: E402
 from pipeline.synth import synthetic_image  # noqa: E402
 
 SIZE = 64
@@ -234,7 +235,7 @@ def measure(corpus: Corpus, model: torch.nn.Module, workdir: str) -> list[Row]:
     batch = {"id": np.array([f"t{i}" for i in range(len(test))]), "pixels": test,
              "error": np.array([None] * len(test), dtype=object)}
     z_size_set = encode_all(model, corpus.size_set)
-    decoder, _ = load_decoder(model_url)  # the model as jobs.decode runs it
+    decoder, _ = load_inference_model(model_url)  # the model as jobs.decode runs it
     rows: list[Row] = []
     latent_rows: dict[str, Row] = {}
     for dtype in LATENT_DTYPES:
@@ -290,7 +291,7 @@ def measure(corpus: Corpus, model: torch.nn.Module, workdir: str) -> list[Row]:
     matching = next((q for q in JPEG_QUALITIES if score(q)[0] >= target), None)
     if matching is not None:
         jpeg.setdefault((matching, False), []).append(
-            f"lowest quality with PSNR >= latent float32's" +
+            "lowest quality with PSNR >= latent float32's" +
             ("" if (matching, False) in nearest else f"; image data only: {mean_scan[matching]:.0f} B"))
     for (q, scan_only), notes in sorted(jpeg.items(), key=lambda item: (item[0][1], item[0][0])):
         size = mean_scan[q] if scan_only else mean_full[q]

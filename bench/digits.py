@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.model import AutoencoderConfig, build_model, count_parameters  # noqa: E402
-from pipeline.reconstruction import mse_per_image  # noqa: E402
+from pipeline.scoring import mse_per_image  # noqa: E402
 
 
 def train_autoencoder(pixels: np.ndarray, config: AutoencoderConfig, epochs: int, batch_size: int = 64,
@@ -81,13 +81,13 @@ def run_synthetic(out: Path, n: int, epochs: int) -> dict:
     import ray
 
     from pipeline.checkpoint import save_checkpoint
-    from pipeline.datasets import split_of
     from pipeline.embed import EmbedConfig, embed
     from pipeline.images import decode_batch
     from pipeline.report import ReportConfig, report
     from pipeline.shards import image_bytes
+    from pipeline.sampling import split_of
+    from pipeline.scoring import calibration_from_errors
     from pipeline.synth import write_synthetic_corpus
-    from pipeline.train import calibration_from_errors
 
     data, model_url = out / "synth" / "shards", str(out / "synth" / "model")
     started = time.perf_counter()
@@ -109,13 +109,13 @@ def run_synthetic(out: Path, n: int, epochs: int) -> dict:
 
     ray.init()
     latents = str(out / "synth" / "latents")
-    embedded = embed(EmbedConfig(data=str(data), model=model_url, out=latents,
+    embedded = embed(EmbedConfig(data_url=str(data), model_url=model_url, out_url=latents,
                                  passthrough=("label", "anomaly_kind")))
     results = {}
     for spec in ("quantile:0.99", "contamination:0.05"):
         name = spec.split(":")[0]
-        summary = report(ReportConfig(latents=latents, out=str(out / "synth" / f"report-{name}"), model=model_url,
-                                      data=str(data), threshold=spec, top_k=50))
+        summary = report(ReportConfig(latents_url=latents, out_url=str(out / "synth" / f"report-{name}"),
+                                      model_url=model_url, data_url=str(data), threshold=spec, top_k=50))
         results[spec] = summary
     ray.shutdown()
     first = results["quantile:0.99"]

@@ -41,8 +41,8 @@ def make_inputs(root: Path, n: int) -> tuple[str, str]:
 
     from pipeline.checkpoint import save_checkpoint
     from pipeline.model import AutoencoderConfig, build_model
+    from pipeline.scoring import calibration_from_errors
     from pipeline.synth import write_synthetic_corpus
-    from pipeline.train import calibration_from_errors
 
     data = root / f"shards-{n}"
     if not data.exists():
@@ -69,7 +69,7 @@ def bare_loop(data: str, model: str, out: str, batch_size: int) -> dict:
     embedder = Embedder(model, torch_threads=os.cpu_count())
     rows = 0
     os.makedirs(out, exist_ok=True)
-    for i, shard in enumerate(storage.list_shards(data)):
+    for i, shard in enumerate(storage.list_files(data)):
         tables = []
         for batch in pq.ParquetFile(shard).iter_batches(batch_size=batch_size, columns=["id", "image"]):
             plain = {name: batch.column(name).to_numpy(zero_copy_only=False) for name in ("id", "image")}
@@ -86,7 +86,7 @@ def ray_job(data: str, model: str, out: str, batch_size: int) -> dict:
 
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    summary = embed(EmbedConfig(data=data, model=model, out=out, batch_size=batch_size))
+    summary = embed(EmbedConfig(data_url=data, model_url=model, out_url=out, batch_size=batch_size))
     ray.shutdown()
     return {"rows": summary.rows_out, "seconds": summary.seconds}
 
@@ -150,7 +150,7 @@ def alternate(modes: list[str], rounds: int, data: str, model: str, work: Path, 
 
 
 def main() -> None:
-    from pipeline.embed import CPU_BATCH_SIZE
+    from pipeline.resources import CPU_BATCH_SIZE
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", type=int, default=20_000, help="N; throughput and memory are also measured at 5N")

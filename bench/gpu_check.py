@@ -2,7 +2,7 @@
 
     python bench/gpu_check.py --out gpu-check.md       # needs CUDA; no Ray needed
 
-What it runs, with this project's own modules (pipeline.model, pipeline.reconstruction,
+What it runs, with this project's own modules (pipeline.model, pipeline.scoring,
 pipeline.embed.Embedder, pipeline.synth):
 1. Training steps/s and images/s for Fire and plain at 64x64 and 128x128: fp32 against bf16
    autocast, channels_last, AdamW, the training job's loss.
@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.checkpoint import save_checkpoint  # noqa: E402
 from pipeline.model import AutoencoderConfig, build_model, count_parameters  # noqa: E402
-from pipeline.reconstruction import mse_per_image  # noqa: E402
+from pipeline.scoring import mse_per_image  # noqa: E402
 
 
 def cuda_time(fn, reps: int) -> float:

@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +35,10 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench.common import machine, table  # noqa: E402
-from pipeline.datasets import split_of  # noqa: E402
 from pipeline.images import decode_batch  # noqa: E402
-from pipeline.model import build_model, count_parameters  # noqa: E402
-from pipeline.reconstruction import mse_per_image, psnr  # noqa: E402
+from pipeline.model import AutoencoderConfig, build_model, count_parameters  # noqa: E402
+from pipeline.sampling import split_of  # noqa: E402
+from pipeline.scoring import mse_per_image, psnr  # noqa: E402
 from pipeline.train import TrainConfig  # noqa: E402
 
 
@@ -52,10 +51,10 @@ def bare_loop(cfg: TrainConfig) -> dict:
     started_all = time.perf_counter()
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model_config()).to(memory_format=torch.channels_last)
+    model = build_model(cfg.model).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-    shards = storage.list_shards(cfg.data)
+    shards = storage.list_files(cfg.data_url)
     epochs = []
     for _ in range(cfg.epochs):
         model.train()
@@ -66,7 +65,7 @@ def bare_loop(cfg: TrainConfig) -> dict:
                 ids = batch.column("id").to_pylist()
                 keep = ~split_of(ids, cfg.val_fraction)
                 images_b = [b for b, k in zip(batch.column("image").to_pylist(), keep) if k]
-                pixels, _ = decode_batch(images_b, cfg.image_size, cfg.channels, cfg.resize)
+                pixels, _ = decode_batch(images_b, cfg.model.image_size, cfg.model.channels, cfg.resize)
                 x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
                 loss = mse_per_image(x, model(x)["x_hat"]).mean()
                 optimizer.zero_grad(set_to_none=True)
@@ -99,12 +98,12 @@ def validation_mse(cfg: TrainConfig, model: torch.nn.Module) -> float:
     model.eval()
     errors = []
     with torch.inference_mode():
-        for shard in storage.list_shards(cfg.data):
+        for shard in storage.list_files(cfg.data_url):
             table = pq.read_table(shard, columns=["id", "image"])
             val = split_of(table.column("id").to_pylist(), cfg.val_fraction)
             images = [b for b, v in zip(table.column("image").to_pylist(), val) if v]
             if images:
-                pixels, _ = decode_batch(images, cfg.image_size, cfg.channels, cfg.resize)
+                pixels, _ = decode_batch(images, cfg.model.image_size, cfg.model.channels, cfg.resize)
                 x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
                 errors.append(mse_per_image(x, model(x)["x_hat"]).numpy())
     return float(np.concatenate(errors).mean())
@@ -126,16 +125,16 @@ def ray_train(cfg: TrainConfig) -> dict:
 
 def run_child(mode: str, cfg: TrainConfig) -> dict:
     """One measured run in a fresh process: no Ray processes linger beside a bare run."""
-    config = {k: v for k, v in asdict(cfg).items() if k != "inject_crash"}
+    config = cfg.to_dict()
     out = subprocess.run([sys.executable, __file__, "--child", mode, "--config", json.dumps(config)],
                          stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def gflops(cfg: TrainConfig) -> float:
-    model = build_model(cfg.model_config()).eval()
+    model = build_model(cfg.model).eval()
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        model(torch.rand(1, cfg.channels, cfg.image_size, cfg.image_size))
+        model(torch.rand(1, cfg.model.channels, cfg.model.image_size, cfg.model.image_size))
     return counter.get_total_flops() / 1e9
 
 
@@ -162,7 +161,7 @@ def main() -> None:
         write_synthetic_corpus(str(data), n=args.images, image_size=64, anomaly_fraction=0.0, seed=0,
                                rows_per_shard=500)
     cores = os.cpu_count()
-    base = dict(data=str(data), epochs=args.epochs)
+    base = dict(data_url=str(data), epochs=args.epochs)
     setups = {
         "bare single-process loop": ("bare", dict(batch_size=args.batch_size)),
         f"Ray Train, 1 worker x {cores} threads": ("ray", dict(batch_size=args.batch_size, workers=1)),
@@ -173,10 +172,11 @@ def main() -> None:
     for round_ in range(args.rounds):
         for name, (mode, extra) in setups.items():
             out = work / f"run-{time.monotonic_ns()}"
-            runs[name].append(run_child(mode, TrainConfig(out=str(out), **base, **extra)))
+            runs[name].append(run_child(mode, TrainConfig(out_url=str(out), **base, **extra)))
             print(f"  round {round_ + 1} {name}: {runs[name][-1]['images_per_s']:.0f} img/s", file=sys.stderr,
                   flush=True)
-    plain_cfg = TrainConfig(out=str(work / f"ray-plain-{time.monotonic_ns()}"), model="plain", workers=1,
+    plain_cfg = TrainConfig(out_url=str(work / f"ray-plain-{time.monotonic_ns()}"),
+                            model=AutoencoderConfig(arch="plain"), workers=1,
                             batch_size=args.batch_size, **base)
     plain_ray = run_child("ray", plain_cfg)
 
@@ -198,10 +198,10 @@ def main() -> None:
                  "images/s after epoch 1", "epoch-1 data wait (s)", "data wait share", "wall s"], rows))
     print(f"\nQuality after the same budget ({args.epochs} epochs on {args.images} images, Ray Train, 1 worker):\n")
     fire_name = f"Ray Train, 1 worker x {cores} threads"
-    fire_cfg = TrainConfig(out="-", **base)
+    fire_cfg = TrainConfig(out_url="-", **base)
     rows = []
     for name, cfg, r in (("fire", fire_cfg, runs[fire_name][0]), ("plain", plain_cfg, plain_ray)):
-        rows.append([name, f"{count_parameters(build_model(cfg.model_config())):,}", gflops(cfg), r["val_mse"],
+        rows.append([name, f"{count_parameters(build_model(cfg.model)):,}", gflops(cfg), r["val_mse"],
                      f"{psnr(r['val_mse']):.2f}", r["images_per_s"]])
     print(table(["model", "parameters", "GFLOPs/image", "val MSE", "val PSNR (dB)", "train images/s"], rows))
     print("\n" + json.dumps({"runs": runs, "ray_plain": plain_ray}))

@@ -1,8 +1,32 @@
-"""What every job's command line shares: help that states each default once."""
+"""What every job's command line shares: one runner, and help that states each default once.
+
+Every `jobs/<stage>.py` has `build_parser()`, `parse_args(argv)` (arguments -> the stage's
+frozen config) and `main(argv)`, which is `run_job(...)`:
+
+1. parse the arguments into the config (a bad value: `error: ...`, exit 2);
+2. print the config once, as `<stage> config: {json}`;
+3. `prepare(config)`: every check that needs no cluster (columns, ids, checkpoints, output
+   folders); an `InputError` here or later is printed as `error: <message>`, exit 2;
+4. connect to Ray only when the stage needs it (plain `ray.init()`, which joins the cluster
+   of `RAY_ADDRESS` / `ray job submit`, or reuses one this process already has);
+5. `run(prepared)`, and print its summary as one JSON line; a `JobFailed` (the job ran but
+   broke a promise, e.g. rows in != rows out) prints the summary and `error: ...`, exit 1.
+
+Anything else that escapes is a bug in this project and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pipeline.errors import InputError, JobFailed
+
+EXIT_OK, EXIT_FAILED, EXIT_INPUT = 0, 1, 2
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -15,3 +39,60 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if ("default" in text or action.required or nothing or action.nargs == 0):  # nargs 0: a flag
             return text
         return super()._get_help_string(action)
+
+
+def parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """An argument parser for `python -m jobs.<prog>`: the docstring's first line as its description,
+    the rest (the exact local and cluster commands) after the options."""
+    first, _, rest = doc.strip().partition("\n")
+    return argparse.ArgumentParser(prog=f"python -m jobs.{prog}", description=first, epilog=rest.strip() or None,
+                                   formatter_class=_Formatter)
+
+
+class _Formatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """HelpFormatter that keeps the epilog's command examples as written."""
+
+
+def csv(text: str) -> tuple[str, ...]:
+    """'a, b,,c' -> ('a', 'b', 'c'): comma-separated option values."""
+    return tuple(dict.fromkeys(item.strip() for item in text.split(",") if item.strip()))
+
+
+def as_dict(value: Any) -> Any:
+    """A config or summary as plain JSON-able values."""
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    return value
+
+
+def connect_ray() -> None:
+    """Join the cluster this process should use: the one it already has, else plain `ray.init()`."""
+    import ray
+
+    if not ray.is_initialized():  # a test or notebook may have started one already
+        ray.init()
+
+
+def run_job(name: str, argv: Sequence[str] | None, parse_args: Callable[[Sequence[str] | None], Any],
+            run: Callable[[Any], Any], prepare: Callable[[Any], Any] | None = None,
+            needs_ray: bool | Callable[[Any], bool] = True) -> int:
+    """Parse, print the config, check, connect, run, print the summary; the exit status."""
+    try:
+        config = parse_args(argv)
+        print(f"{name} config: {json.dumps(as_dict(config), default=str)}", flush=True)
+        prepared = prepare(config) if prepare else config
+        if needs_ray(config) if callable(needs_ray) else needs_ray:
+            connect_ray()
+        summary = run(prepared)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_INPUT
+    except JobFailed as e:
+        if e.summary is not None:
+            print(json.dumps(as_dict(e.summary), default=str), flush=True)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    print(json.dumps(as_dict(summary), default=str), flush=True)
+    return EXIT_OK

@@ -18,31 +18,33 @@ failed to decode upstream) are skipped and counted in the summary.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from dataclasses import asdict, fields
+from collections.abc import Sequence
+from dataclasses import fields
 
-from pipeline.checkpoint import CheckpointError
-from pipeline.decode import IMAGE_FORMATS, DecodeConfig, DecodeInputError, decode
-from pipeline.embed import CPU_BATCH_SIZE, GPU_BATCH_SIZE
+from jobs.cli import csv, parser, run_job
+from pipeline import decode
+from pipeline.decode import IMAGE_FORMATS, DecodeConfig
+from pipeline.resources import CPU_BATCH_SIZE, GPU_BATCH_SIZE
 
 D = {f.name: f.default for f in fields(DecodeConfig)}
 
 
-def parse_args(argv: list[str] | None = None) -> DecodeConfig:
-    p = argparse.ArgumentParser(prog="python -m jobs.decode", description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = parser("decode", __doc__)
     p.add_argument("--latents", required=True, help="URL of a latent dataset (the embed job's --out)")
     p.add_argument("--model", required=True, help="URL of the model that made the latents")
     p.add_argument("--out", required=True, help="URL of the image shards to write (replaced on a rerun)")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--ids", default="", help="comma-separated ids to decode (default: every row that has a latent)")
+    which.add_argument("--ids", type=csv, default=(),
+                       help="comma-separated ids to decode (default: every row that has a latent)")
     which.add_argument("--sample", type=int, default=D["sample"],
                        help="decode N ids drawn deterministically from --seed among rows that have a latent "
                             "(default: off)")
     p.add_argument("--format", dest="image_format", choices=IMAGE_FORMATS, default=D["image_format"],
-                   help="encoding of the written images; png is lossless (default: %(default)s)")
-    p.add_argument("--quality", type=int, default=D["quality"], help="JPEG quality, 1-95 (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=D["seed"], help="seed of the --sample draw (default: %(default)s)")
+                   help="encoding of the written images; png is lossless")
+    p.add_argument("--quality", type=int, default=D["quality"], help="JPEG quality, 1-95")
+    p.add_argument("--seed", type=int, default=D["seed"], help="seed of the --sample draw")
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"latents per model call (default: {CPU_BATCH_SIZE} on CPUs, {GPU_BATCH_SIZE} on GPUs)")
     p.add_argument("--actors", type=int, default=None, help="model actors (default: from the cluster's resources)")
@@ -50,27 +52,18 @@ def parse_args(argv: list[str] | None = None) -> DecodeConfig:
                    help="force GPU actors (default: GPUs when the cluster has them)")
     p.add_argument("--cpu", dest="gpu", action="store_false", help="force CPU actors even if GPUs exist")
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads per actor (default: from CPUs)")
-    p.add_argument("--rows-per-file", type=int, default=D["rows_per_file"],
-                   help="target images per output file (default: %(default)s)")
-    args = vars(p.parse_args(argv))
-    args["ids"] = tuple(dict.fromkeys(i.strip() for i in args["ids"].split(",") if i.strip()))
-    return DecodeConfig(**args)
+    p.add_argument("--rows-per-file", type=int, default=D["rows_per_file"], help="target images per output file")
+    return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    import ray
+def parse_args(argv: Sequence[str] | None = None) -> DecodeConfig:
+    args = vars(build_parser().parse_args(argv))
+    return DecodeConfig(latents_url=args.pop("latents"), model_url=args.pop("model"), out_url=args.pop("out"),
+                        **args)
 
-    print("decode config:", json.dumps(asdict(cfg)), flush=True)
-    if not ray.is_initialized():  # a test or notebook may already have started one
-        ray.init()
-    try:
-        summary = decode(cfg)
-    except (DecodeInputError, CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary.to_dict()), flush=True)
-    return 0
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_job("decode", argv, parse_args, prepare=decode.prepare, run=decode.run)
 
 
 if __name__ == "__main__":

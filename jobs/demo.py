@@ -16,115 +16,150 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from jobs.cli import HelpFormatter
+from jobs.cli import parser, run_job
 from pipeline import storage
+from pipeline.errors import InputError
+
+IMAGE_SIZE = 64
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    out: str = "demo-output"
+    out_url: str = "demo-output"
     images: int = 3000
     anomaly_fraction: float = 0.04
     epochs: int = 8
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.images < 100:
+            raise InputError(f"--images must be at least 100, got {self.images}")
+        if not 0.0 < self.anomaly_fraction < 0.5:
+            raise InputError(f"--anomaly-fraction must be in (0, 0.5), got {self.anomaly_fraction}")
+        if self.epochs < 1:
+            raise InputError(f"--epochs must be at least 1, got {self.epochs}")
 
-def parse_args(argv: list[str] | None = None) -> DemoConfig:
+    def folder(self, name: str) -> str:
+        return str(Path(self.out_url).resolve() / name)
+
+
+def build_parser() -> argparse.ArgumentParser:
     d = DemoConfig()
-    p = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__.split("\n")[0],
-                                formatter_class=HelpFormatter)
-    p.add_argument("--out", default=d.out, help="folder for every stage's output")
+    p = parser("demo", __doc__)
+    p.add_argument("--out", default=d.out_url, help="folder for every stage's output")
     p.add_argument("--images", type=int, default=d.images, help="images in the synthetic corpus")
     p.add_argument("--anomaly-fraction", type=float, default=d.anomaly_fraction, help="share of anomalies")
     p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the corpus and the training")
-    return DemoConfig(**vars(p.parse_args(argv)))
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
+    args = vars(build_parser().parse_args(argv))
+    return DemoConfig(out_url=args.pop("out"), **args)
 
 
 def stage(name: str) -> None:
     print(f"\n=== {name} " + "=" * max(0, 60 - len(name)), flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    out = Path(cfg.out).resolve()
-    shards, run, latents, report = (str(out / name) for name in ("shards", "run", "latents", "report"))
-    print("demo config:", json.dumps(asdict(cfg)), flush=True)
-    rates: dict[str, str] = {}
-
-    stage("1/4 synthetic corpus")
+def make_corpus(cfg: DemoConfig, rates: dict[str, str]) -> str:
     from pipeline.synth import SUMMARY_FILE, write_synthetic_corpus
 
+    shards = cfg.folder("shards")
     summary_url = storage.join(shards, SUMMARY_FILE)
-    wanted = {"images": cfg.images, "seed": cfg.seed, "anomaly_fraction": cfg.anomaly_fraction, "image_size": 64}
+    wanted = {"images": cfg.images, "seed": cfg.seed, "anomaly_fraction": cfg.anomaly_fraction,
+              "image_size": IMAGE_SIZE}
     previous = json.loads(storage.read_text(summary_url)) if storage.exists(summary_url) else {}
     if all(previous.get(k) == v for k, v in wanted.items()):
         print(f"reusing {shards} ({cfg.images} images)", flush=True)
-    else:
-        started = time.perf_counter()
-        made = write_synthetic_corpus(shards, n=cfg.images, image_size=64, anomaly_fraction=cfg.anomaly_fraction,
-                                      seed=cfg.seed, rows_per_shard=500)
-        seconds = time.perf_counter() - started
-        rates["synth"] = f"{cfg.images / seconds:,.0f} img/s"
-        print(f"wrote {made['images']} images ({made['anomalies']} anomalies: {made['anomalies_by_kind']}) "
-              f"in {seconds:.1f}s", flush=True)
+        return shards
+    started = time.perf_counter()
+    made = write_synthetic_corpus(shards, n=cfg.images, image_size=IMAGE_SIZE, anomaly_fraction=cfg.anomaly_fraction,
+                                  seed=cfg.seed, rows_per_shard=500)
+    seconds = time.perf_counter() - started
+    rates["synth"] = f"{cfg.images / seconds:,.0f} img/s"
+    print(f"wrote {made['images']} images ({made['anomalies']} anomalies: {made['anomalies_by_kind']}) "
+          f"in {seconds:.1f}s", flush=True)
+    return shards
 
-    import ray
 
-    ray.init()
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
-
-    stage("2/4 training (Ray Train)")
+def train_model(cfg: DemoConfig, shards: str, rates: dict[str, str]) -> tuple[str, dict[str, Any]]:
+    """(model URL, the last epoch's metrics)."""
     from pipeline.train import METRICS_FILE, MODEL_DIR, TrainConfig, train
 
+    run = cfg.folder("run")
     model = storage.join(run, MODEL_DIR)
     metrics_url = storage.join(run, METRICS_FILE)
     done = len(storage.read_text(metrics_url).splitlines()) if storage.exists(metrics_url) else 0
     if done >= cfg.epochs and storage.exists(storage.join(model, "config.json")):
         print(f"reusing {model} ({done} epochs)", flush=True)
     else:
-        result = train(TrainConfig(data=shards, out=run, epochs=cfg.epochs, seed=cfg.seed, workers=1))
-        history = result.history
+        history = train(TrainConfig(data_url=shards, out_url=run, epochs=cfg.epochs, seed=cfg.seed, workers=1)).history
         images = sum(m["train_images"] for m in history)
         seconds = sum(m["train_images"] / m["images_per_s"] for m in history)
         rates["train"] = f"{images / seconds:,.0f} img/s"
-    last = [json.loads(line) for line in storage.read_text(metrics_url).splitlines()][-1]
+    return model, json.loads(storage.read_text(metrics_url).splitlines()[-1])
 
-    stage("3/4 embedding and scoring (Ray Data)")
-    from pipeline.embed import SUCCESS_FILE, EmbedConfig, embed
 
+def embed_corpus(cfg: DemoConfig, shards: str, model: str, rates: dict[str, str]):
+    from pipeline.embed import EmbedConfig, embed
+    from pipeline.latents import SUCCESS_FILE
+
+    latents = cfg.folder("latents")
     finished_before = storage.exists(storage.join(latents, SUCCESS_FILE))
-    summary = embed(EmbedConfig(data=shards, model=model, out=latents, passthrough=("label", "anomaly_kind")))
+    summary = embed(EmbedConfig(data_url=shards, model_url=model, out_url=latents,
+                                passthrough=("label", "anomaly_kind")))
     if not finished_before:
         rates["embed"] = f"{summary.images_per_s:,.0f} img/s"
+    return summary
 
-    stage("4/4 report")
-    from jobs.report import main as report_main
+
+def make_report(cfg: DemoConfig, shards: str, model: str, latents, rates: dict[str, str]) -> dict[str, Any]:
+    from pipeline.report import ReportConfig, report
 
     started = time.perf_counter()
-    code = report_main(["--latents", latents, "--out", report, "--model", model, "--data", shards,
-                        "--label-column", "label", "--top-k", "24"])
-    if code:
-        print("error: the report job failed", file=sys.stderr)
-        return code
-    rates["report"] = f"{summary.rows_out / (time.perf_counter() - started):,.0f} img/s"
-    facts = json.loads(storage.read_text(storage.join(report, "summary.json")))
+    facts = report(ReportConfig(latents_url=latents.out, out_url=cfg.folder("report"), model_url=model,
+                                data_url=shards, label_column="label", top_k=24))
+    rates["report"] = f"{latents.rows_out / (time.perf_counter() - started):,.0f} img/s"
+    return facts
+
+
+def run(cfg: DemoConfig) -> dict[str, Any]:
+    """Every stage in turn; prints the summary a person reads and returns it for the JSON line."""
+    rates: dict[str, str] = {}
+    stage("1/4 synthetic corpus")
+    shards = make_corpus(cfg, rates)
+    stage("2/4 training (Ray Train)")
+    model, last = train_model(cfg, shards, rates)
+    stage("3/4 embedding and scoring (Ray Data)")
+    latents = embed_corpus(cfg, shards, model, rates)
+    stage("4/4 report")
+    facts = make_report(cfg, shards, model, latents, rates)
 
     stage("summary")
-    metrics = facts.get("metrics") or {}
+    metrics, threshold = facts.get("metrics") or {}, facts["threshold"]
+    index = Path(cfg.folder("report")) / "index.html"
     print(f"model        fire autoencoder, {last['epoch']} epochs, val PSNR {last['val_psnr']:.2f} dB")
-    print(f"rows         {summary.rows_in} in, {summary.rows_out} out, {summary.error_rows} failed to decode")
-    threshold = facts["threshold"]
+    print(f"rows         {latents.rows_in} in, {latents.rows_out} out, {latents.error_rows} failed to decode")
     print(f"flagged      {threshold['flagged_rows']} rows ({threshold['flagged_share']:.1%}; "
           f"mse > {threshold['value']:.4g}, {threshold['spec']} of the held-out errors)")
     if metrics:
         print(f"AUROC        {metrics.get('auroc'):.3f}   average precision {metrics.get('average_precision'):.3f}")
-    print("speed        " + ", ".join(f"{k} {v}" for k, v in rates.items()) if rates else "speed        (all reused)")
-    print(f"report       {Path(report) / 'index.html'}")
-    return 0
+    print("speed        " + (", ".join(f"{k} {v}" for k, v in rates.items()) if rates else "(all reused)"))
+    print(f"report       {index}", flush=True)
+    return {"rows_in": latents.rows_in, "rows_out": latents.rows_out, "flagged_rows": threshold["flagged_rows"],
+            "threshold": threshold["value"], "auroc": metrics.get("auroc"),
+            "average_precision": metrics.get("average_precision"), "rates": rates, "report": str(index)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_job("demo", argv, parse_args, run=run)
 
 
 if __name__ == "__main__":

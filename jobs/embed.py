@@ -14,24 +14,22 @@ not yet written; a finished output folder is left as it is.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from dataclasses import asdict, fields
+from collections.abc import Sequence
+from dataclasses import fields
 
-from jobs.cli import HelpFormatter
-from pipeline.checkpoint import CheckpointError
-from pipeline.embed import (
-    CPU_BATCH_SIZE, GPU_BATCH_SIZE, LATENT_DTYPES, EmbedConfig, EmbedInputError, embed,
-)
+from jobs.cli import csv, parser, run_job
+from pipeline import embed
+from pipeline.embed import EmbedConfig
 from pipeline.images import RESIZE_POLICIES
-from pipeline.shards import ColumnError, DuplicateIdError
+from pipeline.latents import LATENT_DTYPES
+from pipeline.resources import CPU_BATCH_SIZE, GPU_BATCH_SIZE
 
 D = {f.name: f.default for f in fields(EmbedConfig)}
 
 
-def parse_args(argv: list[str] | None = None) -> EmbedConfig:
-    p = argparse.ArgumentParser(prog="python -m jobs.embed", description=__doc__.split("\n")[0],
-                                formatter_class=HelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = parser("embed", __doc__)
     p.add_argument("--data", required=True, help="URL of the image shards")
     p.add_argument("--model", required=True, help="URL of an exported model (a train run's <out>/model)")
     p.add_argument("--out", required=True, help="URL of the latent dataset to write")
@@ -39,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> EmbedConfig:
                    help="storage type of the latent vectors (int8 adds a per-row scale)")
     p.add_argument("--threshold", default=D["threshold"],
                    help="anomaly threshold on per-image MSE: quantile:Q of the model's calibration, or value:X")
-    p.add_argument("--passthrough", default="", help="comma-separated input columns copied to the output")
+    p.add_argument("--passthrough", type=csv, default=(), help="comma-separated input columns copied to the output")
     p.add_argument("--id-column", default=D["id_column"], help="column holding unique ids")
     p.add_argument("--image-column", default=D["image_column"], help="column holding encoded image bytes")
     p.add_argument("--resize", choices=RESIZE_POLICIES, default=None,
@@ -51,27 +49,16 @@ def parse_args(argv: list[str] | None = None) -> EmbedConfig:
     p.add_argument("--cpu", dest="gpu", action="store_false", help="force CPU actors even if GPUs exist")
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads per actor (default: from CPUs)")
     p.add_argument("--rows-per-file", type=int, default=D["rows_per_file"], help="target rows per output file")
-    args = vars(p.parse_args(argv))
-    args["passthrough"] = tuple(c for c in args["passthrough"].split(",") if c)
-    return EmbedConfig(**args)
+    return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    import ray
+def parse_args(argv: Sequence[str] | None = None) -> EmbedConfig:
+    args = vars(build_parser().parse_args(argv))
+    return EmbedConfig(data_url=args.pop("data"), model_url=args.pop("model"), out_url=args.pop("out"), **args)
 
-    print("embed config:", json.dumps(asdict(cfg)), flush=True)
-    ray.init()
-    try:
-        summary = embed(cfg)
-    except (EmbedInputError, ColumnError, DuplicateIdError, CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary.to_dict()), flush=True)
-    if summary.rows_out != summary.rows_in:
-        print(f"error: {summary.rows_in} rows in but {summary.rows_out} rows out", file=sys.stderr)
-        return 1
-    return 0
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_job("embed", argv, parse_args, prepare=embed.prepare, run=embed.run)
 
 
 if __name__ == "__main__":

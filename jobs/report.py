@@ -10,19 +10,21 @@ On a cluster:
         --model s3://bucket/runs/r1/model --data s3://bucket/shards --threshold contamination:0.01
 
 Open <out>/index.html in a browser; <out>/summary.json holds the same figures for programs
-(its keys are listed in pipeline/report.py). Without --model and --data the report has no
+(its keys are listed in pipeline/report/__init__.py). Without --model and --data the report has no
 image galleries. Exit status 2: the input cannot be reported on as asked (message on stderr).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from dataclasses import asdict, fields
+from collections.abc import Sequence
+from dataclasses import fields
+from typing import Any
 
-from jobs.cli import HelpFormatter
-from pipeline.report import ReportConfig, ReportInputError, check_inputs, report
+from jobs.cli import parser, run_job
+from pipeline import report
+from pipeline.report import ReportConfig
 
 D = {f.name: f.default for f in fields(ReportConfig)}
 
@@ -34,16 +36,17 @@ def _id_pair(text: str) -> tuple[str, str]:
     return first, second
 
 
-def parse_args(argv: list[str] | None = None) -> ReportConfig:
-    p = argparse.ArgumentParser(prog="python -m jobs.report", description=__doc__.split("\n")[0],
-                                formatter_class=HelpFormatter)
-    p.add_argument("--latents", required=True, help="URL of the latent dataset (the embed job's --out)")
-    p.add_argument("--out", required=True, help="URL of the report folder to write")
-    p.add_argument("--model", default=None,
+def build_parser() -> argparse.ArgumentParser:
+    p = parser("report", __doc__)
+    p.add_argument("--latents", dest="latents_url", required=True,
+                   help="URL of the latent dataset (the embed job's --out)")
+    p.add_argument("--out", dest="out_url", required=True, help="URL of the report folder to write")
+    p.add_argument("--model", dest="model_url", default=None,
                    help="exported model: calibration for quantile thresholds, reconstructions for the galleries")
-    p.add_argument("--data", default=None, help="URL of the image shards the latents were made from (galleries)")
+    p.add_argument("--data", dest="data_url", default=None,
+                   help="URL of the image shards the latents were made from (galleries)")
     p.add_argument("--label-column", default=None,
-                   help="latent column with 1 = anomaly, 0 = normal (None: 'label' when the latents have one)")
+                   help="latent column with 1 = anomaly, 0 = normal (default: 'label' when the latents have one)")
     p.add_argument("--threshold", default=D["threshold"],
                    help="quantile:Q of the model's calibration, contamination:X (flag the top X share), or value:X")
     p.add_argument("--top-k", type=int, default=D["top_k"], help="worst images listed and shown")
@@ -56,29 +59,26 @@ def parse_args(argv: list[str] | None = None) -> ReportConfig:
                    help="images in the interpolation strip, endpoints included")
     p.add_argument("--max-exact-rows", type=int, default=D["max_exact_rows"],
                    help="above this many rows, quantiles come from a log histogram and metrics from a sample")
-    return ReportConfig(**vars(p.parse_args(argv)))
+    return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    import ray
+def parse_args(argv: Sequence[str] | None = None) -> ReportConfig:
+    return ReportConfig(**vars(build_parser().parse_args(argv)))
 
-    print("report config:", json.dumps(asdict(cfg)), flush=True)
-    try:
-        inputs = check_inputs(cfg)  # footers and metadata only: refuse bad input before starting Ray
-        if not ray.is_initialized():  # tests call main() inside their session's Ray
-            ray.init()
-        summary = report(cfg, inputs)
-    except ReportInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def run(inputs: report.Inputs) -> dict[str, Any]:
+    """The report, and the one-line summary of it."""
+    summary = report.run(inputs)
     threshold = summary["threshold"]
-    line = {"out": cfg.out, "rows": summary["counts"]["rows"], "threshold": threshold["value"],
+    line = {"out": inputs.cfg.out_url, "rows": summary["counts"]["rows"], "threshold": threshold["value"],
             "policy": threshold["spec"], "flagged_rows": threshold["flagged_rows"]}
     if "metrics" in summary:
         line.update(auroc=summary["metrics"]["auroc"], average_precision=summary["metrics"]["average_precision"])
-    print(json.dumps(line), flush=True)
-    return 0
+    return line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_job("report", argv, parse_args, prepare=report.check_inputs, run=run)
 
 
 if __name__ == "__main__":

@@ -14,43 +14,37 @@ not start one. Columns: id, image (PNG), label (1 = anomaly), anomaly_kind ("" i
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from dataclasses import asdict, fields
+from collections.abc import Sequence
+from dataclasses import fields
 
-from jobs.cli import HelpFormatter
-from pipeline.synth import SynthConfig, write_synthetic_corpus
+from jobs.cli import parser, run_job
+from pipeline import synth
+from pipeline.synth import ANOMALY_KINDS, SynthConfig
 
 D = {f.name: f.default for f in fields(SynthConfig)}
 
 
-def parse_args(argv: list[str] | None = None) -> SynthConfig:
-    p = argparse.ArgumentParser(prog="python -m jobs.synth", description=__doc__.split("\n")[0],
-                                formatter_class=HelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = parser("synth", __doc__)
     p.add_argument("--out", required=True, help="URL to write the shards under (any fsspec URL)")
     p.add_argument("--n", type=int, default=D["n"], help="number of images")
     p.add_argument("--image-size", type=int, default=D["image_size"], help="side of the square images, pixels")
     p.add_argument("--anomaly-fraction", type=float, default=D["anomaly_fraction"],
-                   help="share of images with a defect (scratch, blot, noise, colour_shift, foreign_object)")
+                   help=f"share of images with a defect ({', '.join(ANOMALY_KINDS)})")
     p.add_argument("--seed", type=int, default=D["seed"], help="random seed; same seed, same bytes")
     p.add_argument("--rows-per-shard", type=int, default=D["rows_per_shard"], help="images per Parquet shard")
     p.add_argument("--channels", type=int, choices=(1, 3), default=D["channels"], help="1 = grayscale, 3 = RGB")
-    return SynthConfig(**vars(p.parse_args(argv)))
+    return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    print("synth config:", json.dumps(asdict(cfg)), flush=True)
-    try:
-        summary = write_synthetic_corpus(
-            cfg.out, cfg.n, image_size=cfg.image_size, anomaly_fraction=cfg.anomaly_fraction,
-            seed=cfg.seed, rows_per_shard=cfg.rows_per_shard, channels=cfg.channels,
-        )
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary), flush=True)
-    return 0
+def parse_args(argv: Sequence[str] | None = None) -> SynthConfig:
+    args = vars(build_parser().parse_args(argv))
+    return SynthConfig(out_url=args.pop("out"), **args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_job("synth", argv, parse_args, run=synth.run, needs_ray=False)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from pipeline import storage
+from pipeline.errors import InputError
 from pipeline.model import AutoencoderConfig, build_model
 
 FORMAT = "squeeze-autoencoder"
@@ -33,7 +34,7 @@ CONFIG_FILE = "config.json"
 DDP_PREFIX = "module."
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that is missing, malformed, tampered with, or does not fit its config."""
 
 

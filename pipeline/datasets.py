@@ -7,16 +7,15 @@ per-row failure reasons behave the same everywhere. Decoding runs as Ray Data CP
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 
 import numpy as np
 
-from pipeline import storage
 from pipeline.images import DEFAULT_RESIZE, decode_batch
-from pipeline.shards import Columns, image_bytes
+from pipeline.sampling import split_of
+from pipeline.shards import Columns, ShardList, image_bytes
 
-PATH_COLUMN = "path"  # the shard a row came from, added by read_parquet(include_paths=True)
+PATH_COLUMN = "path"  # the file a row came from, added by read_parquet(include_paths=True)
 
 
 def read_parquet(paths: Sequence[str], filesystem, **kwargs):
@@ -40,26 +39,14 @@ def read_parquet(paths: Sequence[str], filesystem, **kwargs):
         ctx.use_datasource_v2 = saved
 
 
-def read_shards(url: str, columns: Columns, extra: Sequence[str] = (), include_paths: bool = False,
+def read_shards(shards: ShardList, columns: Columns, extra: Sequence[str] = (), include_paths: bool = False,
                 override_num_blocks: int | None = None, num_cpus: float = 1.0):
-    """A lazy Ray Dataset over the Parquet shards under `url`, with only the columns needed."""
-    fs, paths = storage.arrow_files(url)
+    """A lazy Ray Dataset over the listed shards, with only the columns needed."""
     wanted = list(dict.fromkeys([columns.id, columns.image, *extra]))
     return read_parquet(
-        paths, fs, include_paths=include_paths, override_num_blocks=override_num_blocks, num_cpus=num_cpus,
+        shards.paths, shards.arrow_fs, include_paths=include_paths, override_num_blocks=override_num_blocks,
+        num_cpus=num_cpus,
     ).select_columns([*wanted, PATH_COLUMN] if include_paths else wanted)
-
-
-def split_of(ids: Sequence[str], val_fraction: float) -> np.ndarray:
-    """(N,) bool, True for held-out validation rows: a stable hash of the id, so any run,
-    worker count or shard layout puts the same image on the same side."""
-    if val_fraction <= 0:
-        return np.zeros(len(ids), dtype=bool)
-    limit = int(val_fraction * 2**32)
-    return np.array(
-        [int.from_bytes(hashlib.blake2b(str(i).encode("utf-8"), digest_size=4).digest(), "big") < limit for i in ids],
-        dtype=bool,
-    )
 
 
 def decode_rows(batch: dict[str, np.ndarray], columns: Columns, image_size: int, channels: int,

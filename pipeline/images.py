@@ -42,19 +42,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+
 # Register the plugins of the allow-list below (Pillow loads most lazily, and `formats=`
 # in Image.open only looks at registered ones).
 from PIL import (  # noqa: F401
     AvifImagePlugin,
     BmpImagePlugin,
     GifImagePlugin,
+    Image,
     Jpeg2KImagePlugin,
     JpegImagePlugin,
     MpoImagePlugin,
     PngImagePlugin,
     PpmImagePlugin,
     TiffImagePlugin,
+    UnidentifiedImageError,
     WebPImagePlugin,
 )
 

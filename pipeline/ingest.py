@@ -51,11 +51,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.errors import InputError, JobFailed
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageDecodeError, inspect_image
 from pipeline.shards import (
     SHARD_PREFIX,
-    ColumnError,
     Columns,
+    ShardList,
     check_columns,
     check_unique_ids,
     fingerprint,
@@ -80,8 +81,8 @@ _COMPUTED_COLUMNS = ("id", "image", "width", "height", "format", "source")
 class IngestConfig:
     """Everything an ingest run depends on; logged at start and saved in the summary."""
 
-    source: str
-    out: str
+    source_url: str
+    out_url: str
     source_format: str = "auto"  # "auto": Parquet if the source holds *.parquet, else a folder tree
     id_column: str = "id"  # Parquet input only
     image_column: str = "image"  # Parquet input only
@@ -104,10 +105,10 @@ class IngestConfig:
             problems.append(f"mib_per_shard must be positive, got {self.mib_per_shard}")
         if self.normal_label is not None and not self.labels_from_folders:
             problems.append("normal_label needs labels_from_folders")
-        if self.use_ray and (self.source.startswith("memory://") or self.out.startswith("memory://")):
+        if self.use_ray and (self.source_url.startswith("memory://") or self.out_url.startswith("memory://")):
             problems.append("memory:// URLs live inside one process and Ray workers cannot see them: use use_ray=False")
         if problems:
-            raise ValueError("invalid IngestConfig: " + "; ".join(problems))
+            raise InputError("invalid ingest settings: " + "; ".join(problems))
         object.__setattr__(self, "passthrough", tuple(self.passthrough))
         extensions = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in self.extensions)
         object.__setattr__(self, "extensions", extensions)
@@ -137,15 +138,15 @@ def _is_hidden(relative_path: str) -> bool:
 
 
 def plan_folder(cfg: IngestConfig) -> tuple[list[dict], Counter]:
-    """Cut the sorted image files under `cfg.source` into shard groups.
+    """Cut the sorted image files under `cfg.source_url` into shard groups.
 
     Returns (tasks, skipped): each task {"name", "paths", "ids"}; skipped counts non-image
     files by extension ("" when none).
     """
-    fs, root = storage.filesystem(cfg.source)
+    fs, root = storage.filesystem(cfg.source_url)
     fs.invalidate_cache(root)
     if not fs.isdir(root):
-        raise FileNotFoundError(f"source folder {cfg.source} does not exist")
+        raise InputError(f"source folder {cfg.source_url} does not exist")
     files = []
     skipped: Counter = Counter()
     for path, info in fs.find(root, detail=True).items():
@@ -175,12 +176,11 @@ def plan_folder(cfg: IngestConfig) -> tuple[list[dict], Counter]:
     return tasks, skipped
 
 
-def plan_parquet(cfg: IngestConfig) -> tuple[list[dict], pa.Schema]:
+def plan_parquet(cfg: IngestConfig, shards: ShardList) -> tuple[list[dict], pa.Schema]:
     """Check the input shards (columns from footers, unique ids) and make one task per shard."""
-    schema = check_columns(cfg.source, cfg.columns, passthrough=cfg.passthrough)
-    check_unique_ids(cfg.source, cfg.id_column)
-    shard_urls = storage.list_shards(cfg.source)
-    tasks = [{"name": f"{SHARD_PREFIX}{number:05d}", "url": url} for number, url in enumerate(shard_urls)]
+    schema = check_columns(shards, cfg.columns, passthrough=cfg.passthrough)
+    check_unique_ids(shards, cfg.id_column)
+    tasks = [{"name": f"{SHARD_PREFIX}{number:05d}", "url": url} for number, url in enumerate(shards.files)]
     return tasks, schema
 
 
@@ -251,7 +251,7 @@ def _write_rejects(cfg: IngestConfig, name: str, rejects: list[tuple[str, str | 
         return ""
     paths, ids, reasons = zip(*rejects)
     table = pa.table({"path": list(paths), "id": list(ids), "reason": list(reasons)}, schema=REJECT_SCHEMA)
-    write_shard(storage.join(cfg.out, REJECTS_DIR, f"{name}.parquet"), table)
+    write_shard(storage.join(cfg.out_url, REJECTS_DIR, f"{name}.parquet"), table)
     return f"{name}.parquet"
 
 
@@ -277,7 +277,7 @@ def _task_result(name: str, seen: int, shards: list[str], bytes_written: int, re
 
 def ingest_files(task: dict, cfg: IngestConfig, schema: pa.Schema) -> dict:
     """Read, validate and write one group of image files as one shard (plus its rejects)."""
-    fs, _ = storage.filesystem(cfg.source)
+    fs, _ = storage.filesystem(cfg.source_url)
     ids, paths = list(task["ids"]), list(task["paths"])
     # One call for the whole group: object-store filesystems fetch the files concurrently.
     contents = fs.cat(paths, on_error="return") if paths else {}
@@ -309,7 +309,7 @@ def ingest_files(task: dict, cfg: IngestConfig, schema: pa.Schema) -> dict:
     shards, bytes_written = [], 0
     if rows["id"]:  # a group whose every file was rejected leaves no shard (and none stale)
         shards.append(task["name"] + storage.PARQUET_SUFFIX)
-        bytes_written = write_shard(storage.join(cfg.out, shards[0]), pa.table(rows, schema=schema))
+        bytes_written = write_shard(storage.join(cfg.out_url, shards[0]), pa.table(rows, schema=schema))
     rejects_file = _write_rejects(cfg, task["name"], rejects)
     return _task_result(task["name"], len(paths), shards, bytes_written, rejects, rejects_file)
 
@@ -321,7 +321,7 @@ def ingest_parquet_shard(task: dict, cfg: IngestConfig, schema: pa.Schema) -> di
     wanted = list(dict.fromkeys([cfg.id_column, cfg.image_column, *copied]))
     names = (f"{task['name']}-{j:04d}{storage.PARQUET_SUFFIX}" for j in itertools.count())
     writer = _ShardWriter(
-        cfg.out, names, schema,
+        cfg.out_url, names, schema,
         row_limit=cfg.rows_per_shard or float("inf"),
         byte_limit=cfg.mib_per_shard * MIB if cfg.mib_per_shard else float("inf"),
     )
@@ -388,57 +388,83 @@ def _run_tasks(tasks: list[dict], function, cfg: IngestConfig, schema: pa.Schema
     return dataset.map(function, fn_kwargs={"cfg": cfg, "schema": schema}, num_cpus=1).take_all()
 
 
-def ingest(source: str, out: str, **options) -> dict:
-    """Ingest `source` into normalised image shards under `out`; returns the summary.
+@dataclass(frozen=True)
+class IngestPlan:
+    """What `prepare` found: the source's mode, one task per output shard group, the output schema."""
 
-    `options` are the other fields of `IngestConfig`. Raises ColumnError / DuplicateIdError
-    (Parquet input) or FileNotFoundError before any work when the input is unusable.
-    """
-    cfg = IngestConfig(source=source, out=out, **options)
-    started = time.perf_counter()
+    cfg: IngestConfig
+    mode: str  # "folder" or "parquet"
+    tasks: list[dict]
+    schema: pa.Schema
+    skipped: Counter  # folder input: files left out, by extension
+
+
+def prepare(cfg: IngestConfig) -> IngestPlan:
+    """List and check the source (columns and unique ids for Parquet); no Ray, nothing written."""
     mode = cfg.source_format
+    files = storage.list_files(cfg.source_url) if mode != "folder" else []
     if mode == "auto":
-        mode = "parquet" if storage.list_files(cfg.source) else "folder"
-    skipped: Counter = Counter()
+        mode = "parquet" if files else "folder"
     if mode == "folder":
         tasks, skipped = plan_folder(cfg)
-        schema = _output_schema(cfg, mode, None)
-        results = _run_tasks(tasks, ingest_files, cfg, schema)
-    else:
-        if cfg.labels_from_folders:
-            raise ColumnError("labels_from_folders applies to folder input, not Parquet")
-        tasks, source_schema = plan_parquet(cfg)
-        schema = _output_schema(cfg, mode, source_schema)
-        results = _run_tasks(tasks, ingest_parquet_shard, cfg, schema)
-    results.sort(key=lambda result: result["name"])
+        return IngestPlan(cfg, mode, tasks, _output_schema(cfg, mode, None), skipped)
+    if cfg.labels_from_folders:
+        raise InputError("labels_from_folders applies to folder input, not Parquet")
+    if not files:
+        raise InputError(f"no Parquet shards (*.parquet) found under {cfg.source_url}")
+    tasks, source_schema = plan_parquet(cfg, ShardList(cfg.source_url, tuple(files)))
+    return IngestPlan(cfg, mode, tasks, _output_schema(cfg, mode, source_schema), Counter())
+
+
+def run(plan: IngestPlan) -> dict:
+    """Write the shards (Ray tasks, or this process), remove stale ones, write the summary.
+
+    JobFailed when not one image could be ingested.
+    """
+    cfg, started = plan.cfg, time.perf_counter()
+    function = ingest_files if plan.mode == "folder" else ingest_parquet_shard
+    results = sorted(_run_tasks(plan.tasks, function, cfg, plan.schema), key=lambda result: result["name"])
     shards = sorted(name for result in results for name in json.loads(result["shards"]))
     rejects_files = sorted(result["rejects_file"] for result in results if result["rejects_file"])
     # Only after every shard is written: a crash before this point loses no rows.
-    removed = remove_stale_shards(cfg.out, shards) + [
-        f"{REJECTS_DIR}/{name}" for name in remove_stale_shards(storage.join(cfg.out, REJECTS_DIR), rejects_files)
+    removed = remove_stale_shards(cfg.out_url, shards) + [
+        f"{REJECTS_DIR}/{name}"
+        for name in remove_stale_shards(storage.join(cfg.out_url, REJECTS_DIR), rejects_files)
     ]
     reasons: Counter = Counter()
     for result in results:
         reasons.update(json.loads(result["reasons"]))
     summary = {
-        "source": cfg.source,
-        "out": cfg.out,
-        "mode": mode,
+        "source": cfg.source_url,
+        "out": cfg.out_url,
+        "mode": plan.mode,
         "seen": sum(result["seen"] for result in results),
         "rows": sum(result["rows"] for result in results),
         "rejected": sum(result["rejected"] for result in results),
         "rejects_by_reason": dict(sorted(reasons.items())),
-        "skipped_by_extension": dict(sorted(skipped.items())),
+        "skipped_by_extension": dict(sorted(plan.skipped.items())),
         "shards": shards,
         "rejects_files": [f"{REJECTS_DIR}/{name}" for name in rejects_files],
         "bytes_written": sum(result["bytes_written"] for result in results),
         "stale_removed": removed,
-        "fingerprint": fingerprint(cfg.out) if shards else None,
+        "fingerprint": fingerprint(cfg.out_url) if shards else None,
         "seconds": round(time.perf_counter() - started, 3),
         "config": cfg.to_dict(),
     }
-    storage.write_text(storage.join(cfg.out, SUMMARY_FILE), json.dumps(summary, indent=2) + "\n")
+    storage.write_text(storage.join(cfg.out_url, SUMMARY_FILE), json.dumps(summary, indent=2) + "\n")
+    if summary["rows"] == 0:
+        raise JobFailed(f"no image could be ingested from {cfg.source_url} ({summary['rejected']} rejected, "
+                        f"skipped by extension: {summary['skipped_by_extension']})", summary)
     return summary
+
+
+def ingest(source_url: str, out_url: str, **options) -> dict:
+    """Ingest `source_url` into normalised image shards under `out_url`; returns the summary.
+
+    `options` are the other fields of `IngestConfig`. Raises InputError (ColumnError,
+    DuplicateIdError, ...) before any work when the input is unusable.
+    """
+    return run(prepare(IngestConfig(source_url=source_url, out_url=out_url, **options)))
 
 
 def read_rejects(out: str) -> pa.Table:

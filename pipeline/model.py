@@ -18,10 +18,9 @@ Both models take images as floats in [0, 1], shape (B, C, S, S), and return
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
-
-import copy
 
 import torch
 from torch import nn

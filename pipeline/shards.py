@@ -1,15 +1,16 @@
 """Image shards: the Parquet layouts we read, and checks that run on footers before any work.
 
-An image shard has an id column and an image column (see DESIGN.md, "Image shards"). The
+An image shard has an id column and an image column (README, "Data contracts"). The
 image column is either plain `binary` / `large_binary` bytes, or the Hugging Face datasets
 image struct `struct<bytes: binary, path: string>`. Column names are configurable with
 `Columns`; img2dataset's layout is `Columns(id="key", image="jpg")`.
 
 - `image_bytes(column)` turns any of those column forms (pyarrow, or the NumPy object arrays
   Ray Data hands to `map_batches`) into a list of bytes-or-None.
-- `check_columns` reads only the shards' schemas and fails before any work with the columns
-  it did find; `check_unique_ids` reads only the id column; `fingerprint` names a dataset
-  from its footers alone.
+- `ShardList` lists a prefix once and reads its footers once; `check_columns` reads only
+  the shards' schemas and fails before any work with the columns it did find;
+  `check_unique_ids` reads only the id column; `fingerprint` names a dataset from its
+  footers alone.
 """
 
 from __future__ import annotations
@@ -20,15 +21,16 @@ import posixpath
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.errors import InputError
 
 # Output shards are named <SHARD_PREFIX><number>.parquet; only such names are ever cleaned up.
 SHARD_PREFIX = "part-"
@@ -47,11 +49,11 @@ class Columns:
 IMG2DATASET = Columns(id="key", image="jpg")
 
 
-class ColumnError(ValueError):
+class ColumnError(InputError):
     """A shard lacks a needed column, or its image column has a type we cannot read."""
 
 
-class DuplicateIdError(ValueError):
+class DuplicateIdError(InputError):
     """The id column is not unique across the corpus."""
 
 
@@ -165,47 +167,83 @@ def remove_stale_shards(out_url: str, keep: Sequence[str], prefix: str = SHARD_P
     return sorted(removed)
 
 
-# --- footer-only checks --------------------------------------------------------------------
+# --- the shard list and footer-only checks ----------------------------------------------
 
 
-def _shard_paths(url: str) -> tuple[pafs.FileSystem, list[str], list[str]]:
-    """(pyarrow filesystem, shard URLs, paths inside that filesystem) for the shards under `url`."""
-    shard_urls = storage.list_shards(url)
-    arrow_fs, _ = storage.arrow_filesystem(url)
-    return arrow_fs, shard_urls, [storage.arrow_filesystem(shard)[1] for shard in shard_urls]
+@dataclass(frozen=True)
+class ShardList:
+    """The Parquet shards under one prefix, listed once and passed to every check.
+
+    Listing an object-store prefix is a round trip per page; a job lists its input once and
+    hands this on. Footers are read once, on first use, many at a time.
+    """
+
+    url: str
+    files: tuple[str, ...]  # shard URLs, sorted
+
+    @classmethod
+    def under(cls, url: str) -> ShardList:
+        """The shards under `url` (a prefix or one file); InputError when there are none."""
+        files = storage.list_files(url)
+        if not files:
+            raise InputError(f"no Parquet shards (*.parquet) found under {url}")
+        return cls(url, tuple(files))
+
+    @property
+    def arrow_fs(self) -> pafs.FileSystem:
+        return storage.arrow_filesystem(self.url)[0]
+
+    @property
+    def paths(self) -> list[str]:
+        """The shards' paths inside `arrow_fs`."""
+        return [storage.filesystem(shard)[1] for shard in self.files]
+
+    @cached_property
+    def footers(self) -> list[tuple[int, pq.FileMetaData]]:
+        """(size in bytes, Parquet footer) of each shard; InputError naming a shard that is not Parquet."""
+        fs = self.arrow_fs
+
+        def read(item: tuple[str, str]) -> tuple[int, pq.FileMetaData]:
+            shard_url, path = item
+            try:
+                with fs.open_input_file(path) as f:
+                    return f.size(), pq.ParquetFile(f).metadata
+            except (OSError, pa.ArrowInvalid) as error:
+                raise InputError(f"shard {shard_url} is not a readable Parquet file ({error}); "
+                                 "remove or replace it and run again") from error
+
+        with ThreadPoolExecutor(min(_FOOTER_THREADS, len(self.files))) as pool:
+            return list(pool.map(read, zip(self.files, self.paths)))
+
+    @property
+    def rows(self) -> int:
+        """Rows in all shards, from the footers."""
+        return sum(footer.num_rows for _, footer in self.footers)
 
 
-def count_rows(url: str) -> int:
-    """Rows in all shards under `url`, from the Parquet footers only."""
-    fs, paths = storage.arrow_files(url)
-    return pads.dataset(paths, filesystem=fs, format="parquet").count_rows()
+def as_shards(shards: ShardList | str) -> ShardList:
+    """A ShardList for a prefix URL; a ShardList as it is."""
+    return shards if isinstance(shards, ShardList) else ShardList.under(shards)
 
 
-def _read_footers(url: str) -> tuple[list[str], list[tuple[int, pq.FileMetaData]]]:
-    """Shard URLs under `url` and, for each, (size in bytes, Parquet footer)."""
-    arrow_fs, shard_urls, paths = _shard_paths(url)
-
-    def read(path: str) -> tuple[int, pq.FileMetaData]:
-        with arrow_fs.open_input_file(path) as f:
-            return f.size(), pq.ParquetFile(f).metadata
-
-    with ThreadPoolExecutor(min(_FOOTER_THREADS, len(paths))) as pool:
-        return shard_urls, list(pool.map(read, paths))
+def count_rows(shards: ShardList | str) -> int:
+    """Rows in all shards under a prefix, from the Parquet footers only."""
+    return as_shards(shards).rows
 
 
-def check_columns(url: str, columns: Columns, passthrough: Sequence[str] = ()) -> pa.Schema:
-    """Check from the footers alone that every shard under `url` has the needed columns.
+def check_columns(shards: ShardList | str, columns: Columns, passthrough: Sequence[str] = ()) -> pa.Schema:
+    """Check from the footers alone that every shard has the needed columns.
 
     Needed: `columns.id`, `columns.image` (binary or the Hugging Face image struct) and every
     `passthrough` column. Returns the schema shared by the shards (unified across them).
-    Raises ColumnError naming the shard and the columns it does have; FileNotFoundError when
-    there are no shards.
+    Raises ColumnError naming the shard and the columns it does have; InputError when there
+    are no shards or one is not Parquet.
     """
-    shard_urls, footers = _read_footers(url)
+    shards = as_shards(shards)
     needed = {columns.id: "id column", columns.image: "image column"}
     needed.update({name: "passthrough column" for name in passthrough if name not in needed})
     schemas = []
-    for shard_url, (_, footer) in zip(shard_urls, footers):
+    for shard_url, (_, footer) in zip(shards.files, shards.footers):
         schema = footer.schema.to_arrow_schema()
         missing = [f"{name!r} ({role})" for name, role in needed.items() if name not in schema.names]
         if missing:
@@ -223,10 +261,10 @@ def check_columns(url: str, columns: Columns, passthrough: Sequence[str] = ()) -
     try:
         return pa.unify_schemas(schemas)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
-        raise ColumnError(f"the shards under {url} have conflicting schemas: {error}") from error
+        raise ColumnError(f"the shards under {shards.url} have conflicting schemas: {error}") from error
 
 
-def find_duplicate_ids(url: str, id_column: str, max_examples: int = 5) -> tuple[int, list[str]]:
+def find_duplicate_ids(shards: ShardList | str, id_column: str, max_examples: int = 5) -> tuple[int, list[str]]:
     """(how many distinct ids occur more than once, up to `max_examples` of them).
 
     Reads only the id column, one shard at a time. What is held is the id column itself as
@@ -234,9 +272,10 @@ def find_duplicate_ids(url: str, id_column: str, max_examples: int = 5) -> tuple
     and, at the end, Arrow's hash table of distinct ids. Null ids count as one value "None".
     Examples come in the order they first appear.
     """
-    arrow_fs, _, paths = _shard_paths(url)
+    shards = as_shards(shards)
+    arrow_fs = shards.arrow_fs
     chunks = []
-    for path in paths:
+    for path in shards.paths:
         table = pq.read_table(path, columns=[id_column], filesystem=arrow_fs)
         chunks.extend(table.column(id_column).chunks)
     if not chunks:
@@ -250,30 +289,44 @@ def find_duplicate_ids(url: str, id_column: str, max_examples: int = 5) -> tuple
     return len(repeated), examples
 
 
-def check_unique_ids(url: str, id_column: str) -> None:
-    """Raise DuplicateIdError, naming examples, if any id occurs more than once under `url`."""
-    duplicated, examples = find_duplicate_ids(url, id_column)
+def check_unique_ids(shards: ShardList | str, id_column: str) -> None:
+    """Raise DuplicateIdError, naming examples, if any id occurs more than once in the shards."""
+    shards = as_shards(shards)
+    duplicated, examples = find_duplicate_ids(shards, id_column)
     if duplicated:
         shown = ", ".join(repr(example) for example in examples)
         raise DuplicateIdError(
-            f"{duplicated} ids occur more than once in column {id_column!r} of {url} (e.g. {shown}); "
+            f"{duplicated} ids occur more than once in column {id_column!r} of {shards.url} (e.g. {shown}); "
             "ids must be unique across the corpus"
         )
 
 
-def fingerprint(url: str) -> str:
-    """A stable 16-hex-digit name for the dataset under `url`, from its footers alone.
+def fingerprint(shards: ShardList | str) -> str:
+    """A stable 16-hex-digit name for the dataset under a prefix, from its footers alone.
 
-    Hashes each shard's path relative to `url`, byte size and row count, so the same shards
-    copied to another prefix or bucket keep their fingerprint, and any rewrite that changes
-    a shard's size or rows changes it.
+    Hashes each shard's path relative to the prefix, byte size and row count, so the same
+    shards copied to another prefix or bucket keep their fingerprint, and any rewrite that
+    changes a shard's size or rows changes it.
     """
-    shard_urls, footers = _read_footers(url)
-    root = storage.filesystem(url)[1]
+    shards = as_shards(shards)
+    root = storage.filesystem(shards.url)[1]
     entries = []
-    for shard_url, (size, footer) in zip(shard_urls, footers):
-        path = storage.filesystem(shard_url)[1]
+    for path, (size, footer) in zip(shards.paths, shards.footers):
         name = posixpath.relpath(path, root) if path != root else posixpath.basename(path)
         entries.append([name, size, footer.num_rows])
     digest = hashlib.sha256(json.dumps(entries, separators=(",", ":")).encode("utf-8"))
     return digest.hexdigest()[:16]
+
+
+def first_images(shards: ShardList, image_column: str, limit: int) -> list[bytes | None]:
+    """Up to `limit` encoded images from the start of the shards (preflight checks of the data)."""
+    found: list[bytes | None] = []
+    fs = shards.arrow_fs
+    for path in shards.paths:
+        with fs.open_input_file(path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=limit - len(found), columns=[image_column]):
+                found.extend(image_bytes(batch.column(0)))
+                break
+        if len(found) >= limit:
+            break
+    return found

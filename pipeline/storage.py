@@ -86,22 +86,10 @@ def list_files(url: str, suffix: str = PARQUET_SUFFIX) -> list[str]:
     return sorted(found)
 
 
-def list_shards(url: str) -> list[str]:
-    """The Parquet shards under a prefix; a clear error when there are none."""
-    shards = list_files(url)
-    if not shards:
-        raise FileNotFoundError(f"no Parquet shards (*.parquet) found under {url}")
-    return shards
-
-
-def arrow_files(url: str, shards: bool = True) -> tuple[pafs.FileSystem, list[str]]:
-    """A pyarrow filesystem and the paths inside it of the Parquet files under `url`.
-
-    `shards=True` raises when there are none (`list_shards`); otherwise the list may be empty.
-    """
+def arrow_files(url: str) -> tuple[pafs.FileSystem, list[str]]:
+    """A pyarrow filesystem and the paths inside it of the Parquet files under `url` (maybe none)."""
     fs, _ = arrow_filesystem(url)
-    urls = list_shards(url) if shards else list_files(url)
-    return fs, [filesystem(u)[1] for u in urls]
+    return fs, [filesystem(u)[1] for u in list_files(url)]
 
 
 def makedirs(url: str) -> None:

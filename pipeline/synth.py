@@ -14,7 +14,7 @@ Anomalies are normal images with one defect of a kind in `ANOMALY_KINDS`:
 - "colour_shift": the colour channels rotated (inverted for one channel), every pixel off-palette;
 - "foreign_object": a hard-edged black-and-white checkerboard square, a texture the family never has.
 
-Shards follow the image-shard contract (DESIGN.md): `id` (string, "synth-<index>"),
+Shards follow the image-shard contract (README, "Data contracts"): `id` (string, "synth-<index>"),
 `image` (PNG bytes), `label` (int64, 1 = anomaly), `anomaly_kind` (string: the kind, or ""
 for a normal image -- empty rather than null so that group-bys and filters keep the normal
 rows without special cases).
@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
+from pipeline.errors import InputError
 from pipeline.images import encode_image
 from pipeline.shards import SHARD_PREFIX, remove_stale_shards, write_shard
 
@@ -60,13 +61,27 @@ _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 class SynthConfig:
     """Arguments of `write_synthetic_corpus`, as one value that jobs log and save."""
 
-    out: str
+    out_url: str
     n: int = 2000
     image_size: int = 64
     anomaly_fraction: float = 0.05
     seed: int = 0
     rows_per_shard: int = 1024
     channels: int = 3
+
+    def __post_init__(self) -> None:
+        _check(self.n, self.image_size, self.anomaly_fraction, self.rows_per_shard, self.channels)
+
+
+def _check(n: int, image_size: int, anomaly_fraction: float, rows_per_shard: int, channels: int) -> None:
+    if n < 1 or rows_per_shard < 1:
+        raise InputError(f"n and rows_per_shard must be positive, got {n} and {rows_per_shard}")
+    if channels not in (1, 3):
+        raise InputError(f"channels must be 1 or 3, got {channels}")
+    if image_size < 8:
+        raise InputError(f"image_size must be at least 8, got {image_size}")
+    if not 0.0 <= anomaly_fraction <= 1.0:
+        raise InputError(f"anomaly_fraction must be in [0, 1], got {anomaly_fraction}")
 
 
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -151,7 +166,7 @@ def _to_uint8(image: np.ndarray, channels: int) -> np.ndarray:
 def anomaly_plan(n: int, anomaly_fraction: float, seed: int, kinds: tuple[str, ...] = ANOMALY_KINDS) -> dict[int, str]:
     """Which image indices are anomalies, and of which kind: {index: kind}, kinds in equal shares."""
     if not 0.0 <= anomaly_fraction <= 1.0:
-        raise ValueError(f"anomaly_fraction must be in [0, 1], got {anomaly_fraction}")
+        raise InputError(f"anomaly_fraction must be in [0, 1], got {anomaly_fraction}")
     count = round(n * anomaly_fraction)
     rng = np.random.default_rng(seed)
     chosen = rng.choice(n, size=count, replace=False) if count else np.empty(0, np.int64)
@@ -184,12 +199,7 @@ def write_synthetic_corpus(
     with a different `n` or `rows_per_shard`) are removed afterwards, so the prefix holds
     exactly this corpus. Returns the summary, also written to `<out_url>/_synth_summary.json`.
     """
-    if n < 1 or rows_per_shard < 1:
-        raise ValueError(f"n and rows_per_shard must be positive, got {n} and {rows_per_shard}")
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
-    if image_size < 8:
-        raise ValueError(f"image_size must be at least 8, got {image_size}")
+    _check(n, image_size, anomaly_fraction, rows_per_shard, channels)
     plan = anomaly_plan(n, anomaly_fraction, seed)
     y, x = _grid(image_size)
 
@@ -232,3 +242,9 @@ def write_synthetic_corpus(
     storage.write_text(storage.join(out_url, SUMMARY_FILE), json.dumps(summary, indent=2) + "\n")
     return summary
 
+
+
+def run(cfg: SynthConfig) -> dict:
+    """Write the corpus `cfg` describes; returns the summary."""
+    return write_synthetic_corpus(cfg.out_url, cfg.n, image_size=cfg.image_size, anomaly_fraction=cfg.anomaly_fraction,
+                                  seed=cfg.seed, rows_per_shard=cfg.rows_per_shard, channels=cfg.channels)

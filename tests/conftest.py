@@ -63,3 +63,19 @@ def s3_bucket(s3_server):
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     yield f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """URL of an untrained tiny checkpoint (32 px, RGB) with a real calibration."""
+    from builders import make_tiny_model
+
+    return make_tiny_model(str(tmp_path_factory.mktemp("tiny-model") / "model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_model(tmp_path_factory) -> str:
+    """URL of a briefly trained tiny checkpoint: its decoder draws distinct images."""
+    from builders import make_tiny_model
+
+    return make_tiny_model(str(tmp_path_factory.mktemp("tiny-trained") / "model"), train_steps=20)

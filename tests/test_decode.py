@@ -14,35 +14,19 @@ import torch
 from jobs import decode as decode_job
 from pipeline import storage
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.decode import (
-    OUTPUT_SCHEMA, RUN_FILE, DecodeConfig, DecodeInputError, LatentDecoder, decode, decode_latents,
-    interpolation_grid, latents_from_batch, load_decoder, select_rows,
-)
-from pipeline.embed import EmbedConfig, dequantize_latents, embed_reference
+from pipeline.decode import OUTPUT_SCHEMA, RUN_FILE, DecodeConfig, LatentDecoder, decode, select_rows
+from pipeline.embed import EmbedConfig, embed_reference
+from pipeline.errors import InputError
 from pipeline.images import decode_batch
+from pipeline.inference import decode_latents, interpolation_grid, load_inference_model
+from pipeline.latents import dequantize_latents, latents_from_batch
 from pipeline.model import AutoencoderConfig, build_model
 from pipeline.shards import Columns, check_columns, image_bytes
-from pipeline.reconstruction import mse_per_image
-from pipeline.synth import synthetic_image, write_synthetic_corpus
+from pipeline.synth import write_synthetic_corpus
 
 SIZE = 32
 GOOD = 40
 BAD_IDS = ("bad-empty", "bad-junk")
-
-
-def _make_model(url: str) -> str:
-    """A briefly trained model: an untrained decoder gives the same grey image for every latent."""
-    torch.manual_seed(0)
-    model = build_model(AutoencoderConfig(image_size=SIZE, channels=3, latent_dim=16, base_width=8))
-    x = torch.from_numpy(np.stack([synthetic_image(i, 3, SIZE, 3) for i in range(GOOD)])).permute(0, 3, 1, 2) / 255
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(20):
-        loss = mse_per_image(x, model(x)["x_hat"]).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    save_checkpoint(url, model.eval(), training={"preprocessing": {"resize": "pad"}})
-    return url
 
 
 def _make_latents(root: Path, model_url: str, dtype: str) -> str:
@@ -51,7 +35,7 @@ def _make_latents(root: Path, model_url: str, dtype: str) -> str:
     write_synthetic_corpus(str(shards), n=GOOD, image_size=SIZE, seed=3, rows_per_shard=GOOD)
     pq.write_table(pa.table({"id": list(BAD_IDS), "image": pa.array([b"", b"junk"], pa.binary()), "label": [1, 1],
                              "anomaly_kind": ["bad", "bad"]}), shards / "zz-bad.parquet")
-    table = embed_reference(EmbedConfig(data=str(shards), model=model_url, out="", latent_dtype=dtype), 1.0)
+    table = embed_reference(EmbedConfig(data_url=str(shards), model_url=model_url, out_url="", latent_dtype=dtype), 1.0)
     out = root / f"latents-{dtype}"
     out.mkdir()
     pq.write_table(table.slice(0, 25), out / "a.parquet")
@@ -60,8 +44,8 @@ def _make_latents(root: Path, model_url: str, dtype: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def model_url(tmp_path_factory):
-    return _make_model(str(tmp_path_factory.mktemp("model") / "model"))
+def model_url(tiny_trained_model):
+    return tiny_trained_model
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +70,7 @@ def _reference_pixels(model_url: str, stored: dict[str, np.ndarray]) -> dict[str
     """model.decode of the stored latents, in one batch, with the model the job runs (BatchNorm folded)."""
     ids = sorted(stored)
     z = np.stack([stored[i] for i in ids])
-    pixels = decode_latents(load_decoder(model_url)[0], z)
+    pixels = decode_latents(load_inference_model(model_url)[0], z)
     # The folded model is the checkpoint's model up to float rounding: at most one level apart.
     unfolded = decode_latents(load_checkpoint(model_url).model, z)
     assert np.abs(pixels.astype(int) - unfolded).max() <= 1
@@ -121,7 +105,7 @@ def test_mapper_works_without_ray_on_a_plain_dict(model_url, latents_int8):
 @pytest.mark.ray
 def test_decode_job_writes_shards_that_read_back_exactly(ray_local, model_url, latents, tmp_path):
     out = str(tmp_path / "decoded")
-    cfg = DecodeConfig(latents=latents, model=model_url, out=out, batch_size=16)
+    cfg = DecodeConfig(latents_url=latents, model_url=model_url, out_url=out, batch_size=16)
     summary = decode(cfg)
     assert (summary.rows_in, summary.selected, summary.skipped_null_latent, summary.written) == (42, 42, 2, 40)
     assert summary.rows_without_latent == 2
@@ -143,7 +127,7 @@ def test_decode_job_writes_shards_that_read_back_exactly(ray_local, model_url, l
         np.testing.assert_array_equal(got, reference[row_id])  # PNG is lossless: exact
 
     # Embeddable again: the decoded shards are input the embedder takes as they are.
-    again = embed_reference(EmbedConfig(data=out, model=model_url, out=""), 1.0)
+    again = embed_reference(EmbedConfig(data_url=out, model_url=model_url, out_url=""), 1.0)
     assert again.num_rows == GOOD and again.column("error").null_count == GOOD
 
     # A rerun into the same folder replaces rather than adds: here with --ids and JPEG through the job's CLI.
@@ -182,13 +166,13 @@ def test_sample_is_deterministic_and_drawn_from_rows_with_a_latent(latents):
     assert not set(first.ids) & set(BAD_IDS)
     assert select_rows(latents, sample=10, seed=1).ids != first.ids
     assert set(select_rows(latents, sample=GOOD, seed=7).ids) == set(_stored(latents))
-    with pytest.raises(DecodeInputError, match="more ids than the 40 rows"):
+    with pytest.raises(InputError, match="more ids than the 40 rows"):
         select_rows(latents, sample=GOOD + 1)
 
 
 def test_missing_ids_are_a_clear_error(latents, model_url, tmp_path, capsys):
     missing = [f"nope-{i}" for i in range(8)]
-    with pytest.raises(DecodeInputError, match=r"8 of the 9 requested ids are not in .*'nope-0'.*and 3 more"):
+    with pytest.raises(InputError, match=r"8 of the 9 requested ids are not in .*'nope-0'.*and 3 more"):
         select_rows(latents, ids=["synth-00000001", *missing])
     out = tmp_path / "never"
     assert decode_job.main(["--latents", latents, "--model", model_url, "--out", str(out), "--ids", "nope-0"]) == 2
@@ -197,20 +181,20 @@ def test_missing_ids_are_a_clear_error(latents, model_url, tmp_path, capsys):
 
 def test_refusals_before_any_work(latents, model_url, tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
-    with pytest.raises(DecodeInputError, match="not this job's output"):
-        decode(DecodeConfig(latents=latents, model=model_url, out=str(tmp_path)))
+    with pytest.raises(InputError, match="not this job's output"):
+        decode(DecodeConfig(latents_url=latents, model_url=model_url, out_url=str(tmp_path)))
     torch.manual_seed(1)
     other = str(tmp_path / "other-model")
     save_checkpoint(other, build_model(AutoencoderConfig(image_size=SIZE, channels=3, latent_dim=16, base_width=8)))
-    with pytest.raises(DecodeInputError, match="made by another model"):
-        decode(DecodeConfig(latents=latents, model=other, out=str(tmp_path / "o")))
-    with pytest.raises(DecodeInputError, match="not both"):
+    with pytest.raises(InputError, match="made by another model"):
+        decode(DecodeConfig(latents_url=latents, model_url=other, out_url=str(tmp_path / "o")))
+    with pytest.raises(InputError, match="not both"):
         select_rows(latents, ids=["synth-00000001"], sample=3)
 
 
 def test_only_null_latents_selected_writes_no_shards_but_counts_them(latents, model_url, tmp_path):
     out = tmp_path / "none"
-    summary = decode(DecodeConfig(latents=latents, model=model_url, out=str(out), ids=BAD_IDS))
+    summary = decode(DecodeConfig(latents_url=latents, model_url=model_url, out_url=str(out), ids=BAD_IDS))
     assert (summary.selected, summary.skipped_null_latent, summary.written) == (2, 2, 0)
     assert sum(summary.skipped_by_reason.values()) == 2
     assert storage.list_files(str(out)) == [] and (out / RUN_FILE).exists()
@@ -236,9 +220,9 @@ def test_interpolation_endpoints_are_the_reconstructions(request, fixture, model
             x_hat = model(x)["x_hat"]
         expected = (x_hat * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)[0].numpy()
         assert np.abs(strip[:, :SIZE].astype(int) - expected).max() <= 1
-    with pytest.raises(DecodeInputError, match="no latent"):
+    with pytest.raises(InputError, match="no latent"):
         interpolation_grid(model_url, latents_url, a, BAD_IDS[0])
-    with pytest.raises(DecodeInputError, match="'ghost'"):
+    with pytest.raises(InputError, match="'ghost'"):
         interpolation_grid(model_url, latents_url, a, "ghost")
 
 
@@ -261,8 +245,8 @@ def test_latents_from_batch_reads_ray_numpy_and_object_forms(latents_int8):
 @pytest.mark.ray
 def test_output_on_s3_is_replaced_on_a_rerun(ray_local, s3_bucket, model_url, latents):
     out = f"{s3_bucket}/decoded"
-    first = decode(DecodeConfig(latents=latents, model=model_url, out=out, sample=5))
-    again = decode(DecodeConfig(latents=latents, model=model_url, out=out, ids=("synth-00000002",)))
+    first = decode(DecodeConfig(latents_url=latents, model_url=model_url, out_url=out, sample=5))
+    again = decode(DecodeConfig(latents_url=latents, model_url=model_url, out_url=out, ids=("synth-00000002",)))
     assert (first.written, again.written) == (5, 1)
     ids = [i for f in storage.list_files(out)
            for i in pq.read_table(pa.BufferReader(storage.read_bytes(f))).column("id").to_pylist()]

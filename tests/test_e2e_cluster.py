@@ -12,7 +12,7 @@ import pytest
 from cluster_utils import REPO_ROOT, start_head, start_multinode_cluster, submit_job
 
 from pipeline.checkpoint import load_checkpoint
-from pipeline.embed import METADATA_KEY, read_latents
+from pipeline.latents import read_latents
 from pipeline.images import encode_image
 from pipeline.synth import anomaly_plan, synthetic_image
 
@@ -72,28 +72,39 @@ def test_ingest_train_embed_report_as_four_submitted_jobs(head, tmp_path):
 
 @pytest.mark.timeout(600)
 def test_training_and_embedding_spread_over_nodes(tmp_path):
+    import ray
+
     from pipeline.embed import EmbedConfig, embed
+    from pipeline.model import AutoencoderConfig
     from pipeline.synth import write_synthetic_corpus
     from pipeline.train import TrainConfig, train
 
     data = str(tmp_path / "shards")
-    write_synthetic_corpus(data, n=200, image_size=32, anomaly_fraction=0.05, seed=2, rows_per_shard=25)
+    # Enough blocks that the actors queue up: with a few tiny blocks one actor keeps pace alone.
+    write_synthetic_corpus(data, n=800, image_size=32, anomaly_fraction=0.05, seed=2, rows_per_shard=25)
     with start_multinode_cluster(worker_cpus=(2, 2), head_cpus=1) as cluster:
         workers = {cluster.node_ids["worker1"], cluster.node_ids["worker2"]}
-        result = train(TrainConfig(data=data, out=str(tmp_path / "run"), workers=2, epochs=1, image_size=32,
-                                   latent_dim=16, base_width=8, batch_size=16, placement_strategy="STRICT_SPREAD"))
+        result = train(TrainConfig(data_url=data, out_url=str(tmp_path / "run"), workers=2, epochs=1,
+                                   model=AutoencoderConfig(image_size=32, latent_dim=16, base_width=8), batch_size=16,
+                                   placement_strategy="STRICT_SPREAD"))
         trained = load_checkpoint(result.model_url)
         assert len(set(trained.training["worker_nodes"])) == 2, "the two training workers shared a node"
 
         out = str(tmp_path / "latents")
-        summary = embed(EmbedConfig(data=data, model=result.model_url, out=out, actors=3, batch_size=25,
-                                    rows_per_file=25, passthrough=("label",)))
-        assert summary.rows_in == summary.rows_out == 200
-        nodes = {json.loads(pq.read_metadata(f).metadata[METADATA_KEY])["node_id"]
-                 for f in sorted(Path(out).glob("*.parquet"))}
-        assert len(nodes) >= 2, f"all output came from one node: {nodes}"
-        assert nodes <= workers | {cluster.node_ids["head"]}
+        # The pool starts work once all three actors are up: otherwise the first actor may take
+        # every block before the others have imported torch, and the test would prove nothing.
+        ctx = ray.data.DataContext.get_current()
+        saved, ctx.wait_for_min_actors_s = ctx.wait_for_min_actors_s, 120
+        try:
+            summary = embed(EmbedConfig(data_url=data, model_url=result.model_url, out_url=out, actors=3,
+                                        batch_size=25, rows_per_file=25, passthrough=("label",)))
+        finally:
+            ctx.wait_for_min_actors_s = saved
+        assert summary.rows_in == summary.rows_out == 800
+        assert sum(summary.rows_by_node.values()) == 800
+        assert len(summary.rows_by_node) >= 2, f"all rows were embedded on one node: {summary.rows_by_node}"
+        assert set(summary.rows_by_node) <= workers | {cluster.node_ids["head"]}
     table = read_latents(out)
     ids = table.column("id").to_pylist()
-    assert len(ids) == len(set(ids)) == 200
+    assert len(ids) == len(set(ids)) == 800
     assert np.isfinite(table.column("mse").to_numpy()).all()

@@ -14,33 +14,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
+from builders import make_tiny_model
 
 from pipeline import storage
-from pipeline.checkpoint import save_checkpoint
-from pipeline.embed import (
-    CPU_BATCH_SIZE, GPU_BATCH_SIZE, METADATA_KEY, MIN_OBJECT_STORE_BUDGET, EmbedConfig, EmbedInputError, Embedder,
-    dequantize_latents, embed, embed_reference, object_store_budget, plan_resources, read_latents, resolve_threshold,
+from pipeline.embed import EmbedConfig, Embedder, embed, embed_reference
+from pipeline.errors import InputError
+from pipeline.latents import METADATA_KEY, dequantize_latents, read_latents
+from pipeline.resources import (
+    CPU_BATCH_SIZE, GPU_BATCH_SIZE, MIN_OBJECT_STORE_BUDGET, object_store_budget, plan_actor_pool,
 )
-from pipeline.model import AutoencoderConfig, build_model
+from pipeline.scoring import resolve_threshold
 from pipeline.shards import ColumnError, DuplicateIdError
 from pipeline.synth import write_synthetic_corpus
-from pipeline.train import calibration_from_errors
 
 REPO = Path(__file__).resolve().parents[1]
 BAD_ROWS = {"bad-empty": b"", "bad-junk": b"this is not an image", "bad-truncated": None}
-
-
-def _make_model(url: str, channels: int = 3, seed: int = 0, image_size: int = 32) -> str:
-    """A real checkpoint with a real calibration (errors of the model on a few synthetic images)."""
-    torch.manual_seed(seed)
-    model = build_model(AutoencoderConfig(image_size=image_size, channels=channels, latent_dim=16, base_width=8)).eval()
-    x = torch.rand(32, channels, image_size, image_size)
-    with torch.inference_mode():
-        errors = ((model(x)["x_hat"] - x) ** 2).flatten(1).mean(1).numpy()
-    save_checkpoint(url, model, training={"calibration": calibration_from_errors(errors),
-                                          "preprocessing": {"resize": "pad"}})
-    return url
 
 
 def _make_corpus(root: Path, n: int, rows_per_shard: int, bad: bool = True, image_size: int = 32) -> str:
@@ -57,8 +45,8 @@ def _make_corpus(root: Path, n: int, rows_per_shard: int, bad: bool = True, imag
 
 
 @pytest.fixture(scope="module")
-def model_url(tmp_path_factory):
-    return _make_model(str(tmp_path_factory.mktemp("model") / "model"))
+def model_url(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +60,12 @@ def _by_id(table: pa.Table) -> dict[str, dict]:
 
 @pytest.mark.ray
 def test_ray_job_equals_the_plain_reference_row_for_row(ray_local, corpus, model_url, tmp_path):
-    cfg = EmbedConfig(data=corpus, model=model_url, out=str(tmp_path / "latents"), passthrough=("label",),
+    cfg = EmbedConfig(data_url=corpus, model_url=model_url, out_url=str(tmp_path / "latents"), passthrough=("label",),
                       batch_size=64)
     summary = embed(cfg)
     assert (summary.rows_in, summary.rows_out, summary.error_rows) == (243, 243, 3)
 
-    got = read_latents(cfg.out)
+    got = read_latents(cfg.out_url)
     ids = got.column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 243
     reference = embed_reference(cfg, summary.threshold)
@@ -98,7 +86,7 @@ def test_ray_job_equals_the_plain_reference_row_for_row(ray_local, corpus, model
     assert summary.flagged_rows == sum(bool(r["is_anomaly"]) for r in ray_rows.values())
     # The threshold is the calibration's 0.99 quantile, and every file records the model.
     assert summary.threshold == pytest.approx(resolve_threshold("quantile:0.99", _calibration(model_url)))
-    files = storage.list_files(cfg.out)
+    files = storage.list_files(cfg.out_url)
     assert files
     for f in files:
         meta = json.loads(pq.read_metadata(f).metadata[METADATA_KEY])
@@ -107,17 +95,17 @@ def test_ray_job_equals_the_plain_reference_row_for_row(ray_local, corpus, model
 
     # A rerun of a finished job does nothing and duplicates nothing.
     again = embed(cfg)
-    assert again.rows_out == 243 and len(read_latents(cfg.out)) == 243
+    assert again.rows_out == 243 and len(read_latents(cfg.out_url)) == 243
 
 
 @pytest.mark.parametrize("cpus", [1, 2, 3, 4, 5, 8, 16, 64])
 @pytest.mark.parametrize("resuming", [False, True])
 def test_the_actor_pool_always_leaves_room_for_a_read_a_write_and_the_checkpoint_filter(cpus, resuming):
     if resuming and cpus < 2:
-        with pytest.raises(EmbedInputError, match="resuming needs a cluster of at least 2 CPUs"):
-            plan_resources({"CPU": float(cpus)}, resuming)
+        with pytest.raises(InputError, match="resuming needs a cluster of at least 2 CPUs"):
+            plan_actor_pool({"CPU": float(cpus)}, resuming)
         return
-    plan = plan_resources({"CPU": float(cpus)}, resuming)
+    plan = plan_actor_pool({"CPU": float(cpus)}, resuming)
     reserved = plan.actors * plan.cpus_per_actor + 2 * plan.task_cpus + (1.0 if resuming else 0.0)
     assert plan.actors >= 1 and reserved <= cpus
     assert plan.torch_threads * plan.actors <= max(cpus, 2)  # threads follow the cores, no more
@@ -125,17 +113,17 @@ def test_the_actor_pool_always_leaves_room_for_a_read_a_write_and_the_checkpoint
 
 
 def test_gpu_actors_take_one_gpu_each_and_large_batches():
-    gpu = plan_resources({"CPU": 4.0, "GPU": 2.0}, resuming=False)
+    gpu = plan_actor_pool({"CPU": 4.0, "GPU": 2.0}, resuming=False)
     assert (gpu.actors, gpu.gpus_per_actor, gpu.cpus_per_actor, gpu.batch_size) == (2, 1.0, 0.0, GPU_BATCH_SIZE)
-    assert plan_resources({"CPU": 4.0, "GPU": 2.0}, False, gpu=False).gpus_per_actor == 0.0
-    assert plan_resources({"CPU": 2.0}, False, batch_size=32).batch_size == 32
+    assert plan_actor_pool({"CPU": 4.0, "GPU": 2.0}, False, gpu=False).gpus_per_actor == 0.0
+    assert plan_actor_pool({"CPU": 2.0}, False, batch_size=32).batch_size == 32
 
 
 def test_the_object_store_budget_grows_with_actors_and_batches_from_a_floor():
-    small = plan_resources({"CPU": 2.0}, False)
+    small = plan_actor_pool({"CPU": 2.0}, False)
     model = {"image_size": 64, "channels": 3}
     assert object_store_budget(small, model) == MIN_OBJECT_STORE_BUDGET
-    gpus = plan_resources({"CPU": 64.0, "GPU": 8.0}, False)
+    gpus = plan_actor_pool({"CPU": 64.0, "GPU": 8.0}, False)
     assert object_store_budget(gpus, model) == 8 * 16 * GPU_BATCH_SIZE * 64 * 64 * 3 > MIN_OBJECT_STORE_BUDGET
 
 
@@ -168,7 +156,7 @@ def test_compact_latents_stay_within_the_stated_error(model_url, dtype, stated_e
 def test_exactly_once_after_sigkill_and_rerun(tmp_path):
     # 64x64 images so the job runs long enough (tens of seconds) to be killed past half way.
     data = _make_corpus(tmp_path / "shards", n=3000, rows_per_shard=100, bad=False, image_size=64)
-    model_url = _make_model(str(tmp_path / "model"), image_size=64)
+    model_url = make_tiny_model(str(tmp_path / "model"), image_size=64)
     out = tmp_path / "latents"
     cmd = [sys.executable, "-m", "jobs.embed", "--data", data, "--model", model_url, "--out", str(out),
            "--batch-size", "50", "--rows-per-file", "50", "--actors", "1"]
@@ -213,14 +201,14 @@ def test_input_and_output_on_s3(ray_local, s3_bucket, model_url, tmp_path):
     fs, _ = storage.filesystem(s3_bucket)
     fs.put(local + "/", f"{s3_bucket[5:]}/shards/", recursive=True)
     s3_model = f"{s3_bucket}/model"
-    _make_model(s3_model)
-    cfg = EmbedConfig(data=f"{s3_bucket}/shards", model=s3_model, out=f"{s3_bucket}/latents",
+    make_tiny_model(s3_model)
+    cfg = EmbedConfig(data_url=f"{s3_bucket}/shards", model_url=s3_model, out_url=f"{s3_bucket}/latents",
                       latent_dtype="int8", passthrough=("label", "anomaly_kind"))
     summary = embed(cfg)
     assert (summary.rows_in, summary.rows_out, summary.error_rows) == (63, 63, 3)
-    table = read_latents(cfg.out)
+    table = read_latents(cfg.out_url)
     assert sorted(table.column("id").to_pylist()) == sorted(
-        read_latents(cfg.data, columns=["id"]).column("id").to_pylist())
+        read_latents(cfg.data_url, columns=["id"]).column("id").to_pylist())
     assert table.schema.field("latent").type == pa.list_(pa.int8(), 16)
     assert {"latent_scale", "label", "anomaly_kind"} <= set(table.column_names)
 
@@ -230,9 +218,9 @@ def test_input_and_output_on_s3(ray_local, s3_bucket, model_url, tmp_path):
 
 def test_missing_column_is_refused_listing_the_columns_found(corpus, model_url, tmp_path):
     with pytest.raises(ColumnError, match=r"(?s)'jpg'.*image"):
-        embed(EmbedConfig(data=corpus, model=model_url, out=str(tmp_path / "o"), image_column="jpg"))
+        embed(EmbedConfig(data_url=corpus, model_url=model_url, out_url=str(tmp_path / "o"), image_column="jpg"))
     with pytest.raises(ColumnError, match="nope"):
-        embed(EmbedConfig(data=corpus, model=model_url, out=str(tmp_path / "o"), passthrough=("nope",)))
+        embed(EmbedConfig(data_url=corpus, model_url=model_url, out_url=str(tmp_path / "o"), passthrough=("nope",)))
 
 
 def test_duplicate_ids_are_refused_with_examples(tmp_path, model_url):
@@ -240,13 +228,13 @@ def test_duplicate_ids_are_refused_with_examples(tmp_path, model_url):
     first = pq.read_table(sorted(Path(data).glob("*.parquet"))[0])
     pq.write_table(first.slice(0, 2), Path(data) / "copy.parquet")
     with pytest.raises(DuplicateIdError, match=first.column("id")[0].as_py()):
-        embed(EmbedConfig(data=data, model=model_url, out=str(tmp_path / "o")))
+        embed(EmbedConfig(data_url=data, model_url=model_url, out_url=str(tmp_path / "o")))
 
 
 def test_grayscale_model_is_refused_for_colour_data(corpus, tmp_path):
-    gray = _make_model(str(tmp_path / "gray"), channels=1)
-    with pytest.raises(EmbedInputError, match="grayscale"):
-        embed(EmbedConfig(data=corpus, model=gray, out=str(tmp_path / "o")))
+    gray = make_tiny_model(str(tmp_path / "gray"), channels=1)
+    with pytest.raises(InputError, match="grayscale"):
+        embed(EmbedConfig(data_url=corpus, model_url=gray, out_url=str(tmp_path / "o")))
 
 
 def test_output_folder_of_another_model_is_refused(corpus, model_url, tmp_path):
@@ -255,15 +243,9 @@ def test_output_folder_of_another_model_is_refused(corpus, model_url, tmp_path):
 
     out = str(tmp_path / "o")
     sha = read_checkpoint_meta(model_url)["weights_sha256"]
-    check_output_folder(EmbedConfig(data=corpus, model=model_url, out=out, resize="pad", model_sha256=sha))
-    other = _make_model(str(tmp_path / "other"), seed=1)
-    with pytest.raises(EmbedInputError, match="holds results of another model"):
-        embed(EmbedConfig(data=corpus, model=other, out=out))
-    with pytest.raises(EmbedInputError, match="other settings .*latent_dtype"):
-        embed(EmbedConfig(data=corpus, model=model_url, out=out, latent_dtype="int8"))
-
-
-@pytest.mark.parametrize("spec", ["quantile:1.5", "value:abc", "median", "quantile:"])
-def test_bad_threshold_specs_are_refused(spec):
-    with pytest.raises(EmbedInputError, match="threshold"):
-        resolve_threshold(spec, {"grid": [0.0, 1.0]})
+    check_output_folder(EmbedConfig(data_url=corpus, model_url=model_url, out_url=out, resize="pad", model_sha256=sha))
+    other = make_tiny_model(str(tmp_path / "other"), seed=1)
+    with pytest.raises(InputError, match="holds results of another model"):
+        embed(EmbedConfig(data_url=corpus, model_url=other, out_url=out))
+    with pytest.raises(InputError, match="other settings .*latent_dtype"):
+        embed(EmbedConfig(data_url=corpus, model_url=model_url, out_url=out, latent_dtype="int8"))

@@ -46,7 +46,7 @@ def _tree(url: str) -> dict[str, np.ndarray]:
 
 def _read(url: str) -> pa.Table:
     tables = []
-    for shard in storage.list_shards(url):
+    for shard in storage.list_files(url):
         fs, path = storage.arrow_filesystem(shard)
         tables.append(pq.read_table(path, filesystem=fs))
     return pa.concat_tables(tables).sort_by("id")
@@ -74,7 +74,7 @@ def _check_folder_output(out: str, good: dict[str, np.ndarray], summary: dict) -
     assert summary["skipped_by_extension"] == {".txt": 1}
     assert summary["rejects_by_reason"] == {"empty bytes": 1, "not an image": 1, "truncated image": 1}
     saved = json.loads(storage.read_text(storage.join(out, SUMMARY_FILE)))
-    assert saved["rows"] == summary["rows"] and saved["config"]["source"] == summary["source"]
+    assert saved["rows"] == summary["rows"] and saved["config"]["source_url"] == summary["source"]
 
 
 def test_folder_round_trip_is_pixel_identical_and_rejects_are_listed(tmp_path):
@@ -85,7 +85,7 @@ def test_folder_round_trip_is_pixel_identical_and_rejects_are_listed(tmp_path):
     assert summary["shards"] == [f"part-0000{i}.parquet" for i in range(4)]  # 11 files / 3, rejects included
     assert check_columns(out, ingest_job.IngestConfig("x", "y", use_ray=False).columns).field("width").type == pa.int32()
     assert (tmp_path / "out" / REJECTS_DIR).is_dir()
-    assert all(not s.split("/")[-2].startswith("_") for s in storage.list_shards(out))  # rejects are not shards
+    assert all(not s.split("/")[-2].startswith("_") for s in storage.list_files(out))  # rejects are not shards
 
 
 def test_rerun_is_idempotent_and_resizing_leaves_no_orphans(tmp_path):
@@ -205,7 +205,7 @@ def test_s3_without_ray(s3_bucket):
     summary = ingest(src, out, use_ray=False, rows_per_shard=4)
     _check_folder_output(out, good, summary)
     again = ingest(src, out, use_ray=False, rows_per_shard=100)
-    assert again["shards"] == ["part-00000.parquet"] and len(storage.list_shards(out)) == 1
+    assert again["shards"] == ["part-00000.parquet"] and len(storage.list_files(out)) == 1
 
 
 def test_job_cli_without_ray(tmp_path, capsys):
@@ -248,7 +248,7 @@ def test_ray_path_on_s3(ray_local, s3_bucket):
     rerun = ingest(src, out, rows_per_shard=100)
     assert rerun["stale_removed"] == [
         "part-00001.parquet", "part-00002.parquet", f"{REJECTS_DIR}/part-00001.parquet", f"{REJECTS_DIR}/part-00002.parquet"]
-    assert len(storage.list_shards(out)) == 1
+    assert len(storage.list_files(out)) == 1
 
 
 @pytest.mark.ray

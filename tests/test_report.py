@@ -19,9 +19,7 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
-import types
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -29,41 +27,28 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 from sklearn.metrics import average_precision_score, confusion_matrix, precision_recall_curve, roc_auc_score
 
 from jobs.report import main as report_main
 from pipeline import storage
-from pipeline.checkpoint import read_checkpoint_meta, save_checkpoint
-from pipeline.embed import EmbedConfig, embed, embed_reference, read_latents
+from pipeline.checkpoint import read_checkpoint_meta
+from pipeline.embed import EmbedConfig, embed, embed_reference
+from pipeline.errors import InputError
 from pipeline.images import encode_image
-from pipeline.model import AutoencoderConfig, build_model
+from pipeline.latents import read_latents
 from pipeline.report import (
-    HIST_RATIO, ReportConfig, ReportInputError, ScoreTotals, histogram_counts, report, resolve_threshold,
-    sketch_quantile,
+    HIST_RATIO, ReportConfig, ScorePartial, histogram_counts, report, resolve_threshold, sketch_quantile,
 )
 from pipeline.shards import write_shard
 from pipeline.synth import synthetic_image, write_synthetic_corpus
-from pipeline.train import calibration_from_errors, threshold_from_calibration
+from pipeline.scoring import threshold_from_calibration
 
 HOSTILE_IDS = ["../x", "<script>alert(1)</script>", "line1\nline2", "q\"uote's & <b>bold</b>"]
 HOSTILE_KIND = "<img src=x onerror=alert(3)>"
 
 
 # ---------------------------------------------------------------- builders
-
-
-def _make_model(url: str, image_size: int = 32) -> str:
-    """A real (untrained) checkpoint with a real calibration, as tests/test_embed.py makes one."""
-    torch.manual_seed(0)
-    model = build_model(AutoencoderConfig(image_size=image_size, channels=3, latent_dim=16, base_width=8)).eval()
-    x = torch.rand(32, 3, image_size, image_size)
-    with torch.inference_mode():
-        errors = ((model(x)["x_hat"] - x) ** 2).flatten(1).mean(1).numpy()
-    save_checkpoint(url, model, training={"calibration": calibration_from_errors(errors),
-                                          "preprocessing": {"resize": "pad"}})
-    return url
 
 
 def _known_latents(root: Path, labels: bool = True, n: int = 300, seed: int = 0,
@@ -104,8 +89,8 @@ def known(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model_url(tmp_path_factory):
-    return _make_model(str(tmp_path_factory.mktemp("model") / "model"))
+def model_url(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +101,7 @@ def embedded(tmp_path_factory, model_url, ray_local):
     write_synthetic_corpus(str(data), n=120, image_size=32, anomaly_fraction=0.1, seed=5, rows_per_shard=60)
     pq.write_table(pa.table({"id": ["bad-junk", "bad-empty"], "image": pa.array([b"junk", b""], pa.binary()),
                              "label": [1, 1], "anomaly_kind": ["bad", "bad"]}), data / "zz-bad.parquet")
-    cfg = EmbedConfig(data=str(data), model=model_url, out=str(root / "latents"),
+    cfg = EmbedConfig(data_url=str(data), model_url=model_url, out_url=str(root / "latents"),
                       passthrough=("label", "anomaly_kind"), batch_size=64)
     summary = embed(cfg)
     assert summary.rows_out == 122
@@ -237,7 +222,7 @@ class _Tags(HTMLParser):
 def test_metrics_counts_and_quantiles_equal_the_reference(ray_local, known, tmp_path):
     latents, truth = known
     threshold = 0.009
-    summary = report(ReportConfig(latents=latents, out=str(tmp_path / "r"), threshold=f"value:{threshold}",
+    summary = report(ReportConfig(latents_url=latents, out_url=str(tmp_path / "r"), threshold=f"value:{threshold}",
                                   top_k=20))
     y, s = truth["label"], truth["mse"].astype(np.float64)
     m = summary["metrics"]
@@ -278,7 +263,7 @@ def test_metrics_counts_and_quantiles_equal_the_reference(ray_local, known, tmp_
 
     # Above max_exact_rows: histogram quantiles within the stated factor, sampled metrics,
     # and still exact counts and confusion matrix.
-    sampled = report(ReportConfig(latents=latents, out=str(tmp_path / "s"), threshold=f"value:{threshold}",
+    sampled = report(ReportConfig(latents_url=latents, out_url=str(tmp_path / "s"), threshold=f"value:{threshold}",
                                   max_exact_rows=150))
     assert sampled["scores"]["quantile_method"] == "log-histogram"
     assert sampled["metrics"]["sampled"] and 60 < sampled["metrics"]["rows_used"] < 240
@@ -306,7 +291,7 @@ def test_sketch_quantiles_stay_within_the_stated_factor():
 @pytest.mark.ray
 def test_contamination_flags_exactly_the_top_share(ray_local, known, tmp_path):
     latents, truth = known
-    summary = report(ReportConfig(latents=latents, out=str(tmp_path / "r"), threshold="contamination:0.05",
+    summary = report(ReportConfig(latents_url=latents, out_url=str(tmp_path / "r"), threshold="contamination:0.05",
                                   top_k=40, typical_k=5))
     k = round(0.05 * 298)
     t = summary["threshold"]
@@ -324,7 +309,7 @@ def test_contamination_flags_exactly_the_top_share(ray_local, known, tmp_path):
 
 def test_threshold_policies_resolve_from_their_sources(model_url, tmp_path):
     calibration = read_checkpoint_meta(model_url)["training"]["calibration"]
-    empty = ScoreTotals()
+    empty = ScorePartial()
     from_model = resolve_threshold("quantile:0.95", empty, True, calibration, None)
     assert from_model.value == pytest.approx(threshold_from_calibration(calibration, 0.95))
     assert "--model" in from_model.source
@@ -333,11 +318,11 @@ def test_threshold_policies_resolve_from_their_sources(model_url, tmp_path):
     # Another quantile than the embed job's: the calibration of the model the metadata names.
     named = resolve_threshold("quantile:0.9", empty, True, None, {**recorded, "model": model_url})
     assert named.value == pytest.approx(threshold_from_calibration(calibration, 0.9))
-    with pytest.raises(ReportInputError, match="needs the model's calibration"):
+    with pytest.raises(InputError, match="needs the model's calibration"):
         resolve_threshold("quantile:0.9", empty, True, None, recorded)
     assert resolve_threshold("value:0.5", empty, True, None, None).value == 0.5
     for bad in ("quantile:1.5", "contamination:-0.1", "value:abc", "median", "value:nan"):
-        with pytest.raises(ReportInputError, match="threshold|contamination|quantile"):
+        with pytest.raises(InputError, match="threshold|contamination|quantile"):
             resolve_threshold(bad, empty, True, None, None)
 
 
@@ -349,7 +334,7 @@ def test_no_label_column_means_no_metric_sections(ray_local, tmp_path):
     (out / "images").mkdir(parents=True)
     for stale in ("roc_pr.png", "images/worst-0099-error.png", "notes.txt", "images/mine.png"):
         (out / stale).write_bytes(b"old")
-    summary = report(ReportConfig(latents=latents, out=str(out), threshold="contamination:0.1"))
+    summary = report(ReportConfig(latents_url=latents, out_url=str(out), threshold="contamination:0.1"))
     assert not (out / "roc_pr.png").exists() and not (out / "images" / "worst-0099-error.png").exists()
     assert (out / "notes.txt").exists() and (out / "images" / "mine.png").exists()
     assert "metrics" not in summary and "by_kind" not in summary and "metrics" not in _summary(str(out))
@@ -383,7 +368,7 @@ def test_bad_input_exits_2_with_a_clear_message(known, tmp_path, capsys):
 @pytest.mark.ray
 def test_end_to_end_report_renders_in_chromium(ray_local, embedded, model_url, tmp_path):
     out = tmp_path / "report"
-    argv = ["--latents", embedded.out, "--out", str(out), "--model", model_url, "--data", embedded.data,
+    argv = ["--latents", embedded.out_url, "--out", str(out), "--model", model_url, "--data", embedded.data_url,
             "--top-k", "12", "--typical-k", "4", "--interpolate", "synth-00000000,synth-00000001",
             "--interpolation-steps", "6"]
     assert report_main(argv) == 0
@@ -391,7 +376,7 @@ def test_end_to_end_report_renders_in_chromium(ray_local, embedded, model_url, t
     calibration = read_checkpoint_meta(model_url)["training"]["calibration"]
     assert summary["threshold"]["value"] == pytest.approx(threshold_from_calibration(calibration, 0.99))
     assert summary["counts"]["rows"] == 122 and summary["counts"]["error_rows"] == 2
-    latents = read_latents(embedded.out, columns=["id", "mse", "label"]).to_pylist()
+    latents = read_latents(embedded.out_url, columns=["id", "mse", "label"]).to_pylist()
     scored = sorted((r for r in latents if r["mse"] is not None), key=lambda r: (-r["mse"], r["id"]))
     assert [r["id"] for r in summary["top_anomalies"]] == [r["id"] for r in scored[:12]]
     assert summary["threshold"]["flagged_rows"] == sum(r["mse"] > summary["threshold"]["value"] for r in scored)
@@ -409,7 +394,7 @@ def test_end_to_end_report_renders_in_chromium(ray_local, embedded, model_url, t
     assert {"index.html", "summary.json", "top_anomalies.parquet", "histogram_mse.png", "roc_pr.png",
             "interpolation.png"} <= files
 
-    # pipeline/decode.py's interpolation_grid: six decoded 32x32 images side by side.
+    # pipeline/inference.py's interpolation_grid: six decoded 32x32 images side by side.
     assert Image.open(out / "interpolation.png").size == (6 * 32, 32)
     assert summary["interpolation"] == {"id_a": "synth-00000000", "id_b": "synth-00000001", "steps": 6,
                                         "image": "interpolation.png"}
@@ -422,10 +407,10 @@ def test_end_to_end_report_renders_in_chromium(ray_local, embedded, model_url, t
 @pytest.mark.ray
 def test_report_written_to_s3(ray_local, s3_bucket, embedded, model_url):
     fs, _ = storage.filesystem(s3_bucket)
-    fs.put(embedded.out + "/", f"{s3_bucket[5:]}/latents/", recursive=True)
+    fs.put(embedded.out_url + "/", f"{s3_bucket[5:]}/latents/", recursive=True)
     out = f"{s3_bucket}/reports/r1"
-    summary = report(ReportConfig(latents=f"{s3_bucket}/latents", out=out, model=model_url, data=embedded.data,
-                                  top_k=3, typical_k=1))
+    summary = report(ReportConfig(latents_url=f"{s3_bucket}/latents", out_url=out, model_url=model_url,
+                                  data_url=embedded.data_url, top_k=3, typical_k=1))
     again = _summary(out)
     assert again["counts"] == summary["counts"] and again["counts"]["rows"] == 122
     written = sorted(p[len(f"{s3_bucket[5:]}/reports/r1/"):] for p in fs.find(f"{s3_bucket[5:]}/reports/r1"))
@@ -447,7 +432,8 @@ def test_hostile_ids_stay_text_and_write_only_inside_the_report(ray_local, model
     write_shard(str(data / "part-00000.parquet"), pa.table({
         "id": ids, "image": pa.array(images, pa.binary()), "label": [1, 1, 0, 0, 0, 0, 0, 0, 0, 0],
         "anomaly_kind": [HOSTILE_KIND, HOSTILE_KIND, *[""] * 8]}))
-    cfg = EmbedConfig(data=str(data), model=model_url, out="unused", passthrough=("label", "anomaly_kind"))
+    cfg = EmbedConfig(data_url=str(data), model_url=model_url, out_url="unused",
+                      passthrough=("label", "anomaly_kind"))
     table = embed_reference(cfg, threshold=0.01)
     latents = tmp_path / "lat<img src=x onerror=alert(2)>"
     latents.mkdir()
@@ -460,14 +446,15 @@ def test_hostile_ids_stay_text_and_write_only_inside_the_report(ray_local, model
         calls.append((model, latents_url, id_a, id_b, steps))
         return strip
 
-    # A stand-in with pipeline.decode's signature: this test is about what the report does with the ids and
+    # A stand-in with pipeline.inference's signature: this test is about what the report does with the ids and
     # the strip (the end-to-end test above runs the real one).
-    monkeypatch.setitem(sys.modules, "pipeline.decode", types.SimpleNamespace(interpolation_grid=interpolation_grid))
+    monkeypatch.setattr("pipeline.inference.interpolation_grid", interpolation_grid)
 
     out = tmp_path / "report"
     before = {p for p in tmp_path.rglob("*")}
-    summary = report(ReportConfig(latents=str(latents), out=str(out), model=model_url, data=str(data), top_k=20,
-                                  typical_k=2, interpolate=(HOSTILE_IDS[1], HOSTILE_IDS[0]), interpolation_steps=5))
+    summary = report(ReportConfig(latents_url=str(latents), out_url=str(out), model_url=model_url, data_url=str(data),
+                                  top_k=20, typical_k=2, interpolate=(HOSTILE_IDS[1], HOSTILE_IDS[0]),
+                                  interpolation_steps=5))
     created = {p for p in tmp_path.rglob("*") if p.is_file()} - before
     print("files written:", sorted(str(p.relative_to(out)) for p in created))
     assert all(out in p.parents for p in created), [str(p) for p in created if out not in p.parents]
@@ -496,22 +483,24 @@ def test_hostile_ids_stay_text_and_write_only_inside_the_report(ray_local, model
 
 
 def _escaped(text: str) -> str:
-    import html
+    """`text` as the report's template engine writes it (Jinja2's autoescape is markupsafe's escape)."""
+    from markupsafe import escape
 
-    return html.escape(text, quote=True)
+    return str(escape(text))
 
 
 def test_block_reducers_run_without_ray_even_on_a_block_of_undecodable_rows():
     """The per-block functions are plain functions of a pyarrow table (what Ray Data hands them)."""
-    from pipeline.report import PATH_COLUMN, ScanPlan, _unpack, scan_flags, scan_scores
+    from pipeline.report import PATH_COLUMN, GroupStats, ScanPlan, scan_flags, scan_scores, unpack
 
     table = pa.table({"id": ["a", "b"], "mse": pa.array([None, None], pa.float32()),
                       "error": ["not an image", "empty bytes"], "label": [1, 0], PATH_COLUMN: ["s/x.parquet"] * 2})
     plan = ScanPlan(id_column="id", label_column="label", kind_column=None, has_ssim=False, has_error=True,
                     has_flag=False, top_k=5, sample_fraction=1.0, threshold=0.1, median=math.nan, typical_k=3)
-    scores, arrays = _unpack(scan_scores(table, plan))
-    assert (scores["rows"], scores["scored"], scores["error_rows"], scores["top"]) == (2, 0, 2, [])
-    assert sorted(scores["reasons"]) == [["empty bytes", 1], ["not an image", 1]]
-    assert scores["shards"] == [["s/x.parquet", 2, 2, 0, 0.0, None]] and arrays["sample_mse"].size == 0
-    flags, _ = _unpack(scan_flags(table, plan))
-    assert (flags["flagged"], flags["confusion"], flags["typical"]) == (0, [[0, 0], [0, 0]], [])
+    (scores,) = unpack(scan_scores(table, plan))
+    assert (scores.rows, scores.scored, scores.error_rows, scores.top.rows) == (2, 0, 2, [])
+    assert sorted(scores.reasons.items()) == [("empty bytes", 1), ("not an image", 1)]
+    assert scores.shards == {"s/x.parquet": GroupStats(rows=2, error_rows=2, scored_rows=0, mse_sum=0.0, mse_max=None)}
+    assert scores.sample.mse.size == 0
+    (flags,) = unpack(scan_flags(table, plan))
+    assert (flags.flagged, flags.confusion.tolist(), flags.typical.rows) == (0, [[0, 0], [0, 0]], [])

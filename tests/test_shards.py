@@ -6,6 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import storage
+from pipeline.errors import InputError
 from pipeline.images import decode_batch, encode_image
 from pipeline.shards import (
     IMG2DATASET,
@@ -109,7 +110,7 @@ def test_image_column_of_wrong_type_is_refused(tmp_path):
 
 
 def test_no_shards_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no Parquet shards"):
+    with pytest.raises(InputError, match="no Parquet shards"):
         check_columns(str(tmp_path), Columns())
 
 

@@ -86,7 +86,7 @@ def test_rerun_with_fewer_shards_leaves_no_stale_shards(tmp_path):
 def test_memory_url():
     url = "memory://synth-test/corpus"
     write_synthetic_corpus(url, 12, image_size=16, rows_per_shard=5)
-    assert len(storage.list_shards(url)) == 3
+    assert len(storage.list_files(url)) == 3
     storage.remove(url, recursive=True)
 
 

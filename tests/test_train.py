@@ -17,15 +17,17 @@ import pytest
 import torch
 
 from pipeline.checkpoint import load_checkpoint
-from pipeline.datasets import split_of
+from pipeline.errors import InputError
 from pipeline.images import decode_batch
-from pipeline.model import build_model
-from pipeline.reconstruction import mse_per_image
+from pipeline.model import AutoencoderConfig, build_model
+from pipeline.sampling import split_of
+from pipeline.scoring import mse_per_image
 from pipeline.synth import write_synthetic_corpus
-from pipeline.train import METRICS_FILE, TrainConfig, TrainingInputError, train
+from pipeline.train import METRICS_FILE, TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = dict(image_size=32, latent_dim=16, base_width=8, batch_size=8, val_fraction=0.2, lr=5e-3)
+TINY = AutoencoderConfig(image_size=32, latent_dim=16, base_width=8)
+SMALL = dict(model=TINY, batch_size=8, val_fraction=0.2, lr=5e-3)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,7 @@ def _val_images(data: str, cfg: TrainConfig) -> torch.Tensor:
     ids = table.column("id").to_pylist()
     val = split_of(ids, cfg.val_fraction)
     images = [b for b, v in zip(table.column("image").to_pylist(), val) if v]
-    pixels, errors = decode_batch(images, cfg.image_size, cfg.channels)
+    pixels, errors = decode_batch(images, cfg.model.image_size, cfg.model.channels)
     pixels = pixels[[e is None for e in errors]]
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0
 
@@ -58,15 +60,15 @@ def _metrics(out: str) -> list[dict]:
 
 @pytest.mark.ray
 def test_two_worker_training_learns_and_exports_a_model_that_loads_without_ray(ray_local, corpus, tmp_path):
-    cfg = TrainConfig(data=corpus, out=str(tmp_path / "run"), workers=2, epochs=6,
-                      **{**SMALL, "batch_size": 4, "latent_dim": 32})
+    cfg = TrainConfig(data_url=corpus, out_url=str(tmp_path / "run"), workers=2, epochs=6,
+                      **{**SMALL, "batch_size": 4, "model": replace(TINY, latent_dim=32)})
     x_val = _val_images(corpus, cfg)
     torch.manual_seed(cfg.seed)
-    untrained = _val_mse(build_model(cfg.model_config()), x_val)
+    untrained = _val_mse(build_model(cfg.model), x_val)
 
     result = train(cfg)
 
-    history = _metrics(cfg.out)
+    history = _metrics(cfg.out_url)
     assert [m["epoch"] for m in history] == [1, 2, 3, 4, 5, 6]
     assert {"train_loss", "val_mse", "val_psnr", "images_per_s", "decode_failures"} <= set(history[0])
     assert history[-1]["val_mse"] < 0.6 * untrained
@@ -82,24 +84,24 @@ def test_two_worker_training_learns_and_exports_a_model_that_loads_without_ray(r
     assert calibration["count"] == len(x_val) and len(calibration["grid"]) == 1001
     assert calibration["quantiles"]["0.5"] <= calibration["quantiles"]["0.99"] <= calibration["max"]
     # Ray Train kept the best checkpoints and the latest one, no more.
-    kept = sorted(p.name for p in (Path(cfg.out) / "checkpoints").glob("epoch-*"))
+    kept = sorted(p.name for p in (Path(cfg.out_url) / "checkpoints").glob("epoch-*"))
     assert f"epoch-{len(history):04d}" in kept and len(kept) <= cfg.keep_checkpoints + 1
 
 
 @pytest.mark.ray
 def test_a_worker_crash_mid_epoch_is_survived(ray_local, corpus, tmp_path):
     marker = tmp_path / "crashed"
-    cfg = TrainConfig(data=corpus, out=str(tmp_path / "run"), workers=2, epochs=2, inject_crash=str(marker), **SMALL)
+    cfg = TrainConfig(data_url=corpus, out_url=str(tmp_path / "run"), workers=2, epochs=2, inject_crash=str(marker), **SMALL)
     train(cfg)
     assert marker.exists(), "the injected crash never happened"
-    assert [m["epoch"] for m in _metrics(cfg.out)] == [1, 2]
+    assert [m["epoch"] for m in _metrics(cfg.out_url)] == [1, 2]
 
 
 @pytest.mark.ray
 def test_same_seed_gives_identical_weights(ray_local, corpus, tmp_path):
     runs = []
     for name in ("a", "b"):
-        cfg = TrainConfig(data=corpus, out=str(tmp_path / name), workers=1, epochs=1, seed=7, **SMALL)
+        cfg = TrainConfig(data_url=corpus, out_url=str(tmp_path / name), workers=1, epochs=1, seed=7, **SMALL)
         runs.append(load_checkpoint(train(cfg).model_url))
     assert runs[0].weights_sha256 == runs[1].weights_sha256
     assert runs[0].training["seed"] == 7
@@ -113,13 +115,15 @@ def test_rerun_after_sigkill_resumes_and_stops_at_the_requested_epochs(corpus, t
            "--workers", "1", "--image-size", "32", "--latent-dim", "16", "--base-width", "8",
            "--batch-size", "8", "--val-fraction", "0.2"]
     env = {**os.environ, "RAY_ADDRESS": "local"}
-    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
+    # Killed once Ray Train has registered epoch 1's checkpoint (its snapshot names it): the
+    # folder alone appears before the registration, and a kill in between leaves nothing to resume.
+    snapshot = out / "checkpoints" / "checkpoint_manager_snapshot.json"
     deadline = time.time() + 240
-    while time.time() < deadline and not (out / "checkpoints" / "epoch-0001").exists():
+    while time.time() < deadline and not (snapshot.exists() and "epoch-0001" in snapshot.read_text()):
         time.sleep(0.2)
-    assert (out / "checkpoints" / "epoch-0001").exists(), "no checkpoint appeared before the deadline"
-    time.sleep(1.0)
+    assert snapshot.exists() and "epoch-0001" in snapshot.read_text(), "no checkpoint registered before the deadline"
     os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray it started, at once
     first.wait()
     done_before = len(_metrics(str(out))) if (out / METRICS_FILE).exists() else 0
@@ -135,28 +139,28 @@ def test_empty_dataset_is_refused_before_training(tmp_path):
     (tmp_path / "data").mkdir()
     pq.write_table(pa.table({"id": pa.array([], pa.string()), "image": pa.array([], pa.binary())}),
                    tmp_path / "data" / "part-0.parquet")
-    with pytest.raises(TrainingInputError, match="holds no rows"):
-        train(TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run")))
+    with pytest.raises(InputError, match="holds no rows"):
+        train(TrainConfig(data_url=str(tmp_path / "data"), out_url=str(tmp_path / "run")))
 
 
 def test_data_where_no_image_decodes_is_refused_before_training(tmp_path):
     (tmp_path / "data").mkdir()
     pq.write_table(pa.table({"id": ["a", "b", "c"], "image": [b"", b"not an image", b"\x89PNG\r\n"]}),
                    tmp_path / "data" / "part-0.parquet")
-    with pytest.raises(TrainingInputError, match="none of the first 3 images .* decode"):
-        train(TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run")))
+    with pytest.raises(InputError, match="none of the first 3 images .* decode"):
+        train(TrainConfig(data_url=str(tmp_path / "data"), out_url=str(tmp_path / "run")))
 
 
 def test_resuming_with_other_settings_is_refused(tmp_path, corpus):
-    cfg = TrainConfig(data=corpus, out=str(tmp_path / "run"), **SMALL)
+    cfg = TrainConfig(data_url=corpus, out_url=str(tmp_path / "run"), **SMALL)
     from pipeline.shards import fingerprint
     from pipeline.train import check_run_folder
 
     check_run_folder(replace(cfg, data_fingerprint=fingerprint(corpus)))
-    with pytest.raises(TrainingInputError, match=r"image_size: 32 -> 64"):
-        train(replace(cfg, image_size=64))
-    with pytest.raises(TrainingInputError, match=r"model: 'fire' -> 'plain'"):
-        train(replace(cfg, model="plain"))
+    with pytest.raises(InputError, match=r"image_size: 32 -> 64"):
+        train(replace(cfg, model=replace(TINY, image_size=64)))
+    with pytest.raises(InputError, match=r"arch: 'fire' -> 'plain'"):
+        train(replace(cfg, model=replace(TINY, arch="plain")))
 
 
 @pytest.mark.ray
@@ -165,19 +169,19 @@ def test_data_checkpoints_and_model_on_s3_and_resume_from_there(ray_local, corpu
 
     fs, _ = storage.filesystem(s3_bucket)
     fs.put(corpus + "/", f"{s3_bucket[5:]}/shards/", recursive=True)
-    cfg = TrainConfig(data=f"{s3_bucket}/shards", out=f"{s3_bucket}/run", workers=1, epochs=1, **SMALL)
+    cfg = TrainConfig(data_url=f"{s3_bucket}/shards", out_url=f"{s3_bucket}/run", workers=1, epochs=1, **SMALL)
     first = train(cfg).history
     # Asking for one epoch more continues from the checkpoint on S3 rather than starting over:
     # epoch 1's record (its timings included) is the first run's, untouched.
     result = train(replace(cfg, epochs=2))
 
-    history = [json.loads(line) for line in storage.read_text(f"{cfg.out}/{METRICS_FILE}").splitlines()]
+    history = [json.loads(line) for line in storage.read_text(f"{cfg.out_url}/{METRICS_FILE}").splitlines()]
     assert [m["epoch"] for m in history] == [1, 2]
     assert history[0] == first[0]
     assert history[0]["train_images"] + history[0]["val_images"] == 320
     run = f"{s3_bucket[5:]}/run"
     assert fs.exists(f"{run}/checkpoints/epoch-0002") and fs.exists(f"{run}/run.json")
-    assert result.model_url == f"{cfg.out}/model"
+    assert result.model_url == f"{cfg.out_url}/model"
     exported = load_checkpoint(result.model_url)
     x_val = _val_images(corpus, cfg)
     best = min(history, key=lambda m: m["val_mse"])

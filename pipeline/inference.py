@@ -1,0 +1,53 @@
+"""A checkpoint as the inference jobs run it, and what they do with it besides scoring.
+
+`load_inference_model` is the one loader behind the embed job's `Embedder`, the decode job's
+`LatentDecoder` and the report's interpolation strip: the checkpoint's model with BatchNorm
+folded into the convolutions and channels_last memory (the same outputs as the trained
+model to float rounding, so a decoded pixel may differ by one level).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.checkpoint import Checkpoint, load_checkpoint, read_checkpoint_meta
+from pipeline.latents import check_model_fits, read_latent_rows
+from pipeline.model import fuse_for_inference
+
+
+def load_inference_model(model_url: str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Checkpoint]:
+    """(folded channels_last model in eval mode, the checkpoint it came from)."""
+    checkpoint = load_checkpoint(model_url, device=device)
+    return fuse_for_inference(checkpoint.model).to(memory_format=torch.channels_last), checkpoint
+
+
+def to_input(pixels: torch.Tensor) -> torch.Tensor:
+    """(B, S, S, C) uint8 -> (B, C, S, S) float in [0, 1]; the permute leaves it channels_last."""
+    return pixels.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def to_pixels(x_hat: torch.Tensor) -> np.ndarray:
+    """(B, C, S, S) floats in [0, 1] -> (B, S, S, C) uint8, rounded to nearest."""
+    return x_hat.float().mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.inference_mode()
+def decode_latents(model: torch.nn.Module, z: np.ndarray, device: str | torch.device = "cpu") -> np.ndarray:
+    """(B, latent_dim) float32 -> (B, S, S, C) uint8: the model's decoder, rounded to pixels."""
+    return to_pixels(model.decode(torch.from_numpy(np.ascontiguousarray(z, np.float32)).to(device)))
+
+
+def interpolation_grid(model_url: str, latents_url: str, id_a: str, id_b: str, steps: int = 8) -> np.ndarray:
+    """An (S, steps * S, C) uint8 strip: `steps` images decoded along the straight line from
+    id_a's latent to id_b's (dequantized), both endpoints included."""
+    if steps < 2:
+        raise ValueError(f"steps must be at least 2 (both endpoints), got {steps}")
+    check_model_fits(latents_url, read_checkpoint_meta(model_url), model_url)
+    z = read_latent_rows(latents_url, [id_a, id_b])
+    model, _ = load_inference_model(model_url)
+    t = np.linspace(0.0, 1.0, steps, dtype=np.float32)[:, None]  # (steps, 1)
+    line = (1.0 - t) * z[id_a][None] + t * z[id_b][None]  # (steps, latent_dim)
+    line[-1] = z[id_b]  # exact endpoint, whatever (1 - 1) * a + 1 * b rounds to
+    pixels = decode_latents(model, line)  # (steps, S, S, C)
+    return np.concatenate(list(pixels), axis=1)  # (S, steps * S, C)

@@ -1,0 +1,162 @@
+"""The latent dataset: how the embed job stores vectors and scores, and how later stages read them.
+
+A latent dataset (the README's "Latent dataset" contract) is a folder of Parquet files, one
+row per input image:
+    id, latent (fixed_size_list<float32|float16|int8>[latent_dim], null for a bad image),
+    latent_scale (int8 only), the scores, is_anomaly, error, <passthrough columns>
+Each file's Parquet metadata holds, under `METADATA_KEY`, a JSON object naming the model
+(url, weights_sha256), the threshold and its spec. The folder also holds the embed job's
+claim (`RUN_FILE`), Ray Data's write checkpoint (`CHECKPOINT_DIR`) and, once every row is
+written, `SUCCESS_FILE`. Names starting with "_" are never read as data.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from pipeline import storage
+from pipeline.errors import InputError
+
+METADATA_KEY = b"squeeze"
+LATENT_DTYPES = ("float32", "float16", "int8")
+LATENT_COLUMNS = ("id", "latent", "latent_scale")
+RUN_FILE = "_embed.json"
+SUCCESS_FILE = "_SUCCESS.json"
+CHECKPOINT_DIR = "_checkpoint"
+MISSING_SHOWN = 5  # missing ids named in an error
+
+
+# ---------------------------------------------------------------- storing vectors
+
+
+def quantize_latents(z: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(N, D) float32 -> stored latents, and per-row scales for int8 (z ~= q * scale)."""
+    if dtype == "float32":
+        return z.astype(np.float32), None
+    if dtype == "float16":
+        return z.astype(np.float16), None
+    if dtype == "int8":
+        scale = np.abs(z).max(axis=1) / 127.0
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        return np.clip(np.rint(z / scale[:, None]), -127, 127).astype(np.int8), scale
+    raise ValueError(f"latent dtype must be one of {LATENT_DTYPES}, got {dtype!r}")
+
+
+def dequantize_latents(latent: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
+    """Stored latents -> (N, D) float32."""
+    z = latent.astype(np.float32)
+    return z * scale[:, None].astype(np.float32) if scale is not None else z
+
+
+def fixed_size_list(values: np.ndarray, valid: np.ndarray) -> pa.Array:
+    """(N, D) array -> fixed_size_list<D>, null where `valid` is False."""
+    flat = pa.array(values.reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, values.shape[1], mask=pa.array(~valid))
+
+
+def latents_from_batch(batch: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """A batch's `latent` (and `latent_scale`) -> (valid (N,) bool, z (n_valid, D) float32).
+
+    `latent` is an (N, D) array, or an object array of vectors and None (Ray's numpy form of
+    a fixed_size_list with nulls, or a list from pyarrow's to_pylist).
+    """
+    raw = batch["latent"]
+    if isinstance(raw, np.ndarray) and raw.dtype != object and raw.ndim == 2:
+        valid = np.ones(len(raw), dtype=bool)
+        stored = raw
+    else:
+        rows = list(raw)
+        # A null may also arrive as a float NaN (pandas' null) rather than None.
+        valid = np.array([r is not None and not (isinstance(r, float) and r != r) for r in rows], dtype=bool)
+        kept = [np.asarray(r) for r, ok in zip(rows, valid) if ok]
+        stored = np.stack(kept) if kept else np.zeros((0, 0), np.float32)
+    # Only int8 latents have a scale column; lists from to_pylist() lose the int8 dtype.
+    scale = batch.get("latent_scale")
+    if scale is not None:
+        scale = np.asarray([s for s, ok in zip(scale, valid) if ok], dtype=np.float32)
+    return valid, dequantize_latents(stored, scale)
+
+
+# ---------------------------------------------------------------- reading a latent dataset
+
+
+def latent_files(url: str) -> tuple[Any, list[str]]:
+    """(pyarrow filesystem, paths inside it) of the latent dataset's Parquet files (maybe none)."""
+    return storage.arrow_files(url)
+
+
+def latent_dataset(url: str) -> pads.Dataset:
+    """A pyarrow dataset over the latent files under `url`; InputError when there are none."""
+    fs, paths = latent_files(url)
+    if not paths:
+        raise InputError(f"no latent dataset at {url}: no Parquet files (*.parquet) found there")
+    return pads.dataset(paths, filesystem=fs, format="parquet")
+
+
+def read_latents(url: str, columns: Sequence[str] | None = None) -> pa.Table:
+    """The latent dataset under `url` (small data and tests; jobs stream it with Ray Data)."""
+    fs, paths = latent_files(url)
+    return pads.dataset(paths, filesystem=fs, format="parquet").to_table(columns=columns)
+
+
+def metadata_of(schema: pa.Schema) -> dict[str, Any] | None:
+    """The embed job's record (model, threshold, ...) in a latent file's schema; None if absent.
+
+    ValueError when it is there but is not a JSON object.
+    """
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"the '{METADATA_KEY.decode()}' metadata is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"the '{METADATA_KEY.decode()}' metadata is not a JSON object")
+    return value
+
+
+def check_model_fits(latents_url: str, model_meta: dict[str, Any], model_url: str) -> None:
+    """Refuse a model whose decoder does not match the latents: another latent size, or other weights."""
+    schema = latent_dataset(latents_url).schema
+    for name in ("id", "latent"):
+        if name not in schema.names:
+            raise InputError(f"{latents_url} is not a latent dataset: no {name!r} column "
+                             f"(columns: {', '.join(schema.names)})")
+    latent_type = schema.field("latent").type
+    dim = latent_type.list_size if pa.types.is_fixed_size_list(latent_type) else None
+    if dim is not None and dim != model_meta["model"]["latent_dim"]:
+        raise InputError(f"the latents have {dim} dimensions but the model at {model_url} has "
+                         f"latent_dim {model_meta['model']['latent_dim']}")
+    try:
+        recorded = metadata_of(schema) or {}
+    except ValueError:
+        recorded = {}
+    sha, model_sha = recorded.get("weights_sha256"), model_meta.get("weights_sha256")
+    if sha and model_sha and sha != model_sha:
+        raise InputError(f"the latents under {latents_url} were made by another model (weights {sha[:12]}, "
+                         f"{model_url} has {model_sha[:12]}): its decoder would give noise")
+
+
+def read_latent_rows(latents_url: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
+    """{id: dequantized float32 latent} for `ids`; InputError naming any missing or null one."""
+    dataset = latent_dataset(latents_url)
+    columns = [c for c in LATENT_COLUMNS if c in dataset.schema.names]
+    table = dataset.to_table(columns=columns, filter=pc.field("id").isin(list(ids)))
+    found = dict(zip(table.column("id").to_pylist(), range(table.num_rows)))
+    missing = [i for i in ids if i not in found]
+    if missing:
+        raise InputError(f"ids not in {latents_url}: {', '.join(repr(i) for i in missing[:MISSING_SHOWN])}")
+    rows = table.take([found[i] for i in ids]).to_pydict()
+    valid, z = latents_from_batch(rows)
+    if not valid.all():
+        null = [i for i, ok in zip(ids, valid) if not ok]
+        raise InputError(f"ids with no latent (their image failed to decode upstream): {null}")
+    return {i: z[k] for k, i in enumerate(ids)}

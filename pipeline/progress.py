@@ -1,0 +1,157 @@
+"""Progress of long work: rows done of the total, rows/s and time left.
+
+On a terminal a live bar (tqdm); in logs (a file, a pipe, `ray job submit`) one plain line
+every `interval` seconds and a last one at the end, so a log shows progress without
+drowning in it.
+
+Work that runs in Ray actors reports to a `RowTally` (a tiny actor that holds no CPU) through
+a `TallyClient` the mappers call after each batch; the driver polls the tally and also
+learns how many rows each node did (`by_node`), which is how a job shows its work spread
+over a cluster.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections import Counter
+from typing import Any, TextIO
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+class Progress:
+    """A progress display for `total` units of work (None: unknown); thread-safe `update(done)`."""
+
+    def __init__(self, label: str, total: int | None, unit: str = "rows", interval: float = 10.0,
+                 stream: TextIO | None = None, bar: bool | None = None):
+        self.label, self.total, self.unit, self.interval = label, total, unit, interval
+        self.stream = stream or sys.stdout
+        self.done = 0
+        self.started = time.monotonic()
+        self._last_line = self.started
+        self._lock = threading.Lock()
+        use_bar = self.stream.isatty() if bar is None else bar
+        self._bar = None
+        if use_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=label, unit=unit[:-1] if unit.endswith("s") else unit,
+                             unit_scale=True, file=self.stream, dynamic_ncols=True, leave=True)
+
+    def line(self) -> str:
+        """`<label>: 12,345 / 100,000 rows (12%), 1,234 rows/s, 1m10s left`."""
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        rate = self.done / elapsed
+        text = f"{self.label}: {self.done:,}"
+        if self.total:
+            text += f" / {self.total:,} {self.unit} ({self.done / self.total:.0%})"
+        else:
+            text += f" {self.unit}"
+        text += f", {rate:,.0f} {self.unit}/s"
+        if self.total and rate > 0 and self.done < self.total:
+            text += f", {_duration((self.total - self.done) / rate)} left"
+        elif self.total and self.done >= self.total:
+            text += f", {_duration(elapsed)}"
+        return text
+
+    def update(self, done: int) -> None:
+        """Set the units done so far (not an increment: pollers report totals)."""
+        with self._lock:
+            if self._bar is not None:
+                self._bar.update(done - self.done)
+                self.done = done
+                return
+            self.done = done
+            now = time.monotonic()
+            if now - self._last_line >= self.interval:
+                self._last_line = now
+                print(self.line(), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        """The last line (or the finished bar)."""
+        with self._lock:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+            else:
+                print(self.line(), file=self.stream, flush=True)
+
+
+class RowTally:
+    """Rows done, by node: the state of the tally actor (`start_tally` makes it a Ray actor)."""
+
+    def __init__(self) -> None:
+        self.rows: Counter[str] = Counter()
+
+    def add(self, rows: int, node: str) -> None:
+        self.rows[node] += rows
+
+    def totals(self) -> dict[str, int]:
+        return dict(self.rows)
+
+
+class TallyClient:
+    """What a mapper calls after each batch: `client(rows)`. Picklable; one message per call, no wait."""
+
+    def __init__(self, tally: Any):
+        self.tally = tally
+        self._node: str | None = None
+
+    def __call__(self, rows: int) -> None:
+        if self._node is None:
+            import ray
+
+            self._node = ray.get_runtime_context().get_node_id()
+        self.tally.add.remote(rows, self._node)
+
+
+class TallyWatch:
+    """Driver side: a Ray tally actor, a thread that feeds its total into a `Progress`, and the
+    final rows by node. Use as a context manager around the work; `client` goes to the mappers."""
+
+    def __init__(self, progress: Progress, poll: float = 1.0):
+        import ray
+
+        self.progress, self.poll = progress, poll
+        self.tally = ray.remote(num_cpus=0)(RowTally).remote()
+        self.client = TallyClient(self.tally)
+        self.by_node: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="progress", daemon=True)
+
+    def _read(self) -> dict[str, int]:
+        import ray
+
+        return ray.get(self.tally.totals.remote())
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll):
+            self.progress.update(sum(self._read().values()))
+
+    def __enter__(self) -> TallyWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import ray
+
+        self._stop.set()
+        self._thread.join()
+        # The mappers' last messages may still be on their way: read until the count holds still.
+        self.by_node, deadline = self._read(), time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            latest = self._read()
+            if latest == self.by_node:
+                break
+            self.by_node = latest
+        self.progress.update(sum(self.by_node.values()))
+        self.progress.close()
+        ray.kill(self.tally)

@@ -1,0 +1,138 @@
+"""The worst and typical images shown as original | reconstruction | error heat map, and the
+latent interpolation strip: the report's only use of the model, so its only file that needs torch.
+
+Gallery rows are fetched from the image shards by id with a filtered read
+(`pc.field(id).isin(ids)`), never a scan into memory, decoded as the model was trained, and
+reconstructed on the driver (a few dozen images). torch is imported inside the functions so
+that the Ray tasks of the scan passes, which import this package, never load it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from pipeline.errors import InputError
+from pipeline.images import decode_batch, encode_image
+from pipeline.report.output import gallery_file
+from pipeline.shards import Columns, ShardList, check_columns, image_bytes
+
+RECONSTRUCT_BATCH = 64
+IMAGE_KINDS = ("original", "reconstruction", "error")
+HEAT_PERCENTILE = 99.5
+
+
+def fetch_images(shards: ShardList, columns: Columns, ids: Sequence[str]) -> dict[str, bytes | None]:
+    """Encoded images of `ids` from the listed image shards, by a filtered read."""
+    schema = check_columns(shards, columns)  # footers read once, when --data was checked
+    id_type = schema.field(columns.id).type
+    wanted = pa.array(list(ids), pa.string())
+    if not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
+        # The embed job writes ids as str(); compare in the data's own type where the ids parse.
+        try:
+            wanted = pc.cast(wanted, id_type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            wanted = pa.array([], id_type)
+    dataset = pads.dataset(shards.paths, filesystem=shards.arrow_fs, format="parquet")
+    table = dataset.to_table(columns=[columns.id, columns.image], filter=pc.field(columns.id).isin(wanted))
+    found: dict[str, bytes | None] = {}
+    for row_id, data in zip(table.column(columns.id).to_pylist(), image_bytes(table.column(columns.image))):
+        found.setdefault(str(row_id), data)
+    return found
+
+
+def _heat_map(error: np.ndarray, scale: float) -> np.ndarray:
+    """(S, S) squared error -> (S, S, 3) uint8 through the 'inferno' colour map, 0..scale."""
+    import matplotlib
+
+    colours = matplotlib.colormaps["inferno"](np.clip(error / scale, 0.0, 1.0))
+    return (colours[..., :3] * 255).round().astype(np.uint8)
+
+
+def _reconstruct(model, pixels: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """{id: (S, S, C) uint8} -> {id: (reconstruction (S, S, C) uint8, squared error (S, S), mse)}."""
+    import torch
+
+    from pipeline.inference import to_input, to_pixels
+    from pipeline.scoring import mse_per_image, squared_error_map
+
+    ids, out = list(pixels), {}
+    with torch.inference_mode():
+        for start in range(0, len(ids), RECONSTRUCT_BATCH):
+            chunk = ids[start:start + RECONSTRUCT_BATCH]
+            x = to_input(torch.from_numpy(np.stack([pixels[i] for i in chunk])))  # (B, C, S, S)
+            x_hat = model(x)["x_hat"]
+            errors, mse, images = squared_error_map(x, x_hat).numpy(), mse_per_image(x, x_hat).numpy(), to_pixels(x_hat)
+            for n, i in enumerate(chunk):
+                out[i] = (images[n], errors[n], float(mse[n]))
+    return out
+
+
+def _error_scale(reconstructed: dict[str, tuple[np.ndarray, np.ndarray, float]]) -> float:
+    """One colour scale for every heat map, so maps compare; a high percentile rather than the
+    maximum, so that one glaring defect does not turn every other map black."""
+    errors = np.concatenate([e.ravel() for _, e, _ in reconstructed.values()]) if reconstructed else np.zeros(1)
+    return max(float(np.percentile(errors, HEAT_PERCENTILE)), 1e-6)
+
+
+def _entries(galleries: dict[str, list[dict]], decoded: dict[str, tuple[np.ndarray, str | None]],
+             reconstructed: dict[str, tuple[np.ndarray, np.ndarray, float]], scale: float,
+             ) -> tuple[dict[str, list[dict]], dict[str, bytes]]:
+    """Each gallery row with its image files or a note saying why it has none; the PNGs by name."""
+    files: dict[str, bytes] = {}
+    entries: dict[str, list[dict]] = {}
+    for name, rows in galleries.items():
+        entries[name] = []
+        for rank, row in enumerate(rows, start=1):
+            entry = {**row, "rank": rank, "recomputed_mse": None, "images": None, "note": None}
+            if row["id"] not in decoded:
+                entry["note"] = "not found in --data"
+            elif decoded[row["id"]][1] is not None:
+                entry["note"] = f"cannot decode: {decoded[row['id']][1]}"
+            else:
+                reconstruction, error, mse = reconstructed[row["id"]]
+                entry["recomputed_mse"] = mse
+                entry["images"] = {kind: gallery_file(name, rank, kind) for kind in IMAGE_KINDS}
+                for kind, pixels in zip(IMAGE_KINDS, (decoded[row["id"]][0], reconstruction, _heat_map(error, scale))):
+                    files[entry["images"][kind]] = encode_image(pixels)
+            entries[name].append(entry)
+    return entries, files
+
+
+def build_galleries(model_url: str, shards: ShardList, columns: Columns, galleries: dict[str, list[dict]],
+                    notes: list[str]) -> tuple[dict[str, list[dict]], dict[str, bytes], float]:
+    """Reconstruct each gallery row; returns entries, {relative file name: PNG bytes}, heat scale."""
+    from pipeline.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(model_url)
+    config = checkpoint.config
+    resize = (checkpoint.training.get("preprocessing") or {}).get("resize") or "pad"
+    ids = list(dict.fromkeys(r["id"] for rows in galleries.values() for r in rows))
+    images = fetch_images(shards, columns, ids)
+    missing = [i for i in ids if i not in images]
+    if missing:
+        notes.append(f"{len(missing)} gallery ids were not found in --data (e.g. {missing[0]!r})")
+    present = [i for i in ids if i in images]
+    pixels, reasons = decode_batch([images[i] for i in present], config.image_size, config.channels, resize)
+    decoded = {i: (pixels[n], reasons[n]) for n, i in enumerate(present)}
+    reconstructed = _reconstruct(checkpoint.model, {i: p for i, (p, reason) in decoded.items() if reason is None})
+    scale = _error_scale(reconstructed)
+    entries, files = _entries(galleries, decoded, reconstructed, scale)
+    return entries, files, scale
+
+
+def interpolation_strip(model_url: str, latents_url: str, ids: tuple[str, str], steps: int) -> bytes:
+    """PNG of `steps` images decoded along the line between two ids' latents (pipeline.inference)."""
+    from pipeline import inference
+
+    try:
+        strip = np.asarray(inference.interpolation_grid(model_url, latents_url, ids[0], ids[1], steps=steps))
+    except (KeyError, ValueError) as e:  # ValueError: InputError among others
+        raise InputError(f"--interpolate: {e}") from e
+    if strip.dtype != np.uint8 or strip.ndim != 3:
+        raise InputError(f"interpolation_grid returned {strip.dtype} {strip.shape}, expected (H, W, C) uint8")
+    return encode_image(strip)

@@ -1,0 +1,146 @@
+"""The report's numbers: its threshold (the policies are in the package docstring), score
+summaries and label metrics.
+
+pipeline.scoring loads torch: it is imported inside functions (see config.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline.errors import InputError
+from pipeline.report.sketch import HIST_RATIO, sketch_quantile
+
+if TYPE_CHECKING:
+    from pipeline.report.scan import ScorePartial, ScoreStats
+
+QUANTILES = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 1.0)
+
+
+@dataclass(frozen=True)
+class Threshold:
+    spec: str
+    policy: str
+    parameter: float
+    value: float
+    source: str
+
+
+def resolve_threshold(spec: str, totals: ScorePartial | None, exact: bool, calibration: dict[str, Any] | None,
+                      metadata: dict[str, Any] | None) -> Threshold:
+    """The mse threshold a policy gives, and where it came from (`totals` only for contamination)."""
+    from pipeline.scoring import parse_threshold
+
+    parsed = parse_threshold(spec)
+    if parsed.policy == "value":
+        return Threshold(spec, parsed.policy, parsed.parameter, parsed.parameter, "the value given")
+    if parsed.policy == "contamination":
+        value, source = _contamination(parsed.parameter, totals, exact)
+    else:
+        value, source = _calibrated_quantile(spec, parsed.parameter, calibration, metadata)
+    return Threshold(spec, parsed.policy, parsed.parameter, value, source)
+
+
+def _contamination(share: float, totals: ScorePartial, exact: bool) -> tuple[float, str]:
+    """The cut that flags the top `share` of the scored rows: exact, or read off the histogram."""
+    from pipeline.scoring import contamination_threshold
+
+    n = totals.scored
+    if n == 0:
+        return math.inf, "no scored rows"
+    if not exact:
+        value = sketch_quantile(totals.mse.histogram, 1.0 - share, totals.mse.lowest, totals.mse.highest)
+        return value, (f"the {1 - share:g}-quantile of this corpus's mse (log-histogram, within "
+                       f"{(HIST_RATIO - 1) * 100:.2f}%)")
+    value = contamination_threshold(totals.sample.mse, share)
+    return value, f"the top {share:g} share ({int(round(share * n)):,} of {n:,} scored rows)"
+
+
+def _calibrated_quantile(spec: str, q: float, calibration: dict[str, Any] | None,
+                         metadata: dict[str, Any] | None) -> tuple[float, str]:
+    """A calibration quantile: --model's, the embed job's recorded threshold, or the named model's."""
+    from pipeline.scoring import parse_threshold, threshold_from_calibration
+
+    if calibration:
+        return threshold_from_calibration(calibration, q), "calibration of --model (held-out normal data)"
+    meta = metadata or {}
+    recorded = meta.get("threshold_spec")
+    if recorded and isinstance(meta.get("threshold"), (int, float)) and math.isfinite(meta["threshold"]):
+        try:
+            recorded_spec = parse_threshold(recorded)
+        except InputError:
+            recorded_spec = None
+        if recorded_spec and (recorded_spec.policy, recorded_spec.parameter) == ("quantile", q):
+            return float(meta["threshold"]), "the embed job's threshold recorded in the latent metadata"
+    model_calibration = _calibration_of(meta.get("model"))
+    if model_calibration:
+        return (threshold_from_calibration(model_calibration, q),
+                f"calibration of the model named in the latent metadata ({meta['model']})")
+    raise InputError(
+        f"--threshold {spec} needs the model's calibration: pass --model, or use contamination:X or value:X "
+        f"(the latent metadata records {recorded or 'no threshold spec'} and no reachable model)")
+
+
+def _calibration_of(model_url: str | None) -> dict[str, Any] | None:
+    """The calibration of the model the latent metadata names, if it can be read."""
+    from pipeline.checkpoint import read_checkpoint_meta
+
+    if not model_url:
+        return None
+    try:
+        return (read_checkpoint_meta(model_url).get("training") or {}).get("calibration")
+    except (OSError, ValueError):  # ValueError: pipeline.checkpoint's CheckpointError among others
+        return None
+
+
+def score_summary(stats: ScoreStats, sample: np.ndarray, exact: bool) -> dict[str, Any]:
+    """{count, min, max, mean, quantiles}: quantiles of the sample when exact, else of the histogram."""
+    if stats.count == 0:
+        return {"count": 0, "min": None, "max": None, "mean": None, "quantiles": {}}
+    if exact:
+        quantiles = np.quantile(sample.astype(np.float64), QUANTILES)
+    else:
+        quantiles = [sketch_quantile(stats.histogram, q, stats.lowest, stats.highest) for q in QUANTILES]
+    return {"count": stats.count, "min": stats.lowest, "max": stats.highest, "mean": stats.total / stats.count,
+            "quantiles": {f"{q:g}": float(v) for q, v in zip(QUANTILES, quantiles)}}
+
+
+def label_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
+    """AUROC, average precision and the best-F1 threshold of `scores` against 0/1 `labels`."""
+    from sklearn.metrics import (
+        average_precision_score,
+        precision_recall_curve,
+        roc_auc_score,
+    )
+
+    positives, negatives = int((labels == 1).sum()), int((labels == 0).sum())
+    out: dict[str, Any] = {"positives": positives, "negatives": negatives, "auroc": None, "average_precision": None,
+                           "best_f1": None, "best_f1_threshold": None, "best_f1_precision": None,
+                           "best_f1_recall": None}
+    if positives == 0:
+        return out
+    out["average_precision"] = float(average_precision_score(labels, scores))
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
+    # The curve's last point (precision 1, recall 0) has no threshold.
+    p, r = precision[:-1], recall[:-1]
+    f1 = np.divide(2 * p * r, p + r, out=np.zeros_like(p), where=(p + r) > 0)
+    best = int(np.argmax(f1))
+    out.update(best_f1=float(f1[best]), best_f1_threshold=float(thresholds[best]),
+               best_f1_precision=float(p[best]), best_f1_recall=float(r[best]))
+    if negatives:
+        out["auroc"] = float(roc_auc_score(labels, scores))
+    return out
+
+
+def at_threshold(confusion: np.ndarray) -> dict[str, Any]:
+    """Precision, recall and F1 of the report's flags, from [[tn, fp], [fn, tp]]."""
+    (tn, fp), (fn, tp) = confusion.tolist()
+    precision = tp / (tp + fp) if tp + fp else None
+    recall = tp / (tp + fn) if tp + fn else None
+    f1 = 2 * precision * recall / (precision + recall) if precision and recall else (0.0 if tp + fp + fn else None)
+    return {"confusion_matrix": [[tn, fp], [fn, tp]], "tn": tn, "fp": fp, "fn": fn, "tp": tp,
+            "precision": precision, "recall": recall, "f1": f1}

@@ -1,0 +1,95 @@
+"""The report folder: the names of its files, and writing them.
+
+No file name comes from data: gallery images are named by gallery, rank and kind
+(`gallery_file`), and only names of our own patterns are ever removed, so a rerun into
+the same folder replaces a previous report without touching anything else there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import posixpath
+import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+
+IMAGES_DIR = "images"
+IMAGE_WRITE_THREADS = 8  # small PNGs: object stores are latency-bound, so write many at once
+_OUR_IMAGE_NAME = re.compile(r"^(worst|typical)-\d{4,}-(original|reconstruction|error)\.png$")
+_OPTIONAL_FILES = ("histogram_ssim_error.png", "roc_pr.png", "interpolation.png")
+
+
+def gallery_file(gallery: str, rank: int, kind: str) -> str:
+    """images/<worst|typical>-<rank>-<original|reconstruction|error>.png"""
+    return f"{IMAGES_DIR}/{gallery}-{rank:04d}-{kind}.png"
+
+
+def json_clean(value: Any) -> Any:
+    """NaN and infinities become null, NumPy scalars plain Python: summary.json is strict JSON."""
+    if isinstance(value, dict):
+        return {str(k): json_clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_clean(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+def top_anomalies_parquet(top: list[dict], labelled: bool, has_kind: bool) -> bytes:
+    """top_anomalies.parquet: rank, id, mse, ssim_error, [label], [anomaly_kind], shard, flagged."""
+    table = {"rank": pa.array([r["rank"] for r in top], pa.int32()),
+             "id": pa.array([r["id"] for r in top], pa.string()),
+             "mse": pa.array([r["mse"] for r in top], pa.float32()),
+             "ssim_error": pa.array([r["ssim_error"] for r in top], pa.float32())}
+    if labelled:
+        table["label"] = pa.array([r["label"] for r in top])
+    if has_kind:
+        table["anomaly_kind"] = pa.array([r["anomaly_kind"] for r in top], pa.string())
+    table["shard"] = pa.array([r["shard"] for r in top], pa.string())
+    table["flagged"] = pa.array([r["flagged"] for r in top], pa.bool_())
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.table(table), buffer)
+    return buffer.getvalue().to_pybytes()
+
+
+def _write_all(out_url: str, files: dict[str, bytes]) -> None:
+    for name in files:  # names are ours (rank numbers, fixed words), never data: keep it that way
+        assert not name.startswith("/") and ".." not in name.split("/"), name
+    with ThreadPoolExecutor(IMAGE_WRITE_THREADS) as pool:
+        list(pool.map(lambda item: storage.write_bytes(storage.join(out_url, item[0]), item[1]), files.items()))
+
+
+def _remove_stale_files(out_url: str, keep: set[str]) -> None:
+    """Remove what a previous report into `out_url` wrote and this one did not (gallery images of
+    a larger K, a ROC figure or interpolation strip this run has no data for)."""
+    fs, root = storage.filesystem(out_url)
+    images = posixpath.join(root, IMAGES_DIR)
+    fs.invalidate_cache(root)
+    fs.invalidate_cache(images)
+    candidates = [posixpath.join(root, name) for name in _OPTIONAL_FILES if name not in keep]
+    if fs.isdir(images):
+        candidates += [entry for entry in fs.ls(images, detail=False)
+                       if _OUR_IMAGE_NAME.match(posixpath.basename(entry.rstrip("/")))
+                       and f"{IMAGES_DIR}/{posixpath.basename(entry.rstrip('/'))}" not in keep]
+    for path in candidates:
+        if fs.exists(path):
+            fs.rm(path)
+
+
+def write_report(out_url: str, files: dict[str, bytes], summary: dict[str, Any], index_html: str) -> None:
+    """Every file, each atomically; index.html last, so that a report a person can open is whole."""
+    _write_all(out_url, files)
+    _remove_stale_files(out_url, set(files))
+    storage.write_text(storage.join(out_url, "summary.json"), json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    storage.write_text(storage.join(out_url, "index.html"), index_html)

@@ -1,0 +1,150 @@
+"""summary.json's sections, each built from what the two passes found (`Findings`).
+
+The keys and their meaning are listed in the package docstring (pipeline/report/__init__.py).
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from pipeline.report.config import LatentInfo, ReportConfig
+from pipeline.report.metrics import (
+    Threshold,
+    at_threshold,
+    label_metrics,
+    score_summary,
+)
+from pipeline.report.scan import FlagPartial, ScorePartial
+from pipeline.report.sketch import HIST_RATIO, histogram_bars
+
+FORMAT = "squeeze-report"
+FORMAT_VERSION = 1
+ROW_KEYS = ("id", "mse", "ssim_error", "label", "anomaly_kind", "shard")
+
+
+@dataclass
+class Findings:
+    """The merged partials of both passes and the threshold between them."""
+
+    info: LatentInfo
+    exact: bool  # every scored row kept: exact quantiles and metrics
+    scores: ScorePartial
+    score_summary: dict[str, Any]  # summary.json's "scores", made before pass 2 (its median picks the typical rows)
+    threshold: Threshold
+    flags: FlagPartial
+    top: list[dict]  # highest mse first; shard paths relative to the latent folder
+    typical: list[dict]  # nearest the median mse first; the same
+
+
+def relative_shard(path: str, root: str) -> str:
+    return posixpath.relpath(path, root) if path.startswith(root.rstrip("/") + "/") else path
+
+
+def with_relative_shards(rows: list[dict], root: str) -> list[dict]:
+    return [{**row, "shard": relative_shard(row["shard"], root) if row["shard"] else None} for row in rows]
+
+
+def header(cfg: ReportConfig, info: LatentInfo) -> dict[str, Any]:
+    return {"format": FORMAT, "format_version": FORMAT_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "config": asdict(cfg),
+            "latents": {"url": cfg.latents_url, "files": len(info.paths), "rows": info.rows,
+                        "metadata": info.metadata}}
+
+
+def counts_section(found: Findings) -> dict[str, Any]:
+    s = found.scores
+    return {"rows": s.rows, "scored_rows": s.scored, "error_rows": s.error_rows,
+            "errors_by_reason": dict(sorted(s.reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
+            "unscored_rows": s.rows - s.scored,
+            "embed_flagged_rows": s.embed_flagged if found.info.has_flag else None}
+
+
+def scores_section(scores: ScorePartial, has_ssim: bool, exact: bool) -> dict[str, Any]:
+    section = {"mse": score_summary(scores.mse, scores.sample.mse, exact)}
+    if has_ssim:
+        section["ssim_error"] = score_summary(scores.ssim_error, scores.sample.ssim_error, exact)
+    section["quantile_method"] = "exact" if exact else "log-histogram"
+    section["quantile_relative_error"] = 0.0 if exact else HIST_RATIO - 1
+    return section
+
+
+def histogram_section(found: Findings) -> dict[str, Any]:
+    by_label = {label: stats.histogram for label, stats in found.scores.mse_by_label.items()}
+    return {"score": "mse", **histogram_bars(found.scores.mse.histogram, by_label)}
+
+
+def threshold_section(found: Findings) -> dict[str, Any]:
+    t, flagged, scored = found.threshold, found.flags.flagged, found.scores.scored
+    return {"spec": t.spec, "policy": t.policy, "parameter": t.parameter, "value": t.value, "source": t.source,
+            "rule": "mse > value", "flagged_rows": flagged, "flagged_share": flagged / scored if scored else None}
+
+
+def metrics_section(found: Findings, notes: list[str]) -> dict[str, Any]:
+    """Label metrics: on the sample (every scored row when exact); the confusion matrix on every row."""
+    s = found.scores
+    labels, mse, ssim = s.sample.labelled()
+    positives, negatives = s.labelled_rows(1), s.labelled_rows(0)
+    metrics = {"label_column": found.info.label_column, **label_metrics(labels, mse)}
+    metrics.update(positives=positives, negatives=negatives, unlabelled_scored_rows=s.scored - positives - negatives,
+                   sampled=not found.exact, rows_used=len(labels))
+    if found.info.has_ssim:
+        usable = np.isfinite(ssim)
+        ssim_metrics = label_metrics(labels[usable], ssim[usable])
+        metrics["ssim_error"] = {k: ssim_metrics[k] for k in ("auroc", "average_precision")}
+    metrics["at_threshold"] = at_threshold(found.flags.confusion)
+    if not found.exact:
+        notes.append(f"AUROC, AP and best F1 come from a uniform id-hash sample of {len(labels):,} "
+                     f"of {s.scored:,} scored rows")
+    if metrics["auroc"] is None:
+        notes.append("the label column holds only one class among scored rows: no AUROC")
+    return metrics
+
+
+def _rate(count: int, scored: int) -> float | None:
+    return count / scored if scored else None
+
+
+def by_kind_section(found: Findings) -> list[dict[str, Any]]:
+    kinds = sorted(found.scores.kinds.items(), key=lambda kv: "" if kv[0] is None else str(kv[0]))
+    return [{"kind": kind, "rows": g.rows, "scored_rows": g.scored_rows, "flagged_rows": found.flags.kinds[kind],
+             "flag_rate": _rate(found.flags.kinds[kind], g.scored_rows), "mean_mse": _rate(g.mse_sum, g.scored_rows)}
+            for kind, g in kinds]
+
+
+def shards_section(found: Findings) -> list[dict[str, Any]]:
+    flagged = found.flags.shards
+    return [{"shard": relative_shard(path, found.info.root), "rows": g.rows, "error_rows": g.error_rows,
+             "scored_rows": g.scored_rows, "flagged_rows": flagged[path],
+             "flag_rate": _rate(flagged[path], g.scored_rows), "mean_mse": _rate(g.mse_sum, g.scored_rows),
+             "max_mse": g.mse_max}
+            for path, g in sorted(found.scores.shards.items())]
+
+
+def top_anomalies(found: Findings) -> list[dict[str, Any]]:
+    return [{"rank": rank, **{k: row[k] for k in ROW_KEYS}, "flagged": bool(row["mse"] > found.threshold.value)}
+            for rank, row in enumerate(found.top, start=1)]
+
+
+def typical_rows(found: Findings) -> list[dict[str, Any]]:
+    return [{"rank": rank, **{k: row[k] for k in ROW_KEYS}} for rank, row in enumerate(found.typical, start=1)]
+
+
+def assemble(cfg: ReportConfig, found: Findings, notes: list[str]) -> dict[str, Any]:
+    """Every section the passes decide, in summary.json's order (galleries and the rest follow)."""
+    summary = {**header(cfg, found.info), "counts": counts_section(found),
+               "scores": found.score_summary,
+               "histogram": histogram_section(found), "threshold": threshold_section(found)}
+    if found.info.label_column:
+        summary["metrics"] = metrics_section(found, notes)
+    if found.info.kind_column:
+        summary["by_kind"] = by_kind_section(found)
+    summary["shards"] = shards_section(found)
+    summary["top_anomalies"] = top_anomalies(found)
+    summary["typical_rows"] = typical_rows(found)
+    return summary

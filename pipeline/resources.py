@@ -1,0 +1,106 @@
+"""How many workers and actors a job starts, and what each reserves, from the cluster's resources.
+
+An actor pool or set of training workers that takes every CPU starves Ray Data's read,
+decode and write tasks and the job hangs ("3/2 CPU"); these planners always leave room for
+them. Logical CPUs are scheduling tokens here; each worker's torch thread count decides its
+real use of the cores.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.errors import InputError
+
+# Images per model call. On CPUs, batches of 256 64x64 images ran at ~550 img/s against ~900
+# at 128: the larger activations go to fresh mmap'd memory on every call, and the kernel's
+# page faults took as much time as the convolutions (bench: docs/BENCHMARKS.md). GPUs want
+# large batches (throughput still rose from 1,024 to 4,096 on an H200).
+CPU_BATCH_SIZE = 128
+GPU_BATCH_SIZE = 1024
+# The least object-store memory an inference job's blocks in flight may fill (object_store_budget).
+MIN_OBJECT_STORE_BUDGET = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class ResourcePlan:
+    """An inference job's model actors and the size of its other tasks."""
+
+    actors: int
+    cpus_per_actor: float
+    gpus_per_actor: float
+    torch_threads: int
+    task_cpus: float  # logical CPUs of each read, decode and write task
+    batch_size: int  # images per model call
+
+
+def pool_setting_problems(batch_size: int | None, actors: int | None, torch_threads: int | None,
+                          rows_per_file: int) -> list[str]:
+    """What is wrong with an inference job's pool settings (None: decided at run time)."""
+    named = {"batch_size": batch_size, "actors": actors, "torch_threads": torch_threads, "rows_per_file": rows_per_file}
+    return [f"{name} must be at least 1, got {value}" for name, value in named.items()
+            if value is not None and value < 1]
+
+
+def plan_actor_pool(resources: dict[str, float], resuming: bool, actors: int | None = None,
+                    gpu: bool | None = None, torch_threads: int | None = None,
+                    batch_size: int | None = None) -> ResourcePlan:
+    """The model actor pool of an inference job (embed, decode) and its task sizes.
+
+    The actors leave room for one read and one write task at all times, and on a resumed
+    run for the checkpoint filter, an actor of Ray Data's own that holds a whole CPU. On a
+    2-CPU machine a resumed run gives the model actor no logical CPU at all and it still
+    computes on both cores.
+    """
+    cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
+    task_cpus = 0.5 if cpus <= 4 else 1.0
+    available = cpus - (1.0 if resuming else 0.0)  # the checkpoint filter
+    if available < 2 * task_cpus:
+        raise InputError(
+            f"resuming needs a cluster of at least {1 + 2 * task_cpus:g} CPUs (Ray Data's checkpoint filter "
+            f"holds a whole CPU, reading and writing {2 * task_cpus:g}); this one has {cpus:g}")
+    use_gpu = gpus >= 1 if gpu is None else gpu
+    if use_gpu:
+        # Autoscaling GPU workers may not be up yet: at least one actor, placed when they are.
+        actors = actors or max(1, int(gpus))
+        return ResourcePlan(actors, 0.0, 1.0, torch_threads or 4, task_cpus, batch_size or GPU_BATCH_SIZE)
+    # One actor per 4 CPUs (at least one), each with a thread per CPU it stands for.
+    actors = actors or max(1, int(available // 4))
+    per_actor = math.floor((available - 2 * task_cpus) / actors * 2) / 2
+    per_actor = min(4.0, per_actor) if per_actor >= 0.5 else 0.0
+    threads = torch_threads or max(1, int(cpus // actors))
+    return ResourcePlan(actors, per_actor, 0.0, threads, task_cpus, batch_size or CPU_BATCH_SIZE)
+
+
+def object_store_budget(plan: ResourcePlan, model_config: dict[str, Any]) -> int:
+    """Bytes of object store an inference job's blocks in flight may fill: 16 decoded batches
+    per actor, at least MIN_OBJECT_STORE_BUDGET.
+
+    Reading and decoding run far faster than the model on a CPU. Left to Ray Data's default
+    budget (a share of the whole object store), decoded blocks piled up ahead of the actors
+    for as long as the job ran: the peak memory of 100,000 images was 1.34x that of 20,000.
+    Bounded, it is 1.14x, at the same speed (docs/BENCHMARKS.md).
+    """
+    image_bytes = model_config["image_size"] ** 2 * model_config["channels"]
+    return max(MIN_OBJECT_STORE_BUDGET, plan.actors * 16 * plan.batch_size * image_bytes)
+
+
+def plan_training_workers(workers: int, cluster_cpus: float, gpu: bool,
+                          cpus_per_worker: float | None = None) -> tuple[float, int]:
+    """CPUs reserved per Ray Train worker, and its torch threads.
+
+    On CPU-only clusters one CPU is left to the data pipeline's decode tasks.
+    """
+    if cpus_per_worker is not None:
+        cpus = cpus_per_worker
+    elif gpu:
+        cpus = 1.0
+    else:
+        cpus = max(cluster_cpus - 1.0, 0.5 * workers) / workers
+        cpus = math.floor(cpus * 4) / 4  # quarter-CPU steps keep the numbers readable
+    # Threads follow the cores each worker really has, not its reservation: the decode tasks
+    # are light beside the model, and a lone worker on a 2-core machine should use both.
+    threads = 2 if gpu else max(1, int(cluster_cpus // workers))
+    return cpus, threads

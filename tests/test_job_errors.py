@@ -1,0 +1,136 @@
+"""One way to fail: every job, given each kind of bad input, prints one `error:` line and exits 2.
+
+The jobs run in this process through their `main(argv)`, as `python -m jobs.<stage>` would:
+a refusal must come from the checks that run before any cluster is needed, so no Ray starts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.synth import write_synthetic_corpus
+
+JOBS = ("synth", "ingest", "train", "embed", "report", "decode", "demo")
+HF_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_model) -> dict[str, str]:
+    """Small real inputs, good and bad, shared by every case."""
+    root = tmp_path_factory.mktemp("job-errors")
+    shards = root / "shards"
+    write_synthetic_corpus(str(shards), n=12, image_size=32, anomaly_fraction=0.0, seed=0, rows_per_shard=6)
+    first = pq.read_table(sorted(shards.glob("*.parquet"))[0])
+    duplicated = root / "duplicated"
+    duplicated.mkdir()
+    pq.write_table(first, duplicated / "a.parquet")
+    pq.write_table(first.slice(0, 2), duplicated / "b.parquet")
+    # A Hugging Face export: an Image feature struct and no id column.
+    hub = root / "hub"
+    hub.mkdir()
+    images = [{"bytes": b, "path": f"img_{i}.png"} for i, b in enumerate(first.column("image").to_pylist())]
+    pq.write_table(pa.table({"image": pa.array(images, HF_IMAGE), "label": [0] * len(images)}), hub / "train.parquet")
+    not_a_model = root / "not-a-model"
+    not_a_model.mkdir()
+    (not_a_model / "config.json").write_text(json.dumps({"hello": "world"}))
+    # A latent dataset with the columns the report and decode read, made from no real model.
+    latents = root / "latents"
+    latents.mkdir()
+    pq.write_table(pa.table({"id": ["a", "b"], "mse": pa.array([0.1, 0.2], pa.float32()),
+                             "latent": pa.array([[0.0] * 16, [1.0] * 16], pa.list_(pa.float32(), 16))}),
+                   latents / "part-0.parquet")
+    # Output folders that belong to other runs.
+    other_run = root / "other-run"
+    other_run.mkdir()
+    (other_run / "run.json").write_text(json.dumps({"model": {"arch": "plain"}, "val_fraction": 0.5}))
+    other_embed = root / "other-embed"
+    other_embed.mkdir()
+    (other_embed / "_embed.json").write_text(json.dumps({"model_sha256": "0" * 64}))
+    foreign = root / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("a user's own file")
+    return {"shards": str(shards), "duplicated": str(duplicated), "hub": str(hub), "model": tiny_model,
+            "not_a_model": str(not_a_model), "latents": str(latents), "other_run": str(other_run),
+            "other_embed": str(other_embed), "foreign": str(foreign), "root": str(root)}
+
+
+def _out(w: dict[str, str], name: str) -> str:
+    return str(Path(w["root"]) / "out" / name)
+
+
+# (job, kind of bad input, argv from the world, a phrase the error must contain)
+CASES = [
+    ("synth", "bad value", lambda w: ["--out", _out(w, "s"), "--n", "0"], "must be positive"),
+    ("synth", "bad value", lambda w: ["--out", _out(w, "s"), "--anomaly-fraction", "1.5"], "anomaly_fraction"),
+    ("ingest", "missing column", lambda w: ["--source", w["hub"], "--out", _out(w, "i"), "--no-ray"], "'id'"),
+    ("ingest", "duplicate ids", lambda w: ["--source", w["duplicated"], "--out", _out(w, "i"), "--no-ray"],
+     "more than once"),
+    ("ingest", "no input", lambda w: ["--source", _out(w, "nothing"), "--out", _out(w, "i"), "--no-ray"],
+     "does not exist"),
+    ("train", "missing column", lambda w: ["--data", w["hub"], "--out", _out(w, "t")], "'id'"),
+    ("train", "missing column", lambda w: ["--data", w["shards"], "--out", _out(w, "t"), "--image-column", "jpg"],
+     "'jpg'"),
+    ("train", "bad value", lambda w: ["--data", w["shards"], "--out", _out(w, "t"), "--image-size", "33"],
+     "image_size"),
+    ("train", "bad value", lambda w: ["--data", w["shards"], "--out", _out(w, "t"), "--val-fraction", "1"],
+     "val_fraction"),
+    ("train", "output folder of another run", lambda w: ["--data", w["shards"], "--out", w["other_run"]],
+     "other settings"),
+    ("embed", "missing column", lambda w: ["--data", w["hub"], "--model", w["model"], "--out", _out(w, "e")], "'id'"),
+    ("embed", "duplicate ids", lambda w: ["--data", w["duplicated"], "--model", w["model"], "--out", _out(w, "e")],
+     "more than once"),
+    ("embed", "bad threshold spec", lambda w: ["--data", w["shards"], "--model", w["model"], "--out", _out(w, "e"),
+                                               "--threshold", "quantile:2"], "quantile"),
+    ("embed", "bad threshold spec", lambda w: ["--data", w["shards"], "--model", w["model"], "--out", _out(w, "e"),
+                                               "--threshold", "contamination:0.1"], "quantile:Q or value:X"),
+    ("embed", "not a checkpoint", lambda w: ["--data", w["shards"], "--model", w["not_a_model"],
+                                             "--out", _out(w, "e")], "checkpoint"),
+    ("embed", "not a checkpoint", lambda w: ["--data", w["shards"], "--model", w["shards"], "--out", _out(w, "e")],
+     "not a checkpoint"),
+    ("embed", "output folder of another run", lambda w: ["--data", w["shards"], "--model", w["model"],
+                                                         "--out", w["other_embed"]], "another model"),
+    ("report", "missing column", lambda w: ["--latents", w["shards"], "--out", _out(w, "r")], "'mse'"),
+    ("report", "missing column", lambda w: ["--latents", w["latents"], "--out", _out(w, "r"),
+                                            "--label-column", "nope"], "'nope'"),
+    ("report", "bad threshold spec", lambda w: ["--latents", w["latents"], "--out", _out(w, "r"),
+                                                "--threshold", "median"], "threshold"),
+    ("report", "not a checkpoint", lambda w: ["--latents", w["latents"], "--out", _out(w, "r"),
+                                              "--model", w["not_a_model"]], "checkpoint"),
+    ("decode", "missing column", lambda w: ["--latents", w["shards"], "--model", w["model"], "--out", _out(w, "d")],
+     "'latent'"),
+    ("decode", "not a checkpoint", lambda w: ["--latents", w["latents"], "--model", w["not_a_model"],
+                                              "--out", _out(w, "d")], "checkpoint"),
+    ("decode", "output folder of another run", lambda w: ["--latents", w["latents"], "--model", w["model"],
+                                                          "--out", w["foreign"]], "not this job's output"),
+    ("decode", "missing ids", lambda w: ["--latents", w["latents"], "--model", w["model"], "--out", _out(w, "d"),
+                                         "--ids", "ghost"], "'ghost'"),
+    ("demo", "bad value", lambda w: ["--out", _out(w, "demo"), "--images", "0"], "images"),
+]
+
+
+def test_every_job_is_covered():
+    assert {job for job, *_ in CASES} == set(JOBS)
+
+
+@pytest.mark.parametrize("job,kind,argv,phrase", CASES, ids=[f"{c[0]}-{c[1]}-{i}" for i, c in enumerate(CASES)])
+def test_bad_input_is_one_error_line_and_exit_2(world, capsys, monkeypatch, job, kind, argv, phrase):
+    def no_cluster() -> None:
+        raise AssertionError("a refusal must come before the job connects to Ray")
+
+    monkeypatch.setattr("jobs.cli.connect_ray", no_cluster)
+    module = importlib.import_module(f"jobs.{job}")
+    code = module.main(argv(world))
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.strip()]
+    assert code == 2, captured.out[-2000:] + captured.err[-2000:]
+    assert len(errors) == 1 and errors[0].startswith("error: "), captured.err
+    assert phrase in errors[0]
+    assert "Traceback" not in captured.out + captured.err
+    # The config is printed once, when the arguments made one (a bad value never gets that far).
+    assert captured.out.count(f"{job} config: ") == (0 if kind in ("bad value", "bad threshold spec") else 1)
