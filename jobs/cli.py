@@ -7,6 +7,7 @@ frozen config) and `main(argv)`, which is `run_job(...)`:
 2. print the config once, as `<stage> config: {json}`;
 3. `prepare(config)`: every check that needs no cluster (columns, ids, checkpoints, output
    folders); an `InputError` here or later is printed as `error: <message>`, exit 2;
+   (a stage that writes a folder holds its lease from here: `pipeline.lease`);
 4. connect to Ray only when the stage needs it (plain `ray.init()`, which joins the cluster
    of `RAY_ADDRESS` / `ray job submit`, or reuses one this process already has);
 5. `run(prepared)`, and print its summary as one JSON line; a `JobFailed` (the job ran but
@@ -79,6 +80,7 @@ def run_job(name: str, argv: Sequence[str] | None, parse_args: Callable[[Sequenc
             run: Callable[[Any], Any], prepare: Callable[[Any], Any] | None = None,
             needs_ray: bool | Callable[[Any], bool] = True) -> int:
     """Parse, print the config, check, connect, run, print the summary; the exit status."""
+    prepared = None
     try:
         config = parse_args(argv)
         print(f"{name} config: {json.dumps(as_dict(config), default=str)}", flush=True)
@@ -94,5 +96,9 @@ def run_job(name: str, argv: Sequence[str] | None, parse_args: Callable[[Sequenc
             print(json.dumps(as_dict(e.summary), default=str), flush=True)
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_FAILED
+    finally:
+        lease = getattr(prepared, "lease", None)  # a job that holds its output folder lets it go
+        if lease is not None:
+            lease.release()
     print(json.dumps(as_dict(summary), default=str), flush=True)
     return EXIT_OK

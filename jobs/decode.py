@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", dest="gpu", action="store_false", help="force CPU actors even if GPUs exist")
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads per actor (default: from CPUs)")
     p.add_argument("--rows-per-file", type=int, default=D["rows_per_file"], help="target images per output file")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="decode from a latent dataset whose embed job never finished")
     return p
 
 

@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images in the interpolation strip, endpoints included")
     p.add_argument("--max-exact-rows", type=int, default=D["max_exact_rows"],
                    help="above this many rows, quantiles come from a log histogram and metrics from a sample")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="report on a latent dataset whose embed job never finished (the report says so at the top)")
     return p
 
 

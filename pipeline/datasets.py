@@ -13,7 +13,7 @@ import numpy as np
 
 from pipeline.images import DEFAULT_RESIZE, decode_batch
 from pipeline.sampling import split_of
-from pipeline.shards import Columns, ShardList, image_bytes
+from pipeline.shards import Columns, ShardList, id_strings, image_bytes
 
 PATH_COLUMN = "path"  # the file a row came from, added by read_parquet(include_paths=True)
 
@@ -52,7 +52,7 @@ def read_shards(shards: ShardList, columns: Columns, extra: Sequence[str] = (), 
 def decode_rows(batch: dict[str, np.ndarray], columns: Columns, image_size: int, channels: int,
                 resize: str = DEFAULT_RESIZE, keep: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """Shard rows -> {"id", "pixels" (N, S, S, C) uint8, "error" (reason or None), *keep}."""
-    ids = batch[columns.id].astype(str)
+    ids = id_strings(batch[columns.id])
     pixels, reasons = decode_batch(image_bytes(batch[columns.image]), image_size, channels, resize)
     out = {"id": ids, "pixels": pixels, "error": np.array(reasons, dtype=object)}
     for name in keep:
@@ -66,7 +66,7 @@ def decode_split(batch: dict[str, np.ndarray], columns: Columns, image_size: int
 
     Rows of the other split are dropped before decoding, so each split pays only for itself.
     """
-    ids = batch[columns.id].astype(str)
+    ids = id_strings(batch[columns.id])
     mine = split_of(ids, val_fraction) == validation
     images = [img for img, m in zip(image_bytes(batch[columns.image]), mine) if m]
     pixels, reasons = decode_batch(images, image_size, channels, resize)

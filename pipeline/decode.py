@@ -21,9 +21,10 @@ hash of (seed, id), so the draw depends on the seed and the ids only, never on f
 layout, worker count or order. Rows whose latent is null (the image failed to decode
 upstream) are skipped and counted by reason in the summary.
 
-Stable names: files are `part-<task>-<i>.parquet` written in Ray's overwrite mode, so a
-rerun replaces the previous output instead of adding to it. Because overwrite clears the
-folder, a folder that holds anything other than this job's output is refused.
+Replaced, never added to: files are `part-<write uuid>-<task>-<i>.parquet`, and a run
+first removes the `part-*` shards of the run before it. A
+folder that holds anything other than this job's output is refused. One decode job at a
+time holds the folder (`pipeline.lease`).
 
 The job is two steps: `prepare` checks the model, the output folder and resolves the
 selection without Ray; `run` decodes on the connected cluster. `decode` does both.
@@ -57,10 +58,12 @@ from pipeline.latents import (
     check_model_fits,
     latent_dataset,
     latents_from_batch,
+    require_finished,
 )
+from pipeline.lease import LEASE_DIR, Lease
 from pipeline.resources import plan_actor_pool, pool_setting_problems
 from pipeline.sampling import sample_keys
-from pipeline.shards import SHARD_PREFIX, remove_stale_shards
+from pipeline.shards import SHARD_PREFIX, id_strings, remove_stale_shards
 
 IMAGE_FORMATS = ("png", "jpeg")
 SOURCE = "decoded"
@@ -94,7 +97,7 @@ class LatentDecoder:
         self.quality = quality
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
-        ids = np.asarray(batch["id"]).astype(str)
+        ids = id_strings(batch["id"])
         valid, z = latents_from_batch(batch)
         if z.shape[0] and z.shape[1] != self.config.latent_dim:
             raise ValueError(f"latents have {z.shape[1]} dimensions but the model expects {self.config.latent_dim}")
@@ -103,7 +106,7 @@ class LatentDecoder:
         images = [encode_image(p, self.image_format, quality=self.quality) for p in pixels]
         n, side = len(images), self.config.image_size
         return pa.table({
-            "id": pa.array(ids[valid], pa.string()),
+            "id": pa.array(list(ids[valid]), pa.string()),
             "image": pa.array(images, pa.binary()),
             "width": pa.array(np.full(n, side, np.int32)),
             "height": pa.array(np.full(n, side, np.int32)),
@@ -152,7 +155,7 @@ def select_rows(url: str, ids: Sequence[str] = (), sample: int | None = None, se
     best_ids = np.zeros(0, object)
     for batch in dataset.to_batches(columns=projection, batch_size=batch_rows):
         rows_in += batch.num_rows
-        batch_ids = batch.column("id").to_numpy(zero_copy_only=False).astype(str)
+        batch_ids = id_strings(batch.column("id"))
         has_latent = batch.column("has_latent").to_numpy(zero_copy_only=False)
         errors = batch.column("error").to_pylist() if has_error else [None] * batch.num_rows
         without_latent += int((~has_latent).sum())
@@ -210,6 +213,7 @@ class DecodeConfig:
     gpu: bool | None = None  # None: use GPUs when the cluster has them
     torch_threads: int | None = None
     rows_per_file: int = 5_000
+    allow_partial: bool = False  # decode from a latent dataset whose embed job never finished
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ids", tuple(self.ids))
@@ -235,15 +239,14 @@ class DecodeSummary:
     images_per_s: float
     out: str
     skipped_by_reason: dict[str, int] = field(default_factory=dict)
+    partial: str | None = None  # "partial: N of M rows ..." when the latents were unfinished
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def check_output_folder(cfg: DecodeConfig) -> None:
-    """Overwrite mode clears `out_url`: refuse a folder that holds anything but this job's output."""
-    if storage.filesystem(cfg.out_url)[1] == storage.filesystem(cfg.latents_url)[1]:
-        raise InputError("--out must not be the latents folder")
+    """A run replaces the shards in `out_url`: refuse a folder that holds anything but this job's output."""
     fs, path = storage.filesystem(cfg.out_url)
     if not fs.exists(path):
         return
@@ -251,7 +254,8 @@ def check_output_folder(cfg: DecodeConfig) -> None:
     for found in fs.find(path):
         rel = posixpath.relpath(found, path)
         name = posixpath.basename(rel)
-        ours = "/" not in rel and (name == RUN_FILE or (name.startswith(SHARD_PREFIX) and name.endswith(".parquet")))
+        ours = rel.startswith(LEASE_DIR + "/") or "/" not in rel and (
+            name == RUN_FILE or (name.startswith(SHARD_PREFIX) and name.endswith(".parquet")))
         if not ours:
             foreign.append(rel)
     if foreign:
@@ -259,15 +263,15 @@ def check_output_folder(cfg: DecodeConfig) -> None:
                          "a run replaces the folder's contents: use a new --out")
 
 
-def _stable_names():
-    """part-<task>-<i>.parquet: no write uuid, so a rerun writes the same names (overwrite mode)."""
+def _shard_names():
+    """part-<write uuid>-<task>-<i>.parquet: our prefix, so that a rerun finds and replaces these."""
     from ray.data.datasource import FilenameProvider
 
-    class StableNames(FilenameProvider):
+    class ShardNames(FilenameProvider):
         def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-            return f"{SHARD_PREFIX}{task_index:05d}"
+            return f"{SHARD_PREFIX}{write_uuid}-{task_index:05d}"
 
-    return StableNames()
+    return ShardNames()
 
 
 def count_written(url: str) -> tuple[int, list[str]]:
@@ -283,15 +287,22 @@ class DecodePlan:
     cfg: DecodeConfig
     model_meta: dict[str, Any]
     selection: Selection
+    partial: str | None
+    lease: Lease  # this job's hold on the output folder; the caller releases it (`decode` does)
 
 
 def prepare(cfg: DecodeConfig) -> DecodePlan:
     """Every check that needs no Ray: the model fits the latents, the output folder, the selection."""
+    storage.check_apart({"--latents": cfg.latents_url}, {"--out": cfg.out_url})
     meta = read_checkpoint_meta(cfg.model_url)
     check_model_fits(cfg.latents_url, meta, cfg.model_url)
+    partial = require_finished(cfg.latents_url, cfg.allow_partial).partial_note
     check_output_folder(cfg)
     selection = select_rows(cfg.latents_url, cfg.ids, cfg.sample, cfg.seed)
-    return DecodePlan(cfg=cfg, model_meta=meta, selection=selection)
+    lease = Lease.acquire(cfg.out_url, "decode job")  # held from here: its run replaces the folder's shards
+    with lease.released_on_error():
+        check_output_folder(cfg)  # again, under the lease: nothing slipped in since the first look
+    return DecodePlan(cfg=cfg, model_meta=meta, selection=selection, partial=partial, lease=lease)
 
 
 def run(plan: DecodePlan) -> DecodeSummary:
@@ -299,23 +310,29 @@ def run(plan: DecodePlan) -> DecodeSummary:
     started = time.perf_counter()
     cfg, selection = plan.cfg, plan.selection
     what = f"{len(selection.ids)} selected ids" if selection.ids is not None else "every row"
+    if plan.partial:
+        print(plan.partial, flush=True)
     print(f"decoding {what} of {selection.rows_in:,} latent rows ({selection.skipped_null_latent} of them without "
           f"a latent, skipped) with the {plan.model_meta['model']['arch']} model {cfg.model_url} -> "
           f"{cfg.image_format} shards in {cfg.out_url}", flush=True)
+    # An earlier run's shards are replaced, not added to: ours (part-*) go first, the folder's
+    # lease and run record stay (Ray's overwrite mode would clear the whole folder, lease too).
+    storage.makedirs(cfg.out_url)
+    remove_stale_shards(cfg.out_url, keep=[])
     if selection.to_decode:
         _pipeline(cfg, selection)
         written, files = count_written(cfg.out_url)
-    else:  # nothing to write: an earlier run's shards are replaced by none
-        storage.makedirs(cfg.out_url)
-        remove_stale_shards(cfg.out_url, keep=[])
+    else:
         written, files = 0, []
     seconds = time.perf_counter() - started
     summary = DecodeSummary(
         rows_in=selection.rows_in, rows_without_latent=selection.rows_without_latent, selected=selection.selected,
         skipped_null_latent=selection.skipped_null_latent, written=written, files=files, seconds=seconds,
-        images_per_s=written / max(seconds, 1e-9), out=cfg.out_url, skipped_by_reason=selection.skipped_by_reason)
+        images_per_s=written / max(seconds, 1e-9), out=cfg.out_url, skipped_by_reason=selection.skipped_by_reason,
+        partial=plan.partial)
     storage.write_text(storage.join(cfg.out_url, RUN_FILE),
                        json.dumps({"config": asdict(cfg), "summary": summary.to_dict()}, indent=2, sort_keys=True))
+    plan.lease.check()
     if written != selection.to_decode:
         raise RuntimeError(f"expected {selection.to_decode} decoded rows in {cfg.out_url} but found {written}")
     return summary
@@ -323,13 +340,15 @@ def run(plan: DecodePlan) -> DecodeSummary:
 
 def decode(cfg: DecodeConfig) -> DecodeSummary:
     """Run the decoding job described by `cfg` on the connected Ray cluster."""
-    return run(prepare(cfg))
+    plan = prepare(cfg)
+    with plan.lease:
+        return run(plan)
 
 
 def _pipeline(cfg: DecodeConfig, selection: Selection) -> None:
     """read latents -> filter (selected ids with a latent) -> LatentDecoder actors -> image shards."""
     import ray
-    from ray.data import ActorPoolStrategy, SaveMode
+    from ray.data import ActorPoolStrategy
     from ray.data.expressions import col
 
     # The inference jobs' planner: its actor pool leaves CPU for the read, filter and write tasks.
@@ -353,7 +372,7 @@ def _pipeline(cfg: DecodeConfig, selection: Selection) -> None:
         compute=ActorPoolStrategy(size=resources.actors), num_cpus=resources.cpus_per_actor,
         num_gpus=resources.gpus_per_actor)
     fs, out_path = storage.arrow_filesystem(cfg.out_url)
-    ds.write_parquet(out_path, filesystem=fs, filename_provider=_stable_names(), mode=SaveMode.OVERWRITE,
+    ds.write_parquet(out_path, filesystem=fs, filename_provider=_shard_names(),
                      min_rows_per_file=min(cfg.rows_per_file, selection.to_decode),
                      # Encoded images do not compress further; the rest gets zstd (as write_shard does).
                      compression={"image": "none", "id": "zstd", "format": "zstd", "source": "zstd",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -49,7 +50,9 @@ from pipeline.latents import (
     fixed_size_list,
     latent_files,
     quantize_latents,
+    write_success,
 )
+from pipeline.lease import Lease
 from pipeline.progress import Progress, TallyClient, TallyWatch
 from pipeline.resources import (
     CPU_BATCH_SIZE,
@@ -70,6 +73,7 @@ from pipeline.shards import (
     check_columns,
     check_unique_ids,
     first_images,
+    id_strings,
 )
 
 # Settings that decide the output's content: a rerun into the same folder must match them.
@@ -100,7 +104,7 @@ class Embedder:
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        ids = np.asarray(batch["id"]).astype(str)
+        ids = id_strings(batch["id"])
         # A column of only None comes back from Ray's Arrow blocks as float NaN: keep strings only.
         errors = [e if isinstance(e, str) else None for e in batch["error"]]
         ok = np.array([e is None for e in errors], dtype=bool)
@@ -116,7 +120,7 @@ class Embedder:
             ssim_error[ok] = ssim_error_per_image(x, out["x_hat"]).cpu().numpy()
         latent, scale = quantize_latents(z, self.latent_dtype)
         columns = {
-            "id": pa.array(ids, pa.string()),
+            "id": pa.array(list(ids), pa.string()),
             "latent": fixed_size_list(latent, ok),
         }
         if scale is not None:
@@ -199,13 +203,34 @@ def _output_row_bytes(cfg: EmbedConfig, model_config: dict[str, Any]) -> int:
     return latent + 64 + 32 * len(cfg.passthrough)
 
 
-def check_output_folder(cfg: EmbedConfig) -> bool:
-    """Claim `out_url` for this model and these settings; True if a previous run already finished."""
+def command_line(cfg: EmbedConfig) -> str:
+    """The `python -m jobs.embed ...` command that makes (or finishes) this output."""
+    default = EmbedConfig(cfg.data_url, cfg.model_url, cfg.out_url)
+    options = [f"--data {shlex.quote(cfg.data_url)}", f"--model {shlex.quote(cfg.model_url)}",
+               f"--out {shlex.quote(cfg.out_url)}"]
+    for name in ("latent_dtype", "threshold", "id_column", "image_column", "resize"):
+        value = getattr(cfg, name)
+        if value != getattr(default, name) and value is not None:
+            options.append(f"--{name.replace('_', '-')} {shlex.quote(str(value))}")
+    if cfg.passthrough:
+        options.append(f"--passthrough {shlex.quote(','.join(cfg.passthrough))}")
+    return "python -m jobs.embed " + " ".join(options)
+
+
+def check_output_folder(cfg: EmbedConfig, rows_in: int = 0) -> bool:
+    """Claim `out_url` for this model and these settings; True if a previous run already finished.
+
+    The claim records the input's row count and the command that finishes the folder, so
+    that a reader of an unfinished folder can say both.
+    """
     run_url = storage.join(cfg.out_url, RUN_FILE)
     mine = {k: v for k, v in asdict(cfg).items() if k in (*OUTPUT_KEYS, "model_sha256")}
     mine["passthrough"] = list(mine["passthrough"])
     if storage.exists(run_url):
-        previous = json.loads(storage.read_text(run_url))
+        try:
+            previous = json.loads(storage.read_text(run_url))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"{run_url} is not an embed job's claim ({e}): use a new --out") from e
         if previous.get("model_sha256") != cfg.model_sha256:
             raise InputError(
                 f"{cfg.out_url} holds results of another model (weights {previous.get('model_sha256', '?')[:12]}, "
@@ -217,7 +242,8 @@ def check_output_folder(cfg: EmbedConfig) -> bool:
         return storage.exists(storage.join(cfg.out_url, SUCCESS_FILE))
     if storage.list_files(cfg.out_url):
         raise InputError(f"{cfg.out_url} already holds Parquet files that are not this job's: use a new --out")
-    storage.write_text(run_url, json.dumps(mine, indent=2, sort_keys=True))
+    storage.write_text(run_url, json.dumps({**mine, "rows_in": rows_in, "command": command_line(cfg)},
+                                           indent=2, sort_keys=True))
     return False
 
 
@@ -242,10 +268,16 @@ class EmbedPlan:
     model_config: dict[str, Any]
     threshold: float
     finished: bool  # the output folder already holds this job's complete result
+    lease: Lease  # this job's hold on the output folder; the caller releases it (`embed` does)
 
 
 def prepare(cfg: EmbedConfig) -> EmbedPlan:
-    """Every check that needs no Ray: model, threshold, columns, ids, channels, the output folder."""
+    """Every check that needs no Ray: model, threshold, columns, ids, channels, the output folder.
+
+    Before its first write (the claim on the output folder) it takes the folder's lease and
+    holds it from then on: a second job into the same folder refuses.
+    """
+    storage.check_apart({"--data": cfg.data_url}, {"--out": cfg.out_url})
     meta = read_checkpoint_meta(cfg.model_url)
     model_training = meta.get("training") or {}
     resize = cfg.resize or model_training.get("preprocessing", {}).get("resize") or "pad"
@@ -256,9 +288,11 @@ def prepare(cfg: EmbedConfig) -> EmbedPlan:
     check_unique_ids(shards, cfg.id_column)
     check_channels(shards, cfg.image_column, meta["model"]["channels"])
     cfg = replace(cfg, resize=resize, model_sha256=meta.get("weights_sha256", ""))
-    finished = check_output_folder(cfg)
+    lease = Lease.acquire(cfg.out_url, "embed job")
+    with lease.released_on_error():
+        finished = check_output_folder(cfg, shards.rows)
     return EmbedPlan(cfg=cfg, shards=shards, rows_in=shards.rows, model_config=meta["model"], threshold=threshold,
-                     finished=finished)
+                     finished=finished, lease=lease)
 
 
 def _describe(plan: EmbedPlan, resources: ResourcePlan, resuming: bool) -> str:
@@ -340,13 +374,16 @@ def run(plan: EmbedPlan) -> EmbedSummary:
     summary.rows_by_node = watch.by_node
     if summary.rows_out != summary.rows_in:  # never mark such an output finished
         raise JobFailed(f"{summary.rows_in} rows in but {summary.rows_out} rows out in {cfg.out_url}", summary)
-    storage.write_text(storage.join(cfg.out_url, SUCCESS_FILE), json.dumps(summary.to_dict(), indent=2))
+    plan.lease.check()
+    write_success(cfg.out_url, summary.to_dict())
     return summary
 
 
 def embed(cfg: EmbedConfig) -> EmbedSummary:
     """Run the embedding job described by `cfg` on the connected Ray cluster."""
-    return run(prepare(cfg))
+    plan = prepare(cfg)
+    with plan.lease:
+        return run(plan)
 
 
 def summarize(cfg: EmbedConfig, rows_in: int, threshold: float, seconds: float) -> EmbedSummary:

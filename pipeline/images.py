@@ -21,6 +21,12 @@ Normalisation, in order:
    is what zero-padding adds, so both read as "nothing here"); palettes are expanded
    (with their transparency); 16-bit samples are rescaled to 8 bits (x / 257, rounded),
    not clipped; CMYK / YCbCr / HSV become RGB. channels=1 is ITU-R 601 luminance.
+   Floating-point grey ("F", 32-bit float TIFFs from microscopy or remote sensing) is
+   mapped by its range, the same way everywhere: values all within [0, 1] are fractions of
+   full scale (x 255); within [0, 255], 8-bit levels; anything else (negative values,
+   larger ranges) is stretched linearly from the image's 0.5th-99.5th percentiles to
+   0-255 and clipped. A NaN or infinite pixel is a reason ("non-finite pixel values"),
+   never a guess.
 5. Resize to a square (`resize`):
    - "pad" (default): fit inside the square keeping the aspect ratio, centred, black bars.
      Nothing of the image is lost and nothing is distorted, which matters for anomaly
@@ -180,6 +186,22 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(((samples * 255 + 32767) // 65535).astype(np.uint8), "L")
 
 
+def _float_to_8bit(im: Image.Image) -> Image.Image:
+    """32-bit float grey ("F") -> "L" by its range (module docstring, step 4)."""
+    samples = np.asarray(im, dtype=np.float64)
+    if not np.isfinite(samples).all():
+        raise ImageDecodeError("non-finite pixel values (NaN or infinity)")
+    lowest, highest = (float(samples.min()), float(samples.max())) if samples.size else (0.0, 0.0)
+    if lowest >= 0.0 and highest <= 1.0:
+        scaled = samples * 255.0
+    elif lowest >= 0.0 and highest <= 255.0:
+        scaled = samples
+    else:
+        low, high = np.percentile(samples, (0.5, 99.5))
+        scaled = (samples - low) * (255.0 / (high - low)) if high > low else np.zeros_like(samples)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+
+
 def _normalise_mode(im: Image.Image, channels: int) -> Image.Image | np.ndarray:
     """Bring any supported mode to "L" (channels=1) or "RGB" (channels=3).
 
@@ -191,6 +213,8 @@ def _normalise_mode(im: Image.Image, channels: int) -> Image.Image | np.ndarray:
         im = im.convert("RGBA" if mode == "PA" else "RGB")
     elif mode in _MODES_16BIT:
         im, mode = _to_8bit(im), "L"
+    elif mode == "F":
+        im, mode = _float_to_8bit(im), "L"
     elif mode == "1":
         im, mode = im.convert("L"), "L"
     if mode in _MODES_WITH_ALPHA:
@@ -300,7 +324,7 @@ def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInf
             if im.format in ("JPEG", "MPO"):
                 im.draft(None, (max(1, width // 8), max(1, height // 8)))
             im.load()
-            if im.mode not in ("1", "L", "P", *_MODES_16BIT, *_MODES_WITH_ALPHA, *_MODES_TO_RGB):
+            if im.mode not in ("1", "L", "P", "F", *_MODES_16BIT, *_MODES_WITH_ALPHA, *_MODES_TO_RGB):
                 raise ImageDecodeError(f"unsupported mode {im.mode}")
             # Read after load: a PNG may keep its eXIf chunk after the pixel data.
             orientation = im.getexif().get(_ORIENTATION_TAG, 1)

@@ -401,6 +401,7 @@ class IngestPlan:
 
 def prepare(cfg: IngestConfig) -> IngestPlan:
     """List and check the source (columns and unique ids for Parquet); no Ray, nothing written."""
+    storage.check_apart({"--source": cfg.source_url}, {"--out": cfg.out_url})
     mode = cfg.source_format
     files = storage.list_files(cfg.source_url) if mode != "folder" else []
     if mode == "auto":

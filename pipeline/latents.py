@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.errors import InputError
@@ -82,6 +84,62 @@ def latents_from_batch(batch: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     if scale is not None:
         scale = np.asarray([s for s, ok in zip(scale, valid) if ok], dtype=np.float32)
     return valid, dequantize_latents(stored, scale)
+
+
+# ---------------------------------------------------------------- finished or not
+
+
+@dataclass(frozen=True)
+class Completion:
+    """How much of a latent dataset is there: finished only when `SUCCESS_FILE` exists."""
+
+    url: str
+    finished: bool
+    rows: int  # rows in the folder's Parquet files now
+    expected: int | None  # rows of the input, as the embed job recorded them when it started
+    command: str | None  # the command that finishes the folder, as the embed job recorded it
+
+    @property
+    def partial_note(self) -> str | None:
+        """"partial: N of M rows" for a report's header; None when the dataset is finished."""
+        if self.finished:
+            return None
+        of = f"{self.expected:,}" if self.expected is not None else "an unknown number of"
+        return f"partial: {self.rows:,} of {of} rows (the embed job into {self.url} never finished)"
+
+
+def write_success(url: str, summary: dict[str, Any]) -> None:
+    """Mark the latent dataset at `url` finished: every row of the input is in it."""
+    storage.write_text(storage.join(url, SUCCESS_FILE), json.dumps(summary, indent=2, sort_keys=True))
+
+
+def completion(url: str) -> Completion:
+    """Read the success marker and the embed job's claim (rows expected, finishing command)."""
+    fs, paths = latent_files(url)
+    rows = sum(pq.read_metadata(path, filesystem=fs).num_rows for path in paths) if paths else 0
+    claim: dict[str, Any] = {}
+    if storage.exists(storage.join(url, RUN_FILE)):
+        try:
+            claim = json.loads(storage.read_text(storage.join(url, RUN_FILE)))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            claim = {}
+    return Completion(url=url, finished=storage.exists(storage.join(url, SUCCESS_FILE)), rows=rows,
+                      expected=claim.get("rows_in"), command=claim.get("command"))
+
+
+def require_finished(url: str, allow_partial: bool) -> Completion:
+    """The dataset's completion; InputError for an unfinished one unless `allow_partial`."""
+    state = completion(url)
+    if state.finished or allow_partial:
+        return state
+    if state.expected is not None:
+        told = f"{state.rows:,} of its {state.expected:,} rows are there"
+    else:
+        told = f"{state.rows:,} rows are there and no {RUN_FILE} says how many the input had"
+    finish = f"finish it by running the embed job again: {state.command}" if state.command else \
+        "finish it by running the embed job that made it again"
+    raise InputError(f"the latent dataset {url} is not finished (no {SUCCESS_FILE}): {told}; {finish}; "
+                     "or pass --allow-partial to use the rows that are there")
 
 
 # ---------------------------------------------------------------- reading a latent dataset

@@ -124,6 +124,31 @@ def image_bytes(column) -> list[bytes | None]:
     return [_object_to_bytes(value) for value in column]
 
 
+# --- ids ----------------------------------------------------------------------------------
+
+
+def is_id_type(data_type: pa.DataType) -> bool:
+    """Whether a column of this type can hold ids: strings, or integers (read as their decimal text)."""
+    return pa.types.is_string(data_type) or pa.types.is_large_string(data_type) or \
+        pa.types.is_string_view(data_type) or pa.types.is_integer(data_type)
+
+
+def id_strings(values) -> np.ndarray:
+    """Ids as an object array of Python `str`, byte-exact.
+
+    Never through NumPy's fixed-width "U"/"S" types: pyarrow reads a "U" array as C strings
+    and cuts an id at its first NUL, and NumPy drops trailing NULs. Python strings keep NULs,
+    spaces, combining characters and direction marks as they are. Integer ids become their
+    decimal text. `values`: a pyarrow array, a NumPy object array (Ray's numpy batches), or a
+    sequence.
+    """
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        values = values.to_pylist()
+    out = np.empty(len(values), dtype=object)
+    out[:] = [value if isinstance(value, str) else str(value) for value in values]
+    return out
+
+
 # --- writing ------------------------------------------------------------------------------
 
 
@@ -184,9 +209,11 @@ class ShardList:
     @classmethod
     def under(cls, url: str) -> ShardList:
         """The shards under `url` (a prefix or one file); InputError when there are none."""
-        files = storage.list_files(url)
+        files, outputs = storage.list_files_detailed(url)
         if not files:
-            raise InputError(f"no Parquet shards (*.parquet) found under {url}")
+            skipped = f" (skipped {len(outputs)} folder(s) holding this project's outputs: {', '.join(outputs[:3])})" \
+                if outputs else ""
+            raise InputError(f"no Parquet shards (*.parquet) found under {url}{skipped}")
         return cls(url, tuple(files))
 
     @property
@@ -251,6 +278,10 @@ def check_columns(shards: ShardList | str, columns: Columns, passthrough: Sequen
                 f"shard {shard_url} has no {', '.join(missing)}; columns found: {', '.join(schema.names)}. "
                 "Name the columns with --id-column / --image-column (img2dataset: --id-column key --image-column jpg)."
             )
+        id_type = schema.field(columns.id).type
+        if not is_id_type(id_type):
+            raise ColumnError(f"shard {shard_url}: id column {columns.id!r} has type {id_type}; expected strings "
+                              "(or integers)")
         image_type = schema.field(columns.image).type
         if not is_image_type(image_type):
             raise ColumnError(

@@ -22,6 +22,8 @@ import fsspec
 import pyarrow.fs as pafs
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.errors import InputError
+
 PARQUET_SUFFIX = ".parquet"
 
 
@@ -62,28 +64,85 @@ def exists(url: str) -> bool:
     return fs.exists(path)
 
 
-def list_files(url: str, suffix: str = PARQUET_SUFFIX) -> list[str]:
-    """Files under `url` (recursively) ending in `suffix`, sorted, as full URLs; `url` may be one file.
+# Files that mark a folder as one of this project's outputs: a latent dataset (the embed
+# job's claim and success marker), decoded images, a report, nearest neighbours, a training
+# run, ingested or synthetic shards. A listing of a parent folder skips such folders, so an
+# output that a user put inside an input folder is never read back as input data.
+OUTPUT_MARKERS = ("_embed.json", "_SUCCESS.json", "_decode.json", "_report.json", "_neighbours.json",
+                  "_ingest_summary.json", "_synth_summary.json", "run.json")
 
-    Hidden and temporary files (a name starting with '.' or '_') are left out: they are
-    partial writes or metadata, never shards.
+
+def list_files_detailed(url: str, suffix: str = PARQUET_SUFFIX) -> tuple[list[str], list[str]]:
+    """(files under `url` ending in `suffix`, sorted full URLs; the sub-folders skipped as outputs).
+
+    `url` may be one file. Hidden and temporary files and folders (a name starting with '.'
+    or '_') are left out: they are partial writes or metadata, never shards. So are the
+    sub-folders holding one of `OUTPUT_MARKERS`; the folder `url` itself may be an output.
     """
     fs, path = filesystem(url)
+    fs.invalidate_cache(path)  # other processes (Ray workers, other jobs) write here: list afresh
     if fs.isfile(path):
-        return [url]
+        return [url], []
     if not fs.exists(path):
-        return []
+        return [], []
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    found = []
+    candidates, outputs = [], set()
     for file_path in fs.find(path):
-        name = posixpath.basename(file_path)
+        rel = posixpath.relpath(file_path, path)
+        folder, name = posixpath.split(rel)
+        if name in OUTPUT_MARKERS and folder:
+            outputs.add(folder)
         if not name.endswith(suffix) or name.startswith((".", "_")):
             continue
-        rel = posixpath.relpath(file_path, path)
-        if any(part.startswith((".", "_")) for part in rel.split("/")[:-1]):
+        if any(part.startswith((".", "_")) for part in folder.split("/") if part):
             continue
-        found.append(file_path if isinstance(fs, LocalFileSystem) else f"{protocol}://{file_path}")
-    return sorted(found)
+        candidates.append((rel, file_path))
+    found = [file_path if isinstance(fs, LocalFileSystem) else f"{protocol}://{file_path}"
+             for rel, file_path in candidates
+             if not any(rel.startswith(folder + "/") for folder in outputs)]
+    return sorted(found), sorted(outputs)
+
+
+def list_files(url: str, suffix: str = PARQUET_SUFFIX) -> list[str]:
+    """Files under `url` (recursively) ending in `suffix`, sorted, as full URLs (see list_files_detailed)."""
+    return list_files_detailed(url, suffix)[0]
+
+
+def _location(url: str) -> tuple[str, str]:
+    """(filesystem protocol, absolute normalised path) of a URL, to compare two URLs' places."""
+    fs, path = filesystem(url)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if isinstance(fs, LocalFileSystem):
+        return "file", os.path.realpath(path)
+    return protocol, posixpath.normpath("/" + path.lstrip("/"))
+
+
+def check_apart(inputs: dict[str, str | None], outputs: dict[str, str | None]) -> None:
+    """Refuse an output folder that is, holds or sits inside an input folder (by flag name).
+
+    An output inside an input is read back as input by the next run; an input inside an
+    output can be overwritten or removed by the job. Checked before any work.
+    """
+    for out_flag, out_url in outputs.items():
+        if not out_url:
+            continue
+        out_protocol, out_path = _location(out_url)
+        for in_flag, in_url in inputs.items():
+            if not in_url:
+                continue
+            in_protocol, in_path = _location(in_url)
+            if in_protocol != out_protocol:
+                continue
+            if out_path == in_path:
+                where = "is"
+            elif out_path.startswith(in_path.rstrip("/") + "/"):
+                where = "is inside"
+            elif in_path.startswith(out_path.rstrip("/") + "/"):
+                where = "holds"
+            else:
+                continue
+            raise InputError(f"{out_flag} {out_url} {where} {in_flag} {in_url}: keep outputs apart from inputs "
+                             f"(an output inside an input is read back as input); choose another {out_flag}")
 
 
 def arrow_files(url: str) -> tuple[pafs.FileSystem, list[str]]:
@@ -129,6 +188,38 @@ def write_bytes(url: str, data: bytes) -> None:
 
 def write_text(url: str, text: str) -> None:
     write_bytes(url, text.encode("utf-8"))
+
+
+def create_exclusive(url: str, data: bytes) -> bool:
+    """Write `url` only if it does not exist yet, atomically; False when it already did.
+
+    Locally a hard link of a complete temporary file (link fails if the name is taken);
+    on S3 a conditional PUT (If-None-Match: *), which S3 and its compatible stores honour;
+    elsewhere fsspec's own create mode (an existence check, then a write).
+    """
+    fs, path = filesystem(url)
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    if isinstance(fs, LocalFileSystem):
+        tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    try:
+        fs.pipe_file(path, data, mode="create")
+        return True
+    except FileExistsError:
+        return False
 
 
 def read_bytes(url: str) -> bytes:

@@ -35,6 +35,7 @@ from pipeline.datasets import decode_split, read_shards
 from pipeline.errors import InputError
 from pipeline.images import DEFAULT_RESIZE, RESIZE_POLICIES, decode_batch
 from pipeline.inference import to_input
+from pipeline.lease import Lease
 from pipeline.model import AutoencoderConfig, build_model, count_parameters
 from pipeline.resources import plan_training_workers
 from pipeline.scoring import calibration_from_errors, mse_per_image, psnr
@@ -364,6 +365,7 @@ class TrainPlan:
     cfg: TrainConfig
     shards: ShardList
     rows: int
+    lease: Lease  # this job's hold on the run folder; the caller releases it (`train` does)
 
 
 def preflight_decode(cfg: TrainConfig, shards: ShardList) -> None:
@@ -408,15 +410,22 @@ def check_run_folder(cfg: TrainConfig) -> None:
 
 
 def prepare(cfg: TrainConfig) -> TrainPlan:
-    """Every check that needs no Ray: columns, rows, decodable images, the run folder's settings."""
+    """Every check that needs no Ray: columns, rows, decodable images, the run folder's settings.
+
+    Before its first write (the run's settings file) it takes the run folder's lease and holds
+    it from then on: a second training into the same folder refuses.
+    """
+    storage.check_apart({"--data": cfg.data_url}, {"--out": cfg.out_url})
     shards = ShardList.under(cfg.data_url)
     check_columns(shards, cfg.columns)
     if shards.rows == 0:
         raise InputError(f"{cfg.data_url} holds no rows: nothing to train on")
     preflight_decode(cfg, shards)
     cfg = replace(cfg, data_fingerprint=fingerprint(shards))
-    check_run_folder(cfg)
-    return TrainPlan(cfg=cfg, shards=shards, rows=shards.rows)
+    lease = Lease.acquire(cfg.out_url, "training job")
+    with lease.released_on_error():
+        check_run_folder(cfg)
+    return TrainPlan(cfg=cfg, shards=shards, rows=shards.rows, lease=lease)
 
 
 def _split(plan: TrainPlan, validation: bool):
@@ -472,12 +481,15 @@ def run(plan: TrainPlan) -> TrainResult:
     result = trainer.fit()
     if result.error:
         raise result.error
+    plan.lease.check()
     return export_best(cfg, result, time.perf_counter() - started)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train (or resume) the run in `cfg.out_url` and export its best model to `<out_url>/model/`."""
-    return run(prepare(cfg))
+    plan = prepare(cfg)
+    with plan.lease:
+        return run(plan)
 
 
 def export_best(cfg: TrainConfig, result, seconds: float) -> TrainResult:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from cluster_utils import (  # noqa: F401  (multinode_cluster is a fixture, used by name)
     RAY_CLI,
     REPO_ROOT,

@@ -14,12 +14,19 @@ import torch
 from jobs import decode as decode_job
 from pipeline import storage
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.decode import OUTPUT_SCHEMA, RUN_FILE, DecodeConfig, LatentDecoder, decode, select_rows
+from pipeline.decode import (
+    OUTPUT_SCHEMA,
+    RUN_FILE,
+    DecodeConfig,
+    LatentDecoder,
+    decode,
+    select_rows,
+)
 from pipeline.embed import EmbedConfig, embed_reference
 from pipeline.errors import InputError
 from pipeline.images import decode_batch
 from pipeline.inference import decode_latents, interpolation_grid, load_inference_model
-from pipeline.latents import dequantize_latents, latents_from_batch
+from pipeline.latents import dequantize_latents, latents_from_batch, write_success
 from pipeline.model import AutoencoderConfig, build_model
 from pipeline.shards import Columns, check_columns, image_bytes
 from pipeline.synth import write_synthetic_corpus
@@ -40,6 +47,7 @@ def _make_latents(root: Path, model_url: str, dtype: str) -> str:
     out.mkdir()
     pq.write_table(table.slice(0, 25), out / "a.parquet")
     pq.write_table(table.slice(25), out / "b.parquet")
+    write_success(str(out), {"rows": table.num_rows})
     return str(out)
 
 
@@ -140,7 +148,8 @@ def test_decode_job_writes_shards_that_read_back_exactly(ray_local, model_url, l
     assert set(table.column("format").to_pylist()) == {"jpeg"}
     run = json.loads(storage.read_text(storage.join(out, RUN_FILE)))["summary"]
     assert (run["selected"], run["skipped_null_latent"], run["written"]) == (5, 1, 4)
-    assert sorted(run["files"]) == sorted(summary.files), "stable names"
+    assert sorted(run["files"]) == sorted(p.name for p in Path(out).glob("*.parquet")), "the first run's are gone"
+    assert not set(run["files"]) & set(summary.files)
     pixels, errors = decode_batch(image_bytes(table.column("image")), SIZE, 3)
     for row_id, got in zip(table.column("id").to_pylist(), pixels):
         assert np.abs(got.astype(int) - reference[row_id]).mean() < 4  # JPEG q95: close, not exact

@@ -12,8 +12,8 @@ import pytest
 from cluster_utils import REPO_ROOT, start_head, start_multinode_cluster, submit_job
 
 from pipeline.checkpoint import load_checkpoint
-from pipeline.latents import read_latents
 from pipeline.images import encode_image
+from pipeline.latents import read_latents
 from pipeline.synth import anomaly_plan, synthetic_image
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]

@@ -21,7 +21,11 @@ from pipeline.embed import EmbedConfig, Embedder, embed, embed_reference
 from pipeline.errors import InputError
 from pipeline.latents import METADATA_KEY, dequantize_latents, read_latents
 from pipeline.resources import (
-    CPU_BATCH_SIZE, GPU_BATCH_SIZE, MIN_OBJECT_STORE_BUDGET, object_store_budget, plan_actor_pool,
+    CPU_BATCH_SIZE,
+    GPU_BATCH_SIZE,
+    MIN_OBJECT_STORE_BUDGET,
+    object_store_budget,
+    plan_actor_pool,
 )
 from pipeline.scoring import resolve_threshold
 from pipeline.shards import ColumnError, DuplicateIdError
@@ -238,8 +242,8 @@ def test_grayscale_model_is_refused_for_colour_data(corpus, tmp_path):
 
 
 def test_output_folder_of_another_model_is_refused(corpus, model_url, tmp_path):
-    from pipeline.embed import check_output_folder
     from pipeline.checkpoint import read_checkpoint_meta
+    from pipeline.embed import check_output_folder
 
     out = str(tmp_path / "o")
     sha = read_checkpoint_meta(model_url)["weights_sha256"]

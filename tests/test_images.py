@@ -120,6 +120,42 @@ def test_16_bit_is_scaled_not_clipped():
     assert out[0, :, 0].tolist() == [0, 128, 255, 4]  # 1000 / 257 = 3.9 -> 4 (clipping would give 255)
 
 
+def _grey_gradient(height=24, width=40) -> np.ndarray:
+    """An 8-bit grey image with every level from 0 to 255 and some texture."""
+    y, x = np.mgrid[0:height, 0:width]
+    return ((x * 255 // (width - 1) + 37 * (y % 3)) % 256).astype(np.uint8)
+
+
+@pytest.mark.parametrize("scale", ["fraction", "levels"])
+def test_float_tiff_and_16_bit_png_decode_as_their_8_bit_twin(scale):
+    """32-bit float grey (as microscopy writes it) and 16-bit grey decode to the 8-bit image
+    they stand for, within one level, at any size and in colour too."""
+    grey = _grey_gradient()
+    eight = _pil_bytes(Image.fromarray(grey, "L"), "PNG")
+    floats = grey.astype(np.float32) / (255.0 if scale == "fraction" else 1.0)
+    tiff = _pil_bytes(Image.fromarray(floats, "F"), "TIFF")
+    assert Image.open(io.BytesIO(tiff)).mode == "F"
+    sixteen = _pil_bytes(Image.fromarray(grey.astype(np.uint16) * 257), "PNG")
+    assert Image.open(io.BytesIO(sixteen)).mode.startswith("I")
+    for size, channels in ((40, 1), (16, 3)):
+        reference = decode_image(eight, size, channels).astype(int)
+        for data in (tiff, sixteen):
+            assert np.abs(decode_image(data, size, channels).astype(int) - reference).max() <= 1
+
+
+def test_float_tiff_outside_8_bit_range_is_stretched_from_its_percentiles():
+    rng = np.random.default_rng(0)
+    values = rng.normal(1500.0, 400.0, (32, 32)).astype(np.float32)
+    values[0, 0], values[0, 1] = -5e4, 9e5  # outliers beyond the 0.5-99.5 percentiles: clipped
+    out = decode_image(_pil_bytes(Image.fromarray(values, "F"), "TIFF"), 32, 1, "stretch")[..., 0]
+    low, high = np.percentile(values, (0.5, 99.5))
+    expected = np.clip(np.rint((values.astype(np.float64) - low) * 255 / (high - low)), 0, 255)
+    assert np.abs(out.astype(int) - expected).max() <= 1
+    assert out[0, 0] == 0 and out[0, 1] == 255 and 100 < out.mean() < 155
+    again = decode_image(_pil_bytes(Image.fromarray(values, "F"), "TIFF"), 32, 1, "stretch")[..., 0]
+    np.testing.assert_array_equal(out, again)  # deterministic
+
+
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_exif_orientation_comes_out_upright(orientation):
     upright = Image.fromarray(_quadrants(20, 40))
@@ -190,7 +226,7 @@ def test_large_jpeg_draft_decode_matches_full_decode():
         (encode_image(_quadrants(), "jpeg")[:300], "truncated image"),
         (_png_header_only(9000, 9000), "too many pixels (9000 x 9000 > 64000000)"),
         (_png_header_only(20000, 20000), "too many pixels"),  # Pillow's own bomb guard fires first
-        (_pil_bytes(Image.new("F", (4, 4)), "TIFF"), "unsupported mode F"),
+        (_pil_bytes(Image.fromarray(np.full((4, 4), np.nan, np.float32), "F"), "TIFF"), "non-finite pixel values"),
         ("a str", "not bytes (str)"),
     ],
     ids=["none", "empty", "text", "truncated-png", "truncated-jpeg", "cap", "bomb", "float", "str"],

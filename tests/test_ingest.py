@@ -13,7 +13,13 @@ from jobs import ingest as ingest_job
 from pipeline import storage
 from pipeline.images import encode_image
 from pipeline.ingest import REJECTS_DIR, SUMMARY_FILE, ingest, read_rejects
-from pipeline.shards import ColumnError, DuplicateIdError, check_columns, image_bytes, write_shard
+from pipeline.shards import (
+    ColumnError,
+    DuplicateIdError,
+    check_columns,
+    image_bytes,
+    write_shard,
+)
 
 HF_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 BAD_FILES = {

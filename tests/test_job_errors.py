@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.latents import write_success
 from pipeline.synth import write_synthetic_corpus
 
 JOBS = ("synth", "ingest", "train", "embed", "report", "decode", "demo")
@@ -45,6 +46,7 @@ def world(tmp_path_factory, tiny_model) -> dict[str, str]:
     pq.write_table(pa.table({"id": ["a", "b"], "mse": pa.array([0.1, 0.2], pa.float32()),
                              "latent": pa.array([[0.0] * 16, [1.0] * 16], pa.list_(pa.float32(), 16))}),
                    latents / "part-0.parquet")
+    write_success(str(latents), {"rows": 2})
     # Output folders that belong to other runs.
     other_run = root / "other-run"
     other_run.mkdir()
@@ -52,12 +54,18 @@ def world(tmp_path_factory, tiny_model) -> dict[str, str]:
     other_embed = root / "other-embed"
     other_embed.mkdir()
     (other_embed / "_embed.json").write_text(json.dumps({"model_sha256": "0" * 64}))
+    truncated = root / "truncated"
+    truncated.mkdir()
+    whole = (sorted(shards.glob("*.parquet"))[0]).read_bytes()
+    (truncated / "part-00000.parquet").write_bytes(whole)
+    (truncated / "part-00001.parquet").write_bytes(whole[: len(whole) // 3])  # an upload cut short
     foreign = root / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("a user's own file")
     return {"shards": str(shards), "duplicated": str(duplicated), "hub": str(hub), "model": tiny_model,
             "not_a_model": str(not_a_model), "latents": str(latents), "other_run": str(other_run),
-            "other_embed": str(other_embed), "foreign": str(foreign), "root": str(root)}
+            "other_embed": str(other_embed), "foreign": str(foreign), "truncated": str(truncated),
+            "root": str(root)}
 
 
 def _out(w: dict[str, str], name: str) -> str:
@@ -110,6 +118,24 @@ CASES = [
                                                           "--out", w["foreign"]], "not this job's output"),
     ("decode", "missing ids", lambda w: ["--latents", w["latents"], "--model", w["model"], "--out", _out(w, "d"),
                                          "--ids", "ghost"], "'ghost'"),
+    ("ingest", "output inside input", lambda w: ["--source", w["shards"], "--out", f"{w['shards']}/x", "--no-ray"],
+     "is inside --source"),
+    ("train", "output inside input", lambda w: ["--data", w["shards"], "--out", f"{w['shards']}/run"],
+     "is inside --data"),
+    ("embed", "output inside input", lambda w: ["--data", w["shards"], "--model", w["model"],
+                                                "--out", f"{w['shards']}/latents"], "is inside --data"),
+    ("embed", "input inside output", lambda w: ["--data", w["shards"], "--model", w["model"],
+                                                "--out", str(Path(w["shards"]).parent)], "holds --data"),
+    ("report", "output inside input", lambda w: ["--latents", w["latents"], "--out", f"{w['latents']}/report"],
+     "is inside --latents"),
+    ("decode", "output inside input", lambda w: ["--latents", w["latents"], "--model", w["model"],
+                                                 "--out", w["latents"]], "is --latents"),
+    ("ingest", "unreadable shard", lambda w: ["--source", w["truncated"], "--out", _out(w, "i"), "--no-ray"],
+     "part-00001.parquet is not a readable Parquet file"),
+    ("train", "unreadable shard", lambda w: ["--data", w["truncated"], "--out", _out(w, "t")],
+     "part-00001.parquet is not a readable Parquet file"),
+    ("embed", "unreadable shard", lambda w: ["--data", w["truncated"], "--model", w["model"], "--out", _out(w, "e")],
+     "part-00001.parquet is not a readable Parquet file"),
     ("demo", "bad value", lambda w: ["--out", _out(w, "demo"), "--images", "0"], "images"),
 ]
 

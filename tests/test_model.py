@@ -4,7 +4,13 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.model import AutoencoderConfig, FireAutoencoder, PlainAutoencoder, build_model, count_parameters
+from pipeline.model import (
+    AutoencoderConfig,
+    FireAutoencoder,
+    PlainAutoencoder,
+    build_model,
+    count_parameters,
+)
 
 
 @pytest.mark.parametrize("arch", ["fire", "plain"])

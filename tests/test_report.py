@@ -28,7 +28,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from sklearn.metrics import average_precision_score, confusion_matrix, precision_recall_curve, roc_auc_score
+from sklearn.metrics import (
+    average_precision_score,
+    confusion_matrix,
+    precision_recall_curve,
+    roc_auc_score,
+)
 
 from jobs.report import main as report_main
 from pipeline import storage
@@ -36,13 +41,19 @@ from pipeline.checkpoint import read_checkpoint_meta
 from pipeline.embed import EmbedConfig, embed, embed_reference
 from pipeline.errors import InputError
 from pipeline.images import encode_image
-from pipeline.latents import read_latents
+from pipeline.latents import read_latents, write_success
 from pipeline.report import (
-    HIST_RATIO, ReportConfig, ScorePartial, histogram_counts, report, resolve_threshold, sketch_quantile,
+    HIST_RATIO,
+    ReportConfig,
+    ScorePartial,
+    histogram_counts,
+    report,
+    resolve_threshold,
+    sketch_quantile,
 )
+from pipeline.scoring import threshold_from_calibration
 from pipeline.shards import write_shard
 from pipeline.synth import synthetic_image, write_synthetic_corpus
-from pipeline.scoring import threshold_from_calibration
 
 HOSTILE_IDS = ["../x", "<script>alert(1)</script>", "line1\nline2", "q\"uote's & <b>bold</b>"]
 HOSTILE_KIND = "<img src=x onerror=alert(3)>"
@@ -78,6 +89,7 @@ def _known_latents(root: Path, labels: bool = True, n: int = 300, seed: int = 0,
         if metadata is not None:
             table = table.replace_schema_metadata({b"squeeze": json.dumps(metadata).encode()})
         pq.write_table(table, root / f"part-{part}.parquet")
+    write_success(str(root), {"rows": n})
     return str(root), {"id": ids[scored], "mse": mse[scored], "ssim": ssim[scored], "label": label[scored],
                        "kind": kind[scored], "scored": scored}
 
@@ -438,6 +450,7 @@ def test_hostile_ids_stay_text_and_write_only_inside_the_report(ray_local, model
     latents = tmp_path / "lat<img src=x onerror=alert(2)>"
     latents.mkdir()
     pq.write_table(table, latents / "part-0.parquet")
+    write_success(str(latents), {"rows": table.num_rows})
 
     strip = np.random.default_rng(0).integers(0, 256, (32, 32 * 5, 3), dtype=np.uint8)
     calls = []
@@ -491,7 +504,14 @@ def _escaped(text: str) -> str:
 
 def test_block_reducers_run_without_ray_even_on_a_block_of_undecodable_rows():
     """The per-block functions are plain functions of a pyarrow table (what Ray Data hands them)."""
-    from pipeline.report import PATH_COLUMN, GroupStats, ScanPlan, scan_flags, scan_scores, unpack
+    from pipeline.report import (
+        PATH_COLUMN,
+        GroupStats,
+        ScanPlan,
+        scan_flags,
+        scan_scores,
+        unpack,
+    )
 
     table = pa.table({"id": ["a", "b"], "mse": pa.array([None, None], pa.float32()),
                       "error": ["not an image", "empty bytes"], "label": [1, 0], PATH_COLUMN: ["s/x.parquet"] * 2})

@@ -9,8 +9,15 @@ from skimage.metrics import structural_similarity
 
 from pipeline.errors import InputError
 from pipeline.scoring import (
-    ThresholdSpec, calibration_from_errors, contamination_threshold, mse_per_image, parse_threshold, psnr,
-    resolve_threshold, ssim_error_per_image, ssim_per_image,
+    ThresholdSpec,
+    calibration_from_errors,
+    contamination_threshold,
+    mse_per_image,
+    parse_threshold,
+    psnr,
+    resolve_threshold,
+    ssim_error_per_image,
+    ssim_per_image,
 )
 
 

@@ -11,7 +11,13 @@ from jobs import synth as synth_job
 from pipeline import storage
 from pipeline.images import decode_batch
 from pipeline.shards import Columns, check_columns, find_duplicate_ids, image_bytes
-from pipeline.synth import ANOMALY_KINDS, SUMMARY_FILE, anomaly_plan, synthetic_image, write_synthetic_corpus
+from pipeline.synth import (
+    ANOMALY_KINDS,
+    SUMMARY_FILE,
+    anomaly_plan,
+    synthetic_image,
+    write_synthetic_corpus,
+)
 
 
 def _files(path):

@@ -56,6 +56,8 @@ Output folder (any fsspec URL; every file written atomically; no file name comes
 summary.json keys:
     format, format_version    "squeeze-report", 1
     created                   UTC time, ISO 8601
+    partial                   null, or "partial: N of M rows ..." when made with --allow-partial
+                              from a latent dataset whose embed job never finished
     config                    the ReportConfig the report was made with (latents_url, out_url, ...)
     latents                   {url, files, rows, metadata: the latent files' "squeeze" metadata or null}
     counts                    {rows, scored_rows, error_rows, errors_by_reason, unscored_rows,

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.errors import InputError
-from pipeline.latents import latent_files, metadata_of
+from pipeline.latents import latent_files, metadata_of, require_finished
 from pipeline.report.metrics import Threshold, resolve_threshold
 from pipeline.report.scan import LatentColumns
 from pipeline.shards import Columns, ShardList, check_columns
@@ -45,6 +45,7 @@ class ReportConfig:
     interpolate: tuple[str, str] | None = None
     interpolation_steps: int = 8
     max_exact_rows: int = 10_000_000
+    allow_partial: bool = False  # report on an unfinished latent dataset, and say so at the top
 
     def __post_init__(self) -> None:
         from pipeline.scoring import parse_threshold
@@ -200,6 +201,7 @@ class Inputs:
     threshold: Threshold | None  # None for contamination, which needs the scores first
     shards: ShardList | None  # the --data image shards
     notes: list[str]
+    partial: str | None = None  # "partial: N of M rows ..." when the latent dataset is unfinished
 
 
 def check_inputs(cfg: ReportConfig) -> Inputs:
@@ -207,7 +209,9 @@ def check_inputs(cfg: ReportConfig) -> Inputs:
     from pipeline.scoring import parse_threshold
 
     notes: list[str] = []
+    storage.check_apart({"--latents": cfg.latents_url, "--data": cfg.data_url}, {"--out": cfg.out_url})
     info = inspect_latents(cfg, notes)
+    partial = require_finished(cfg.latents_url, cfg.allow_partial).partial_note
     calibration, model_sha = _read_model(cfg.model_url) if cfg.model_url else (None, None)
     shards = _list_image_shards(cfg) if cfg.data_url else None
     if cfg.interpolate:
@@ -218,4 +222,5 @@ def check_inputs(cfg: ReportConfig) -> Inputs:
     if model_sha and expected_sha and model_sha != expected_sha:
         notes.append(f"--model's weights ({model_sha[:12]}) are not those the latents were made with "
                      f"({expected_sha[:12]}): calibration, reconstructions and recomputed mse come from --model")
-    return Inputs(cfg=cfg, info=info, calibration=calibration, threshold=threshold, shards=shards, notes=notes)
+    return Inputs(cfg=cfg, info=info, calibration=calibration, threshold=threshold, shards=shards, notes=notes,
+                  partial=partial)

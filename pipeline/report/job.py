@@ -18,7 +18,12 @@ from pipeline.report.figures import histogram_figure, roc_pr_figure
 from pipeline.report.galleries import build_galleries, interpolation_strip
 from pipeline.report.html import render_html
 from pipeline.report.metrics import Threshold, resolve_threshold
-from pipeline.report.output import json_clean, top_anomalies_parquet, write_report
+from pipeline.report.output import (
+    MARKER_FILE,
+    json_clean,
+    top_anomalies_parquet,
+    write_report,
+)
 from pipeline.report.scan import (
     FlagPartial,
     ScanPlan,
@@ -116,7 +121,7 @@ def run(inputs: Inputs) -> dict[str, Any]:
     cfg = inputs.cfg
     notes = list(inputs.notes)
     found = _scan(cfg, inputs)
-    summary = assemble(cfg, found, notes)
+    summary = assemble(cfg, found, notes, inputs.partial)
     files = _figures(found, summary)
     summary["galleries"] = _galleries(cfg, inputs, found, files, notes)
     summary["interpolation"] = _interpolation(cfg, files)
@@ -124,7 +129,7 @@ def run(inputs: Inputs) -> dict[str, Any]:
         summary["top_anomalies"], labelled=found.info.label_column is not None,
         has_kind=found.info.kind_column is not None)
     summary["notes"] = notes
-    summary["files"] = sorted([*files, "summary.json", "index.html"])
+    summary["files"] = sorted([*files, MARKER_FILE, "summary.json", "index.html"])
     summary["seconds"] = time.perf_counter() - started
     summary = json_clean(summary)
     print(f"report: writing {len(files) + 2} files to {cfg.out_url}", flush=True)

@@ -26,6 +26,9 @@ _OUR_IMAGE_NAME = re.compile(r"^(worst|typical)-\d{4,}-(original|reconstruction|
 _OPTIONAL_FILES = ("histogram_ssim_error.png", "roc_pr.png", "interpolation.png")
 
 
+MARKER_FILE = "_report.json"
+
+
 def gallery_file(gallery: str, rank: int, kind: str) -> str:
     """images/<worst|typical>-<rank>-<original|reconstruction|error>.png"""
     return f"{IMAGES_DIR}/{gallery}-{rank:04d}-{kind}.png"
@@ -88,7 +91,13 @@ def _remove_stale_files(out_url: str, keep: set[str]) -> None:
 
 
 def write_report(out_url: str, files: dict[str, bytes], summary: dict[str, Any], index_html: str) -> None:
-    """Every file, each atomically; index.html last, so that a report a person can open is whole."""
+    """Every file, each atomically; index.html last, so that a report a person can open is whole.
+
+    `MARKER_FILE` comes first: it marks the folder as a report, so that a listing of a folder
+    above it never reads top_anomalies.parquet as data.
+    """
+    storage.write_text(storage.join(out_url, MARKER_FILE), json.dumps({"format": summary["format"],
+                                                                        "config": summary["config"]}) + "\n")
     _write_all(out_url, files)
     _remove_stale_files(out_url, set(files))
     storage.write_text(storage.join(out_url, "summary.json"), json.dumps(summary, indent=2, allow_nan=False) + "\n")

@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 from pipeline.datasets import PATH_COLUMN, read_parquet
 from pipeline.report.sketch import HIST_BINS, histogram_counts
 from pipeline.sampling import hash_sample
+from pipeline.shards import id_strings
 
 if TYPE_CHECKING:
     from pipeline.report.config import LatentInfo
@@ -101,7 +102,7 @@ def _label_codes(table: pa.Table, name: str) -> np.ndarray:
 
 
 def _ids(table: pa.Table, plan: ScanPlan) -> np.ndarray:
-    return table.column(plan.id_column).to_numpy(zero_copy_only=False).astype(str)
+    return id_strings(table.column(plan.id_column))
 
 
 def _plain_label(label: Any) -> Any:

@@ -49,9 +49,10 @@ def with_relative_shards(rows: list[dict], root: str) -> list[dict]:
     return [{**row, "shard": relative_shard(row["shard"], root) if row["shard"] else None} for row in rows]
 
 
-def header(cfg: ReportConfig, info: LatentInfo) -> dict[str, Any]:
+def header(cfg: ReportConfig, info: LatentInfo, partial: str | None) -> dict[str, Any]:
     return {"format": FORMAT, "format_version": FORMAT_VERSION,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "partial": partial,
             "config": asdict(cfg),
             "latents": {"url": cfg.latents_url, "files": len(info.paths), "rows": info.rows,
                         "metadata": info.metadata}}
@@ -135,9 +136,9 @@ def typical_rows(found: Findings) -> list[dict[str, Any]]:
     return [{"rank": rank, **{k: row[k] for k in ROW_KEYS}} for rank, row in enumerate(found.typical, start=1)]
 
 
-def assemble(cfg: ReportConfig, found: Findings, notes: list[str]) -> dict[str, Any]:
+def assemble(cfg: ReportConfig, found: Findings, notes: list[str], partial: str | None = None) -> dict[str, Any]:
     """Every section the passes decide, in summary.json's order (galleries and the rest follow)."""
-    summary = {**header(cfg, found.info), "counts": counts_section(found),
+    summary = {**header(cfg, found.info, partial), "counts": counts_section(found),
                "scores": found.score_summary,
                "histogram": histogram_section(found), "threshold": threshold_section(found)}
     if found.info.label_column:
