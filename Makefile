@@ -26,7 +26,7 @@ test-fast: venv
 	$(PY) -m pytest -m "not ray and not slow"
 
 demo: venv
-	$(PY) -m jobs.demo --out demo-output
+	$(VENV)/bin/squeeze demo --out demo-output
 
 bench: venv
 	$(PY) bench/model.py

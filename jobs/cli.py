@@ -9,7 +9,8 @@ frozen config) and `main(argv)`, which is `run_job(...)`:
    folders); an `InputError` here or later is printed as `error: <message>`, exit 2;
    (a stage that writes a folder holds its lease from here: `pipeline.lease`);
 4. connect to Ray only when the stage needs it (plain `ray.init()`, which joins the cluster
-   of `RAY_ADDRESS` / `ray job submit`, or reuses one this process already has);
+   of `RAY_ADDRESS` / `ray job submit`, or reuses one this process already has), with Ray's
+   INFO chatter kept off the console unless `--verbose` (`pipeline.console`);
 5. `run(prepared)`, and print its summary as one JSON line; a `JobFailed` (the job ran but
    broke a promise, e.g. rows in != rows out) prints the summary and `error: ...`, exit 1.
 
@@ -25,6 +26,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pipeline.console import filtered_stderr, verbose_requested
 from pipeline.errors import InputError, JobFailed
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT = 0, 1, 2
@@ -42,12 +44,27 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+# How a job names itself in its help: `python -m jobs.<stage>`, or `squeeze <stage>` when
+# the `squeeze` command runs it (jobs/squeeze.py sets this before building the parser).
+PROG_PREFIX = "python -m jobs."
+
+
 def parser(prog: str, doc: str) -> argparse.ArgumentParser:
-    """An argument parser for `python -m jobs.<prog>`: the docstring's first line as its description,
-    the rest (the exact local and cluster commands) after the options."""
+    """An argument parser for a job: the docstring's first line as its description, the rest
+    (the exact local and cluster commands) after the options, and `--verbose`."""
     first, _, rest = doc.strip().partition("\n")
-    return argparse.ArgumentParser(prog=f"python -m jobs.{prog}", description=first, epilog=rest.strip() or None,
-                                   formatter_class=_Formatter)
+    p = argparse.ArgumentParser(prog=f"{PROG_PREFIX}{prog}", description=first, epilog=rest.strip() or None,
+                                formatter_class=_Formatter)
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's own INFO logging, execution plans and progress bars too")
+    return p
+
+
+def arguments(p: argparse.ArgumentParser, argv: Sequence[str] | None) -> dict[str, Any]:
+    """The parsed options as a dict, without the ones every job shares (`--verbose`)."""
+    args = vars(p.parse_args(argv))
+    args.pop("verbose", None)
+    return args
 
 
 class _Formatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -68,25 +85,38 @@ def as_dict(value: Any) -> Any:
     return value
 
 
-def connect_ray() -> None:
-    """Join the cluster this process should use: the one it already has, else plain `ray.init()`."""
+def connect_ray(verbose: bool = False) -> None:
+    """Join the cluster this process should use: the one it already has, else plain `ray.init()`;
+    either way with Ray's console chatter kept to what matters (`pipeline.console`)."""
     import ray
 
+    from pipeline import console
+
+    console.quiet_ray(verbose)
     if not ray.is_initialized():  # a test or notebook may have started one already
-        ray.init()
+        ray.init(**console.init_kwargs(verbose))
+    console.filter_worker_lines(verbose)
 
 
 def run_job(name: str, argv: Sequence[str] | None, parse_args: Callable[[Sequence[str] | None], Any],
             run: Callable[[Any], Any], prepare: Callable[[Any], Any] | None = None,
             needs_ray: bool | Callable[[Any], bool] = True) -> int:
     """Parse, print the config, check, connect, run, print the summary; the exit status."""
+    verbose = verbose_requested(list(argv) if argv is not None else sys.argv[1:])
+    with filtered_stderr(verbose):
+        return _run(name, argv, parse_args, run, prepare, needs_ray, verbose)
+
+
+def _run(name: str, argv: Sequence[str] | None, parse_args: Callable[[Sequence[str] | None], Any],
+         run: Callable[[Any], Any], prepare: Callable[[Any], Any] | None,
+         needs_ray: bool | Callable[[Any], bool], verbose: bool) -> int:
     prepared = None
     try:
         config = parse_args(argv)
         print(f"{name} config: {json.dumps(as_dict(config), default=str)}", flush=True)
         prepared = prepare(config) if prepare else config
         if needs_ray(config) if callable(needs_ray) else needs_ray:
-            connect_ray()
+            connect_ray(verbose)
         summary = run(prepared)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import fields
 
-from jobs.cli import csv, parser, run_job
+from jobs.cli import arguments, csv, parser, run_job
 from pipeline import decode
 from pipeline.decode import IMAGE_FORMATS, DecodeConfig
 from pipeline.resources import CPU_BATCH_SIZE, GPU_BATCH_SIZE
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> DecodeConfig:
-    args = vars(build_parser().parse_args(argv))
+    args = arguments(build_parser(), argv)
     return DecodeConfig(latents_url=args.pop("latents"), model_url=args.pop("model"), out_url=args.pop("out"),
                         **args)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.cli import parser, run_job
+from jobs.cli import arguments, parser, run_job
 from pipeline import storage
 from pipeline.errors import InputError
 
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
-    args = vars(build_parser().parse_args(argv))
+    args = arguments(build_parser(), argv)
     return DemoConfig(out_url=args.pop("out"), **args)
 
 

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import fields
 
-from jobs.cli import csv, parser, run_job
+from jobs.cli import arguments, csv, parser, run_job
 from pipeline import embed
 from pipeline.embed import EmbedConfig
 from pipeline.images import RESIZE_POLICIES
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> EmbedConfig:
-    args = vars(build_parser().parse_args(argv))
+    args = arguments(build_parser(), argv)
     return EmbedConfig(data_url=args.pop("data"), model_url=args.pop("model"), out_url=args.pop("out"), **args)
 
 

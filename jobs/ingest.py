@@ -24,7 +24,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import fields
 
-from jobs.cli import csv, parser, run_job
+from jobs.cli import arguments, csv, parser, run_job
 from pipeline import ingest
 from pipeline.ingest import SOURCE_FORMATS, IngestConfig
 
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> IngestConfig:
-    args = vars(build_parser().parse_args(argv))
+    args = arguments(build_parser(), argv)
     args["mib_per_shard"] = args["mib_per_shard"] or None
     return IngestConfig(source_url=args.pop("source"), out_url=args.pop("out"), **args)
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
-from jobs.cli import parser, run_job
+from jobs.cli import arguments, parser, run_job
 from pipeline import report
 from pipeline.report import ReportConfig
 
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ReportConfig:
-    return ReportConfig(**vars(build_parser().parse_args(argv)))
+    return ReportConfig(**arguments(build_parser(), argv))
 
 
 def run(inputs: report.Inputs) -> dict[str, Any]:

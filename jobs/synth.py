@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import fields
 
-from jobs.cli import parser, run_job
+from jobs.cli import arguments, parser, run_job
 from pipeline import synth
 from pipeline.synth import ANOMALY_KINDS, SynthConfig
 
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> SynthConfig:
-    args = vars(build_parser().parse_args(argv))
+    args = arguments(build_parser(), argv)
     return SynthConfig(out_url=args.pop("out"), **args)
 
 

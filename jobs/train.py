@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import fields
 
-from jobs.cli import parser, run_job
+from jobs.cli import arguments, parser, run_job
 from pipeline import train
 from pipeline.errors import InputError
 from pipeline.images import RESIZE_POLICIES
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
-    args = vars(build_parser().parse_args(argv))
+    args = arguments(build_parser(), argv)
     try:
         model = AutoencoderConfig(**{name: args.pop(name) for name in MODEL_FIELDS})
     except ValueError as e:

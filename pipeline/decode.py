@@ -36,7 +36,7 @@ import json
 import posixpath
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -61,6 +61,7 @@ from pipeline.latents import (
     require_finished,
 )
 from pipeline.lease import LEASE_DIR, Lease
+from pipeline.progress import Progress, TallyClient, TallyWatch
 from pipeline.resources import plan_actor_pool, pool_setting_problems
 from pipeline.sampling import sample_keys
 from pipeline.shards import SHARD_PREFIX, id_strings, remove_stale_shards
@@ -85,7 +86,7 @@ class LatentDecoder:
     """Latent rows -> image-shard rows. Loads the model once; runs with or without Ray."""
 
     def __init__(self, model_url: str, image_format: str = "png", quality: int = 95, device: str | None = None,
-                 torch_threads: int | None = None):
+                 torch_threads: int | None = None, on_rows: Callable[[int], None] | None = None):
         if image_format not in IMAGE_FORMATS:
             raise ValueError(f"image format must be one of {IMAGE_FORMATS}, got {image_format!r}")
         if torch_threads:
@@ -95,6 +96,7 @@ class LatentDecoder:
         self.config = checkpoint.config
         self.image_format = image_format
         self.quality = quality
+        self.on_rows = on_rows  # progress: told the rows of each finished batch
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         ids = id_strings(batch["id"])
@@ -105,6 +107,8 @@ class LatentDecoder:
         pixels = decode_latents(self.model, z, self.device) if z.shape[0] else []
         images = [encode_image(p, self.image_format, quality=self.quality) for p in pixels]
         n, side = len(images), self.config.image_size
+        if self.on_rows is not None:
+            self.on_rows(n)
         return pa.table({
             "id": pa.array(list(ids[valid]), pa.string()),
             "image": pa.array(images, pa.binary()),
@@ -320,7 +324,8 @@ def run(plan: DecodePlan) -> DecodeSummary:
     storage.makedirs(cfg.out_url)
     remove_stale_shards(cfg.out_url, keep=[])
     if selection.to_decode:
-        _pipeline(cfg, selection)
+        with TallyWatch(Progress("decode", selection.to_decode)) as watch:
+            _pipeline(cfg, selection, watch.client)
         written, files = count_written(cfg.out_url)
     else:
         written, files = 0, []
@@ -345,7 +350,7 @@ def decode(cfg: DecodeConfig) -> DecodeSummary:
         return run(plan)
 
 
-def _pipeline(cfg: DecodeConfig, selection: Selection) -> None:
+def _pipeline(cfg: DecodeConfig, selection: Selection, on_rows: TallyClient) -> None:
     """read latents -> filter (selected ids with a latent) -> LatentDecoder actors -> image shards."""
     import ray
     from ray.data import ActorPoolStrategy
@@ -368,7 +373,7 @@ def _pipeline(cfg: DecodeConfig, selection: Selection) -> None:
         LatentDecoder, batch_format="numpy", batch_size=resources.batch_size,
         fn_constructor_kwargs=dict(model_url=cfg.model_url, image_format=cfg.image_format, quality=cfg.quality,
                                    torch_threads=resources.torch_threads,
-                                   device="cuda" if resources.gpus_per_actor else "cpu"),
+                                   device="cuda" if resources.gpus_per_actor else "cpu", on_rows=on_rows),
         compute=ActorPoolStrategy(size=resources.actors), num_cpus=resources.cpus_per_actor,
         num_gpus=resources.gpus_per_actor)
     fs, out_path = storage.arrow_filesystem(cfg.out_url)

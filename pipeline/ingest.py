@@ -53,6 +53,7 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.errors import InputError, JobFailed
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageDecodeError, inspect_image
+from pipeline.progress import Progress
 from pipeline.shards import (
     SHARD_PREFIX,
     Columns,
@@ -375,17 +376,24 @@ def ingest_parquet_shard(task: dict, cfg: IngestConfig, schema: pa.Schema) -> di
 def _run_tasks(tasks: list[dict], function, cfg: IngestConfig, schema: pa.Schema) -> list[dict]:
     if not tasks:
         return []
+    progress = Progress("ingest", len(tasks), unit="groups")
     if not cfg.use_ray:
         results = []
-        for number, task in enumerate(tasks, 1):
+        for task in tasks:
             results.append(function(task, cfg, schema))
-            print(f"ingest: {number}/{len(tasks)} groups done", flush=True)
+            progress.update(len(results))
+        progress.close()
         return results
     import ray.data
 
-    # One block per task, so each runs as its own Ray task (and progress is per shard group).
+    # One block per task, so each runs as its own Ray task; results stream back as they finish.
     dataset = ray.data.from_items(tasks, override_num_blocks=len(tasks))
-    return dataset.map(function, fn_kwargs={"cfg": cfg, "schema": schema}, num_cpus=1).take_all()
+    results = []
+    for row in dataset.map(function, fn_kwargs={"cfg": cfg, "schema": schema}, num_cpus=1).iter_rows():
+        results.append(row)
+        progress.update(len(results))
+    progress.close()
+    return results
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,9 @@ class Progress:
     """A progress display for `total` units of work (None: unknown); thread-safe `update(done)`."""
 
     def __init__(self, label: str, total: int | None, unit: str = "rows", interval: float = 10.0,
-                 stream: TextIO | None = None, bar: bool | None = None):
+                 stream: TextIO | None = None, bar: bool | None = None, approximate: bool = False):
         self.label, self.total, self.unit, self.interval = label, total, unit, interval
+        self.approximate = approximate  # the total is an estimate: shown as "~N", the ETA as such
         self.stream = stream or sys.stdout
         self.done = 0
         self.started = time.monotonic()
@@ -51,7 +52,7 @@ class Progress:
         rate = self.done / elapsed
         text = f"{self.label}: {self.done:,}"
         if self.total:
-            text += f" / {self.total:,} {self.unit} ({self.done / self.total:.0%})"
+            text += f" / {'~' if self.approximate else ''}{self.total:,} {self.unit} ({self.done / self.total:.0%})"
         else:
             text += f" {self.unit}"
         text += f", {rate:,.0f} {self.unit}/s"

@@ -37,6 +37,7 @@ import pyarrow as pa
 from pipeline import storage
 from pipeline.errors import InputError
 from pipeline.images import encode_image
+from pipeline.progress import Progress
 from pipeline.shards import SHARD_PREFIX, remove_stale_shards, write_shard
 
 ANOMALY_KINDS = ("scratch", "blot", "noise", "colour_shift", "foreign_object")
@@ -212,6 +213,7 @@ def write_synthetic_corpus(
         return encode_image(_to_uint8(image, channels), compress_level=1)
 
     written = []
+    progress = Progress("synth", n, unit="images")
     for shard_number, start in enumerate(range(0, n, rows_per_shard)):
         indices = range(start, min(n, start + rows_per_shard))
         kinds = [plan.get(index, "") for index in indices]
@@ -226,6 +228,8 @@ def write_synthetic_corpus(
         name = f"{SHARD_PREFIX}{shard_number:05d}.parquet"
         write_shard(storage.join(out_url, name), table)
         written.append(name)
+        progress.update(min(n, start + rows_per_shard))
+    progress.close()
     removed = remove_stale_shards(out_url, keep=written)
     summary = {
         "images": n,

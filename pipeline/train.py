@@ -22,7 +22,9 @@ import json
 import math
 import os
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -37,6 +39,7 @@ from pipeline.images import DEFAULT_RESIZE, RESIZE_POLICIES, decode_batch
 from pipeline.inference import to_input
 from pipeline.lease import Lease
 from pipeline.model import AutoencoderConfig, build_model, count_parameters
+from pipeline.progress import Progress, TallyWatch
 from pipeline.resources import plan_training_workers
 from pipeline.scoring import calibration_from_errors, mse_per_image, psnr
 from pipeline.shards import Columns, ShardList, check_columns, fingerprint, first_images
@@ -243,12 +246,10 @@ def _restore(cfg: TrainConfig, torch_threads: int) -> _Worker:
                      optimizer=optimizer, scheduler=scheduler,
                      autocast=torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.amp),
                      start_epoch=int(train_state["epoch"]) + 1 if train_state else 0, history=history)
-    if train_state and worker.rank == 0:
-        print(f"resuming from epoch {worker.start_epoch} of {cfg.epochs}", flush=True)
     return worker
 
 
-def _train_one_epoch(w: _Worker, shard, epoch: int) -> dict[str, float]:
+def _train_one_epoch(w: _Worker, shard, epoch: int, on_images: Callable[[int], None]) -> dict[str, float]:
     """One pass over this worker's training shard; sums that the caller reduces over workers."""
     cfg = w.cfg
     w.model.train()
@@ -274,6 +275,7 @@ def _train_one_epoch(w: _Worker, shard, epoch: int) -> dict[str, float]:
         w.optimizer.step()
         loss_sum += float(loss.detach()) * n_ok
         images += n_ok
+        on_images(n_ok)
     w.scheduler.step()
     return {"loss_sum": loss_sum, "images": images, "failed": failed, "data_wait": waiting.seconds,
             "train_seconds": time.perf_counter() - started}
@@ -325,9 +327,8 @@ def _save(w: _Worker, epoch: int, metrics: dict[str, Any], errors: np.ndarray, f
                         "torch_rng": torch.get_rng_state()}, os.path.join(d, TRAIN_STATE_FILE))
             reported = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=reported, checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
-    if w.rank == 0:
+    if w.rank == 0:  # the driver prints each epoch's line from this file, once (EpochLines)
         storage.write_text(storage.join(w.cfg.out_url, METRICS_FILE), "".join(json.dumps(m) + "\n" for m in w.history))
-        print(format_progress(metrics), flush=True)
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
@@ -341,11 +342,49 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     for epoch in range(w.start_epoch, cfg.epochs):
         started = time.perf_counter()
-        sums = _train_one_epoch(w, train_shard, epoch)
+        sums = _train_one_epoch(w, train_shard, epoch, loop_config["on_images"])
         errors, val_failed = _validate(w, val_shard)
         metrics = _epoch_metrics(w, epoch, sums, errors, val_failed, started)
         w.history = [*w.history, metrics]
         _save(w, epoch, metrics, errors, facts)
+
+
+class EpochLines:
+    """Driver side: prints each finished epoch's line once, from the metrics file rank 0 writes.
+
+    Printing from the workers would go through Ray's log forwarding, which showed every line
+    twice and only with Ray's prefixes; the file is the record of what finished.
+    """
+
+    def __init__(self, out_url: str, poll: float = 1.0):
+        self.url, self.poll = storage.join(out_url, METRICS_FILE), poll
+        self.shown = len(self._read())
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="epochs", daemon=True)
+
+    def _read(self) -> list[dict[str, Any]]:
+        try:
+            return [json.loads(line) for line in storage.read_text(self.url).splitlines()]
+        except (FileNotFoundError, json.JSONDecodeError):  # not yet written, or mid-rewrite elsewhere
+            return []
+
+    def _show_new(self) -> None:
+        for metrics in self._read()[self.shown:]:
+            print(format_progress(metrics), flush=True)
+            self.shown += 1
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll):
+            self._show_new()
+
+    def __enter__(self) -> EpochLines:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._show_new()
 
 
 def format_progress(m: dict[str, Any]) -> str:
@@ -454,15 +493,22 @@ def run(plan: TrainPlan) -> TrainResult:
              "epochs": cfg.epochs, "seed": cfg.seed, "workers": cfg.workers, "val_fraction": cfg.val_fraction,
              "preprocessing": {"resize": cfg.resize, "id_column": cfg.id_column, "image_column": cfg.image_column}}
     fs, root = storage.arrow_filesystem(cfg.out_url)
+    epochs = EpochLines(cfg.out_url)
+    if epochs.shown:
+        print(f"resuming from epoch {epochs.shown} of {cfg.epochs}", flush=True)
+    remaining = max(cfg.epochs - epochs.shown, 0)
+    progress = Progress("train", round(plan.rows * (1 - cfg.val_fraction) * remaining), unit="images",
+                        approximate=True)
     # Same seed, same weights: blocks reach the workers in the same order on every run. Set on
     # Ray Train's ingest options (which carry the driver's limits) for these datasets only, not on
     # the driver's DataContext that later jobs share.
     ingest = ray.train.DataConfig.default_ingest_options()
     ingest.preserve_order = True
+    tally = TallyWatch(progress)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": cfg.to_dict() | {"inject_crash": cfg.inject_crash}, "facts": facts,
-                           "torch_threads": threads},
+                           "torch_threads": threads, "on_images": tally.client},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker={"CPU": cpus},
             placement_strategy=cfg.placement_strategy),
@@ -478,7 +524,8 @@ def run(plan: TrainPlan) -> TrainResult:
         datasets={"train": _split(plan, False), "val": _split(plan, True)},
         dataset_config=ray.train.DataConfig(execution_options=ingest),
     )
-    result = trainer.fit()
+    with tally, epochs:
+        result = trainer.fit()
     if result.error:
         raise result.error
     plan.lease.check()

@@ -56,6 +56,10 @@ def test_ingest_train_embed_report_as_four_submitted_jobs(head, tmp_path):
     for entrypoint in jobs:
         status, logs = submit_job(head, entrypoint, working_dir=REPO_ROOT, timeout=400)
         assert status == "SUCCEEDED", f"{entrypoint[2]} failed:\n{logs[-4000:]}"
+        # What a cluster user reads: the job's own lines, not Ray's execution plans or epochs twice.
+        assert "Execution plan of Dataset" not in logs and "Reporting training result" not in logs
+        if entrypoint[2] == "jobs.train":
+            assert [line.split()[1] for line in logs.splitlines() if line.startswith("epoch ")] == ["1/2", "2/2"]
 
     ids = pq.ParquetDataset(str(shards)).read(columns=["id"]).column("id").to_pylist()
     assert len(ids) == 120 and any(i.startswith("defect/") for i in ids) and any(i.startswith("good/") for i in ids)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import pickle
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
@@ -30,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.datasets import PATH_COLUMN, read_parquet
+from pipeline.progress import Progress
 from pipeline.report.sketch import HIST_BINS, histogram_counts
 from pipeline.sampling import hash_sample
 from pipeline.shards import id_strings
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     from pipeline.report.config import LatentInfo
 
 PARTIAL_COLUMN = "partial"
-PROGRESS_SECONDS = 10
 
 
 @dataclass(frozen=True)
@@ -437,11 +436,9 @@ def run_pass(info: LatentInfo, plan: ScanPlan, task: Callable[[pa.Table, ScanPla
     ds = read_parquet(info.paths, info.fs, include_paths=True, partitioning=None)
     ds = ds.select_columns([*plan.columns, PATH_COLUMN])
     ds = ds.map_batches(task, batch_format="pyarrow", batch_size=None, fn_kwargs={"plan": plan})
-    rows, last = 0, time.monotonic()
+    progress = Progress(f"report {label}", info.rows)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for partial in unpack(batch):
-            rows += partial.rows
+            progress.update(progress.done + partial.rows)
             yield partial
-        if time.monotonic() - last > PROGRESS_SECONDS:
-            last = time.monotonic()
-            print(f"report: {label}: {rows:,} of {info.rows:,} rows", flush=True)
+    progress.close()
