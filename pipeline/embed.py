@@ -74,6 +74,7 @@ from pipeline.shards import (
     check_unique_ids,
     first_images,
     id_strings,
+    implied_id_column,
 )
 
 # Settings that decide the output's content: a rerun into the same folder must match them.
@@ -284,6 +285,7 @@ def prepare(cfg: EmbedConfig) -> EmbedPlan:
     threshold = resolve_threshold(parse_threshold(cfg.threshold, THRESHOLD_POLICIES),
                                   model_training.get("calibration") or {})
     shards = ShardList.under(cfg.data_url)
+    cfg = replace(cfg, id_column=implied_id_column(shards, cfg.id_column))
     check_columns(shards, cfg.columns, cfg.passthrough)
     check_unique_ids(shards, cfg.id_column)
     check_channels(shards, cfg.image_column, meta["model"]["channels"])

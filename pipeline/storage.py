@@ -25,6 +25,7 @@ from fsspec.implementations.local import LocalFileSystem
 from pipeline.errors import InputError
 
 PARQUET_SUFFIX = ".parquet"
+TAR_SUFFIX = ".tar"
 
 
 def _storage_options(url: str) -> dict:
@@ -72,8 +73,9 @@ OUTPUT_MARKERS = ("_embed.json", "_SUCCESS.json", "_decode.json", "_report.json"
                   "_ingest_summary.json", "_synth_summary.json", "run.json")
 
 
-def list_files_detailed(url: str, suffix: str = PARQUET_SUFFIX) -> tuple[list[str], list[str]]:
-    """(files under `url` ending in `suffix`, sorted full URLs; the sub-folders skipped as outputs).
+def list_files_detailed(url: str, suffix: str | tuple[str, ...] = PARQUET_SUFFIX) -> tuple[list[str], list[str]]:
+    """(files under `url` ending in `suffix` (or one of several), sorted full URLs; the sub-folders
+    skipped as outputs).
 
     `url` may be one file. Hidden and temporary files and folders (a name starting with '.'
     or '_') are left out: they are partial writes or metadata, never shards. So are the

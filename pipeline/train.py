@@ -42,7 +42,7 @@ from pipeline.model import AutoencoderConfig, build_model, count_parameters
 from pipeline.progress import Progress, TallyWatch
 from pipeline.resources import plan_training_workers
 from pipeline.scoring import calibration_from_errors, mse_per_image, psnr
-from pipeline.shards import Columns, ShardList, check_columns, fingerprint, first_images
+from pipeline.shards import Columns, ShardList, check_columns, fingerprint, first_images, implied_id_column
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
@@ -456,6 +456,7 @@ def prepare(cfg: TrainConfig) -> TrainPlan:
     """
     storage.check_apart({"--data": cfg.data_url}, {"--out": cfg.out_url})
     shards = ShardList.under(cfg.data_url)
+    cfg = replace(cfg, id_column=implied_id_column(shards, cfg.id_column))
     check_columns(shards, cfg.columns)
     if shards.rows == 0:
         raise InputError(f"{cfg.data_url} holds no rows: nothing to train on")

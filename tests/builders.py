@@ -36,3 +36,65 @@ def make_tiny_model(url: str, channels: int = 3, seed: int = 0, image_size: int 
     save_checkpoint(url, model, training={"calibration": calibration_from_errors(errors),
                                           "preprocessing": {"resize": "pad"}})
     return url
+
+
+# --- WebDataset tar shards in img2dataset's layout ----------------------------------------
+
+NO_IMAGE_KEY = "000000003"  # a sample with .json and .txt but no image member
+BAD_IMAGE_KEY = "000000005"  # a .jpg that is not an image
+
+
+def write_tar_shards(root, n: int, shards: int = 2, image_size: int = 32, bad: bool = True, seed: int = 0) -> dict:
+    """img2dataset-style tar shards under `root`: `<key>.jpg`, `<key>.json`, `<key>.txt` per sample,
+    keys `%09d` counting on across shards (`00000.tar`, `00001.tar`, ...).
+
+    With `bad`, sample NO_IMAGE_KEY has no image member and BAD_IMAGE_KEY's .jpg is not an image;
+    every 7th sample has a .png instead of a .jpg. Returns {key: its JSON}, in key order.
+    """
+    import io
+    import json
+    import tarfile
+    from pathlib import Path
+
+    from pipeline.images import encode_image
+    from pipeline.synth import synthetic_image
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    per_shard = -(-n // shards)
+    samples: dict[str, dict] = {}
+    for shard in range(shards):
+        with tarfile.open(root / f"{shard:05d}.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+            for index in range(shard * per_shard, min(n, (shard + 1) * per_shard)):
+                key = f"{index:09d}"
+                meta = {"key": key, "uid": f"u-{index}", "caption": f"image number {index}", "width": image_size,
+                        "status": "success"}
+                members = {}
+                pixels = synthetic_image(index, seed, image_size, 3)
+                if bad and key == BAD_IMAGE_KEY:
+                    members["jpg"] = b"this is not a jpeg"
+                elif index % 7 == 6:
+                    members["png"] = encode_image(pixels, "png")
+                elif not (bad and key == NO_IMAGE_KEY):
+                    members["jpg"] = encode_image(pixels, "jpeg", quality=90)
+                members["json"] = json.dumps(meta).encode()
+                members["txt"] = meta["caption"].encode()
+                for suffix, data in members.items():
+                    info = tarfile.TarInfo(f"{key}.{suffix}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                samples[key] = meta
+    return samples
+
+
+def load_with_datasets(files, cache_dir):
+    """Parquet files opened the way a Hugging Face user would: `datasets.load_dataset("parquet", ...)`,
+    offline, with its cache under `cache_dir`."""
+    import os
+
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import datasets
+
+    return datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train",
+                                 cache_dir=str(cache_dir))

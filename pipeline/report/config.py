@@ -9,7 +9,7 @@ functions so that the Ray tasks of the scan passes, which import the package, ne
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow as pa
@@ -22,7 +22,7 @@ from pipeline.errors import InputError
 from pipeline.latents import latent_files, metadata_of, require_finished
 from pipeline.report.metrics import Threshold, resolve_threshold
 from pipeline.report.scan import LatentColumns
-from pipeline.shards import Columns, ShardList, check_columns
+from pipeline.shards import Columns, ShardList, check_columns, implied_id_column
 
 KIND_COLUMN = "anomaly_kind"
 DEFAULT_LABEL_COLUMN = "label"
@@ -167,14 +167,16 @@ def _read_model(model_url: str) -> tuple[dict[str, Any] | None, str | None]:
     return (model_meta.get("training") or {}).get("calibration"), model_meta.get("weights_sha256")
 
 
-def _list_image_shards(cfg: ReportConfig) -> ShardList:
-    """The --data shards, listed once here and handed on to the gallery fetch."""
+def _list_image_shards(cfg: ReportConfig) -> tuple[ShardList, ReportConfig]:
+    """The --data shards, listed once here and handed on to the gallery fetch, and the config with
+    the id column they imply (tar shards: the sample key)."""
     try:
         shards = ShardList.under(cfg.data_url)
+        cfg = replace(cfg, id_column=implied_id_column(shards, cfg.id_column))
         check_columns(shards, cfg.columns)
     except (InputError, FileNotFoundError) as e:
         raise InputError(f"--data: {e}") from e
-    return shards
+    return shards, cfg
 
 
 def _check_interpolation_ids(cfg: ReportConfig, info: LatentInfo) -> None:
@@ -213,7 +215,9 @@ def check_inputs(cfg: ReportConfig) -> Inputs:
     info = inspect_latents(cfg, notes)
     partial = require_finished(cfg.latents_url, cfg.allow_partial).partial_note
     calibration, model_sha = _read_model(cfg.model_url) if cfg.model_url else (None, None)
-    shards = _list_image_shards(cfg) if cfg.data_url else None
+    shards = None
+    if cfg.data_url:
+        shards, cfg = _list_image_shards(cfg)
     if cfg.interpolate:
         _check_interpolation_ids(cfg, info)
     threshold = None if parse_threshold(cfg.threshold).policy == "contamination" else \
