@@ -10,8 +10,10 @@ Data's numpy format or a test hands them over) and returns image-shard rows. It 
 without Ray too.
 
 Output, the image-shard contract (README, "Data contracts"), so decoded images can be embedded again:
-    part-*.parquet          id (string), image (PNG or JPEG bytes, binary),
-                            width, height (int32), format (string), source ("decoded")
+    part-*.parquet          id (string), image (PNG or JPEG bytes, as the Hugging Face Image
+                            feature struct<bytes, path>), width, height (int32), format
+                            (string), source ("decoded"); the schema metadata `datasets`
+                            writes, so `datasets.load_dataset("parquet", ...)` gives PIL images
     _decode.json            the job's config and summary (names starting with "_" are
                             never read as shards)
 
@@ -64,19 +66,19 @@ from pipeline.lease import LEASE_DIR, Lease
 from pipeline.progress import Progress, TallyClient, TallyWatch
 from pipeline.resources import plan_actor_pool, pool_setting_problems
 from pipeline.sampling import sample_keys
-from pipeline.shards import SHARD_PREFIX, id_strings, remove_stale_shards
+from pipeline.shards import HF_IMAGE, SHARD_PREFIX, hf_image_column, id_strings, remove_stale_shards, with_hf_features
 
 IMAGE_FORMATS = ("png", "jpeg")
 SOURCE = "decoded"
 RUN_FILE = "_decode.json"
-OUTPUT_SCHEMA = pa.schema([
+OUTPUT_SCHEMA = with_hf_features(pa.schema([
     ("id", pa.string()),
-    ("image", pa.binary()),
+    ("image", HF_IMAGE),
     ("width", pa.int32()),
     ("height", pa.int32()),
     ("format", pa.string()),
     ("source", pa.string()),
-])
+]))
 
 
 # ------------------------------------------------------------------------------ the mapper
@@ -111,7 +113,7 @@ class LatentDecoder:
             self.on_rows(n)
         return pa.table({
             "id": pa.array(list(ids[valid]), pa.string()),
-            "image": pa.array(images, pa.binary()),
+            "image": hf_image_column(images),
             "width": pa.array(np.full(n, side, np.int32)),
             "height": pa.array(np.full(n, side, np.int32)),
             "format": pa.array([self.image_format] * n, pa.string()),
@@ -380,6 +382,6 @@ def _pipeline(cfg: DecodeConfig, selection: Selection, on_rows: TallyClient) -> 
     ds.write_parquet(out_path, filesystem=fs, filename_provider=_shard_names(),
                      min_rows_per_file=min(cfg.rows_per_file, selection.to_decode),
                      # Encoded images do not compress further; the rest gets zstd (as write_shard does).
-                     compression={"image": "none", "id": "zstd", "format": "zstd", "source": "zstd",
+                     compression={"image.bytes": "none", "image.path": "zstd", "id": "zstd", "format": "zstd", "source": "zstd",
                                   "width": "zstd", "height": "zstd"},
                      ray_remote_args={"num_cpus": resources.task_cpus})  # write_parquet has no num_cpus=

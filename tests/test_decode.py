@@ -30,6 +30,7 @@ from pipeline.latents import dequantize_latents, latents_from_batch, write_succe
 from pipeline.model import AutoencoderConfig, build_model
 from pipeline.shards import Columns, check_columns, image_bytes
 from pipeline.synth import write_synthetic_corpus
+from builders import load_with_datasets
 
 SIZE = 32
 GOOD = 40
@@ -123,7 +124,7 @@ def test_decode_job_writes_shards_that_read_back_exactly(ray_local, model_url, l
     assert table.schema.remove_metadata() == OUTPUT_SCHEMA
     first = pq.ParquetFile(storage.list_files(out)[0]).metadata.row_group(0)
     codecs = {first.column(i).path_in_schema: first.column(i).compression for i in range(first.num_columns)}
-    assert codecs["image"] == "UNCOMPRESSED" and codecs["id"] == "ZSTD"  # PNG bytes do not compress further
+    assert codecs["image.bytes"] == "UNCOMPRESSED" and codecs["id"] == "ZSTD"  # PNG bytes do not compress further
     ids = table.column("id").to_pylist()
     stored = _stored(latents)
     assert len(ids) == len(set(ids)) == GOOD and set(ids) == set(stored)
@@ -133,6 +134,11 @@ def test_decode_job_writes_shards_that_read_back_exactly(ray_local, model_url, l
     reference = _reference_pixels(model_url, stored)
     for row_id, got in zip(ids, pixels):
         np.testing.assert_array_equal(got, reference[row_id])  # PNG is lossless: exact
+
+    # Other tools open them: the Hugging Face image feature gives PIL images with `datasets`.
+    loaded = load_with_datasets(storage.list_files(out), tmp_path / "hf-cache")
+    assert len(loaded) == GOOD and loaded[0]["image"].size == (SIZE, SIZE)
+    assert set(loaded["id"]) == set(stored)
 
     # Embeddable again: the decoded shards are input the embedder takes as they are.
     again = embed_reference(EmbedConfig(data_url=out, model_url=model_url, out_url=""), 1.0)

@@ -15,7 +15,7 @@ from typing import Any
 
 from pipeline.report.config import Inputs, LatentInfo, ReportConfig, check_inputs
 from pipeline.report.figures import histogram_figure, roc_pr_figure
-from pipeline.report.galleries import build_galleries, interpolation_strip
+from pipeline.report.galleries import build_galleries, fetch_images, interpolation_strip
 from pipeline.report.html import render_html
 from pipeline.report.metrics import Threshold, resolve_threshold
 from pipeline.report.output import (
@@ -86,16 +86,24 @@ def _figures(found: Findings, summary: dict[str, Any]) -> dict[str, bytes]:
     return files
 
 
-def _galleries(cfg: ReportConfig, inputs: Inputs, found: Findings, files: dict[str, bytes],
-               notes: list[str]) -> dict[str, Any] | None:
+def _fetch_originals(cfg: ReportConfig, inputs: Inputs, found: Findings) -> dict[str, bytes | None] | None:
+    """The original images of the worst and typical rows, fetched once from --data (None without it):
+    for the galleries and for top_anomalies.parquet's image column."""
+    if not inputs.shards:
+        return None
+    ids = list(dict.fromkeys(row["id"] for row in [*found.top, *found.typical]))
+    print(f"report: fetching {len(ids)} original images from {cfg.data_url}", flush=True)
+    return fetch_images(inputs.shards, cfg.columns, ids)
+
+
+def _galleries(cfg: ReportConfig, originals: dict[str, bytes | None] | None, found: Findings,
+               files: dict[str, bytes], notes: list[str]) -> dict[str, Any] | None:
     """The worst and typical images reconstructed; None (and a note) without --model and --data."""
-    if not (cfg.model_url and inputs.shards):
+    if not (cfg.model_url and originals is not None):
         notes.append("galleries omitted: they need both --model (to reconstruct) and --data (the image shards)")
         return None
-    print(f"report: galleries: fetching {len(found.top) + len(found.typical)} images from {cfg.data_url}",
-          flush=True)
-    entries, images, scale = build_galleries(cfg.model_url, inputs.shards, cfg.columns,
-                                             {"worst": found.top, "typical": found.typical}, notes)
+    entries, images, scale = build_galleries(cfg.model_url, originals, {"worst": found.top, "typical": found.typical},
+                                             notes)
     files.update(images)
     return {**entries, "error_scale": scale}
 
@@ -123,11 +131,12 @@ def run(inputs: Inputs) -> dict[str, Any]:
     found = _scan(cfg, inputs)
     summary = assemble(cfg, found, notes, inputs.partial)
     files = _figures(found, summary)
-    summary["galleries"] = _galleries(cfg, inputs, found, files, notes)
+    originals = _fetch_originals(cfg, inputs, found)
+    summary["galleries"] = _galleries(cfg, originals, found, files, notes)
     summary["interpolation"] = _interpolation(cfg, files)
     files["top_anomalies.parquet"] = top_anomalies_parquet(
         summary["top_anomalies"], labelled=found.info.label_column is not None,
-        has_kind=found.info.kind_column is not None)
+        has_kind=found.info.kind_column is not None, originals=originals)
     summary["notes"] = notes
     summary["files"] = sorted([*files, MARKER_FILE, "summary.json", "index.html"])
     summary["seconds"] = time.perf_counter() - started

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.shards import hf_image_column, with_hf_features
 
 IMAGES_DIR = "images"
 IMAGE_WRITE_THREADS = 8  # small PNGs: object stores are latency-bound, so write many at once
@@ -49,8 +50,15 @@ def json_clean(value: Any) -> Any:
     return value
 
 
-def top_anomalies_parquet(top: list[dict], labelled: bool, has_kind: bool) -> bytes:
-    """top_anomalies.parquet: rank, id, mse, ssim_error, [label], [anomaly_kind], shard, flagged."""
+def top_anomalies_parquet(top: list[dict], labelled: bool, has_kind: bool,
+                          originals: dict[str, bytes | None] | None = None) -> bytes:
+    """top_anomalies.parquet: rank, id, mse, ssim_error, [label], [anomaly_kind], shard, flagged, [image].
+
+    With `originals` (the report had --data) `image` holds each row's original image as the
+    Hugging Face Image feature, and the schema metadata is the one `datasets` writes, so
+    `datasets.load_dataset("parquet", data_files=...)` gives PIL images (null where an id was
+    not found in --data).
+    """
     table = {"rank": pa.array([r["rank"] for r in top], pa.int32()),
              "id": pa.array([r["id"] for r in top], pa.string()),
              "mse": pa.array([r["mse"] for r in top], pa.float32()),
@@ -61,8 +69,12 @@ def top_anomalies_parquet(top: list[dict], labelled: bool, has_kind: bool) -> by
         table["anomaly_kind"] = pa.array([r["anomaly_kind"] for r in top], pa.string())
     table["shard"] = pa.array([r["shard"] for r in top], pa.string())
     table["flagged"] = pa.array([r["flagged"] for r in top], pa.bool_())
+    result = pa.table(table)
+    if originals is not None:
+        result = result.append_column("image", hf_image_column([originals.get(r["id"]) for r in top]))
+        result = result.replace_schema_metadata(with_hf_features(result.schema).metadata)
     buffer = pa.BufferOutputStream()
-    pq.write_table(pa.table(table), buffer)
+    pq.write_table(result, buffer)
     return buffer.getvalue().to_pybytes()
 
 
