@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 
 from jobs.cli import arguments, csv, parser, run_job
+from jobs.inputs import PASSTHROUGH_HELP, add_column_flags
 from pipeline import embed
 from pipeline.embed import EmbedConfig
 from pipeline.images import RESIZE_POLICIES
@@ -37,9 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="storage type of the latent vectors (int8 adds a per-row scale)")
     p.add_argument("--threshold", default=D["threshold"],
                    help="anomaly threshold on per-image MSE: quantile:Q of the model's calibration, or value:X")
-    p.add_argument("--passthrough", type=csv, default=(), help="comma-separated input columns copied to the output")
-    p.add_argument("--id-column", default=D["id_column"], help="column holding unique ids")
-    p.add_argument("--image-column", default=D["image_column"], help="column holding encoded image bytes")
+    p.add_argument("--passthrough", type=csv, default=(), help=PASSTHROUGH_HELP)
+    add_column_flags(p, D["id_column"], D["image_column"])
     p.add_argument("--resize", choices=RESIZE_POLICIES, default=None,
                    help="resize policy (default: the one the model was trained with)")
     p.add_argument("--batch-size", type=int, default=None,

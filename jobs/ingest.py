@@ -1,4 +1,4 @@
-"""Turn an image folder tree, or Parquet in any supported layout, into normalised image shards.
+"""Turn an image folder tree, Parquet in any supported layout, or WebDataset tar shards into image shards.
 
 Local (embedded Ray):
     python -m jobs.ingest --source ~/photos --out demo-output/ingested --labels-from-folders
@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 
 from jobs.cli import arguments, csv, parser, run_job
+from jobs.inputs import PASSTHROUGH_HELP, add_column_flags
 from pipeline import ingest
 from pipeline.ingest import SOURCE_FORMATS, IngestConfig
 
@@ -33,14 +34,13 @@ D = {f.name: f.default for f in fields(IngestConfig)}
 
 def build_parser() -> argparse.ArgumentParser:
     p = parser("ingest", __doc__)
-    p.add_argument("--source", required=True, help="URL of an image folder tree or of Parquet shards")
+    p.add_argument("--source", required=True, help="URL of an image folder tree, Parquet shards or WebDataset .tar shards")
     p.add_argument("--out", required=True, help="URL to write the normalised shards under")
     p.add_argument("--source-format", choices=SOURCE_FORMATS, default=D["source_format"],
-                   help="auto: Parquet if the source holds *.parquet files, else a folder tree")
-    p.add_argument("--id-column", default=D["id_column"], help="Parquet input: column holding unique ids")
-    p.add_argument("--image-column", default=D["image_column"], help="Parquet input: column holding image bytes")
+                   help="auto: shards if the source holds *.parquet or *.tar files, else a folder tree")
+    add_column_flags(p, D["id_column"], D["image_column"], "of shard input")
     p.add_argument("--passthrough", type=csv, default=D["passthrough"],
-                   help="Parquet input: comma-separated columns to copy (label is copied when present)")
+                   help=PASSTHROUGH_HELP + " (Parquet: label is copied when present)")
     p.add_argument("--labels-from-folders", action="store_true", help="folder input: label = first sub-folder name")
     p.add_argument("--normal-label", default=D["normal_label"],
                    help="folder input: this folder is label 0, the others 1 (folder name in anomaly_kind)")

@@ -23,6 +23,7 @@ from dataclasses import fields
 from typing import Any
 
 from jobs.cli import arguments, parser, run_job
+from jobs.inputs import add_column_flags
 from pipeline import report
 from pipeline.report import ReportConfig
 
@@ -51,8 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantile:Q of the model's calibration, contamination:X (flag the top X share), or value:X")
     p.add_argument("--top-k", type=int, default=D["top_k"], help="worst images listed and shown")
     p.add_argument("--typical-k", type=int, default=D["typical_k"], help="typical images shown (nearest the median)")
-    p.add_argument("--id-column", default=D["id_column"], help="id column of the --data shards")
-    p.add_argument("--image-column", default=D["image_column"], help="image column of the --data shards")
+    add_column_flags(p, D["id_column"], D["image_column"], "of the --data shards")
     p.add_argument("--interpolate", type=_id_pair, default=None, metavar="ID_A,ID_B",
                    help="render a latent interpolation strip between two ids (needs --model)")
     p.add_argument("--interpolation-steps", type=int, default=D["interpolation_steps"],

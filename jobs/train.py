@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 
 from jobs.cli import arguments, parser, run_job
+from jobs.inputs import add_column_flags
 from pipeline import train
 from pipeline.errors import InputError
 from pipeline.images import RESIZE_POLICIES
@@ -59,8 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-checkpoints", type=int, default=D["keep_checkpoints"],
                    help="best checkpoints kept by val_mse (the latest is always kept)")
     p.add_argument("--max-failures", type=int, default=D["max_failures"], help="worker failures to recover from")
-    p.add_argument("--id-column", default=D["id_column"], help="column holding unique ids")
-    p.add_argument("--image-column", default=D["image_column"], help="column holding encoded image bytes")
+    add_column_flags(p, D["id_column"], D["image_column"])
     p.add_argument("--resize", choices=RESIZE_POLICIES, default=D["resize"], help="how images reach the model size")
     p.add_argument("--inject-crash", default=None, help=argparse.SUPPRESS)  # tests: marker file, crash once
     return p

@@ -1,4 +1,4 @@
-"""Ingest: an image folder tree, or Parquet in any supported layout -> normalised image shards.
+"""Ingest: an image folder tree, Parquet in any supported layout, or WebDataset tar -> image shards.
 
 Output (under `out`), every shard with the same schema:
     part-*.parquet          id (string), image (the original encoded bytes, binary),
@@ -20,7 +20,12 @@ Sources:
   and `anomaly_kind` holds the folder name ("" for normal), like the synthetic corpus.
 - Parquet shards (`Columns` names the id and image columns; binary or the Hugging Face
   image struct; img2dataset is id "key", image "jpg"). Columns are checked and ids
-  checked for uniqueness before any work. `label` is copied when the source has it.
+  checked for uniqueness before any work. `label` is copied when the source has it. A
+  derived id (`--id-column @row` or `image.path`, pipeline.shards) is made as the shard is read.
+- WebDataset tar shards (img2dataset's `<key>.jpg|png|webp`, `<key>.json`, `<key>.txt`;
+  pipeline.tars): the id is the sample key (or `json:<field>`), passthrough fields (`txt`,
+  `json:<field>`) become string columns named as given; a sample without an image member is
+  rejected with the reason "no image member". Keys are checked for duplicates before any work.
 
 Stable names, so a rerun replaces rather than duplicates: files are sorted by id and cut
 into shards by rows and/or MiB, named part-00000.parquet, ... in that order; Parquet input
@@ -43,30 +48,34 @@ import json
 import posixpath
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import storage
+from pipeline import storage, tars
 from pipeline.errors import InputError, JobFailed
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageDecodeError, inspect_image
 from pipeline.progress import Progress
 from pipeline.shards import (
+    FORMATS,
     SHARD_PREFIX,
     Columns,
     ShardList,
     check_columns,
     check_unique_ids,
+    derive_ids,
+    derived_id,
     fingerprint,
     image_bytes,
+    implied_id_column,
     remove_stale_shards,
     write_shard,
 )
 
-SOURCE_FORMATS = ("auto", "folder", "parquet")
+SOURCE_FORMATS = ("auto", "folder", "parquet", "tar")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".jp2", ".avif")
 REJECTS_DIR = "_rejects"
 SUMMARY_FILE = "_ingest_summary.json"
@@ -84,10 +93,10 @@ class IngestConfig:
 
     source_url: str
     out_url: str
-    source_format: str = "auto"  # "auto": Parquet if the source holds *.parquet, else a folder tree
-    id_column: str = "id"  # Parquet input only
-    image_column: str = "image"  # Parquet input only
-    passthrough: tuple[str, ...] = ()  # Parquet input: other columns to copy
+    source_format: str = "auto"  # "auto": shards if the source holds *.parquet or *.tar, else a folder tree
+    id_column: str = "id"  # shard input only (tar: "id" means the sample key, __key__)
+    image_column: str = "image"  # shard input only
+    passthrough: tuple[str, ...] = ()  # shard input: other columns (tar: fields) to copy
     labels_from_folders: bool = False  # folder input: label = first sub-folder's name
     normal_label: str | None = None  # folder input: label 0 for this folder, 1 for the others
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS  # folder input: files taken as images
@@ -177,11 +186,12 @@ def plan_folder(cfg: IngestConfig) -> tuple[list[dict], Counter]:
     return tasks, skipped
 
 
-def plan_parquet(cfg: IngestConfig, shards: ShardList) -> tuple[list[dict], pa.Schema]:
-    """Check the input shards (columns from footers, unique ids) and make one task per shard."""
+def plan_shards(cfg: IngestConfig, shards: ShardList) -> tuple[list[dict], pa.Schema]:
+    """Check the input shards (columns from footers or tar headers, unique ids) and make one task per shard."""
     schema = check_columns(shards, cfg.columns, passthrough=cfg.passthrough)
     check_unique_ids(shards, cfg.id_column)
-    tasks = [{"name": f"{SHARD_PREFIX}{number:05d}", "url": url} for number, url in enumerate(shards.files)]
+    tasks = [{"name": f"{SHARD_PREFIX}{number:05d}", "url": url, "shard": name}
+             for number, (url, name) in enumerate(zip(shards.files, shards.names))]
     return tasks, schema
 
 
@@ -200,7 +210,7 @@ def _output_schema(cfg: IngestConfig, mode: str, source_schema: pa.Schema | None
     elif mode == "parquet" and "label" in source_schema.names and "label" not in cfg.passthrough:
         fields.append(("label", source_schema.field("label").type))
     fields.append(("source", pa.string()))
-    if mode == "parquet":
+    if mode in ("parquet", "tar"):
         taken = {name for name, _ in fields}
         fields += [(name, source_schema.field(name).type) for name in cfg.passthrough if name not in taken]
     return pa.schema(fields)
@@ -319,7 +329,8 @@ def ingest_parquet_shard(task: dict, cfg: IngestConfig, schema: pa.Schema) -> di
     """Read one input shard in batches, validate every image, write part-<i>-<j> shards."""
     arrow_fs, path = storage.arrow_filesystem(task["url"])
     copied = [name for name in schema.names if name not in _COMPUTED_COLUMNS]  # label, passthrough
-    wanted = list(dict.fromkeys([cfg.id_column, cfg.image_column, *copied]))
+    derived = derived_id(cfg.columns)
+    wanted = list(dict.fromkeys([*([] if derived else [cfg.id_column]), cfg.image_column, *copied]))
     names = (f"{task['name']}-{j:04d}{storage.PARQUET_SUFFIX}" for j in itertools.count())
     writer = _ShardWriter(
         cfg.out_url, names, schema,
@@ -330,7 +341,8 @@ def ingest_parquet_shard(task: dict, cfg: IngestConfig, schema: pa.Schema) -> di
     seen = 0
     with arrow_fs.open_input_file(path) as f:
         for batch in pq.ParquetFile(f).iter_batches(batch_size=READ_BATCH_ROWS, columns=wanted):
-            ids = batch.column(cfg.id_column).cast(pa.string())
+            ids = derive_ids(batch.column(cfg.image_column), derived, task["shard"], seen) if derived else \
+                batch.column(cfg.id_column).cast(pa.string())
             images = image_bytes(batch.column(cfg.image_column))
             keep, widths, heights, formats = [], [], [], []
             id_list = ids.to_pylist()
@@ -370,6 +382,44 @@ def ingest_parquet_shard(task: dict, cfg: IngestConfig, schema: pa.Schema) -> di
     return _task_result(task["name"], seen, writer.written, writer.bytes_written, rejects, rejects_file)
 
 
+def ingest_tar_shard(task: dict, cfg: IngestConfig, schema: pa.Schema) -> dict:
+    """Stream one tar shard's samples, validate every image, write part-<i>-<j> shards."""
+    fs, path = storage.filesystem(task["url"])
+    copied = [name for name in schema.names if name not in _COMPUTED_COLUMNS]  # passthrough fields
+    names = (f"{task['name']}-{j:04d}{storage.PARQUET_SUFFIX}" for j in itertools.count())
+    writer = _ShardWriter(
+        cfg.out_url, names, schema,
+        row_limit=cfg.rows_per_shard or float("inf"),
+        byte_limit=cfg.mib_per_shard * MIB if cfg.mib_per_shard else float("inf"),
+    )
+    rejects: list[tuple[str, str | None, str]] = []
+    seen = 0
+    with fs.open(path, "rb") as f:
+        for chunk in tars.chunked(tars.iter_samples(f, task["url"]), READ_BATCH_ROWS):
+            rows: dict[str, list] = {name: [] for name in schema.names}
+            for sample in chunk:
+                sample_id, data = sample.field(cfg.id_column), sample.image(cfg.image_column)
+                where = f"{task['url']}#{sample.key}"
+                try:
+                    if data is None:
+                        raise ImageDecodeError(tars.NO_IMAGE)
+                    info = inspect_image(data, cfg.max_pixels)
+                except ImageDecodeError as error:
+                    rejects.append((where, sample_id, str(error)))
+                    continue
+                for name, value in (("id", sample_id), ("image", data), ("width", info.width),
+                                    ("height", info.height), ("format", info.format), ("source", where)):
+                    rows[name].append(value)
+                for name in copied:
+                    rows[name].append(sample.field(name))
+            seen += len(chunk)
+            table = pa.table(rows, schema=schema)
+            writer.add(table, pc.binary_length(table["image"]).to_numpy(zero_copy_only=False))
+    writer.flush()
+    rejects_file = _write_rejects(cfg, task["name"], rejects)
+    return _task_result(task["name"], seen, writer.written, writer.bytes_written, rejects, rejects_file)
+
+
 # --- the run ------------------------------------------------------------------------------
 
 
@@ -401,7 +451,7 @@ class IngestPlan:
     """What `prepare` found: the source's mode, one task per output shard group, the output schema."""
 
     cfg: IngestConfig
-    mode: str  # "folder" or "parquet"
+    mode: str  # "folder", "parquet" or "tar"
     tasks: list[dict]
     schema: pa.Schema
     skipped: Counter  # folder input: files left out, by extension
@@ -411,17 +461,23 @@ def prepare(cfg: IngestConfig) -> IngestPlan:
     """List and check the source (columns and unique ids for Parquet); no Ray, nothing written."""
     storage.check_apart({"--source": cfg.source_url}, {"--out": cfg.out_url})
     mode = cfg.source_format
-    files = storage.list_files(cfg.source_url) if mode != "folder" else []
+    suffix = {"parquet": storage.PARQUET_SUFFIX, "tar": storage.TAR_SUFFIX}.get(mode, tuple(FORMATS))
+    files = storage.list_files_detailed(cfg.source_url, suffix)[0] if mode != "folder" else []
     if mode == "auto":
-        mode = "parquet" if files else "folder"
+        mode = "shards" if files else "folder"
     if mode == "folder":
         tasks, skipped = plan_folder(cfg)
         return IngestPlan(cfg, mode, tasks, _output_schema(cfg, mode, None), skipped)
     if cfg.labels_from_folders:
-        raise InputError("labels_from_folders applies to folder input, not Parquet")
+        raise InputError("labels_from_folders applies to folder input, not Parquet or tar shards")
     if not files:
-        raise InputError(f"no Parquet shards (*.parquet) found under {cfg.source_url}")
-    tasks, source_schema = plan_parquet(cfg, ShardList(cfg.source_url, tuple(files)))
+        what = {"parquet": "Parquet shards (*.parquet)", "tar": "WebDataset shards (*.tar)"}.get(
+            mode, "Parquet (*.parquet) or WebDataset (*.tar) shards")
+        raise InputError(f"no {what} found under {cfg.source_url}")
+    shards = ShardList.of(cfg.source_url, files)
+    mode = shards.format
+    cfg = replace(cfg, id_column=implied_id_column(shards, cfg.id_column))
+    tasks, source_schema = plan_shards(cfg, shards)
     return IngestPlan(cfg, mode, tasks, _output_schema(cfg, mode, source_schema), Counter())
 
 
@@ -431,7 +487,7 @@ def run(plan: IngestPlan) -> dict:
     JobFailed when not one image could be ingested.
     """
     cfg, started = plan.cfg, time.perf_counter()
-    function = ingest_files if plan.mode == "folder" else ingest_parquet_shard
+    function = {"folder": ingest_files, "parquet": ingest_parquet_shard, "tar": ingest_tar_shard}[plan.mode]
     results = sorted(_run_tasks(plan.tasks, function, cfg, plan.schema), key=lambda result: result["name"])
     shards = sorted(name for result in results for name in json.loads(result["shards"]))
     rejects_files = sorted(result["rejects_file"] for result in results if result["rejects_file"])

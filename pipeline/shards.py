@@ -81,6 +81,14 @@ class DuplicateIdError(InputError):
     """The id column is not unique across the corpus."""
 
 
+def derive_ids(image_column: pa.Array | pa.ChunkedArray, kind: str, shard_name: str, first_row: int) -> pa.Array:
+    """The derived ids of a batch: "<shard_name>:<row>" from `first_row` on, or the image struct's path."""
+    if kind == "row":
+        return pa.array([f"{shard_name}:{first_row + i}" for i in range(len(image_column))], pa.string())
+    paths = pc.struct_field(image_column, PATH_FIELD)
+    return paths.combine_chunks() if isinstance(paths, pa.ChunkedArray) else paths
+
+
 # --- reading the image column ------------------------------------------------------------
 
 
@@ -239,7 +247,13 @@ class ShardList:
         if not files:
             skipped = f" (skipped {len(outputs)} folder(s) holding this project's outputs: {', '.join(outputs[:3])})" \
                 if outputs else ""
-            raise InputError(f"no Parquet shards (*.parquet) or WebDataset shards (*.tar) found under {url}{skipped}")
+            raise InputError(f"no Parquet shards (*.parquet) or WebDataset shards (*.tar) found under {url}"
+                             f"{skipped}")
+        return cls.of(url, files)
+
+    @classmethod
+    def of(cls, url: str, files: Sequence[str]) -> ShardList:
+        """The shards `files` (listed under `url`), their one format found from their names."""
         by_format: dict[str, list[str]] = {}
         for file in files:
             by_format.setdefault(FORMATS.get(posixpath.splitext(file)[1], "parquet"), []).append(file)

@@ -22,12 +22,11 @@ import posixpath
 from collections.abc import Iterator, Sequence
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from ray.data.datasource import FileBasedDatasource
 
 from pipeline import tars
-from pipeline.shards import PATH_FIELD, Columns, derived_id
+from pipeline.shards import Columns, derive_ids, derived_id
 
 PARQUET_BATCH_ROWS = 1024  # rows per block: bounded memory for any shard size
 
@@ -45,14 +44,6 @@ class TarShards(FileBasedDatasource):
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
         for chunk in tars.chunked(tars.iter_samples(f, path)):
             yield tars.rows_table(chunk, self._columns.id, self._columns.image, self._extra)
-
-
-def derive_ids(image_column: pa.Array | pa.ChunkedArray, kind: str, shard_name: str, first_row: int) -> pa.Array:
-    """The derived ids of a batch: "<shard_name>:<row>" from `first_row` on, or the image struct's path."""
-    if kind == "row":
-        return pa.array([f"{shard_name}:{first_row + i}" for i in range(len(image_column))], pa.string())
-    paths = pc.struct_field(image_column, PATH_FIELD)
-    return paths.combine_chunks() if isinstance(paths, pa.ChunkedArray) else paths
 
 
 class DerivedIdParquet(FileBasedDatasource):
