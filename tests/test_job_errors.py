@@ -14,6 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from builders import write_tar_shards
+
 from pipeline.latents import write_success
 from pipeline.synth import write_synthetic_corpus
 
@@ -62,7 +64,26 @@ def world(tmp_path_factory, tiny_model) -> dict[str, str]:
     foreign = root / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("a user's own file")
-    return {"shards": str(shards), "duplicated": str(duplicated), "hub": str(hub), "model": tiny_model,
+    # WebDataset tar shards: keys repeated across shards, one cut short, a prefix mixing formats.
+    tar_shards = root / "tars"
+    write_tar_shards(tar_shards, 6, shards=1)
+    whole_tar = (tar_shards / "00000.tar").read_bytes()
+    dup_tars = root / "dup-tars"
+    write_tar_shards(dup_tars, 6, shards=1)
+    (dup_tars / "00001.tar").write_bytes(whole_tar)
+    cut_tar = root / "cut-tar"
+    cut_tar.mkdir()
+    (cut_tar / "00000.tar").write_bytes(whole_tar[: len(whole_tar) // 2])
+    mixed = root / "mixed"
+    mixed.mkdir()
+    (mixed / "00000.tar").write_bytes(whole_tar)
+    pq.write_table(first, mixed / "part-00000.parquet")
+    # A Hugging Face export whose image paths repeat: image.path cannot be the id.
+    hub_dup = root / "hub-dup"
+    hub_dup.mkdir()
+    same_path = [{"bytes": b, "path": "img.png"} for b in first.column("image").to_pylist()]
+    pq.write_table(pa.table({"image": pa.array(same_path, HF_IMAGE)}), hub_dup / "train.parquet")
+    return {"dup_tars": str(dup_tars), "cut_tar": str(cut_tar), "mixed": str(mixed), "hub_dup": str(hub_dup),"shards": str(shards), "duplicated": str(duplicated), "hub": str(hub), "model": tiny_model,
             "not_a_model": str(not_a_model), "latents": str(latents), "other_run": str(other_run),
             "other_embed": str(other_embed), "foreign": str(foreign), "truncated": str(truncated),
             "root": str(root)}
@@ -137,6 +158,28 @@ CASES = [
     ("embed", "unreadable shard", lambda w: ["--data", w["truncated"], "--model", w["model"], "--out", _out(w, "e")],
      "part-00001.parquet is not a readable Parquet file"),
     ("demo", "bad value", lambda w: ["--out", _out(w, "demo"), "--images", "0"], "images"),
+    ("train", "mixed shard formats", lambda w: ["--data", w["mixed"], "--out", _out(w, "t")],
+     "mixes shard formats: 1 parquet (part-00000.parquet, ...); 1 tar (00000.tar, ...)"),
+    ("embed", "mixed shard formats", lambda w: ["--data", w["mixed"], "--model", w["model"], "--out", _out(w, "e")],
+     "mixes shard formats"),
+    ("embed", "duplicate tar keys", lambda w: ["--data", w["dup_tars"], "--model", w["model"], "--out", _out(w, "e")],
+     "6 ids occur more than once in column '__key__'"),
+    ("ingest", "duplicate tar keys", lambda w: ["--source", w["dup_tars"], "--out", _out(w, "i"), "--no-ray"],
+     "more than once"),
+    ("train", "truncated tar", lambda w: ["--data", w["cut_tar"], "--out", _out(w, "t")],
+     "00000.tar is not a readable tar file"),
+    ("embed", "truncated tar", lambda w: ["--data", w["cut_tar"], "--model", w["model"], "--out", _out(w, "e")],
+     "00000.tar is not a readable tar file"),
+    ("report", "truncated tar", lambda w: ["--latents", w["latents"], "--out", _out(w, "r"), "--data", w["cut_tar"]],
+     "--data: shard"),
+    ("ingest", "truncated tar", lambda w: ["--source", w["cut_tar"], "--out", _out(w, "i"), "--no-ray"],
+     "00000.tar is not a readable tar file"),
+    ("embed", "duplicate image paths", lambda w: ["--data", w["hub_dup"], "--model", w["model"], "--out", _out(w, "e"),
+                                                  "--id-column", "image.path"], "use --id-column @row"),
+    ("ingest", "duplicate image paths", lambda w: ["--source", w["hub_dup"], "--out", _out(w, "i"), "--no-ray",
+                                                   "--id-column", "image.path"], "'img.png'"),
+    ("embed", "missing column, candidates named", lambda w: ["--data", w["hub"], "--model", w["model"],
+                                                             "--out", _out(w, "e")], "--id-column image.path"),
 ]
 
 
