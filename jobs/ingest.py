@@ -34,7 +34,8 @@ D = {f.name: f.default for f in fields(IngestConfig)}
 
 def build_parser() -> argparse.ArgumentParser:
     p = parser("ingest", __doc__)
-    p.add_argument("--source", required=True, help="URL of an image folder tree, Parquet shards or WebDataset .tar shards")
+    p.add_argument("--source", required=True,
+                   help="URL of an image folder tree, Parquet shards or WebDataset .tar shards")
     p.add_argument("--out", required=True, help="URL to write the normalised shards under")
     p.add_argument("--source-format", choices=SOURCE_FORMATS, default=D["source_format"],
                    help="auto: shards if the source holds *.parquet or *.tar files, else a folder tree")

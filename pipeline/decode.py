@@ -66,7 +66,8 @@ from pipeline.lease import LEASE_DIR, Lease
 from pipeline.progress import Progress, TallyClient, TallyWatch
 from pipeline.resources import plan_actor_pool, pool_setting_problems
 from pipeline.sampling import sample_keys
-from pipeline.shards import HF_IMAGE, SHARD_PREFIX, hf_image_column, id_strings, remove_stale_shards, with_hf_features
+from pipeline.hf_features import HF_IMAGE, hf_image_column, with_hf_features
+from pipeline.shards import SHARD_PREFIX, id_strings, remove_stale_shards
 
 IMAGE_FORMATS = ("png", "jpeg")
 SOURCE = "decoded"
@@ -382,6 +383,6 @@ def _pipeline(cfg: DecodeConfig, selection: Selection, on_rows: TallyClient) -> 
     ds.write_parquet(out_path, filesystem=fs, filename_provider=_shard_names(),
                      min_rows_per_file=min(cfg.rows_per_file, selection.to_decode),
                      # Encoded images do not compress further; the rest gets zstd (as write_shard does).
-                     compression={"image.bytes": "none", "image.path": "zstd", "id": "zstd", "format": "zstd", "source": "zstd",
-                                  "width": "zstd", "height": "zstd"},
+                     compression={"image.bytes": "none", "image.path": "zstd", "id": "zstd", "format": "zstd",
+                                  "source": "zstd", "width": "zstd", "height": "zstd"},
                      ray_remote_args={"num_cpus": resources.task_cpus})  # write_parquet has no num_cpus=

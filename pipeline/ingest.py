@@ -231,6 +231,13 @@ class _ShardWriter:
         self.written: list[str] = []
         self.bytes_written = 0
 
+    @classmethod
+    def for_task(cls, cfg: IngestConfig, task: dict, schema: pa.Schema) -> _ShardWriter:
+        """The writer of one input shard's output: part-<i>-<j>.parquet, sized as `cfg` says."""
+        names = (f"{task['name']}-{j:04d}{storage.PARQUET_SUFFIX}" for j in itertools.count())
+        return cls(cfg.out_url, names, schema, row_limit=cfg.rows_per_shard or float("inf"),
+                   byte_limit=cfg.mib_per_shard * MIB if cfg.mib_per_shard else float("inf"))
+
     def add(self, table: pa.Table, image_sizes: np.ndarray) -> None:
         start = 0
         while start < table.num_rows:
@@ -331,12 +338,7 @@ def ingest_parquet_shard(task: dict, cfg: IngestConfig, schema: pa.Schema) -> di
     copied = [name for name in schema.names if name not in _COMPUTED_COLUMNS]  # label, passthrough
     derived = derived_id(cfg.columns)
     wanted = list(dict.fromkeys([*([] if derived else [cfg.id_column]), cfg.image_column, *copied]))
-    names = (f"{task['name']}-{j:04d}{storage.PARQUET_SUFFIX}" for j in itertools.count())
-    writer = _ShardWriter(
-        cfg.out_url, names, schema,
-        row_limit=cfg.rows_per_shard or float("inf"),
-        byte_limit=cfg.mib_per_shard * MIB if cfg.mib_per_shard else float("inf"),
-    )
+    writer = _ShardWriter.for_task(cfg, task, schema)
     rejects: list[tuple[str, str | None, str]] = []
     seen = 0
     with arrow_fs.open_input_file(path) as f:
@@ -386,12 +388,7 @@ def ingest_tar_shard(task: dict, cfg: IngestConfig, schema: pa.Schema) -> dict:
     """Stream one tar shard's samples, validate every image, write part-<i>-<j> shards."""
     fs, path = storage.filesystem(task["url"])
     copied = [name for name in schema.names if name not in _COMPUTED_COLUMNS]  # passthrough fields
-    names = (f"{task['name']}-{j:04d}{storage.PARQUET_SUFFIX}" for j in itertools.count())
-    writer = _ShardWriter(
-        cfg.out_url, names, schema,
-        row_limit=cfg.rows_per_shard or float("inf"),
-        byte_limit=cfg.mib_per_shard * MIB if cfg.mib_per_shard else float("inf"),
-    )
+    writer = _ShardWriter.for_task(cfg, task, schema)
     rejects: list[tuple[str, str | None, str]] = []
     seen = 0
     with fs.open(path, "rb") as f:

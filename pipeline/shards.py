@@ -60,8 +60,6 @@ IMG2DATASET = Columns(id="key", image="jpg")
 FORMATS = {storage.PARQUET_SUFFIX: "parquet", storage.TAR_SUFFIX: "tar"}
 ROW_ID = "@row"  # derived id: <shard file relative to the prefix>:<row number in it>
 PATH_FIELD = "path"  # the Hugging Face image struct's field a derived id may come from
-HF_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-HF_METADATA_KEY = b"huggingface"
 
 
 def derived_id(columns: Columns) -> str | None:
@@ -422,7 +420,8 @@ def id_candidates(shards: ShardList, schema: pa.Schema, columns: Columns) -> str
     if columns.image in schema.names and _has_path(schema.field(columns.image).type):
         spec = f"{columns.image}.{PATH_FIELD}"
         problem = _id_problem(shards, spec) if check else None
-        options.append(f"--id-column {spec} (the image's path{', ' + problem if problem else ', unique' if check else ''})")
+        verdict = f", {problem or 'unique'}" if check else ""
+        options.append(f"--id-column {spec} (the image's path{verdict})")
     options.append(f"--id-column {ROW_ID} (shard file + row number, always unique)")
     return "Columns that could serve as ids: " + "; ".join(options) + "."
 
@@ -498,12 +497,8 @@ def check_unique_ids(shards: ShardList | str, id_column: str) -> None:
         raise DuplicateIdError(
             f"{duplicated} ids occur more than once in column {id_column!r} of {shards.url} (e.g. {shown}); "
             "ids must be unique across the corpus"
-            + (f" (use --id-column {ROW_ID}: shard file + row number)" if _is_path_id_spec(id_column) else "")
+            + (f" (use --id-column {ROW_ID}: shard file + row number)" if id_column.endswith(f".{PATH_FIELD}") else "")
         )
-
-
-def _is_path_id_spec(id_column: str) -> bool:
-    return id_column.endswith(f".{PATH_FIELD}")
 
 
 def fingerprint(shards: ShardList | str) -> str:
@@ -544,34 +539,3 @@ def first_images(shards: ShardList, image_column: str, limit: int) -> list[bytes
         if len(found) >= limit:
             break
     return found
-
-
-# --- the Hugging Face image feature ------------------------------------------------------
-
-
-def hf_image_column(images: Sequence[bytes | None], paths: Sequence[str | None] | None = None) -> pa.Array:
-    """Encoded images as the Hugging Face Image feature's `struct<bytes: binary, path: string>`."""
-    paths = paths if paths is not None else [None] * len(images)
-    return pa.StructArray.from_arrays([pa.array(images, pa.binary()), pa.array(paths, pa.string())],
-                                      fields=list(HF_IMAGE), mask=pa.array([i is None for i in images]))
-
-
-def _hf_feature(data_type: pa.DataType) -> dict:
-    if data_type == HF_IMAGE:
-        return {"_type": "Image"}
-    names = {pa.string(): "string", pa.large_string(): "large_string", pa.binary(): "binary", pa.bool_(): "bool",
-             pa.float16(): "float16", pa.float32(): "float32", pa.float64(): "float64"}
-    if data_type in names:
-        return {"dtype": names[data_type], "_type": "Value"}
-    if pa.types.is_integer(data_type) or pa.types.is_null(data_type):
-        return {"dtype": str(data_type), "_type": "Value"}
-    raise ValueError(f"no Hugging Face feature for Arrow type {data_type}")
-
-
-def with_hf_features(schema: pa.Schema) -> pa.Schema:
-    """`schema` with the metadata `datasets` writes for it (key "huggingface"): its Image-feature
-    columns (`HF_IMAGE`) load as PIL images with `datasets.load_dataset("parquet", ...)`, and the
-    Hub's viewer shows them."""
-    features = {f.name: _hf_feature(f.type) for f in schema}
-    return schema.with_metadata({**(schema.metadata or {}),
-                                 HF_METADATA_KEY: json.dumps({"info": {"features": features}}).encode()})

@@ -113,16 +113,19 @@ class Sample:
         return None
 
 
+def _named_members(tar: tarfile.TarFile) -> Iterator[tuple[tarfile.TarInfo, str, str]]:
+    """(member, key, suffix) of the regular files whose name has a suffix; others are no sample's."""
+    for info in tar:
+        key, suffix = split_name(info.name) if info.isreg() else (None, None)
+        if key is not None:
+            yield info, key, suffix
+
+
 def iter_samples(fileobj, where: str) -> Iterator[Sample]:
     """The samples of a tar stream, in order, read sequentially (no seeks: fine for object storage)."""
     key, members = None, {}
     with tarfile.open(fileobj=fileobj, mode="r|*") as stream:
-        for info in stream:
-            if not info.isreg():
-                continue
-            member_key, suffix = split_name(info.name)
-            if member_key is None:
-                continue
+        for info, member_key, suffix in _named_members(stream):
             data = stream.extractfile(info).read()
             if member_key != key:
                 if key is not None:
@@ -197,12 +200,7 @@ def index_shard(fileobj, url: str, id_spec: str = KEY_ID) -> ShardIndex:
         fileobj.seek(0)
         with tarfile.open(fileobj=fileobj, mode="r:") as tar:
             json_member = None
-            for info in tar:
-                if not info.isreg():
-                    continue
-                key, suffix = split_name(info.name)
-                if key is None:
-                    continue
+            for info, key, suffix in _named_members(tar):
                 if not keys or key != keys[-1]:
                     if key in seen:
                         raise InputError(f"shard {url}: the members of sample {key!r} are not next to each other "

@@ -98,3 +98,43 @@ def load_with_datasets(files, cache_dir):
 
     return datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train",
                                  cache_dir=str(cache_dir))
+
+
+# --- killing a job part way ----------------------------------------------------------------
+
+
+def rows_written(out) -> int:
+    """Rows in the Parquet files under `out`; a file still being written (no footer yet) counts 0."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline import storage
+
+    rows = 0
+    for f in storage.list_files(str(out)):
+        try:
+            rows += pq.read_metadata(f).num_rows
+        except (OSError, pa.ArrowInvalid):
+            pass
+    return rows
+
+
+def kill_part_way(cmd: list[str], cwd, env: dict, out, rows: int, timeout: float = 300) -> set[str]:
+    """Start `cmd` in its own session, SIGKILL the whole group once `out` holds `rows` rows;
+    returns the files written by then."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from pipeline import storage
+
+    job = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and job.poll() is None and rows_written(out) < rows:
+        time.sleep(0.1)
+    assert job.poll() is None, "the job ended before it could be killed"
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    return set(storage.list_files(str(out)))

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from builders import make_tiny_model
+from builders import kill_part_way, make_tiny_model, rows_written
 
 from pipeline import storage
 from pipeline.embed import EmbedConfig, Embedder, embed, embed_reference
@@ -166,26 +164,8 @@ def test_exactly_once_after_sigkill_and_rerun(tmp_path):
            "--batch-size", "50", "--rows-per-file", "50", "--actors", "1"]
     env = {**os.environ, "RAY_ADDRESS": "local"}
 
-    def written() -> int:
-        """Rows in the output files; a file still being written (no footer yet) counts 0."""
-        rows = 0
-        for f in storage.list_files(str(out)):
-            try:
-                rows += pq.read_metadata(f).num_rows
-            except (OSError, pa.ArrowInvalid):
-                pass
-        return rows
-
-    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and first.poll() is None and written() < 1650:
-        time.sleep(0.1)
-    assert first.poll() is None, "the first run ended before it could be killed"
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
-    before = set(storage.list_files(str(out)))
-    assert written() >= 1500
+    before = kill_part_way(cmd, REPO, env, out, rows=1650)
+    assert rows_written(out) >= 1500
 
     second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]

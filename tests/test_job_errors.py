@@ -83,7 +83,8 @@ def world(tmp_path_factory, tiny_model) -> dict[str, str]:
     hub_dup.mkdir()
     same_path = [{"bytes": b, "path": "img.png"} for b in first.column("image").to_pylist()]
     pq.write_table(pa.table({"image": pa.array(same_path, HF_IMAGE)}), hub_dup / "train.parquet")
-    return {"dup_tars": str(dup_tars), "cut_tar": str(cut_tar), "mixed": str(mixed), "hub_dup": str(hub_dup),"shards": str(shards), "duplicated": str(duplicated), "hub": str(hub), "model": tiny_model,
+    return {"dup_tars": str(dup_tars), "cut_tar": str(cut_tar), "mixed": str(mixed), "hub_dup": str(hub_dup),
+            "shards": str(shards), "duplicated": str(duplicated), "hub": str(hub), "model": tiny_model,
             "not_a_model": str(not_a_model), "latents": str(latents), "other_run": str(other_run),
             "other_embed": str(other_embed), "foreign": str(foreign), "truncated": str(truncated),
             "root": str(root)}

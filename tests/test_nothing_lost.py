@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from builders import make_tiny_model
+from builders import kill_part_way, make_tiny_model
 
 from jobs import decode as decode_job
 from jobs import report as report_job
@@ -99,17 +98,6 @@ def _embed_cmd(data: str, model: str, out: Path) -> list[str]:
             "--batch-size", "50", "--rows-per-file", "50", "--actors", "1"]
 
 
-def _written(out: Path) -> int:
-    """Rows in the output files; a file still being written (no footer yet) counts 0."""
-    rows = 0
-    for f in storage.list_files(str(out)):
-        try:
-            rows += pq.read_metadata(f).num_rows
-        except (OSError, pa.ArrowInvalid):
-            pass
-    return rows
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_double_submit_ends_with_one_row_per_id(tmp_path):
@@ -143,14 +131,7 @@ def test_killed_three_times_then_finished_exactly_once_and_refused_while_unfinis
     out = tmp_path / "latents"
     env = {**os.environ, "RAY_ADDRESS": "local"}
     for kill_at in (300, 1100, 2000):  # rows written when each run dies
-        run = subprocess.Popen(_embed_cmd(data, model, out), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.time() + 300
-        while time.time() < deadline and run.poll() is None and _written(out) < kill_at:
-            time.sleep(0.05)
-        assert run.poll() is None, f"the run ended before it could be killed at {kill_at} rows"
-        os.killpg(run.pid, signal.SIGKILL)
-        run.wait()
+        kill_part_way(_embed_cmd(data, model, out), REPO, env, out, rows=kill_at)
         assert not (out / SUCCESS_FILE).exists()
 
     # An unfinished latent dataset: the report and decode refuse it, saying how much is there

@@ -10,17 +10,22 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from builders import BAD_IMAGE_KEY, NO_IMAGE_KEY, load_with_datasets, make_tiny_model, write_tar_shards
+from builders import (
+    BAD_IMAGE_KEY,
+    NO_IMAGE_KEY,
+    kill_part_way,
+    load_with_datasets,
+    rows_written,
+    write_tar_shards,
+)
 
 from pipeline import storage, tars
 from pipeline.embed import EmbedConfig, embed
@@ -206,25 +211,8 @@ def test_train_embed_killed_and_resumed_report_on_tar_shards(tmp_path):
     cmd = [sys.executable, "-m", "jobs.embed", "--data", data, "--model", f"{run}/model", "--out", str(out),
            "--batch-size", "50", "--rows-per-file", "50", "--actors", "1", "--passthrough", "txt"]
 
-    def written() -> int:
-        rows = 0
-        for f in storage.list_files(str(out)):
-            try:
-                rows += pq.read_metadata(f).num_rows
-            except (OSError, pa.ArrowInvalid):
-                pass
-        return rows
-
-    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and first.poll() is None and written() < 1650:
-        time.sleep(0.1)
-    assert first.poll() is None, "the first run ended before it could be killed"
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
-    before = set(storage.list_files(str(out)))
-    assert written() >= 1500
+    before = kill_part_way(cmd, REPO, env, out, rows=1650)
+    assert rows_written(out) >= 1500
 
     job(*cmd[2:])
     after = {f: pq.read_metadata(f).num_rows for f in storage.list_files(str(out))}

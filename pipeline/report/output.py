@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.shards import hf_image_column, with_hf_features
+from pipeline.hf_features import hf_image_column, with_hf_features
 
 IMAGES_DIR = "images"
 IMAGE_WRITE_THREADS = 8  # small PNGs: object stores are latency-bound, so write many at once
