@@ -80,6 +80,7 @@ def test_ingest_with_a_row_id(hub, tmp_path):
 @pytest.mark.parametrize("id_column", ["image.path", ROW_ID])
 def test_derived_ids_run_train_then_embed_with_the_same_ids_every_run(ray_local, hub, tmp_path, id_column):
     from pipeline.model import AutoencoderConfig
+    from pipeline.report import ReportConfig, report
     from pipeline.train import TrainConfig, train
 
     url, paths = hub
@@ -97,6 +98,12 @@ def test_derived_ids_run_train_then_embed_with_the_same_ids_every_run(ray_local,
         runs.append(dict(zip(table.column("id").to_pylist(), table.column("mse").to_pylist())))
     assert sorted(runs[0]) == sorted(expected)
     assert runs[0] == runs[1]  # the same ids, and each id the same image, on every run
+
+    # The report finds each worst row's image in --data by its derived id.
+    found = report(ReportConfig(latents_url=str(tmp_path / "latents-b"), out_url=str(tmp_path / "report"),
+                                model_url=trained.model_url, data_url=url, id_column=id_column, top_k=3,
+                                typical_k=1))
+    assert [e["note"] for e in found["galleries"]["worst"] + found["galleries"]["typical"]] == [None] * 4
 
     # Resume: Ray's write checkpoint finds every derived id done, and the rerun writes nothing new.
     done = tmp_path / "latents-a"
