@@ -269,7 +269,7 @@ class ShardList:
         return [posixpath.relpath(path, root) if path != root else posixpath.basename(path) for path in self.paths]
 
     def tar_index(self, id_spec: str = tars.KEY_ID) -> list[tars.ShardIndex]:
-        """Every tar shard's headers (rows, keys, ids by `id_spec`), read once, one thread per shard."""
+        """Every tar shard's headers (rows, keys, ids by `id_spec`), read once, many shards at a time."""
         if id_spec not in self._tar_indexes:
             def read(shard_url: str) -> tars.ShardIndex:
                 fs, path = storage.filesystem(shard_url)
@@ -282,6 +282,10 @@ class ShardList:
             with ThreadPoolExecutor(min(_FOOTER_THREADS, len(self.files))) as pool:
                 self._tar_indexes[id_spec] = list(pool.map(read, self.files))
         return self._tar_indexes[id_spec]
+
+    def tar_sizes(self) -> list[tars.ShardIndex]:
+        """The tar headers as already read for any id (rows and sizes are the same for every id)."""
+        return next(iter(self._tar_indexes.values()), None) or self.tar_index()
 
     @property
     def arrow_fs(self) -> pafs.FileSystem:
@@ -314,8 +318,7 @@ class ShardList:
     def rows(self) -> int:
         """Rows in all shards, from the footers (tar: samples, from the headers)."""
         if self.format == "tar":
-            index = next(iter(self._tar_indexes.values()), None) or self.tar_index()
-            return sum(shard.rows for shard in index)
+            return sum(shard.rows for shard in self.tar_sizes())
         return sum(footer.num_rows for _, footer in self.footers)
 
 
@@ -510,7 +513,7 @@ def fingerprint(shards: ShardList | str) -> str:
     """
     shards = as_shards(shards)
     if shards.format == "tar":
-        sizes = [(index.size, index.rows) for index in shards.tar_index()]
+        sizes = [(index.size, index.rows) for index in shards.tar_sizes()]
     else:
         sizes = [(size, footer.num_rows) for size, footer in shards.footers]
     entries = [[name, size, rows] for name, (size, rows) in zip(shards.names, sizes)]
