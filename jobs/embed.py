@@ -37,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latent-dtype", choices=LATENT_DTYPES, default=D["latent_dtype"],
                    help="storage type of the latent vectors (int8 adds a per-row scale)")
     p.add_argument("--threshold", default=D["threshold"],
-                   help="anomaly threshold on per-image MSE: quantile:Q of the model's calibration, or value:X")
+                   help="anomaly threshold on the score: quantile:Q of its calibration (the normal bulk of the "
+                        "held-out scores), or value:X")
+    p.add_argument("--score", default=None,
+                   help="the score that sets is_anomaly (default: the model's, from its calibration: fused for "
+                        "models trained with this version)")
     p.add_argument("--passthrough", type=csv, default=(), help=PASSTHROUGH_HELP)
     add_column_flags(p, D["id_column"], D["image_column"])
     p.add_argument("--resize", choices=RESIZE_POLICIES, default=None,

@@ -24,6 +24,7 @@ from pipeline import train
 from pipeline.errors import InputError
 from pipeline.images import RESIZE_POLICIES
 from pipeline.model import ARCHITECTURES, AutoencoderConfig
+from pipeline.scoring import TRAINING_LOSSES
 from pipeline.train import PLACEMENT_STRATEGIES, TrainConfig
 
 D = {f.name: f.default for f in fields(TrainConfig)}
@@ -62,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, default=D["max_failures"], help="worker failures to recover from")
     add_column_flags(p, D["id_column"], D["image_column"])
     p.add_argument("--resize", choices=RESIZE_POLICIES, default=D["resize"], help="how images reach the model size")
+    p.add_argument("--loss", choices=TRAINING_LOSSES, default=D["loss"],
+                   help="mse, or ssim_l1 (structure-aware: 0.85 (1 - SSIM) + 0.15 L1)")
+    p.add_argument("--defect-aware", action="store_true",
+                   help="learn to return the clean image from a copy with synthetic corruptions (texture blobs, "
+                        "moved patches, strokes), so that defects light up the error map")
+    p.add_argument("--corruption-share", type=float, default=D["corruption_share"],
+                   help="with --defect-aware: share of each batch that is corrupted")
     p.add_argument("--inject-crash", default=None, help=argparse.SUPPRESS)  # tests: marker file, crash once
     return p
 

@@ -17,6 +17,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
@@ -25,8 +28,11 @@ from torch import nn
 
 from pipeline import storage
 from pipeline.errors import InputError
+from pipeline.latents import NEIGHBOUR_SCORES, RECONSTRUCTION_SCORES
 from pipeline.model import AutoencoderConfig, build_model
+from pipeline.scoring import TrainingBank
 
+BANK_FILE = "training_bank.parquet"  # the training split's latents and stem statistics, by id
 FORMAT = "squeeze-autoencoder"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -45,6 +51,7 @@ class Checkpoint:
     training: dict[str, Any] = field(default_factory=dict)
     url: str = ""
     weights_sha256: str = ""
+    bank: TrainingBank | None = None  # for the neighbour scores; None in models made without one
 
     @property
     def calibration(self) -> dict[str, Any]:
@@ -65,8 +72,30 @@ def weights_bytes(model: nn.Module) -> bytes:
     return save_safetensors({k: v.detach().cpu().contiguous() for k, v in state.items()})
 
 
-def save_checkpoint(url: str, model: nn.Module, training: dict[str, Any] | None = None) -> None:
-    """Write `model` (plain or DDP-wrapped) and its config to the directory `url`."""
+def _bank_bytes(bank: TrainingBank) -> bytes:
+    table = pa.table({"id": pa.array(bank.ids, pa.string()),
+                      "latent": pa.FixedSizeListArray.from_arrays(pa.array(bank.latents.astype(np.float32).ravel()),
+                                                                  bank.latents.shape[1]),
+                      "stem_stats": pa.FixedSizeListArray.from_arrays(
+                          pa.array(bank.stem_stats.astype(np.float32).ravel()), bank.stem_stats.shape[1])})
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer, compression="zstd")
+    return buffer.getvalue().to_pybytes()
+
+
+def _read_bank(data: bytes) -> TrainingBank:
+    table = pq.read_table(pa.BufferReader(data))
+
+    def matrix(name: str) -> np.ndarray:
+        column = table.column(name).combine_chunks()
+        return column.values.to_numpy().reshape(len(column), column.type.list_size)
+
+    return TrainingBank(table.column("id").to_pylist(), matrix("latent"), matrix("stem_stats"))
+
+
+def save_checkpoint(url: str, model: nn.Module, training: dict[str, Any] | None = None,
+                    bank: TrainingBank | None = None) -> None:
+    """Write `model` (plain or DDP-wrapped), its config and, when given, its training bank to `url`."""
     config: AutoencoderConfig = _unwrap(model).config
     weights = weights_bytes(model)
     meta = {
@@ -76,9 +105,40 @@ def save_checkpoint(url: str, model: nn.Module, training: dict[str, Any] | None 
         "weights_sha256": hashlib.sha256(weights).hexdigest(),
         "training": training or {},
     }
-    # Weights first: a config.json present means its weights are complete.
+    # Weights (and bank) first: a config.json present means what it names is complete.
     storage.write_bytes(storage.join(url, WEIGHTS_FILE), weights)
+    if bank is not None:
+        data = _bank_bytes(bank)
+        storage.write_bytes(storage.join(url, BANK_FILE), data)
+        meta["bank_sha256"] = hashlib.sha256(data).hexdigest()
     storage.write_text(storage.join(url, CONFIG_FILE), json.dumps(meta, indent=2, sort_keys=True))
+
+
+def scores_of(meta: dict[str, Any]) -> tuple[str, ...]:
+    """The scores a checkpoint's model computes (from its config alone): the reconstruction
+    scores; the neighbour scores when it has a training bank; the fused score when its
+    calibration says how to fuse."""
+    names = [*RECONSTRUCTION_SCORES, *(NEIGHBOUR_SCORES if meta.get("bank_sha256") else ())]
+    calibration = (meta.get("training") or {}).get("calibration") or {}
+    if calibration.get("fused_from") and set(calibration["fused_from"]) <= set(names):
+        names.append("fused")
+    return tuple(names)
+
+
+def load_bank(url: str, meta: dict[str, Any]) -> TrainingBank | None:
+    """The checkpoint's training bank, checked against its digest; None when it has none."""
+    if not meta.get("bank_sha256"):
+        return None
+    bank_url = storage.join(url, BANK_FILE)
+    if not storage.exists(bank_url):
+        raise CheckpointError(f"{url}: {BANK_FILE} not found, though {CONFIG_FILE} names one")
+    data = storage.read_bytes(bank_url)
+    if hashlib.sha256(data).hexdigest() != meta["bank_sha256"]:
+        raise CheckpointError(f"{bank_url} does not match the digest in {CONFIG_FILE}: it was changed or truncated")
+    try:
+        return _read_bank(data)
+    except (pa.ArrowInvalid, KeyError, ValueError) as e:
+        raise CheckpointError(f"{bank_url} is not a readable training bank: {e}") from e
 
 
 def read_checkpoint_meta(url: str) -> dict[str, Any]:
@@ -134,4 +194,5 @@ def load_checkpoint(url: str, device: str | torch.device = "cpu") -> Checkpoint:
         raise CheckpointError(f"{url}: weights do not fit the {config.arch} model its config describes: " + "; ".join(details))
     model.load_state_dict(state)
     model.to(device).eval()
-    return Checkpoint(model=model, config=config, training=meta.get("training") or {}, url=url, weights_sha256=digest)
+    return Checkpoint(model=model, config=config, training=meta.get("training") or {}, url=url, weights_sha256=digest,
+                      bank=load_bank(url, meta))

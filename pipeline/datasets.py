@@ -19,7 +19,7 @@ import numpy as np
 
 from pipeline import storage, tars
 from pipeline.images import DEFAULT_RESIZE, decode_batch
-from pipeline.sampling import split_of
+from pipeline.sampling import BANK_SAMPLE_KEY, hash_sample, split_of
 from pipeline.shards import Columns, ShardList, derived_id, id_strings, image_bytes
 
 PATH_COLUMN = "path"  # the file a row came from, added by read_parquet(include_paths=True)
@@ -81,6 +81,19 @@ def decode_rows(batch: dict[str, np.ndarray], columns: Columns, image_size: int,
     for name in keep:
         out[name] = batch[name]
     return out
+
+
+def decode_for_calibration(batch: dict[str, np.ndarray], columns: Columns, image_size: int, channels: int,
+                           resize: str, val_fraction: float, bank_fraction: float) -> dict[str, np.ndarray]:
+    """The rows a model's calibration needs, decoded: every held-out row, and a `bank_fraction`
+    id-hash sample of the training rows (its neighbour bank). {"id", "pixels", "ok", "val"}."""
+    ids = id_strings(batch[columns.id])
+    val = split_of(ids, val_fraction)
+    wanted = val | (~val & hash_sample(ids, bank_fraction, key=BANK_SAMPLE_KEY))
+    images = [img for img, w in zip(image_bytes(batch[columns.image]), wanted) if w]
+    pixels, reasons = decode_batch(images, image_size, channels, resize)
+    return {"id": ids[wanted], "pixels": pixels, "ok": np.array([r is None for r in reasons], dtype=bool),
+            "val": val[wanted]}
 
 
 def decode_split(batch: dict[str, np.ndarray], columns: Columns, image_size: int, channels: int,

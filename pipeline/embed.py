@@ -36,11 +36,11 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import storage
-from pipeline.checkpoint import read_checkpoint_meta
+from pipeline.checkpoint import read_checkpoint_meta, scores_of
 from pipeline.datasets import decode_rows, read_shards
 from pipeline.errors import InputError, JobFailed
 from pipeline.images import RESIZE_POLICIES, decode_batch
-from pipeline.inference import load_inference_model, to_input
+from pipeline.inference import ImageScorer, load_inference_model, to_input
 from pipeline.latents import (
     CHECKPOINT_DIR,
     LATENT_DTYPES,
@@ -62,10 +62,10 @@ from pipeline.resources import (
     pool_setting_problems,
 )
 from pipeline.scoring import (
-    mse_per_image,
+    Calibration,
+    default_score,
     parse_threshold,
     resolve_threshold,
-    ssim_error_per_image,
 )
 from pipeline.shards import (
     Columns,
@@ -78,23 +78,34 @@ from pipeline.shards import (
 )
 
 # Settings that decide the output's content: a rerun into the same folder must match them.
-OUTPUT_KEYS = ("data_url", "latent_dtype", "threshold", "passthrough", "id_column", "image_column", "resize")
+OUTPUT_KEYS = ("data_url", "latent_dtype", "threshold", "score", "passthrough", "id_column", "image_column",
+               "resize")
 # The embed job flags rows as they stream by, so it takes no share of the whole corpus.
 THRESHOLD_POLICIES = ("quantile", "value")
 
 
 class Embedder:
-    """Decoded batch -> latent rows. Loads the model once; runs with or without Ray."""
+    """Decoded batch -> latent rows with every score. Loads the model once; runs with or without Ray.
+
+    `score` names the score whose value above `threshold` sets `is_anomaly` (None: the
+    calibration's default score).
+    """
 
     def __init__(self, model_url: str, latent_dtype: str = "float32", threshold: float = math.inf,
                  passthrough: Sequence[str] = (), device: str | None = None, torch_threads: int | None = None,
-                 metadata: dict[str, Any] | None = None, on_rows: Callable[[int], None] | None = None):
+                 metadata: dict[str, Any] | None = None, on_rows: Callable[[int], None] | None = None,
+                 score: str | None = None):
         if latent_dtype not in LATENT_DTYPES:
             raise ValueError(f"latent dtype must be one of {LATENT_DTYPES}, got {latent_dtype!r}")
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model, checkpoint = load_inference_model(model_url, device=self.device)
+        model, checkpoint = load_inference_model(model_url, device=self.device)
+        calibration = Calibration.from_dict(checkpoint.calibration) if checkpoint.calibration else None
+        self.scorer = ImageScorer(model, checkpoint.bank, calibration)
+        self.score = score or (calibration.default_score if calibration else "mse")
+        if self.score not in self.scorer.score_names:
+            raise ValueError(f"score {self.score!r} is not one this model computes: {self.scorer.score_names}")
         self.config = checkpoint.config
         self.latent_dtype = latent_dtype
         self.threshold = threshold
@@ -111,14 +122,13 @@ class Embedder:
         ok = np.array([e is None for e in errors], dtype=bool)
         n, d = len(ids), self.config.latent_dim
         z = np.zeros((n, d), np.float32)
-        mse = np.full(n, np.nan, np.float32)
-        ssim_error = np.full(n, np.nan, np.float32)
+        scores = {name: np.full(n, np.nan, np.float32) for name in self.scorer.score_names}
         if ok.any():
             x = to_input(torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])).to(self.device))
-            out = self.model(x)
-            z[ok] = out["z"].float().cpu().numpy()
-            mse[ok] = mse_per_image(x, out["x_hat"]).cpu().numpy()
-            ssim_error[ok] = ssim_error_per_image(x, out["x_hat"]).cpu().numpy()
+            out = self.scorer(x, list(ids[ok]))
+            z[ok] = out["z"]
+            for name, values in out["scores"].items():
+                scores[name][ok] = values
         latent, scale = quantize_latents(z, self.latent_dtype)
         columns = {
             "id": pa.array(list(ids), pa.string()),
@@ -126,9 +136,9 @@ class Embedder:
         }
         if scale is not None:
             columns["latent_scale"] = pa.array(scale, mask=~ok)
-        columns["mse"] = pa.array(mse, mask=~ok)
-        columns["ssim_error"] = pa.array(ssim_error, mask=~ok)
-        columns["is_anomaly"] = pa.array(mse > self.threshold, mask=~ok)
+        for name, values in scores.items():
+            columns[name] = pa.array(values, mask=~ok)
+        columns["is_anomaly"] = pa.array(scores[self.score] > self.threshold, mask=~ok)
         columns["error"] = pa.array(errors, pa.string())
         for name in self.passthrough:
             if name not in columns:
@@ -147,6 +157,7 @@ class EmbedConfig:
     out_url: str
     latent_dtype: str = "float32"
     threshold: str = "quantile:0.99"
+    score: str | None = None  # the score that sets is_anomaly; None: the model's default (its calibration's)
     passthrough: tuple[str, ...] = ()
     id_column: str = "id"
     image_column: str = "image"
@@ -187,6 +198,7 @@ class EmbedSummary:
     rows_out: int
     error_rows: int
     flagged_rows: int
+    score: str
     threshold: float
     seconds: float
     images_per_s: float
@@ -209,7 +221,7 @@ def command_line(cfg: EmbedConfig) -> str:
     default = EmbedConfig(cfg.data_url, cfg.model_url, cfg.out_url)
     options = [f"--data {shlex.quote(cfg.data_url)}", f"--model {shlex.quote(cfg.model_url)}",
                f"--out {shlex.quote(cfg.out_url)}"]
-    for name in ("latent_dtype", "threshold", "id_column", "image_column", "resize"):
+    for name in ("latent_dtype", "threshold", "score", "id_column", "image_column", "resize"):
         value = getattr(cfg, name)
         if value != getattr(default, name) and value is not None:
             options.append(f"--{name.replace('_', '-')} {shlex.quote(str(value))}")
@@ -267,7 +279,7 @@ class EmbedPlan:
     shards: ShardList
     rows_in: int
     model_config: dict[str, Any]
-    threshold: float
+    threshold: float  # on `cfg.score`
     finished: bool  # the output folder already holds this job's complete result
     lease: Lease  # this job's hold on the output folder; the caller releases it (`embed` does)
 
@@ -282,14 +294,17 @@ def prepare(cfg: EmbedConfig) -> EmbedPlan:
     meta = read_checkpoint_meta(cfg.model_url)
     model_training = meta.get("training") or {}
     resize = cfg.resize or model_training.get("preprocessing", {}).get("resize") or "pad"
+    score = cfg.score or default_score(model_training.get("calibration"))
+    if score not in scores_of(meta):
+        raise InputError(f"--score {score}: the model at {cfg.model_url} computes {', '.join(scores_of(meta))}")
     threshold = resolve_threshold(parse_threshold(cfg.threshold, THRESHOLD_POLICIES),
-                                  model_training.get("calibration") or {})
+                                  model_training.get("calibration") or {}, score=score)
     shards = ShardList.under(cfg.data_url)
     cfg = replace(cfg, id_column=implied_id_column(shards, cfg.id_column))
     check_columns(shards, cfg.columns, cfg.passthrough)
     check_unique_ids(shards, cfg.id_column)
     check_channels(shards, cfg.image_column, meta["model"]["channels"])
-    cfg = replace(cfg, resize=resize, model_sha256=meta.get("weights_sha256", ""))
+    cfg = replace(cfg, resize=resize, score=score, model_sha256=meta.get("weights_sha256", ""))
     lease = Lease.acquire(cfg.out_url, "embed job")
     with lease.released_on_error():
         finished = check_output_folder(cfg, shards.rows)
@@ -302,7 +317,7 @@ def _describe(plan: EmbedPlan, resources: ResourcePlan, resuming: bool) -> str:
     gpus = f" + {r.gpus_per_actor:g} GPU" if r.gpus_per_actor else ""
     return (f"embedding {plan.rows_in:,} rows with {plan.model_config['arch']} model ({cfg.model_url}) on "
             f"{r.actors} actor(s) x {r.cpus_per_actor:g} CPU{gpus}, {r.torch_threads} torch threads, batches of "
-            f"{r.batch_size}{', resuming' if resuming else ''}; threshold mse > {plan.threshold:.6g} "
+            f"{r.batch_size}{', resuming' if resuming else ''}; anomaly: {cfg.score} > {plan.threshold:.6g} "
             f"({cfg.threshold}) -> {cfg.out_url}")
 
 
@@ -323,10 +338,10 @@ def _pipeline(plan: EmbedPlan, resources: ResourcePlan, out_fs, out_path: str, o
         fn_constructor_kwargs=dict(
             model_url=cfg.model_url, latent_dtype=cfg.latent_dtype, threshold=plan.threshold, passthrough=cfg.keep,
             torch_threads=resources.torch_threads, device="cuda" if resources.gpus_per_actor else "cpu",
-            metadata={"model": cfg.model_url, "weights_sha256": cfg.model_sha256, "threshold": plan.threshold,
-                      "threshold_spec": cfg.threshold, "latent_dtype": cfg.latent_dtype,
+            metadata={"model": cfg.model_url, "weights_sha256": cfg.model_sha256, "score": cfg.score,
+                      "threshold": plan.threshold, "threshold_spec": cfg.threshold, "latent_dtype": cfg.latent_dtype,
                       "model_config": model_config},
-            on_rows=on_rows),
+            on_rows=on_rows, score=cfg.score),
         compute=ActorPoolStrategy(size=resources.actors), num_cpus=resources.cpus_per_actor,
         num_gpus=resources.gpus_per_actor)
     ds.write_parquet(out_path, filesystem=out_fs, min_rows_per_file=min(cfg.rows_per_file, plan.rows_in),
@@ -402,7 +417,7 @@ def summarize(cfg: EmbedConfig, rows_in: int, threshold: float, seconds: float) 
             for reason in errors.drop_null().to_pylist():
                 reasons[reason] = reasons.get(reason, 0) + 1
     return EmbedSummary(rows_in=rows_in, rows_out=rows_out, error_rows=error_rows, flagged_rows=flagged,
-                        threshold=threshold, seconds=seconds, images_per_s=rows_in / max(seconds, 1e-9),
+                        score=cfg.score or "mse", threshold=threshold, seconds=seconds, images_per_s=rows_in / max(seconds, 1e-9),
                         out=cfg.out_url, errors_by_reason=reasons)
 
 
@@ -412,7 +427,7 @@ def embed_reference(cfg: EmbedConfig, threshold: float) -> pa.Table:
     model_config = meta["model"]
     resize = cfg.resize or (meta.get("training") or {}).get("preprocessing", {}).get("resize") or "pad"
     embedder = Embedder(cfg.model_url, cfg.latent_dtype, threshold, cfg.keep, device="cpu",
-                        torch_threads=cfg.torch_threads)
+                        torch_threads=cfg.torch_threads, score=cfg.score)
     shards = ShardList.under(cfg.data_url)
     wanted = list(dict.fromkeys([cfg.id_column, cfg.image_column, *cfg.keep]))
     batch_size = cfg.batch_size or CPU_BATCH_SIZE

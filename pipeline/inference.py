@@ -8,18 +8,62 @@ model to float rounding, so a decoded pixel may differ by one level).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 import torch
 
 from pipeline.checkpoint import Checkpoint, load_checkpoint, read_checkpoint_meta
-from pipeline.latents import check_model_fits, read_latent_rows
+from pipeline.latents import (
+    NEIGHBOUR_SCORES,
+    RECONSTRUCTION_SCORES,
+    check_model_fits,
+    read_latent_rows,
+)
 from pipeline.model import fuse_for_inference
+from pipeline.scoring import (
+    Calibration,
+    TrainingBank,
+    reconstruction_scores,
+)
 
 
 def load_inference_model(model_url: str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Checkpoint]:
     """(folded channels_last model in eval mode, the checkpoint it came from)."""
     checkpoint = load_checkpoint(model_url, device=device)
     return fuse_for_inference(checkpoint.model).to(memory_format=torch.channels_last), checkpoint
+
+
+class ImageScorer:
+    """Images -> their latents, stem statistics and every anomaly score: what the embed job
+    writes and what training calibrates, computed in one place.
+
+    Reconstruction scores always; the neighbour scores when there is a training bank; the
+    fused score when the calibration says how to fuse and its parts are there.
+    """
+
+    def __init__(self, model: torch.nn.Module, bank: TrainingBank | None = None,
+                 calibration: Calibration | None = None):
+        self.model, self.bank, self.calibration = model, bank, calibration
+        names = [*RECONSTRUCTION_SCORES, *(NEIGHBOUR_SCORES if bank is not None else ())]
+        fused_from = calibration.fused_from if calibration is not None else ()
+        if fused_from and set(fused_from) <= set(names):
+            names.append("fused")
+        self.score_names = tuple(names)
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor, ids: Sequence[str] | None = None) -> dict[str, Any]:
+        """(B, C, S, S) in [0, 1] (and the images' ids) -> {"z", "stem_stats", "scores": {name: (B,)}}."""
+        out = self.model(x)
+        scores = reconstruction_scores(x, out["x_hat"])
+        if self.bank is not None:
+            scores.update(self.bank.scores(out["z"], out["stem_stats"], ids))
+        values = {name: score.float().cpu().numpy() for name, score in scores.items()}
+        if "fused" in self.score_names:
+            values["fused"] = self.calibration.fuse(values).astype(np.float32)
+        return {"z": out["z"].float().cpu().numpy(), "stem_stats": out["stem_stats"].float().cpu().numpy(),
+                "scores": values}
 
 
 def to_input(pixels: torch.Tensor) -> torch.Tensor:

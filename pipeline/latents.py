@@ -27,6 +27,11 @@ from pipeline import storage
 from pipeline.errors import InputError
 
 METADATA_KEY = b"squeeze"
+# The score columns, as pipeline.scoring computes them: from the reconstruction, from the
+# training bank's neighbours, and the fused score.
+RECONSTRUCTION_SCORES = ("mse", "ssim_error", "err_max", "err_top", "ssim_max", "ssim_top", "gms_max", "gms_top")
+NEIGHBOUR_SCORES = ("latent_knn", "stem_knn")
+SCORE_COLUMNS = (*RECONSTRUCTION_SCORES, *NEIGHBOUR_SCORES, "fused")
 LATENT_DTYPES = ("float32", "float16", "int8")
 LATENT_COLUMNS = ("id", "latent", "latent_scale")
 RUN_FILE = "_embed.json"

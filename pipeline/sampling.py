@@ -2,7 +2,8 @@
 count or reading order, on every run.
 
 - `split_of`: the training job's held-out validation split.
-- `hash_sample`: a uniform sample of a given share (the report's metrics above its exact size).
+- `hash_sample`: a uniform sample of a given share (the report's metrics above its exact size,
+  the training bank of the neighbour scores above its cap).
 - `sample_keys`: 64-bit draw keys; the N smallest are a seeded sample of exactly N rows (decode).
 """
 
@@ -14,6 +15,7 @@ from collections.abc import Iterable
 import numpy as np
 
 REPORT_SAMPLE_KEY = b"squeeze-report"
+BANK_SAMPLE_KEY = b"squeeze-bank"
 
 
 def id_hashes(ids: Iterable[str], key: bytes = b"", digest_size: int = 4) -> np.ndarray:

@@ -24,7 +24,9 @@ Thresholds are given as specs (`parse_threshold`):
 
 from __future__ import annotations
 
+import functools
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +39,7 @@ from pipeline.errors import InputError
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
-CALIBRATION_GRID = 1000  # quantiles stored at q = i / 1000, so any quantile threshold works later
+CALIBRATION_GRID = 100  # held-out percentiles kept with each score's calibration, for reports
 THRESHOLD_POLICIES = ("quantile", "contamination", "value")
 
 
@@ -51,41 +53,228 @@ def squared_error_map(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return (x.float() - x_hat.float()).pow(2).mean(dim=1)
 
 
-def _blur_matrix(size: int, device: torch.device) -> torch.Tensor:
-    """(size, size - 10): right-multiplying by it applies the 11-tap Gaussian, valid region only."""
-    radius = SSIM_WINDOW // 2
-    coords = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
-    g = torch.exp(-(coords**2) / (2 * SSIM_SIGMA**2))
-    g = g / g.sum()
-    out = size - SSIM_WINDOW + 1
-    matrix = torch.zeros(size, out, device=device)
-    for k in range(SSIM_WINDOW):
-        matrix[torch.arange(out) + k, torch.arange(out)] = g[k]
-    return matrix
+@functools.lru_cache(maxsize=64)
+def _gaussian_band(size: int, sigma: float, radius: int, valid: bool, device: str) -> torch.Tensor:
+    """A (size, out) matrix: right-multiplying an (..., size) tensor by it applies a 1-D Gaussian.
+
+    valid=True: only where the whole window fits (out = size - 2 * radius), as SSIM's
+    definition has it. valid=False ("same", out = size): near the border the window is cut and
+    renormalised over the pixels that exist, so a border pixel is neither darkened nor mirrored.
+    The separable Gaussian as two banded matrix products does more arithmetic than a depthwise
+    convolution, but BLAS runs it about ten times faster than the CPU's depthwise kernels.
+    """
+    index = torch.arange(size, dtype=torch.float32, device=device)
+    offset = index[:, None] - index[None, :]  # (size, size): input row - output column
+    weights = torch.exp(-offset.pow(2) / (2 * sigma**2)) * (offset.abs() <= radius)
+    if valid:
+        weights = weights[:, radius:size - radius]
+    return (weights / weights.sum(dim=0, keepdim=True)).contiguous()
+
+
+def blur(maps: torch.Tensor, sigma: float, radius: int | None = None, valid: bool = False) -> torch.Tensor:
+    """Gaussian blur over the last two dimensions of (..., H, W) (see `_gaussian_band`)."""
+    radius = int(math.ceil(3 * sigma)) if radius is None else radius
+    height, width = maps.shape[-2:]
+    device = str(maps.device)
+    rows = _gaussian_band(width, float(sigma), radius, valid, device)
+    columns = _gaussian_band(height, float(sigma), radius, valid, device)
+    return columns.T @ (maps @ rows)
+
+
+def _ssim_per_pixel(x: torch.Tensor, y: torch.Tensor, valid: bool) -> torch.Tensor:
+    """(B, C, H, W) pairs -> (B, C, H', W') SSIM at every pixel (valid region, or same size)."""
+    channels = x.shape[1]
+    # The five local statistics, blurred together.
+    stats = blur(torch.cat([x, y, x * x, y * y, x * y], dim=1), SSIM_SIGMA, SSIM_WINDOW // 2, valid)
+    mu_x, mu_y, xx, yy, xy = stats.split(channels, dim=1)
+    var_x, var_y, cov = xx - mu_x**2, yy - mu_y**2, xy - mu_x * mu_y
+    c1, c2 = SSIM_K1**2, SSIM_K2**2
+    return ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
 
 
 def ssim_per_image(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W), (B, C, H, W) -> (B,) structural similarity in [-1, 1]; needs H, W >= 11."""
-    x, y = x.float(), x_hat.float()
-    channels, height, width = x.shape[1:]
-    # The five local statistics, blurred together. The separable Gaussian is applied as two
-    # banded matrix products: more arithmetic than an 11-tap depthwise convolution, but
-    # BLAS runs it ten times faster than the CPU's depthwise kernels.
-    maps = torch.cat([x, y, x * x, y * y, x * y], dim=1).contiguous()  # (B, 5C, H, W)
-    blurred = maps @ _blur_matrix(width, x.device)  # (B, 5C, H, W-10)
-    blurred = _blur_matrix(height, x.device).T @ blurred  # (B, 5C, H-10, W-10)
-    mu_x, mu_y, xx, yy, xy = blurred.split(channels, dim=1)  # each (B, C, H-10, W-10)
-    var_x = xx - mu_x**2
-    var_y = yy - mu_y**2
-    cov = xy - mu_x * mu_y
-    c1, c2 = SSIM_K1**2, SSIM_K2**2
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return ssim_map.flatten(1).mean(dim=1)
+    return _ssim_per_pixel(x.float(), x_hat.float(), valid=True).flatten(1).mean(dim=1)
 
 
 def ssim_error_per_image(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W), (B, C, H, W) -> (B,) 1 - SSIM, in [0, 2]."""
     return 1.0 - ssim_per_image(x, x_hat)
+
+
+# ---------------------------------------------------------------- anomaly maps and local scores
+#
+# A small defect (a scratch, a blot) moves a whole-image mean very little: it hides among the
+# errors of normal images. A map of where the reconstruction differs, pooled by its peak or its
+# worst 1% of pixels, keeps the defect's signal. Three maps, each (B, H, W), larger = worse:
+# - "err": the squared error (mean over channels), smoothed so one noisy pixel is not a peak;
+# - "ssim": 1 - SSIM per pixel (same window as `ssim_per_image`, same-size output);
+# - "gms": 1 - multi-scale gradient-magnitude similarity (MSGMS, as RIAD and DRAEM score
+#   anomalies): edges that are missing or extra, at scales 1, 1/2, 1/4 and 1/8, smoothed.
+# Smoothing is Gaussian with a sigma of MAP_SIGMA_SHARE of the image side (2 px at 64 px).
+
+MAP_SIGMA_SHARE = 1 / 32
+GMS_C = 0.0026  # GMS's stabiliser for [0, 1] images (RIAD)
+GMS_SCALES = 4
+TOP_SHARE = 0.01  # "top": the mean of the worst 1% of a map's pixels
+_PREWITT = torch.tensor([[[[1.0, 0.0, -1.0]] * 3], [[[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [-1.0, -1.0, -1.0]]]]) / 3.0
+
+
+def _sigma(side: int) -> float:
+    return max(0.5, side * MAP_SIGMA_SHARE)
+
+
+def error_map(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) pairs -> (B, H, W) smoothed squared error, mean over channels."""
+    return blur(squared_error_map(x, x_hat), _sigma(x.shape[-1]))
+
+
+def ssim_map(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) pairs -> (B, H, W) 1 - SSIM per pixel, mean over channels."""
+    return 1.0 - _ssim_per_pixel(x.float(), x_hat.float(), valid=False).mean(dim=1)
+
+
+def _gradient_magnitude(grey: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) -> (B, 1, H, W) Prewitt gradient magnitude."""
+    gradients = torch.nn.functional.conv2d(grey, _PREWITT.to(grey.device), padding=1)  # (B, 2, H, W)
+    return gradients.pow(2).sum(dim=1, keepdim=True).add_(1e-12).sqrt_()
+
+
+def gms_map(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) pairs -> (B, H, W) 1 - mean GMS over GMS_SCALES scales (grey images), smoothed."""
+    a, b = x.float().mean(dim=1, keepdim=True), x_hat.float().mean(dim=1, keepdim=True)  # (B, 1, H, W)
+    size = x.shape[-2:]
+    total = torch.zeros_like(a)
+    for scale in range(GMS_SCALES):
+        if scale:
+            a, b = torch.nn.functional.avg_pool2d(a, 2), torch.nn.functional.avg_pool2d(b, 2)
+        ga, gb = _gradient_magnitude(a), _gradient_magnitude(b)
+        gms = (2 * ga * gb + GMS_C) / (ga * ga + gb * gb + GMS_C)
+        total += torch.nn.functional.interpolate(gms, size=size, mode="bilinear", align_corners=False) if scale \
+            else gms
+    return blur(1.0 - total[:, 0] / GMS_SCALES, _sigma(x.shape[-1]))
+
+
+ANOMALY_MAPS = {"err": error_map, "ssim": ssim_map, "gms": gms_map}
+_SCORE_MAPS = {"mse": "err", "ssim_error": "ssim"}
+
+
+def map_for_score(score: str, fused_from: Sequence[str] = ()) -> str:
+    """The anomaly map that shows where a score comes from: its own map; for the fused score the
+    first of its parts that has one; the squared error for scores with no map (neighbours)."""
+    if score == "fused":
+        return next((map_for_score(part) for part in fused_from if map_for_score(part, ()) != "err"
+                     or part in ("mse", "err_max", "err_top")), "err")
+    prefix = score.split("_")[0]
+    return _SCORE_MAPS.get(score) or (prefix if prefix in ANOMALY_MAPS else "err")
+
+
+def pool_max(maps: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) -> (B,) the peak of each map."""
+    return maps.flatten(1).amax(dim=1)
+
+
+def pool_top(maps: torch.Tensor, share: float = TOP_SHARE) -> torch.Tensor:
+    """(B, H, W) -> (B,) the mean of each map's worst `share` of pixels (at least one)."""
+    flat = maps.flatten(1)
+    k = max(1, round(flat.shape[1] * share))
+    return flat.topk(k, dim=1, sorted=False).values.mean(dim=1)
+
+
+def reconstruction_scores(x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every reconstruction score of a batch, by name (RECONSTRUCTION_SCORES), each (B,)."""
+    x, x_hat = x.float(), x_hat.float()
+    ssim = _ssim_per_pixel(x, x_hat, valid=False)  # (B, C, H, W); its inner part is the valid region
+    inner = SSIM_WINDOW // 2
+    scores = {"mse": mse_per_image(x, x_hat),
+              "ssim_error": 1.0 - ssim[..., inner:-inner, inner:-inner].flatten(1).mean(dim=1)}
+    maps = {"err": error_map(x, x_hat), "ssim": 1.0 - ssim.mean(dim=1), "gms": gms_map(x, x_hat)}
+    for name, values in maps.items():
+        scores[f"{name}_max"] = pool_max(values)
+        scores[f"{name}_top"] = pool_top(values)
+    return scores
+
+
+# ---------------------------------------------------------------- scores from neighbours
+#
+# An image the autoencoder reconstructs well can still be unlike anything it was trained on
+# (every colour of an image shifted, say): no reconstruction error sees it. These scores
+# compare an image's description with those of the training split instead: the mean
+# distance to its KNN_K nearest training images, in a space where every dimension is
+# standardised. Two descriptions: the latent `z`, and the stem statistics (mean and
+# standard deviation of each first-layer channel: which colours and textures an image holds).
+# An image of the training split is in the bank itself: its own entry never counts (leave
+# one out, by id), so a training image and an unseen one are scored alike.
+
+KNN_K = 5
+BANK_CAP = 20_000  # bank entries at most (the training split, sampled by id hash above it)
+
+
+class NeighbourBank:
+    """Vectors of the training split by id; `distances` scores queries against them."""
+
+    def __init__(self, ids: Sequence[str], vectors: np.ndarray, k: int = KNN_K,
+                 mean: np.ndarray | None = None, std: np.ndarray | None = None):
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or len(ids) != len(vectors):
+            raise ValueError(f"a bank needs one vector per id, got {len(ids)} ids and shape {vectors.shape}")
+        self.ids = list(ids)
+        self.k = max(1, min(k, len(self.ids) - 1))
+        self.mean = vectors.mean(axis=0) if mean is None else np.asarray(mean, np.float32)
+        spread = vectors.std(axis=0) if std is None else np.asarray(std, np.float32)
+        self.std = np.where(spread > 1e-8, spread, 1.0).astype(np.float32)
+        self._vectors = torch.from_numpy((vectors - self.mean) / self.std)  # (N, D)
+        self._squares = self._vectors.pow(2).sum(dim=1)  # (N,)
+        self._row = {row_id: i for i, row_id in enumerate(self.ids)}
+
+    def distances(self, queries: torch.Tensor, ids: Sequence[str] | None = None) -> torch.Tensor:
+        """(B, D) -> (B,) mean Euclidean distance to the k nearest bank vectors, never an entry
+        with the query's own id."""
+        bank = self._vectors.to(queries.device)
+        q = (queries.float() - torch.from_numpy(self.mean).to(queries.device)) / torch.from_numpy(self.std).to(
+            queries.device)
+        squared = (q.pow(2).sum(dim=1, keepdim=True) + self._squares.to(queries.device)[None] - 2 * q @ bank.T)
+        if ids is not None:
+            own = [(i, self._row[row_id]) for i, row_id in enumerate(ids) if row_id in self._row]
+            if own:
+                rows, columns = zip(*own)
+                squared[list(rows), list(columns)] = math.inf
+        nearest = squared.clamp_min(0).topk(self.k, dim=1, largest=False).values
+        return nearest.sqrt().mean(dim=1)
+
+
+@dataclass
+class TrainingBank:
+    """The training split's descriptions by id, as the neighbour scores compare against them."""
+
+    ids: list[str]
+    latents: np.ndarray  # (N, latent_dim)
+    stem_stats: np.ndarray  # (N, 2 * base_width)
+
+    def __post_init__(self) -> None:
+        self.latent = NeighbourBank(self.ids, self.latents)
+        self.stem = NeighbourBank(self.ids, self.stem_stats)
+
+    def scores(self, z: torch.Tensor, stem_stats: torch.Tensor, ids: Sequence[str] | None) -> dict[str, torch.Tensor]:
+        """{"latent_knn", "stem_knn"}: (B,) each, leaving each image's own entry out."""
+        return {"latent_knn": self.latent.distances(z, ids), "stem_knn": self.stem.distances(stem_stats, ids)}
+
+
+# ---------------------------------------------------------------- training losses
+
+TRAINING_LOSSES = ("mse", "ssim_l1")
+SSIM_L1_WEIGHT = 0.85  # of (1 - SSIM) against L1, as AE-SSIM and most SSIM-trained autoencoders weigh them
+
+
+def training_loss(x: torch.Tensor, x_hat: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """(B, C, H, W) pairs -> (B,) per-image loss: "mse", or "ssim_l1" (structure-aware: blurry
+    reconstructions of fine texture cost more than under MSE, so the model keeps the texture)."""
+    if kind == "mse":
+        return mse_per_image(x, x_hat)
+    if kind == "ssim_l1":
+        l1 = (x.float() - x_hat.float()).abs().flatten(1).mean(dim=1)
+        return SSIM_L1_WEIGHT * ssim_error_per_image(x, x_hat) + (1 - SSIM_L1_WEIGHT) * l1
+    raise ValueError(f"loss must be one of {TRAINING_LOSSES}, got {kind!r}")
 
 
 def psnr(mse: float | np.ndarray | torch.Tensor) -> float | np.ndarray:
@@ -100,27 +289,152 @@ def psnr(mse: float | np.ndarray | torch.Tensor) -> float | np.ndarray:
 
 
 # ---------------------------------------------------------------- calibration
+#
+# Thresholds are taken on a score's calibration: its distribution on the held-out split of
+# the training corpus. A real corpus holds anomalies (a few percent, unlabelled), so the
+# held-out split does too, and its plain 99th percentile sits among them. The calibration
+# therefore estimates the normal bulk alone: a Gaussian on the log of the score (errors are
+# positive and spread multiplicatively), fitted by iterative upper-tail trimming (keep the
+# values below location + TRIM_CUT scales, refit with the truncated-normal correction,
+# repeat): anomalies above the cut do not move it, and on a clean split it gives back the
+# plain fit. `quantile:Q` is the Q-quantile of that bulk. The share of held-out values above
+# the cut beyond what the bulk explains is the estimated contamination.
+
+TRIM_CUT = 2.5
+_BULK = statistics.NormalDist()
+
+
+def fit_normal_bulk(values: np.ndarray, cut: float = TRIM_CUT, rounds: int = 100) -> tuple[float, float]:
+    """(location, scale) of the Gaussian bulk of `values`, robust to an upper tail of outliers."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size < 3:
+        raise InputError(f"a calibration needs at least 3 held-out values, got {values.size}")
+    median = float(np.median(values))
+    location, scale = median, 1.4826 * float(np.median(np.abs(values - median)))
+    if scale <= 0:
+        return location, max(float(values.std()), 1e-12)
+    ratio = _BULK.pdf(cut) / _BULK.cdf(cut)  # inverse Mills ratio of the one-sided truncation
+    shrink = math.sqrt(1 - cut * ratio - ratio * ratio)
+    for _ in range(rounds):
+        kept = values[values <= location + cut * scale]
+        new_scale = float(kept.std()) / shrink
+        new_location = float(kept.mean()) + new_scale * ratio
+        if abs(new_location - location) < 1e-12 and abs(new_scale - scale) < 1e-12:
+            break
+        location, scale = new_location, new_scale
+    return location, max(scale, 1e-12)
+
+
+@dataclass(frozen=True)
+class ScoreCalibration:
+    """One score's held-out distribution: the normal bulk's fit, the contamination estimate,
+    and the raw quantiles (q = i / CALIBRATION_GRID) for reports."""
+
+    count: int
+    log: bool  # fitted on log(score); False for scores already on a z scale (fused)
+    location: float
+    scale: float
+    contamination: float
+    grid: tuple[float, ...]
+
+    @classmethod
+    def fit(cls, values: np.ndarray, log: bool = True) -> ScoreCalibration:
+        values = np.asarray(values, dtype=np.float64)
+        values = values[np.isfinite(values)]
+        fitted = np.log(np.maximum(values, 1e-12)) if log else values
+        location, scale = fit_normal_bulk(fitted)
+        above = float((fitted > location + TRIM_CUT * scale).mean())
+        contamination = max(0.0, above - (1 - _BULK.cdf(TRIM_CUT))) if values.size else 0.0
+        grid = np.quantile(values, np.linspace(0.0, 1.0, CALIBRATION_GRID + 1))
+        return cls(int(values.size), log, location, scale, contamination, tuple(float(v) for v in grid))
+
+    def quantile(self, q: float) -> float:
+        """The q-quantile of the normal bulk, in the score's own units."""
+        if not 0.0 < q < 1.0:
+            raise InputError(f"quantile must be in (0, 1), got {q}")
+        value = self.location + _BULK.inv_cdf(q) * self.scale
+        return math.exp(value) if self.log else value
+
+    def standardise(self, values: np.ndarray) -> np.ndarray:
+        """How many bulk scales above the bulk's location each value is (its robust z)."""
+        values = np.asarray(values, dtype=np.float64)
+        fitted = np.log(np.maximum(values, 1e-12)) if self.log else values
+        return (fitted - self.location) / self.scale
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "log": self.log, "location": self.location, "scale": self.scale,
+                "contamination": self.contamination, "grid": list(self.grid)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ScoreCalibration:
+        if "location" not in values:  # a model made before the robust fit: refit its stored quantiles
+            return cls.fit(np.asarray(values["grid"], dtype=np.float64))
+        return cls(int(values["count"]), bool(values["log"]), float(values["location"]), float(values["scale"]),
+                   float(values["contamination"]), tuple(float(v) for v in values["grid"]))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Every score's calibration, the fused score's recipe, and the default score."""
+
+    scores: dict[str, ScoreCalibration]
+    default_score: str
+    fused_from: tuple[str, ...] = ()
+
+    def get(self, score: str) -> ScoreCalibration:
+        if score not in self.scores:
+            raise InputError(f"the model's calibration has no score {score!r}; it has: {', '.join(self.scores)} "
+                             "(retrain with this version of the train job for the newer scores)")
+        return self.scores[score]
+
+    def threshold(self, score: str, q: float) -> float:
+        return self.get(score).quantile(q)
+
+    def fuse(self, values: dict[str, np.ndarray]) -> np.ndarray:
+        """The fused score: the largest robust z of its components (an image is as odd as its
+        oddest score says), each on its own calibration's scale."""
+        return np.max(np.stack([self.get(name).standardise(values[name]) for name in self.fused_from]), axis=0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": 2, "default_score": self.default_score, "fused_from": list(self.fused_from),
+                "scores": {name: c.to_dict() for name, c in self.scores.items()},
+                "contamination": self.scores[self.default_score].contamination}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> Calibration:
+        if not values:
+            raise InputError("the model has no calibration: train it with this project's train job, or pass value:X")
+        if "scores" not in values:  # one mse calibration, as models made before the scores were
+            return cls({"mse": ScoreCalibration.from_dict(values)}, "mse")
+        return cls({name: ScoreCalibration.from_dict(c) for name, c in values["scores"].items()},
+                   values["default_score"], tuple(values.get("fused_from", ())))
+
+
+def calibrate(held_out: dict[str, np.ndarray], default_score: str, fused_from: Sequence[str] = ()) -> Calibration:
+    """Fit every held-out score (positive scores on their log); with `fused_from`, the fused score too."""
+    scores = {name: ScoreCalibration.fit(values) for name, values in held_out.items()}
+    partial = Calibration(scores, default_score if default_score in scores else "mse", tuple(fused_from))
+    if fused_from:
+        scores["fused"] = ScoreCalibration.fit(partial.fuse(held_out), log=False)
+    return Calibration(scores, default_score, tuple(fused_from))
+
+
+def default_score(calibration: dict[str, Any] | None) -> str:
+    """The score a model flags anomalies by unless told otherwise: its calibration's default
+    ("mse" for a model made before there were others)."""
+    return Calibration.from_dict(calibration).default_score if calibration else "mse"
 
 
 def calibration_from_errors(errors: np.ndarray) -> dict[str, Any]:
-    """Per-image held-out errors -> the distribution thresholds are later taken from."""
-    errors = np.asarray(errors, dtype=np.float64)
-    if errors.size == 0:
-        return {}
-    grid = np.quantile(errors, np.linspace(0.0, 1.0, CALIBRATION_GRID + 1))
-    named = {str(q): float(np.quantile(errors, q)) for q in (0.5, 0.9, 0.95, 0.99, 0.995, 0.999)}
-    return {"metric": "mse", "count": int(errors.size), "mean": float(errors.mean()), "std": float(errors.std()),
-            "max": float(errors.max()), "quantiles": named, "grid": [float(v) for v in grid]}
+    """A calibration of per-image mse alone (models and tests that have only that score)."""
+    return calibrate({"mse": np.asarray(errors, dtype=np.float64)}, "mse").to_dict()
 
 
-def threshold_from_calibration(calibration: dict[str, Any] | None, q: float) -> float:
-    """The q-quantile of the calibration errors, interpolated on the stored grid."""
-    if not calibration or "grid" not in calibration:
-        raise InputError("the model has no calibration: train it with this project's train job, or pass value:X")
-    if not 0.0 <= q <= 1.0:
-        raise InputError(f"quantile must be in [0, 1], got {q}")
-    grid = np.asarray(calibration["grid"])
-    return float(np.interp(q, np.linspace(0.0, 1.0, len(grid)), grid))
+def threshold_from_calibration(calibration: dict[str, Any] | None, q: float, score: str | None = None) -> float:
+    """The q-quantile of the normal bulk of a score's held-out values (the default score's when None)."""
+    parsed = Calibration.from_dict(calibration)
+    return parsed.threshold(score or parsed.default_score, q)
 
 
 # ---------------------------------------------------------------- thresholds
@@ -180,13 +494,14 @@ def contamination_threshold(scores: np.ndarray, share: float) -> float:
 
 
 def resolve_threshold(spec: str | ThresholdSpec, calibration: dict[str, Any] | None = None,
-                      scores: np.ndarray | None = None) -> float:
-    """The number a spec names: a quantile of `calibration`, a share of `scores`, or the value."""
+                      scores: np.ndarray | None = None, score: str | None = None) -> float:
+    """The number a spec names for `score` (the calibration's default when None): a quantile of
+    its calibration, a share of `scores`, or the value."""
     parsed = spec if isinstance(spec, ThresholdSpec) else parse_threshold(spec)
     if parsed.policy == "value":
         return parsed.parameter
     if parsed.policy == "quantile":
-        return threshold_from_calibration(calibration, parsed.parameter)
+        return threshold_from_calibration(calibration, parsed.parameter, score)
     if scores is None:
         raise InputError(f"--threshold {parsed.text} needs the scores of the whole corpus")
     return contamination_threshold(scores, parsed.parameter)

@@ -33,16 +33,23 @@ import torch
 
 from pipeline import storage
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.datasets import decode_split, read_shards
+from pipeline.corruptions import corrupt
+from pipeline.datasets import decode_for_calibration, decode_split, read_shards
 from pipeline.errors import InputError
 from pipeline.images import DEFAULT_RESIZE, RESIZE_POLICIES, decode_batch
-from pipeline.inference import to_input
+from pipeline.inference import ImageScorer, load_inference_model, to_input
+from pipeline.latents import RECONSTRUCTION_SCORES
 from pipeline.lease import Lease
 from pipeline.model import AutoencoderConfig, build_model, count_parameters
 from pipeline.progress import Progress, TallyWatch
-from pipeline.resources import plan_training_workers
-from pipeline.scoring import calibration_from_errors, mse_per_image, psnr
-from pipeline.shards import Columns, ShardList, check_columns, fingerprint, first_images, implied_id_column
+from pipeline.resources import plan_actor_pool, plan_training_workers
+from pipeline.scoring import (
+    BANK_CAP, TRAINING_LOSSES, Calibration, TrainingBank, calibrate, calibration_from_errors, mse_per_image, psnr,
+    training_loss,
+)
+from pipeline.shards import (
+    Columns, ShardList, check_columns, fingerprint, first_images, id_strings, implied_id_column,
+)
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
@@ -53,7 +60,8 @@ PREFLIGHT_ROWS = 256
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD")
 
 # Settings that must not change between a run and its resumption.
-RESUME_KEYS = ("model", "val_fraction", "id_column", "image_column", "resize", "data_fingerprint")
+RESUME_KEYS = ("model", "val_fraction", "id_column", "image_column", "resize", "loss", "defect_aware",
+               "corruption_share", "data_fingerprint")
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,9 @@ class TrainConfig:
     id_column: str = "id"
     image_column: str = "image"
     resize: str = DEFAULT_RESIZE
+    loss: str = "mse"  # "mse", or "ssim_l1": 0.85 (1 - SSIM) + 0.15 L1, structure-aware (AE-SSIM)
+    defect_aware: bool = False  # learn to return the clean image from a corrupted copy (pipeline.corruptions)
+    corruption_share: float = 0.5  # with defect_aware: the share of each batch that is corrupted
     data_fingerprint: str = ""
     inject_crash: str | None = field(default=None, repr=False)  # tests only: marker file path
 
@@ -106,6 +117,10 @@ class TrainConfig:
             problems.append(f"placement_strategy must be one of {PLACEMENT_STRATEGIES}, got {self.placement_strategy!r}")
         if self.resize not in RESIZE_POLICIES:
             problems.append(f"resize must be one of {RESIZE_POLICIES}, got {self.resize!r}")
+        if self.loss not in TRAINING_LOSSES:
+            problems.append(f"loss must be one of {TRAINING_LOSSES}, got {self.loss!r}")
+        if not 0.0 < self.corruption_share <= 1.0:
+            problems.append(f"corruption_share must be in (0, 1], got {self.corruption_share}")
         if problems:
             raise InputError("invalid training settings: " + "; ".join(problems))
 
@@ -260,6 +275,7 @@ def _train_one_epoch(w: _Worker, shard, epoch: int, on_images: Callable[[int], N
         batch_size=cfg.batch_size, local_shuffle_buffer_size=4 * cfg.batch_size,
         local_shuffle_seed=cfg.seed * 100_003 + epoch * 31 + w.rank, pin_memory=w.cuda,
     )
+    corruptions = torch.Generator(device=w.device).manual_seed(cfg.seed * 100_003 + epoch * 31 + w.rank)
     for step, batch in enumerate(waiting(batches)):
         _maybe_crash(cfg, w.rank, w.world, epoch, step)
         ok = batch["ok"]
@@ -267,9 +283,11 @@ def _train_one_epoch(w: _Worker, shard, epoch: int, on_images: Callable[[int], N
         n_ok = int(ok.sum())
         # A batch with no decodable row still steps (with zero loss) so DDP's collectives line up.
         x = to_input(batch["pixels"][ok] if n_ok else batch["pixels"])
+        # Defect-aware: the model sees a corrupted copy and must return the clean image.
+        seen = corrupt(x, corruptions, cfg.corruption_share)[0] if cfg.defect_aware else x
         with w.autocast:
-            x_hat = w.model(x)["x_hat"]
-        loss = mse_per_image(x, x_hat).mean() * (1.0 if n_ok else 0.0)
+            x_hat = w.model(seen)["x_hat"]
+        loss = training_loss(x, x_hat, cfg.loss).mean() * (1.0 if n_ok else 0.0)
         w.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         w.optimizer.step()
@@ -529,8 +547,11 @@ def run(plan: TrainPlan) -> TrainResult:
         result = trainer.fit()
     if result.error:
         raise result.error
+    exported = export_best(cfg, result)
+    calibrate_export(plan, exported.model_url)
     plan.lease.check()
-    return export_best(cfg, result, time.perf_counter() - started)
+    exported.seconds = time.perf_counter() - started
+    return exported
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -540,7 +561,81 @@ def train(cfg: TrainConfig) -> TrainResult:
         return run(plan)
 
 
-def export_best(cfg: TrainConfig, result, seconds: float) -> TrainResult:
+# ---------------------------------------------------------------- calibration of the exported model
+#
+# The exported model scores images many ways (pipeline.scoring); each score's threshold is
+# taken on its calibration. So after training, one more pass over the data: the exported
+# model scores every held-out image, and describes a sample of the training images (at
+# most BANK_CAP) for the neighbour scores. The held-out images are not in that bank, so their
+# neighbour scores are what an unseen normal image gets.
+
+DEFAULT_SCORE = "fused"
+FUSED_FROM = ("mse", "ssim_top", "stem_knn")
+
+
+class CalibrationScorer:
+    """Ray Data mapper: decoded calibration rows -> their latents, stem statistics and scores."""
+
+    def __init__(self, model_url: str, torch_threads: int | None = None):
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        model, _ = load_inference_model(model_url)
+        self.scorer = ImageScorer(model)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = np.asarray(batch["ok"], dtype=bool)
+        out = self.scorer(to_input(torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))))
+        return {"id": batch["id"][ok], "val": batch["val"][ok], "z": out["z"], "stem_stats": out["stem_stats"],
+                **out["scores"]}
+
+
+def _calibration_rows(plan: TrainPlan, model_url: str) -> dict[str, np.ndarray]:
+    """Every held-out row's and the bank sample's latents, stem statistics and scores, on the driver."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    cfg = plan.cfg
+    training_rows = max(1.0, plan.rows * (1 - cfg.val_fraction))
+    resources = plan_actor_pool(ray.cluster_resources(), resuming=False)
+    ds = read_shards(plan.shards, cfg.columns, num_cpus=resources.task_cpus).map_batches(
+        decode_for_calibration, batch_format="numpy", batch_size=resources.batch_size, num_cpus=resources.task_cpus,
+        fn_kwargs=dict(columns=cfg.columns, image_size=cfg.model.image_size, channels=cfg.model.channels,
+                       resize=cfg.resize, val_fraction=cfg.val_fraction,
+                       bank_fraction=min(1.0, BANK_CAP / training_rows)))
+    ds = ds.map_batches(CalibrationScorer, batch_format="numpy", batch_size=resources.batch_size,
+                        fn_constructor_kwargs=dict(model_url=model_url, torch_threads=resources.torch_threads),
+                        compute=ActorPoolStrategy(size=resources.actors), num_cpus=resources.cpus_per_actor)
+    parts: dict[str, list[np.ndarray]] = {}
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for name, values in batch.items():
+            parts.setdefault(name, []).append(np.asarray(values))
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def calibrate_export(plan: TrainPlan, model_url: str) -> Calibration:
+    """Score the held-out split and a bank sample with the exported model; store its training bank
+    and every score's calibration with it."""
+    rows = _calibration_rows(plan, model_url)
+    val, ids = rows["val"].astype(bool), id_strings(rows["id"])
+    if val.sum() < 3 or (~val).sum() < 2:
+        raise InputError(f"the held-out split ({int(val.sum())} images) or the training split ({int((~val).sum())}) "
+                         "is too small to calibrate the model's scores: use more data or another --val-fraction")
+    bank = TrainingBank(list(ids[~val]), rows["z"][~val], rows["stem_stats"][~val])
+    held_out = {name: rows[name][val] for name in RECONSTRUCTION_SCORES}
+    neighbours = bank.scores(torch.from_numpy(rows["z"][val]), torch.from_numpy(rows["stem_stats"][val]), None)
+    held_out.update({name: values.numpy() for name, values in neighbours.items()})
+    calibration = calibrate(held_out, DEFAULT_SCORE, FUSED_FROM)
+    checkpoint = load_checkpoint(model_url)
+    save_checkpoint(model_url, checkpoint.model, training={**checkpoint.training, "calibration": calibration.to_dict()},
+                    bank=bank)
+    default = calibration.get(calibration.default_score)
+    print(f"calibrated {len(calibration.scores)} scores on {int(val.sum()):,} held-out images, bank of "
+          f"{len(bank.ids):,} training images; default score {calibration.default_score}, estimated "
+          f"contamination {default.contamination:.1%}", flush=True)
+    return calibration
+
+
+def export_best(cfg: TrainConfig, result) -> TrainResult:
     """Copy the lowest-val_mse checkpoint, with its calibration, to `<out_url>/model/`."""
     candidates = [(c, m) for c, m in (result.best_checkpoints or []) if not math.isnan(m.get("val_mse", math.nan))]
     if not candidates:
@@ -553,4 +648,4 @@ def export_best(cfg: TrainConfig, result, seconds: float) -> TrainResult:
     history = [json.loads(line) for line in storage.read_text(storage.join(cfg.out_url, METRICS_FILE)).splitlines()]
     print(f"exported epoch {metrics.get('epoch')} (val_mse {metrics.get('val_mse', math.nan):.5f}) -> {model_url}",
           flush=True)
-    return TrainResult(model_url=model_url, best_epoch=int(metrics.get("epoch", 0)), history=history, seconds=seconds)
+    return TrainResult(model_url=model_url, best_epoch=int(metrics.get("epoch", 0)), history=history, seconds=0.0)

@@ -8,13 +8,21 @@ import torch
 from skimage.metrics import structural_similarity
 
 from pipeline.errors import InputError
+from pipeline.latents import RECONSTRUCTION_SCORES
 from pipeline.scoring import (
+    ANOMALY_MAPS,
+    Calibration,
+    NeighbourBank,
+    ScoreCalibration,
     ThresholdSpec,
-    calibration_from_errors,
+    calibrate,
     contamination_threshold,
     mse_per_image,
     parse_threshold,
+    pool_max,
+    pool_top,
     psnr,
+    reconstruction_scores,
     resolve_threshold,
     ssim_error_per_image,
     ssim_per_image,
@@ -77,14 +85,54 @@ def test_a_caller_can_refuse_policies_it_cannot_serve():
     assert parse_threshold("value:0.5", ("quantile", "value")) == ThresholdSpec("value:0.5", "value", 0.5)
 
 
-def test_quantile_thresholds_interpolate_the_calibration_grid():
-    errors = np.random.default_rng(0).gamma(2.0, 0.01, 5000)
-    calibration = calibration_from_errors(errors)
-    for q in (0.5, 0.9, 0.99, 0.995):
-        assert resolve_threshold(f"quantile:{q}", calibration) == pytest.approx(np.quantile(errors, q), rel=1e-3)
+def _lognormal(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).lognormal(mean=np.log(0.004), sigma=0.35, size=n)
+
+
+@pytest.mark.parametrize("contamination", [0.0, 0.05, 0.10])
+def test_robust_calibration_holds_its_threshold_when_outliers_are_mixed_in(contamination):
+    """The normal bulk of the held-out scores decides the threshold, not the anomalies among them."""
+    clean = _lognormal(5000, seed=1)
+    reference = float(np.quantile(clean, 0.99))  # NumPy: the clean corpus's own 0.99 quantile
+    n_out = int(round(contamination / (1 - contamination) * clean.size))
+    outliers = clean[:n_out] * np.random.default_rng(2).uniform(3.0, 20.0, n_out)  # far above the bulk
+    held_out = np.concatenate([clean, outliers])
+    calibration = ScoreCalibration.fit(held_out)
+    assert calibration.quantile(0.99) == pytest.approx(reference, rel=0.05)
+    assert calibration.contamination == pytest.approx(contamination, abs=0.015)
+    if contamination:  # the plain quantile of the same values sits among the outliers
+        assert np.quantile(held_out, 0.99) > 1.5 * reference
+    # Fitted on log-scores: the bulk is the Gaussian NumPy fits to the clean values' logs.
+    assert calibration.location == pytest.approx(np.log(clean).mean(), abs=0.02)
+    assert calibration.scale == pytest.approx(np.log(clean).std(), rel=0.05)
+
+
+def test_quantile_thresholds_come_from_the_calibration_and_its_score():
+    errors = _lognormal(2000, seed=3)
+    calibration = calibrate({"mse": errors, "gms_top": errors * 10}, default_score="gms_top").to_dict()
+    assert resolve_threshold("quantile:0.99", calibration) == pytest.approx(10 * np.quantile(errors, 0.99), rel=0.06)
+    assert resolve_threshold("quantile:0.99", calibration, score="mse") == pytest.approx(
+        np.quantile(errors, 0.99), rel=0.06)
+    with pytest.raises(InputError, match="no score 'latent_knn'.*mse, gms_top"):
+        resolve_threshold("quantile:0.99", calibration, score="latent_knn")
     with pytest.raises(InputError, match="no calibration"):
         resolve_threshold("quantile:0.99", {})
     assert resolve_threshold("value:0.25") == 0.25
+    # A model made before the robust fit stored only a quantile grid of its mse: still usable.
+    old = {"metric": "mse", "count": 2000, "grid": list(np.quantile(errors, np.linspace(0, 1, 1001)))}
+    assert resolve_threshold("quantile:0.99", old) == pytest.approx(np.quantile(errors, 0.99), rel=0.06)
+
+
+def test_the_fused_score_is_the_largest_robust_z_of_its_parts():
+    rng = np.random.default_rng(4)
+    parts = {"mse": rng.lognormal(-5, 0.3, 3000), "stem_knn": rng.lognormal(1, 0.2, 3000)}
+    calibration = calibrate(parts, default_score="fused", fused_from=("mse", "stem_knn"))
+    fused = calibration.fuse(parts)
+    z_mse = (np.log(parts["mse"]) - np.log(parts["mse"]).mean()) / np.log(parts["mse"]).std()
+    z_knn = (np.log(parts["stem_knn"]) - np.log(parts["stem_knn"]).mean()) / np.log(parts["stem_knn"]).std()
+    np.testing.assert_allclose(fused, np.maximum(z_mse, z_knn), atol=0.05)
+    assert not calibration.scores["fused"].log
+    assert Calibration.from_dict(calibration.to_dict()) == calibration
 
 
 @pytest.mark.parametrize("share", [0.0, 0.01, 0.1, 0.5, 1.0])
@@ -93,3 +141,64 @@ def test_contamination_flags_exactly_that_share_of_distinct_scores(share):
     value = resolve_threshold(f"contamination:{share}", scores=scores)
     assert int((scores > value).sum()) == round(share * len(scores))
     assert contamination_threshold(np.zeros(0), 0.1) == math.inf
+
+
+# ---------------------------------------------------------------- anomaly maps and local scores
+
+
+def _smooth_images(n: int = 4, size: int = 64) -> torch.Tensor:
+    y, x = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    base = torch.stack([0.3 + 0.4 * x, 0.5 + 0.2 * torch.sin(6 * y), 0.4 + 0.3 * x * y])  # (3, S, S)
+    return base.expand(n, -1, -1, -1).clone()
+
+
+@pytest.mark.parametrize("name", sorted(ANOMALY_MAPS))
+def test_each_map_is_zero_for_a_perfect_reconstruction_and_peaks_at_a_pasted_defect(name):
+    x = _smooth_images()
+    maps = ANOMALY_MAPS[name](x, x.clone())
+    assert maps.shape == (4, 64, 64) and float(maps.abs().max()) < 1e-5
+    defect = x.clone()
+    defect[:, :, 40:46, 10:16] = torch.tensor([0.95, 0.05, 0.9])[:, None, None]  # a 6x6 patch
+    maps = ANOMALY_MAPS[name](defect, x)
+    for m in maps:
+        peak_y, peak_x = divmod(int(m.argmax()), 64)
+        assert 36 <= peak_y <= 49 and 6 <= peak_x <= 19, (name, peak_y, peak_x)
+        assert float(m[40:46, 10:16].mean()) > 5 * float(m[:, 32:].mean())  # far from it, little
+
+
+def test_pooled_scores_equal_a_numpy_reference():
+    rng = np.random.default_rng(5)
+    maps = torch.from_numpy(rng.random((3, 20, 30), dtype=np.float32))
+    flat = maps.numpy().reshape(3, -1)
+    np.testing.assert_allclose(pool_max(maps).numpy(), flat.max(axis=1))
+    k = round(600 * 0.01)
+    np.testing.assert_allclose(pool_top(maps).numpy(), np.sort(flat, axis=1)[:, -k:].mean(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(pool_top(maps, 0.2).numpy(), np.sort(flat, axis=1)[:, -120:].mean(axis=1), rtol=1e-6)
+
+
+def test_reconstruction_scores_keep_mse_and_ssim_error_as_they_were():
+    rng = np.random.default_rng(6)
+    x = torch.from_numpy(rng.random((2, 3, 32, 40), dtype=np.float32))
+    x_hat = (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
+    scores = reconstruction_scores(x, x_hat)
+    assert tuple(scores) == RECONSTRUCTION_SCORES
+    np.testing.assert_allclose(scores["mse"].numpy(), mse_per_image(x, x_hat).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(scores["ssim_error"].numpy(), ssim_error_per_image(x, x_hat).numpy(), atol=1e-6)
+    assert all(v.shape == (2,) and bool((v >= 0).all()) for v in scores.values())
+
+
+def test_the_neighbour_score_equals_brute_force_and_leaves_an_image_itself_out():
+    rng = np.random.default_rng(7)
+    vectors = rng.normal(size=(300, 12)).astype(np.float32) * rng.uniform(0.1, 5, 12).astype(np.float32)
+    ids = [f"img-{i}" for i in range(300)]
+    bank = NeighbourBank(ids, vectors, k=5)
+    standard = (vectors - vectors.mean(axis=0)) / vectors.std(axis=0)
+    queries = np.concatenate([vectors[:10], rng.normal(size=(5, 12)).astype(np.float32)])
+    query_ids = [*ids[:10], *(f"new-{i}" for i in range(5))]
+    got = bank.distances(torch.from_numpy(queries), query_ids).numpy()
+    for i, (query, query_id) in enumerate(zip(queries, query_ids)):
+        distance = np.sqrt((((query - vectors.mean(axis=0)) / vectors.std(axis=0) - standard) ** 2).sum(axis=1))
+        if query_id in ids:
+            distance[ids.index(query_id)] = np.inf  # its own entry never counts
+        assert got[i] == pytest.approx(np.sort(distance)[:5].mean(), rel=1e-4)
+    assert (bank.distances(torch.from_numpy(vectors[:10])).numpy() < got[:10]).all(), "without ids it finds itself"

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.errors import InputError
-from pipeline.latents import latent_files, metadata_of, require_finished
+from pipeline.latents import SCORE_COLUMNS, latent_files, metadata_of, require_finished
 from pipeline.report.metrics import Threshold, resolve_threshold
 from pipeline.report.scan import LatentColumns
 from pipeline.shards import Columns, ShardList, check_columns, implied_id_column
@@ -37,6 +37,7 @@ class ReportConfig:
     model_url: str | None = None
     data_url: str | None = None
     label_column: str | None = None  # None: "label" when the latent dataset has one
+    score: str | None = None  # None: the score the embed job flagged by (its metadata), else "mse"
     threshold: str = "quantile:0.99"
     top_k: int = 50
     typical_k: int = 8
@@ -144,12 +145,16 @@ def inspect_latents(cfg: ReportConfig, notes: list[str]) -> LatentInfo:
         raise InputError(
             f"{cfg.latents_url} is not a latent dataset: no {', '.join(repr(m) for m in missing)} column; "
             f"columns found: {', '.join(schema.names)}")
-    if not pa.types.is_floating(schema.field("mse").type):
+    scores = tuple(name for name in SCORE_COLUMNS if name in names and pa.types.is_floating(schema.field(name).type))
+    if "mse" not in scores:
         raise InputError(f"column 'mse' of {cfg.latents_url} has type {schema.field('mse').type}, expected float")
+    score = cfg.score or (metadata or {}).get("score") or "mse"
+    if score not in scores:
+        raise InputError(f"--score {score}: {cfg.latents_url} has the scores {', '.join(scores)}")
     return LatentInfo(
         paths=paths, fs=fs, root=storage.arrow_filesystem(cfg.latents_url)[1], rows=rows, schema=schema,
         metadata=metadata, id_column=id_column, label_column=_label_column(cfg, schema, notes),
-        kind_column=KIND_COLUMN if KIND_COLUMN in names else None, has_ssim="ssim_error" in names,
+        kind_column=KIND_COLUMN if KIND_COLUMN in names else None, score=score, scores=scores,
         has_error="error" in names, has_flag="is_anomaly" in names)
 
 
@@ -221,7 +226,7 @@ def check_inputs(cfg: ReportConfig) -> Inputs:
     if cfg.interpolate:
         _check_interpolation_ids(cfg, info)
     threshold = None if parse_threshold(cfg.threshold).policy == "contamination" else \
-        resolve_threshold(cfg.threshold, None, True, calibration, info.metadata)
+        resolve_threshold(cfg.threshold, None, True, calibration, info.metadata, info.score)
     expected_sha = (info.metadata or {}).get("weights_sha256")
     if model_sha and expected_sha and model_sha != expected_sha:
         notes.append(f"--model's weights ({model_sha[:12]}) are not those the latents were made with "

@@ -107,12 +107,13 @@ def _heat_map(error: np.ndarray, scale: float) -> np.ndarray:
     return (colours[..., :3] * 255).round().astype(np.uint8)
 
 
-def _reconstruct(model, pixels: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
-    """{id: (S, S, C) uint8} -> {id: (reconstruction (S, S, C) uint8, squared error (S, S), mse)}."""
+def _reconstruct(model, pixels: dict[str, np.ndarray], map_name: str,
+                 ) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """{id: (S, S, C) uint8} -> {id: (reconstruction (S, S, C) uint8, anomaly map (S, S), mse)}."""
     import torch
 
     from pipeline.inference import to_input, to_pixels
-    from pipeline.scoring import mse_per_image, squared_error_map
+    from pipeline.scoring import ANOMALY_MAPS, mse_per_image
 
     ids, out = list(pixels), {}
     with torch.inference_mode():
@@ -120,7 +121,8 @@ def _reconstruct(model, pixels: dict[str, np.ndarray]) -> dict[str, tuple[np.nda
             chunk = ids[start:start + RECONSTRUCT_BATCH]
             x = to_input(torch.from_numpy(np.stack([pixels[i] for i in chunk])))  # (B, C, S, S)
             x_hat = model(x)["x_hat"]
-            errors, mse, images = squared_error_map(x, x_hat).numpy(), mse_per_image(x, x_hat).numpy(), to_pixels(x_hat)
+            errors = ANOMALY_MAPS[map_name](x, x_hat).numpy()
+            mse, images = mse_per_image(x, x_hat).numpy(), to_pixels(x_hat)
             for n, i in enumerate(chunk):
                 out[i] = (images[n], errors[n], float(mse[n]))
     return out
@@ -158,12 +160,15 @@ def _entries(galleries: dict[str, list[dict]], decoded: dict[str, tuple[np.ndarr
 
 
 def build_galleries(model_url: str, images: dict[str, bytes | None], galleries: dict[str, list[dict]],
-                    notes: list[str]) -> tuple[dict[str, list[dict]], dict[str, bytes], float]:
-    """Reconstruct each gallery row from its fetched image (`fetch_images`); returns entries,
-    {relative file name: PNG bytes}, heat scale."""
+                    notes: list[str], score: str) -> tuple[dict[str, list[dict]], dict[str, bytes], float, str]:
+    """Reconstruct each gallery row from its fetched image (`fetch_images`), with the heat map of
+    the map behind `score`; returns entries, {relative file name: PNG bytes}, the heat maps'
+    scale and the map's name."""
     from pipeline.checkpoint import load_checkpoint
+    from pipeline.scoring import map_for_score
 
     checkpoint = load_checkpoint(model_url)
+    map_name = map_for_score(score, (checkpoint.calibration or {}).get("fused_from", ()))
     config = checkpoint.config
     resize = (checkpoint.training.get("preprocessing") or {}).get("resize") or "pad"
     ids = list(dict.fromkeys(r["id"] for rows in galleries.values() for r in rows))
@@ -173,10 +178,11 @@ def build_galleries(model_url: str, images: dict[str, bytes | None], galleries: 
     present = [i for i in ids if i in images]
     pixels, reasons = decode_batch([images[i] for i in present], config.image_size, config.channels, resize)
     decoded = {i: (pixels[n], reasons[n]) for n, i in enumerate(present)}
-    reconstructed = _reconstruct(checkpoint.model, {i: p for i, (p, reason) in decoded.items() if reason is None})
+    reconstructed = _reconstruct(checkpoint.model, {i: p for i, (p, reason) in decoded.items() if reason is None},
+                                 map_name)
     scale = _error_scale(reconstructed)
     entries, files = _entries(galleries, decoded, reconstructed, scale)
-    return entries, files, scale
+    return entries, files, scale, map_name
 
 
 def interpolation_strip(model_url: str, latents_url: str, ids: tuple[str, str], steps: int) -> bytes:

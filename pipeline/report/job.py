@@ -20,6 +20,7 @@ from pipeline.report.html import render_html
 from pipeline.report.metrics import Threshold, resolve_threshold
 from pipeline.report.output import (
     MARKER_FILE,
+    histogram_file,
     json_clean,
     top_anomalies_parquet,
     write_report,
@@ -32,7 +33,6 @@ from pipeline.report.scan import (
     scan_flags,
     scan_scores,
 )
-from pipeline.report.sketch import histogram_bars
 from pipeline.report.summary import (
     Findings,
     assemble,
@@ -52,7 +52,7 @@ def _scan_scores(cfg: ReportConfig, info: LatentInfo, exact: bool) -> tuple[Scan
 
 def _scan_flags(info: LatentInfo, plan: ScanPlan, threshold: Threshold, median: float, typical_k: int) -> FlagPartial:
     """Pass 2: the flags under the report's threshold, and the rows nearest the median."""
-    print(f"report: threshold mse > {threshold.value:.6g} ({threshold.spec}: {threshold.source}); "
+    print(f"report: threshold {plan.score} > {threshold.value:.6g} ({threshold.spec}: {threshold.source}); "
           "pass 2/2 (flags)", flush=True)
     plan = replace(plan, threshold=threshold.value, median=median, typical_k=typical_k)
     return reduce(FlagPartial.combine, run_pass(info, plan, scan_flags, "pass 2/2"), FlagPartial())
@@ -64,9 +64,9 @@ def _scan(cfg: ReportConfig, inputs: Inputs) -> Findings:
     exact = info.rows <= cfg.max_exact_rows
     plan, scores = _scan_scores(cfg, info, exact)
     threshold = inputs.threshold or resolve_threshold(cfg.threshold, scores, exact, inputs.calibration,
-                                                      info.metadata)
-    score_summary = scores_section(scores, info.has_ssim, exact)
-    median = score_summary["mse"]["quantiles"].get("0.5", math.nan) if scores.scored else math.nan
+                                                      info.metadata, info.score)
+    score_summary = scores_section(scores, exact)
+    median = score_summary[info.score]["quantiles"].get("0.5", math.nan) if scores.scored else math.nan
     flags = _scan_flags(info, plan, threshold, median, cfg.typical_k)
     return Findings(info=info, exact=exact, scores=scores, score_summary=score_summary, threshold=threshold,
                     flags=flags, top=with_relative_shards(scores.top.rows, info.root),
@@ -75,14 +75,12 @@ def _scan(cfg: ReportConfig, inputs: Inputs) -> Findings:
 
 def _figures(found: Findings, summary: dict[str, Any]) -> dict[str, bytes]:
     """The histograms, and the ROC / PR curves when the labels hold both classes."""
-    files = {"histogram_mse.png": histogram_figure(summary["histogram"], "reconstruction mse (log scale)",
-                                                   found.threshold.value)}
-    if found.info.has_ssim and found.scores.ssim_error.count:
-        files["histogram_ssim_error.png"] = histogram_figure(histogram_bars(found.scores.ssim_error.histogram),
-                                                             "1 - SSIM (log scale)", None)
+    score = found.scores.score
+    files = {histogram_file(score): histogram_figure(summary["histogram"], f"{score} (log scale)",
+                                                     found.threshold.value)}
     if "metrics" in summary and summary["metrics"]["auroc"] is not None:
-        labels, mse, _ = found.scores.sample.labelled()
-        files["roc_pr.png"] = roc_pr_figure(labels, mse, summary["metrics"])
+        labels, values = found.scores.sample.labelled(score)
+        files["roc_pr.png"] = roc_pr_figure(labels, values, summary["metrics"])
     return files
 
 
@@ -102,10 +100,11 @@ def _galleries(cfg: ReportConfig, originals: dict[str, bytes | None] | None, fou
     if not (cfg.model_url and originals is not None):
         notes.append("galleries omitted: they need both --model (to reconstruct) and --data (the image shards)")
         return None
-    entries, images, scale = build_galleries(cfg.model_url, originals, {"worst": found.top, "typical": found.typical},
-                                             notes)
+    entries, images, scale, map_name = build_galleries(cfg.model_url, originals,
+                                                       {"worst": found.top, "typical": found.typical}, notes,
+                                                       found.scores.score)
     files.update(images)
-    return {**entries, "error_scale": scale}
+    return {**entries, "error_scale": scale, "map": map_name}
 
 
 def _interpolation(cfg: ReportConfig, files: dict[str, bytes]) -> dict[str, Any] | None:
@@ -135,7 +134,7 @@ def run(inputs: Inputs) -> dict[str, Any]:
     summary["galleries"] = _galleries(cfg, originals, found, files, notes)
     summary["interpolation"] = _interpolation(cfg, files)
     files["top_anomalies.parquet"] = top_anomalies_parquet(
-        summary["top_anomalies"], labelled=found.info.label_column is not None,
+        summary["top_anomalies"], found.info.scores, labelled=found.info.label_column is not None,
         has_kind=found.info.kind_column is not None, originals=originals)
     summary["notes"] = notes
     summary["files"] = sorted([*files, MARKER_FILE, "summary.json", "index.html"])

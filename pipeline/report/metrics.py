@@ -31,8 +31,8 @@ class Threshold:
 
 
 def resolve_threshold(spec: str, totals: ScorePartial | None, exact: bool, calibration: dict[str, Any] | None,
-                      metadata: dict[str, Any] | None) -> Threshold:
-    """The mse threshold a policy gives, and where it came from (`totals` only for contamination)."""
+                      metadata: dict[str, Any] | None, score: str = "mse") -> Threshold:
+    """The threshold on `score` a policy gives, and where it came from (`totals` only for contamination)."""
     from pipeline.scoring import parse_threshold
 
     parsed = parse_threshold(spec)
@@ -41,7 +41,7 @@ def resolve_threshold(spec: str, totals: ScorePartial | None, exact: bool, calib
     if parsed.policy == "contamination":
         value, source = _contamination(parsed.parameter, totals, exact)
     else:
-        value, source = _calibrated_quantile(spec, parsed.parameter, calibration, metadata)
+        value, source = _calibrated_quantile(spec, parsed.parameter, calibration, metadata, score)
     return Threshold(spec, parsed.policy, parsed.parameter, value, source)
 
 
@@ -49,27 +49,29 @@ def _contamination(share: float, totals: ScorePartial, exact: bool) -> tuple[flo
     """The cut that flags the top `share` of the scored rows: exact, or read off the histogram."""
     from pipeline.scoring import contamination_threshold
 
-    n = totals.scored
+    n, stats = totals.scored, totals.stats.get(totals.score)
     if n == 0:
         return math.inf, "no scored rows"
     if not exact:
-        value = sketch_quantile(totals.mse.histogram, 1.0 - share, totals.mse.lowest, totals.mse.highest)
-        return value, (f"the {1 - share:g}-quantile of this corpus's mse (log-histogram, within "
+        value = sketch_quantile(stats.histogram, 1.0 - share, stats.lowest, stats.highest)
+        return value, (f"the {1 - share:g}-quantile of this corpus's {totals.score} (log-histogram, within "
                        f"{(HIST_RATIO - 1) * 100:.2f}%)")
-    value = contamination_threshold(totals.sample.mse, share)
+    value = contamination_threshold(totals.sample.column(totals.score), share)
     return value, f"the top {share:g} share ({int(round(share * n)):,} of {n:,} scored rows)"
 
 
 def _calibrated_quantile(spec: str, q: float, calibration: dict[str, Any] | None,
-                         metadata: dict[str, Any] | None) -> tuple[float, str]:
+                         metadata: dict[str, Any] | None, score: str) -> tuple[float, str]:
     """A calibration quantile: --model's, the embed job's recorded threshold, or the named model's."""
     from pipeline.scoring import parse_threshold, threshold_from_calibration
 
     if calibration:
-        return threshold_from_calibration(calibration, q), "calibration of --model (held-out normal data)"
+        return (threshold_from_calibration(calibration, q, score),
+                "calibration of --model (the normal bulk of its held-out scores)")
     meta = metadata or {}
     recorded = meta.get("threshold_spec")
-    if recorded and isinstance(meta.get("threshold"), (int, float)) and math.isfinite(meta["threshold"]):
+    same_score = meta.get("score", "mse") == score
+    if same_score and recorded and isinstance(meta.get("threshold"), (int, float)) and math.isfinite(meta["threshold"]):
         try:
             recorded_spec = parse_threshold(recorded)
         except InputError:
@@ -78,7 +80,7 @@ def _calibrated_quantile(spec: str, q: float, calibration: dict[str, Any] | None
             return float(meta["threshold"]), "the embed job's threshold recorded in the latent metadata"
     model_calibration = _calibration_of(meta.get("model"))
     if model_calibration:
-        return (threshold_from_calibration(model_calibration, q),
+        return (threshold_from_calibration(model_calibration, q, score),
                 f"calibration of the model named in the latent metadata ({meta['model']})")
     raise InputError(
         f"--threshold {spec} needs the model's calibration: pass --model, or use contamination:X or value:X "

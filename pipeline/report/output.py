@@ -24,10 +24,16 @@ from pipeline.hf_features import hf_image_column, with_hf_features
 IMAGES_DIR = "images"
 IMAGE_WRITE_THREADS = 8  # small PNGs: object stores are latency-bound, so write many at once
 _OUR_IMAGE_NAME = re.compile(r"^(worst|typical)-\d{4,}-(original|reconstruction|error)\.png$")
-_OPTIONAL_FILES = ("histogram_ssim_error.png", "roc_pr.png", "interpolation.png")
+_OPTIONAL_FILES = ("roc_pr.png", "interpolation.png")
+_HISTOGRAM = re.compile(r"^histogram_[a-z_]+\.png$")
 
 
 MARKER_FILE = "_report.json"
+
+
+def histogram_file(score: str) -> str:
+    """The histogram figure's name: one per report, named after the report's score."""
+    return f"histogram_{score}.png"
 
 
 def gallery_file(gallery: str, rank: int, kind: str) -> str:
@@ -50,9 +56,9 @@ def json_clean(value: Any) -> Any:
     return value
 
 
-def top_anomalies_parquet(top: list[dict], labelled: bool, has_kind: bool,
+def top_anomalies_parquet(top: list[dict], scores: tuple[str, ...], labelled: bool, has_kind: bool,
                           originals: dict[str, bytes | None] | None = None) -> bytes:
-    """top_anomalies.parquet: rank, id, mse, ssim_error, [label], [anomaly_kind], shard, flagged, [image].
+    """top_anomalies.parquet: rank, id, score, <every score>, [label], [anomaly_kind], shard, flagged, [image].
 
     With `originals` (the report had --data) `image` holds each row's original image as the
     Hugging Face Image feature, and the schema metadata is the one `datasets` writes, so
@@ -61,8 +67,8 @@ def top_anomalies_parquet(top: list[dict], labelled: bool, has_kind: bool,
     """
     table = {"rank": pa.array([r["rank"] for r in top], pa.int32()),
              "id": pa.array([r["id"] for r in top], pa.string()),
-             "mse": pa.array([r["mse"] for r in top], pa.float32()),
-             "ssim_error": pa.array([r["ssim_error"] for r in top], pa.float32())}
+             "score": pa.array([r["score"] for r in top], pa.float32()),
+             **{name: pa.array([r[name] for r in top], pa.float32()) for name in scores}}
     if labelled:
         table["label"] = pa.array([r["label"] for r in top])
     if has_kind:
@@ -93,6 +99,10 @@ def _remove_stale_files(out_url: str, keep: set[str]) -> None:
     fs.invalidate_cache(root)
     fs.invalidate_cache(images)
     candidates = [posixpath.join(root, name) for name in _OPTIONAL_FILES if name not in keep]
+    if fs.isdir(root):  # a histogram of another score than this report's
+        candidates += [entry for entry in fs.ls(root, detail=False)
+                       if _HISTOGRAM.match(posixpath.basename(entry.rstrip("/")))
+                       and posixpath.basename(entry.rstrip("/")) not in keep]
     if fs.isdir(images):
         candidates += [entry for entry in fs.ls(images, detail=False)
                        if _OUR_IMAGE_NAME.match(posixpath.basename(entry.rstrip("/")))

@@ -5,9 +5,10 @@ Each Ray task reduces one block (a pyarrow table) to a small typed partial
 one-row table (`pack` / `unpack`, the form `map_batches` can return), and the driver merges
 the partials as they arrive (`combine`), so no step ever holds the dataset.
 
-1. scores (`ScorePartial`): counts, error reasons, log histograms of mse and ssim_error,
-   per-shard and per-kind sums, the top-K rows by mse, and the score/label sample the exact
-   quantiles and the label metrics use (every scored row, or a uniform id-hash sample).
+1. scores (`ScorePartial`): counts, error reasons, log histograms of every score column,
+   per-shard and per-kind sums of the report's score, the top-K rows by it, and the
+   score/label sample the exact quantiles and the label metrics use (every scored row, or a
+   uniform id-hash sample).
 2. flags (`FlagPartial`), under the report's threshold: flagged rows overall, per shard and
    per kind, the confusion matrix against the label column, and the rows nearest the median.
 
@@ -47,15 +48,16 @@ class LatentColumns:
     id_column: str
     label_column: str | None
     kind_column: str | None
-    has_ssim: bool
+    score: str  # the report's score: it ranks, flags and is drawn
+    scores: tuple[str, ...]  # every score column the latent dataset has (the report's among them)
     has_error: bool
     has_flag: bool
 
     @property
     def columns(self) -> list[str]:
         """The columns the passes read (besides the file path)."""
-        optional = [("ssim_error", self.has_ssim), ("error", self.has_error), ("is_anomaly", self.has_flag)]
-        cols = [self.id_column, "mse", *[name for name, present in optional if present]]
+        optional = [("error", self.has_error), ("is_anomaly", self.has_flag)]
+        cols = [self.id_column, *self.scores, *[name for name, present in optional if present]]
         cols += [c for c in (self.label_column, self.kind_column) if c and c not in cols]
         return cols
 
@@ -112,15 +114,15 @@ def _plain_label(label: Any) -> Any:
 
 
 def _row_records(table: pa.Table, rows: np.ndarray, plan: ScanPlan) -> list[dict]:
-    """Selected rows as small dicts (original values, exact strings) for galleries and top lists."""
+    """Selected rows as small dicts (original values, exact strings) for galleries and top lists:
+    {"id", "score" (the report's), "scores" {every score}, "label", "anomaly_kind", "shard"}."""
     picked = table.take(pa.array(rows, pa.int64())) if len(rows) else table.slice(0, 0)
-    names = [plan.id_column, "mse", "ssim_error" if plan.has_ssim else None, plan.label_column, plan.kind_column,
-             PATH_COLUMN]
+    names = [plan.id_column, *plan.scores, plan.label_column, plan.kind_column, PATH_COLUMN]
     values = {n: picked.column(n).to_pylist() for n in names if n and n in picked.column_names}
     return [{
         "id": str(values[plan.id_column][i]),
-        "mse": values["mse"][i],
-        "ssim_error": values["ssim_error"][i] if plan.has_ssim else None,
+        "score": values[plan.score][i],
+        "scores": {name: values[name][i] for name in plan.scores},
         "label": _plain_label(values[plan.label_column][i]) if plan.label_column else None,
         "anomaly_kind": values[plan.kind_column][i] if plan.kind_column else None,
         "shard": values[PATH_COLUMN][i] if PATH_COLUMN in values else None,
@@ -176,28 +178,28 @@ class GroupStats:
     rows: int = 0
     error_rows: int = 0
     scored_rows: int = 0
-    mse_sum: float = 0.0
-    mse_max: float | None = None  # None while no row is scored
+    score_sum: float = 0.0  # of the report's score
+    score_max: float | None = None  # None while no row is scored
 
     def combine(self, other: GroupStats) -> GroupStats:
         self.rows += other.rows
         self.error_rows += other.error_rows
         self.scored_rows += other.scored_rows
-        self.mse_sum += other.mse_sum
-        if other.mse_max is not None:
-            self.mse_max = other.mse_max if self.mse_max is None else max(self.mse_max, other.mse_max)
+        self.score_sum += other.score_sum
+        if other.score_max is not None:
+            self.score_max = other.score_max if self.score_max is None else max(self.score_max, other.score_max)
         return self
 
 
 def _group_stats(codes: np.ndarray, names: list, errors: np.ndarray, scored: np.ndarray,
-                 mse: np.ndarray) -> dict[Any, GroupStats]:
+                 score: np.ndarray) -> dict[Any, GroupStats]:
     """Per-group stats of one block, the groups given as dictionary codes and their values."""
     m = len(names)
     highest = np.full(m, -np.inf)
-    np.maximum.at(highest, codes[scored], mse[scored])
+    np.maximum.at(highest, codes[scored], score[scored])
     columns = zip(names, np.bincount(codes, minlength=m), np.bincount(codes, weights=errors, minlength=m),
-                  np.bincount(codes, weights=scored, minlength=m), np.bincount(codes[scored], mse[scored], minlength=m),
-                  highest)
+                  np.bincount(codes, weights=scored, minlength=m),
+                  np.bincount(codes[scored], score[scored], minlength=m), highest)
     return {name: GroupStats(int(rows), int(error_rows), int(scored_rows), float(total),
                              float(top) if scored_rows else None)
             for name, rows, error_rows, scored_rows, total, top in columns}
@@ -233,40 +235,29 @@ class RankedRows:
 
 @dataclass
 class ScoreSample:
-    """Scores and labels of the sampled rows (every scored row when the report is exact).
+    """Every score and the label of the sampled rows (every scored row when the report is exact).
 
     Kept as the blocks' chunks, so that merging never copies them; float32 as the embed job
     stores scores, which halves the driver's memory at max_exact_rows.
     """
 
-    chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)  # (mse, ssim, label)
+    chunks: list[dict[str, np.ndarray]] = field(default_factory=list)  # {score name: values, "label": codes}
 
     def combine(self, other: ScoreSample) -> ScoreSample:
         self.chunks.extend(other.chunks)
         return self
 
-    def _column(self, index: int, dtype: type) -> np.ndarray:
-        parts = [chunk[index] for chunk in self.chunks]
+    def column(self, name: str) -> np.ndarray:
+        """A score's sampled values (float32), or "label": 1 anomaly, 0 normal, -1 unknown."""
+        dtype = np.int8 if name == "label" else np.float32
+        parts = [chunk[name] for chunk in self.chunks]
         return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
-    @property
-    def mse(self) -> np.ndarray:
-        return self._column(0, np.float32)
-
-    @property
-    def ssim_error(self) -> np.ndarray:
-        return self._column(1, np.float32)
-
-    @property
-    def label(self) -> np.ndarray:
-        """1 anomaly, 0 normal, -1 unknown (and -1 throughout without a label column)."""
-        return self._column(2, np.int8)
-
-    def labelled(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(label, mse, ssim_error) of the sampled rows whose label is known."""
-        label = self.label
-        known = label >= 0
-        return label[known], self.mse[known], self.ssim_error[known]
+    def labelled(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(label, score) of the sampled rows whose label is known and whose score is finite."""
+        label, values = self.column("label"), self.column(name)
+        known = (label >= 0) & np.isfinite(values)
+        return label[known], values[known]
 
 
 # ---------------------------------------------------------------- pass 1: scores
@@ -292,44 +283,45 @@ class ScorePartial:
     error_rows: int = 0
     embed_flagged: int = 0  # the latent dataset's own is_anomaly
     reasons: Counter = field(default_factory=Counter)
-    mse: ScoreStats = field(default_factory=ScoreStats)
-    ssim_error: ScoreStats = field(default_factory=ScoreStats)
-    mse_by_label: dict[int, ScoreStats] = field(default_factory=dict)  # 0 normal, 1 anomaly; labels only
+    stats: dict[str, ScoreStats] = field(default_factory=dict)  # every score column's
+    by_label: dict[int, ScoreStats] = field(default_factory=dict)  # the report's score, 0 normal, 1 anomaly
     shards: dict[str, GroupStats] = field(default_factory=dict)  # by latent file path
     kinds: dict[Any, GroupStats] = field(default_factory=dict)  # by anomaly_kind
     sample: ScoreSample = field(default_factory=ScoreSample)
-    top: RankedRows = field(default_factory=RankedRows)  # highest mse first
+    top: RankedRows = field(default_factory=RankedRows)  # highest report score first
+    score: str = ""  # the report's score: `stats[score]` is the one that counts rows as scored
 
     @property
     def scored(self) -> int:
-        return self.mse.count
+        return self.stats[self.score].count if self.score in self.stats else 0
 
     def labelled_rows(self, label: int) -> int:
         """Scored rows with this label (0 normal, 1 anomaly)."""
-        return self.mse_by_label[label].count if label in self.mse_by_label else 0
+        return self.by_label[label].count if label in self.by_label else 0
 
     @classmethod
     def from_block(cls, table: pa.Table, plan: ScanPlan) -> ScorePartial:
         n = table.num_rows
-        mse = _floats(table, "mse")
-        scored = np.isfinite(mse)
-        ssim = _floats(table, "ssim_error") if plan.has_ssim else np.full(n, np.nan)
+        values = {name: _floats(table, name) for name in plan.scores}
+        score = values[plan.score]
+        scored = np.isfinite(score)
         ids = _ids(table, plan)
         errors, reasons = _error_reasons(table, plan)
-        part = cls(rows=n, error_rows=int(errors.sum()), reasons=reasons, mse=ScoreStats.of(mse),
-                   ssim_error=ScoreStats.of(ssim), top=RankedRows.pick(table, plan, -mse, ids, plan.top_k))
+        part = cls(rows=n, error_rows=int(errors.sum()), reasons=reasons, score=plan.score,
+                   stats={name: ScoreStats.of(v) for name, v in values.items()},
+                   top=RankedRows.pick(table, plan, -score, ids, plan.top_k))
         if plan.has_flag:
             part.embed_flagged = int(pc.sum(table.column("is_anomaly")).as_py() or 0)
-        part.shards = _group_stats(*_codes(table, PATH_COLUMN), errors, scored, mse)
+        part.shards = _group_stats(*_codes(table, PATH_COLUMN), errors, scored, score)
         if plan.kind_column:
-            part.kinds = _group_stats(*_codes(table, plan.kind_column), errors, scored, mse)
+            part.kinds = _group_stats(*_codes(table, plan.kind_column), errors, scored, score)
         labels = np.full(n, -1, np.int8)
         if plan.label_column:
             labels = _label_codes(table, plan.label_column)
-            part.mse_by_label = {label: ScoreStats.of(mse[labels == label]) for label in (0, 1)}
+            part.by_label = {label: ScoreStats.of(score[labels == label]) for label in (0, 1)}
         sampled = scored & hash_sample(ids, plan.sample_fraction)
-        part.sample.chunks.append((mse[sampled].astype(np.float32), ssim[sampled].astype(np.float32),
-                                   labels[sampled]))
+        part.sample.chunks.append({"label": labels[sampled],
+                                   **{name: v[sampled].astype(np.float32) for name, v in values.items()}})
         return part
 
     def combine(self, other: ScorePartial) -> ScorePartial:
@@ -337,10 +329,11 @@ class ScorePartial:
         self.error_rows += other.error_rows
         self.embed_flagged += other.embed_flagged
         self.reasons.update(other.reasons)
-        self.mse.combine(other.mse)
-        self.ssim_error.combine(other.ssim_error)
-        for label, stats in other.mse_by_label.items():
-            self.mse_by_label[label] = self.mse_by_label.get(label, ScoreStats()).combine(stats)
+        self.score = self.score or other.score
+        for name, stats in other.stats.items():
+            self.stats[name] = self.stats[name].combine(stats) if name in self.stats else replace(stats)
+        for label, stats in other.by_label.items():
+            self.by_label[label] = self.by_label.get(label, ScoreStats()).combine(stats)
         _merge_groups(self.shards, other.shards)
         _merge_groups(self.kinds, other.kinds)
         self.sample.combine(other.sample)
@@ -376,13 +369,13 @@ class FlagPartial:
     shards: Counter = field(default_factory=Counter)  # flagged rows by latent file path
     kinds: Counter = field(default_factory=Counter)  # flagged rows by anomaly_kind
     confusion: np.ndarray = field(default_factory=lambda: np.zeros((2, 2), np.int64))  # zeros without labels
-    typical: RankedRows = field(default_factory=RankedRows)  # nearest the median mse first
+    typical: RankedRows = field(default_factory=RankedRows)  # nearest the median report score first
 
     @classmethod
     def from_block(cls, table: pa.Table, plan: ScanPlan) -> FlagPartial:
-        mse = _floats(table, "mse")
-        scored = np.isfinite(mse)
-        flagged = scored & (mse > plan.threshold)
+        score = _floats(table, plan.score)
+        scored = np.isfinite(score)
+        flagged = scored & (score > plan.threshold)
         part = cls(rows=table.num_rows, flagged=int(flagged.sum()),
                    shards=_flag_counts(table, PATH_COLUMN, flagged))
         if plan.kind_column:
@@ -390,7 +383,8 @@ class FlagPartial:
         if plan.label_column:
             part.confusion = _confusion(table, plan, scored, flagged)
         if math.isfinite(plan.median):
-            part.typical = RankedRows.pick(table, plan, np.abs(mse - plan.median), _ids(table, plan), plan.typical_k)
+            part.typical = RankedRows.pick(table, plan, np.abs(score - plan.median), _ids(table, plan),
+                                           plan.typical_k)
         return part
 
     def combine(self, other: FlagPartial) -> FlagPartial:

@@ -24,7 +24,6 @@ from pipeline.report.sketch import HIST_RATIO, histogram_bars
 
 FORMAT = "squeeze-report"
 FORMAT_VERSION = 1
-ROW_KEYS = ("id", "mse", "ssim_error", "label", "anomaly_kind", "shard")
 
 
 @dataclass
@@ -37,8 +36,8 @@ class Findings:
     score_summary: dict[str, Any]  # summary.json's "scores", made before pass 2 (its median picks the typical rows)
     threshold: Threshold
     flags: FlagPartial
-    top: list[dict]  # highest mse first; shard paths relative to the latent folder
-    typical: list[dict]  # nearest the median mse first; the same
+    top: list[dict]  # highest report score first; shard paths relative to the latent folder
+    typical: list[dict]  # nearest the median report score first; the same
 
 
 def relative_shard(path: str, root: str) -> str:
@@ -66,38 +65,56 @@ def counts_section(found: Findings) -> dict[str, Any]:
             "embed_flagged_rows": s.embed_flagged if found.info.has_flag else None}
 
 
-def scores_section(scores: ScorePartial, has_ssim: bool, exact: bool) -> dict[str, Any]:
-    section = {"mse": score_summary(scores.mse, scores.sample.mse, exact)}
-    if has_ssim:
-        section["ssim_error"] = score_summary(scores.ssim_error, scores.sample.ssim_error, exact)
+def scores_section(scores: ScorePartial, exact: bool) -> dict[str, Any]:
+    """Every score column's count, range, mean and quantiles."""
+    section: dict[str, Any] = {name: score_summary(stats, scores.sample.column(name), exact)
+                               for name, stats in scores.stats.items()}
     section["quantile_method"] = "exact" if exact else "log-histogram"
     section["quantile_relative_error"] = 0.0 if exact else HIST_RATIO - 1
     return section
 
 
 def histogram_section(found: Findings) -> dict[str, Any]:
-    by_label = {label: stats.histogram for label, stats in found.scores.mse_by_label.items()}
-    return {"score": "mse", **histogram_bars(found.scores.mse.histogram, by_label)}
+    s = found.scores
+    by_label = {label: stats.histogram for label, stats in s.by_label.items()}
+    return {"score": s.score, **histogram_bars(s.stats[s.score].histogram, by_label)}
 
 
 def threshold_section(found: Findings) -> dict[str, Any]:
-    t, flagged, scored = found.threshold, found.flags.flagged, found.scores.scored
+    t, flagged, scored, score = found.threshold, found.flags.flagged, found.scores.scored, found.scores.score
     return {"spec": t.spec, "policy": t.policy, "parameter": t.parameter, "value": t.value, "source": t.source,
-            "rule": "mse > value", "flagged_rows": flagged, "flagged_share": flagged / scored if scored else None}
+            "score": score, "rule": f"{score} > value", "flagged_rows": flagged,
+            "flagged_share": flagged / scored if scored else None}
+
+
+def _recall_at_fpr(labels: np.ndarray, values: np.ndarray, fpr: float = 0.01) -> float | None:
+    """Recall at the threshold that flags `fpr` of the label-0 rows (an ideal, label-chosen cut)."""
+    normal, anomalous = values[labels == 0], values[labels == 1]
+    if not normal.size or not anomalous.size:
+        return None
+    return float((anomalous > np.quantile(normal, 1 - fpr)).mean())
+
+
+def by_score_metrics(found: Findings) -> dict[str, dict[str, Any]]:
+    """Every score's AUROC, average precision and recall at 1% false positives, against the labels."""
+    out = {}
+    for name in found.scores.stats:
+        labels, values = found.scores.sample.labelled(name)
+        metrics = label_metrics(labels, values)
+        out[name] = {"auroc": metrics["auroc"], "average_precision": metrics["average_precision"],
+                     "recall_at_1pct_fpr": _recall_at_fpr(labels, values)}
+    return out
 
 
 def metrics_section(found: Findings, notes: list[str]) -> dict[str, Any]:
     """Label metrics: on the sample (every scored row when exact); the confusion matrix on every row."""
     s = found.scores
-    labels, mse, ssim = s.sample.labelled()
+    labels, values = s.sample.labelled(s.score)
     positives, negatives = s.labelled_rows(1), s.labelled_rows(0)
-    metrics = {"label_column": found.info.label_column, **label_metrics(labels, mse)}
+    metrics = {"label_column": found.info.label_column, "score": s.score, **label_metrics(labels, values)}
     metrics.update(positives=positives, negatives=negatives, unlabelled_scored_rows=s.scored - positives - negatives,
                    sampled=not found.exact, rows_used=len(labels))
-    if found.info.has_ssim:
-        usable = np.isfinite(ssim)
-        ssim_metrics = label_metrics(labels[usable], ssim[usable])
-        metrics["ssim_error"] = {k: ssim_metrics[k] for k in ("auroc", "average_precision")}
+    metrics["by_score"] = by_score_metrics(found)
     metrics["at_threshold"] = at_threshold(found.flags.confusion)
     if not found.exact:
         notes.append(f"AUROC, AP and best F1 come from a uniform id-hash sample of {len(labels):,} "
@@ -114,7 +131,8 @@ def _rate(count: int, scored: int) -> float | None:
 def by_kind_section(found: Findings) -> list[dict[str, Any]]:
     kinds = sorted(found.scores.kinds.items(), key=lambda kv: "" if kv[0] is None else str(kv[0]))
     return [{"kind": kind, "rows": g.rows, "scored_rows": g.scored_rows, "flagged_rows": found.flags.kinds[kind],
-             "flag_rate": _rate(found.flags.kinds[kind], g.scored_rows), "mean_mse": _rate(g.mse_sum, g.scored_rows)}
+             "flag_rate": _rate(found.flags.kinds[kind], g.scored_rows),
+             "mean_score": _rate(g.score_sum, g.scored_rows)}
             for kind, g in kinds]
 
 
@@ -122,23 +140,29 @@ def shards_section(found: Findings) -> list[dict[str, Any]]:
     flagged = found.flags.shards
     return [{"shard": relative_shard(path, found.info.root), "rows": g.rows, "error_rows": g.error_rows,
              "scored_rows": g.scored_rows, "flagged_rows": flagged[path],
-             "flag_rate": _rate(flagged[path], g.scored_rows), "mean_mse": _rate(g.mse_sum, g.scored_rows),
-             "max_mse": g.mse_max}
+             "flag_rate": _rate(flagged[path], g.scored_rows), "mean_score": _rate(g.score_sum, g.scored_rows),
+             "max_score": g.score_max}
             for path, g in sorted(found.scores.shards.items())]
 
 
+def _row(rank: int, row: dict) -> dict[str, Any]:
+    """{rank, id, score (the report's), every score by name, label, anomaly_kind, shard}."""
+    return {"rank": rank, "id": row["id"], "score": row["score"], **row["scores"], "label": row["label"],
+            "anomaly_kind": row["anomaly_kind"], "shard": row["shard"]}
+
+
 def top_anomalies(found: Findings) -> list[dict[str, Any]]:
-    return [{"rank": rank, **{k: row[k] for k in ROW_KEYS}, "flagged": bool(row["mse"] > found.threshold.value)}
+    return [{**_row(rank, row), "flagged": bool(row["score"] > found.threshold.value)}
             for rank, row in enumerate(found.top, start=1)]
 
 
 def typical_rows(found: Findings) -> list[dict[str, Any]]:
-    return [{"rank": rank, **{k: row[k] for k in ROW_KEYS}} for rank, row in enumerate(found.typical, start=1)]
+    return [_row(rank, row) for rank, row in enumerate(found.typical, start=1)]
 
 
 def assemble(cfg: ReportConfig, found: Findings, notes: list[str], partial: str | None = None) -> dict[str, Any]:
     """Every section the passes decide, in summary.json's order (galleries and the rest follow)."""
-    summary = {**header(cfg, found.info, partial), "counts": counts_section(found),
+    summary = {**header(cfg, found.info, partial), "score": found.scores.score, "counts": counts_section(found),
                "scores": found.score_summary,
                "histogram": histogram_section(found), "threshold": threshold_section(found)}
     if found.info.label_column:
