@@ -25,6 +25,7 @@ from typing import Any
 from jobs.cli import arguments, parser, run_job
 from jobs.inputs import add_column_flags
 from pipeline import report
+from pipeline.latents import SCORE_COLUMNS
 from pipeline.report import ReportConfig
 
 D = {f.name: f.default for f in fields(ReportConfig)}
@@ -48,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="URL of the image shards the latents were made from (galleries)")
     p.add_argument("--label-column", default=None,
                    help="latent column with 1 = anomaly, 0 = normal (default: 'label' when the latents have one)")
+    p.add_argument("--score", default=D["score"], choices=SCORE_COLUMNS,
+                   help="score to rank, threshold and plot by (default: the one the embed job flagged by)")
     p.add_argument("--threshold", default=D["threshold"],
                    help="quantile:Q of the model's calibration, contamination:X (flag the top X share), or value:X")
     p.add_argument("--top-k", type=int, default=D["top_k"], help="worst images listed and shown")

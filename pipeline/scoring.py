@@ -82,14 +82,24 @@ def blur(maps: torch.Tensor, sigma: float, radius: int | None = None, valid: boo
 
 
 def _ssim_per_pixel(x: torch.Tensor, y: torch.Tensor, valid: bool) -> torch.Tensor:
-    """(B, C, H, W) pairs -> (B, C, H', W') SSIM at every pixel (valid region, or same size)."""
+    """(B, C, H, W) pairs -> (B, C, H', W') SSIM at every pixel (valid region, or same size).
+
+    The five local statistics are blurred in one call, and the formula then runs in place on
+    their buffer: on a CPU the elementwise passes, not the blur, are most of SSIM's cost.
+    """
     channels = x.shape[1]
-    # The five local statistics, blurred together.
-    stats = blur(torch.cat([x, y, x * x, y * y, x * y], dim=1), SSIM_SIGMA, SSIM_WINDOW // 2, valid)
-    mu_x, mu_y, xx, yy, xy = stats.split(channels, dim=1)
-    var_x, var_y, cov = xx - mu_x**2, yy - mu_y**2, xy - mu_x * mu_y
+    stats = torch.empty((x.shape[0], 5 * channels, *x.shape[2:]), dtype=torch.float32, device=x.device)
+    stats[:, :channels], stats[:, channels:2 * channels] = x, y
+    torch.mul(x, x, out=stats[:, 2 * channels:3 * channels])
+    torch.mul(y, y, out=stats[:, 3 * channels:4 * channels])
+    torch.mul(x, y, out=stats[:, 4 * channels:])
+    mu_x, mu_y, xx, yy, xy = blur(stats, SSIM_SIGMA, SSIM_WINDOW // 2, valid).split(channels, dim=1)
     c1, c2 = SSIM_K1**2, SSIM_K2**2
-    return ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    mu_xy = mu_x * mu_y
+    squares = mu_x.square_().add_(mu_y.square_())  # mu_x^2 + mu_y^2
+    structure = xy.sub_(mu_xy).mul_(2).add_(c2)  # 2 cov + c2
+    spread = xx.add_(yy).sub_(squares).add_(c2)  # var_x + var_y + c2
+    return mu_xy.mul_(2).add_(c1).mul_(structure).div_(squares.add_(c1).mul_(spread))
 
 
 def ssim_per_image(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
@@ -105,54 +115,92 @@ def ssim_error_per_image(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- anomaly maps and local scores
 #
 # A small defect (a scratch, a blot) moves a whole-image mean very little: it hides among the
-# errors of normal images. A map of where the reconstruction differs, pooled by its peak or its
-# worst 1% of pixels, keeps the defect's signal. Three maps, each (B, H, W), larger = worse:
-# - "err": the squared error (mean over channels), smoothed so one noisy pixel is not a peak;
-# - "ssim": 1 - SSIM per pixel (same window as `ssim_per_image`, same-size output);
-# - "gms": 1 - multi-scale gradient-magnitude similarity (MSGMS, as RIAD and DRAEM score
-#   anomalies): edges that are missing or extra, at scales 1, 1/2, 1/4 and 1/8, smoothed.
-# Smoothing is Gaussian with a sigma of MAP_SIGMA_SHARE of the image side (2 px at 64 px).
+# errors of normal images. A map of where the reconstruction differs, pooled by its peak or by
+# the mean of its worst TOP_SHARE of cells, keeps the defect's signal. Three maps, larger = worse:
+# - "err": the squared error (mean over channels);
+# - "ssim": 1 - SSIM per pixel (the window of `ssim_per_image`, mean over channels);
+# - "gms": 1 - multi-scale gradient-magnitude similarity (MSGMS, as RIAD scores anomalies):
+#   edges missing or added, at scales 1, 1/2, 1/4 and 1/8 of the grey image, averaged.
+# Each is smoothed to a grid of about MAP_CELLS cells a side: averaged over cells of `map_stride`
+# pixels, then blurred with a Gaussian of one cell (so one noisy pixel is never a peak, and a
+# defect counts by its area at the scale of a 32nd of the image). The grid is what the scores
+# pool, and it is cheap: the pooling and the blur run on a quarter of the pixels or fewer.
+# `upsample` brings a map back to the image's size for display.
 
-MAP_SIGMA_SHARE = 1 / 32
+MAP_CELLS = 32
 GMS_C = 0.0026  # GMS's stabiliser for [0, 1] images (RIAD)
 GMS_SCALES = 4
-TOP_SHARE = 0.01  # "top": the mean of the worst 1% of a map's pixels
-_PREWITT = torch.tensor([[[[1.0, 0.0, -1.0]] * 3], [[[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [-1.0, -1.0, -1.0]]]]) / 3.0
+TOP_SHARE = 0.01  # "top": the mean of the worst 1% of a map's cells
 
 
-def _sigma(side: int) -> float:
-    return max(0.5, side * MAP_SIGMA_SHARE)
+def map_stride(side: int) -> int:
+    """Pixels per map cell along a side of `side` pixels (1 for images of MAP_CELLS or fewer)."""
+    return max(1, round(side / MAP_CELLS))
+
+
+def _resample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, h, w) -> (B, *size): cell means when finer, bilinear when coarser."""
+    if tuple(maps.shape[-2:]) == size:
+        return maps
+    if maps.shape[-2] >= size[0]:
+        return torch.nn.functional.adaptive_avg_pool2d(maps[:, None], size)[:, 0]
+    return torch.nn.functional.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def _on_grid(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, H, W) per-pixel map -> (B, *size) on the map grid, blurred by one cell."""
+    return blur(_resample(maps, size), 1.0)
+
+
+def _grid_size(x: torch.Tensor) -> tuple[int, int]:
+    stride = map_stride(min(x.shape[-2:]))
+    return -(-x.shape[-2] // stride), -(-x.shape[-1] // stride)
 
 
 def error_map(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) pairs -> (B, H, W) smoothed squared error, mean over channels."""
-    return blur(squared_error_map(x, x_hat), _sigma(x.shape[-1]))
+    """(B, C, H, W) pairs -> (B, h, w) smoothed squared error on the map grid."""
+    return _on_grid(squared_error_map(x, x_hat), _grid_size(x))
 
 
 def ssim_map(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) pairs -> (B, H, W) 1 - SSIM per pixel, mean over channels."""
-    return 1.0 - _ssim_per_pixel(x.float(), x_hat.float(), valid=False).mean(dim=1)
+    """(B, C, H, W) pairs -> (B, h, w) smoothed 1 - SSIM on the map grid."""
+    return _on_grid(1.0 - _ssim_per_pixel(x.float(), x_hat.float(), valid=False).mean(dim=1), _grid_size(x))
 
 
 def _gradient_magnitude(grey: torch.Tensor) -> torch.Tensor:
-    """(B, 1, H, W) -> (B, 1, H, W) Prewitt gradient magnitude."""
-    gradients = torch.nn.functional.conv2d(grey, _PREWITT.to(grey.device), padding=1)  # (B, 2, H, W)
-    return gradients.pow(2).sum(dim=1, keepdim=True).add_(1e-12).sqrt_()
+    """(B, H, W) -> (B, H, W) Prewitt gradient magnitude, zero outside the image; as slices, which
+    a CPU runs several times faster than a 3x3 convolution with one input channel."""
+    padded = torch.nn.functional.pad(grey, (1, 1, 1, 1))
+    across = padded[:, :, 2:] - padded[:, :, :-2]  # (B, H + 2, W): x differences on every row
+    down = padded[:, 2:] - padded[:, :-2]  # (B, H, W + 2): y differences on every column
+    gx = across[:, :-2] + across[:, 1:-1] + across[:, 2:]
+    gy = down[..., :-2] + down[..., 1:-1] + down[..., 2:]
+    return gx.square_().add_(gy.square_()).div_(9.0).add_(1e-12).sqrt_()
+
+
+def _gms_grid(x: torch.Tensor, x_hat: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    a, b = x.float().mean(dim=1), x_hat.float().mean(dim=1)  # (B, H, W) grey
+    total = None
+    for scale in range(GMS_SCALES):
+        if scale:
+            a = torch.nn.functional.avg_pool2d(a[:, None], 2)[:, 0]
+            b = torch.nn.functional.avg_pool2d(b[:, None], 2)[:, 0]
+        ga, gb = _gradient_magnitude(a), _gradient_magnitude(b)
+        similarity = (ga * gb).mul_(2).add_(GMS_C).div_(ga.square_().add_(gb.square_()).add_(GMS_C))
+        similarity = _resample(similarity, size)
+        total = similarity if total is None else total.add_(similarity)
+    return blur(1.0 - total / GMS_SCALES, 1.0)
 
 
 def gms_map(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) pairs -> (B, H, W) 1 - mean GMS over GMS_SCALES scales (grey images), smoothed."""
-    a, b = x.float().mean(dim=1, keepdim=True), x_hat.float().mean(dim=1, keepdim=True)  # (B, 1, H, W)
-    size = x.shape[-2:]
-    total = torch.zeros_like(a)
-    for scale in range(GMS_SCALES):
-        if scale:
-            a, b = torch.nn.functional.avg_pool2d(a, 2), torch.nn.functional.avg_pool2d(b, 2)
-        ga, gb = _gradient_magnitude(a), _gradient_magnitude(b)
-        gms = (2 * ga * gb + GMS_C) / (ga * ga + gb * gb + GMS_C)
-        total += torch.nn.functional.interpolate(gms, size=size, mode="bilinear", align_corners=False) if scale \
-            else gms
-    return blur(1.0 - total[:, 0] / GMS_SCALES, _sigma(x.shape[-1]))
+    """(B, C, H, W) pairs -> (B, h, w) smoothed 1 - MSGMS on the map grid."""
+    return _gms_grid(x, x_hat, _grid_size(x))
+
+
+def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, h, w) grid maps -> (B, *size), bilinear: a map drawn over its image."""
+    return torch.nn.functional.interpolate(maps[:, None].float(), size=size, mode="bilinear",
+                                           align_corners=False)[:, 0]
 
 
 ANOMALY_MAPS = {"err": error_map, "ssim": ssim_map, "gms": gms_map}
@@ -163,32 +211,39 @@ def map_for_score(score: str, fused_from: Sequence[str] = ()) -> str:
     """The anomaly map that shows where a score comes from: its own map; for the fused score the
     first of its parts that has one; the squared error for scores with no map (neighbours)."""
     if score == "fused":
-        return next((map_for_score(part) for part in fused_from if map_for_score(part, ()) != "err"
-                     or part in ("mse", "err_max", "err_top")), "err")
+        return next((_SCORE_MAPS.get(part) or part.split("_")[0] for part in fused_from
+                     if part in _SCORE_MAPS or part.split("_")[0] in ANOMALY_MAPS), "err")
     prefix = score.split("_")[0]
     return _SCORE_MAPS.get(score) or (prefix if prefix in ANOMALY_MAPS else "err")
 
 
 def pool_max(maps: torch.Tensor) -> torch.Tensor:
-    """(B, H, W) -> (B,) the peak of each map."""
+    """(B, h, w) -> (B,) the peak of each map."""
     return maps.flatten(1).amax(dim=1)
 
 
 def pool_top(maps: torch.Tensor, share: float = TOP_SHARE) -> torch.Tensor:
-    """(B, H, W) -> (B,) the mean of each map's worst `share` of pixels (at least one)."""
+    """(B, h, w) -> (B,) the mean of each map's worst `share` of cells (at least one)."""
     flat = maps.flatten(1)
     k = max(1, round(flat.shape[1] * share))
     return flat.topk(k, dim=1, sorted=False).values.mean(dim=1)
 
 
 def reconstruction_scores(x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every reconstruction score of a batch, by name (RECONSTRUCTION_SCORES), each (B,)."""
+    """Every reconstruction score of a batch, by name (RECONSTRUCTION_SCORES), each (B,).
+
+    One SSIM computation serves both `ssim_error` (its valid region, as `ssim_per_image`) and
+    the ssim map; the maps are made on the grid and pooled there.
+    """
     x, x_hat = x.float(), x_hat.float()
+    size = _grid_size(x)
+    squared = squared_error_map(x, x_hat)  # (B, H, W)
     ssim = _ssim_per_pixel(x, x_hat, valid=False)  # (B, C, H, W); its inner part is the valid region
     inner = SSIM_WINDOW // 2
-    scores = {"mse": mse_per_image(x, x_hat),
+    scores = {"mse": squared.flatten(1).mean(dim=1),
               "ssim_error": 1.0 - ssim[..., inner:-inner, inner:-inner].flatten(1).mean(dim=1)}
-    maps = {"err": error_map(x, x_hat), "ssim": 1.0 - ssim.mean(dim=1), "gms": gms_map(x, x_hat)}
+    maps = {"err": _on_grid(squared, size), "ssim": _on_grid(1.0 - ssim.mean(dim=1), size),
+            "gms": _gms_grid(x, x_hat, size)}
     for name, values in maps.items():
         scores[f"{name}_max"] = pool_max(values)
         scores[f"{name}_top"] = pool_top(values)

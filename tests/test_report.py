@@ -244,7 +244,7 @@ def test_metrics_counts_and_quantiles_equal_the_reference(ray_local, known, tmp_
     f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-300)
     assert m["best_f1"] == pytest.approx(f1[:-1].max(), abs=1e-12)
     assert m["best_f1_threshold"] == pytest.approx(cuts[np.argmax(f1[:-1])])
-    assert m["ssim_error"]["auroc"] == pytest.approx(roc_auc_score(y, truth["ssim"]), abs=1e-12)
+    assert m["by_score"]["ssim_error"]["auroc"] == pytest.approx(roc_auc_score(y, truth["ssim"]), abs=1e-12)
     flagged = (s > threshold).astype(int)
     assert m["at_threshold"]["confusion_matrix"] == confusion_matrix(y, flagged).tolist()
     assert (m["positives"], m["negatives"], m["sampled"]) == (int(y.sum()), int((1 - y).sum()), False)
@@ -412,7 +412,7 @@ def test_end_to_end_report_renders_in_chromium(ray_local, embedded, model_url, t
                                         "image": "interpolation.png"}
 
     state = browse(out / "index.html", tmp_path)
-    _assert_renders(state, expected_images=3 * (12 + 4) + 3 + 1)  # galleries, histograms, ROC/PR, strip
+    _assert_renders(state, expected_images=3 * (12 + 4) + 3)  # galleries, histogram, ROC/PR, strip
     assert "AUROC" in state["text"] and worst[0]["id"] in state["text"]
 
 
@@ -429,7 +429,7 @@ def test_report_written_to_s3(ray_local, s3_bucket, embedded, model_url):
     assert written == again["files"]
     html = storage.read_text(f"{out}/index.html")
     sources = re.findall(r'<img[^>]* src="([^"]+)"', html)
-    assert len(sources) == 3 * 4 + 3 and all(storage.exists(f"{out}/{s}") for s in sources)
+    assert len(sources) == 3 * 4 + 2 and all(storage.exists(f"{out}/{s}") for s in sources)  # galleries, histogram, ROC/PR
     assert pq.read_table(fs.open(f"{s3_bucket[5:]}/reports/r1/top_anomalies.parquet")).num_rows == 3
 
 
@@ -489,7 +489,7 @@ def test_hostile_ids_stay_text_and_write_only_inside_the_report(ray_local, model
     assert {r["id"] for r in summary["top_anomalies"]} == set(ids)
 
     state = browse(out / "index.html", tmp_path)
-    _assert_renders(state, expected_images=3 * (10 + 2) + 3 + 1)  # galleries, histograms, ROC/PR, strip
+    _assert_renders(state, expected_images=3 * (10 + 2) + 3)  # galleries, histogram, ROC/PR, strip
     for hostile in HOSTILE_IDS:  # shown as text, exactly (the newline kept by white-space: pre-wrap)
         assert hostile in state["text"]
     assert HOSTILE_KIND in state["text"]
@@ -515,12 +515,12 @@ def test_block_reducers_run_without_ray_even_on_a_block_of_undecodable_rows():
 
     table = pa.table({"id": ["a", "b"], "mse": pa.array([None, None], pa.float32()),
                       "error": ["not an image", "empty bytes"], "label": [1, 0], PATH_COLUMN: ["s/x.parquet"] * 2})
-    plan = ScanPlan(id_column="id", label_column="label", kind_column=None, has_ssim=False, has_error=True,
+    plan = ScanPlan(id_column="id", label_column="label", kind_column=None, score="mse", scores=("mse",), has_error=True,
                     has_flag=False, top_k=5, sample_fraction=1.0, threshold=0.1, median=math.nan, typical_k=3)
     (scores,) = unpack(scan_scores(table, plan))
     assert (scores.rows, scores.scored, scores.error_rows, scores.top.rows) == (2, 0, 2, [])
     assert sorted(scores.reasons.items()) == [("empty bytes", 1), ("not an image", 1)]
-    assert scores.shards == {"s/x.parquet": GroupStats(rows=2, error_rows=2, scored_rows=0, mse_sum=0.0, mse_max=None)}
-    assert scores.sample.mse.size == 0
+    assert scores.shards == {"s/x.parquet": GroupStats(rows=2, error_rows=2, scored_rows=0, score_sum=0.0, score_max=None)}
+    assert scores.sample.column("mse").size == 0
     (flags,) = unpack(scan_flags(table, plan))
     assert (flags.flagged, flags.confusion.tolist(), flags.typical.rows) == (0, [[0, 0], [0, 0]], [])

@@ -4,8 +4,8 @@ Reads a latent dataset (the embed job's output) with Ray Data in two streaming p
 its small score columns; each Ray task reduces one block to a small partial and the driver
 merges the partials, so no step ever holds the dataset:
 
-1. scores: counts, error reasons, log-spaced histograms of mse and ssim_error, per-shard and
-   per-kind sums, the top-K rows by mse, and the score/label arrays the exact quantiles and
+1. scores: counts, error reasons, log-spaced histograms of every score column, per-shard and
+   per-kind sums of the report's score (--score), the top-K rows by it, and the score/label arrays the exact quantiles and
    the label metrics use (every row up to `max_exact_rows`; above that a uniform sample
    chosen by a hash of the id, and quantiles come from the histogram).
 2. flags, under the threshold the chosen policy gives: flagged rows overall, per shard and
@@ -14,7 +14,7 @@ merges the partials, so no step ever holds the dataset:
 
 Then the galleries: the worst K and the typical rows are fetched from the image shards by id
 with a filtered read (`pc.field(id).isin(ids)`), reconstructed with the model, and shown as
-original | reconstruction | error heat map.
+original | reconstruction | anomaly map (the map the report's score pools).
 
 The files, along those steps:
     config.py     ReportConfig and `check_inputs`: every refusal before any pass (InputError)
@@ -35,12 +35,13 @@ over [1e-9, 2]: a reported quantile is within a factor HIST_RATIO (relative erro
 of an order statistic next to its rank, and values below 1e-9 read as at most 1e-9; AUROC,
 AP and best F1 then come from the hash sample of about `max_exact_rows` rows.
 
-Thresholds (flag rule: mse > threshold, the same as the embed job's is_anomaly):
+Thresholds (flag rule: score > threshold, the same as the embed job's is_anomaly when the
+report's score is the one the embed job flagged by):
 - `quantile:Q`: the Q-quantile of the model's calibration (held-out normal data); needs
   --model, or the latent files' metadata (the embed job's threshold when its spec was the
   same, else the calibration of the model it names).
 - `contamination:X`: flag the top X share of this corpus's scored rows.
-- `value:X`: a fixed mse.
+- `value:X`: a fixed value of the score.
 The latent dataset's own `is_anomaly` came from the embed job's threshold; the report
 recomputes every flag under its own policy and shows both counts.
 
@@ -49,8 +50,8 @@ Labels: a numeric or boolean column, 1 (non-zero) = anomaly, 0 = normal, null = 
 Output folder (any fsspec URL; every file written atomically; no file name comes from data):
     index.html               the report a person opens (relative links only, no script)
     summary.json             machine-readable, keys below
-    top_anomalies.parquet    rank, id, mse, ssim_error, [label], [anomaly_kind], shard, flagged
-    histogram_mse.png, histogram_ssim_error.png, [roc_pr.png], [interpolation.png]
+    top_anomalies.parquet    rank, id, score, <every score>, [label], [anomaly_kind], shard, flagged, [image]
+    histogram_<score>.png, [roc_pr.png], [interpolation.png]
     images/worst-0001-original.png | -reconstruction.png | -error.png, images/typical-0001-...
 
 summary.json keys:
@@ -62,23 +63,29 @@ summary.json keys:
     latents                   {url, files, rows, metadata: the latent files' "squeeze" metadata or null}
     counts                    {rows, scored_rows, error_rows, errors_by_reason, unscored_rows,
                                embed_flagged_rows (the latent dataset's own is_anomaly)}
-    scores                    {mse|ssim_error: {count, min, max, mean, quantiles {"0.5": ...}},
+    score                     the score the report ranks, thresholds and plots by (--score, default: the
+                              one the embed job flagged by, from the latents' metadata; else mse)
+    scores                    {<every score column>: {count, min, max, mean, quantiles {"0.5": ...}},
                                quantile_method "exact"|"log-histogram", quantile_relative_error}
-    histogram                 {score "mse", edges, counts, [counts_label_0, counts_label_1]}
-    threshold                 {spec, policy, parameter, value, source, rule, flagged_rows, flagged_share}
-    metrics (labels only)     {label_column, positives, negatives, unlabelled_scored_rows,
+    histogram                 {score, edges, counts, [counts_label_0, counts_label_1]}
+    threshold                 {spec, policy, parameter, value, source, score, rule "<score> > value",
+                               flagged_rows, flagged_share}
+    metrics (labels only)     {label_column, score, positives, negatives, unlabelled_scored_rows,
                                sampled, rows_used, auroc, average_precision, best_f1,
                                best_f1_threshold, best_f1_precision, best_f1_recall,
-                               ssim_error {auroc, average_precision},
+                               by_score {<every score>: {auroc, average_precision, recall_at_1pct_fpr}},
                                at_threshold {confusion_matrix [[tn, fp], [fn, tp]], tn, fp, fn, tp,
                                              precision, recall, f1}}
-    by_kind (anomaly_kind only) [{kind, rows, scored_rows, flagged_rows, flag_rate, mean_mse}]
-    shards                    [{shard, rows, error_rows, scored_rows, flagged_rows, flag_rate, mean_mse, max_mse}]
-    top_anomalies             [{rank, id, mse, ssim_error, label, anomaly_kind, shard, flagged}]
-    typical_rows              [{rank, id, mse, ssim_error, label, anomaly_kind, shard}]: nearest the median mse
-    galleries                 {worst: [...], typical: [...], error_scale} or null when omitted;
-                              each entry {rank, id, mse, ssim_error, label, anomaly_kind,
-                              recomputed_mse, images {original, reconstruction, error}, note}
+    by_kind (anomaly_kind only) [{kind, rows, scored_rows, flagged_rows, flag_rate, mean_score}]
+    shards                    [{shard, rows, error_rows, scored_rows, flagged_rows, flag_rate, mean_score, max_score}]
+    top_anomalies             [{rank, id, score, <every score>, label, anomaly_kind, shard, flagged}]
+    typical_rows              [{rank, id, score, <every score>, label, anomaly_kind, shard}]: nearest the
+                              median score
+    galleries                 {worst: [...], typical: [...], error_scale, map} or null when omitted;
+                              each entry {rank, id, score, <every score>, label, anomaly_kind,
+                              recomputed_mse, images {original, reconstruction, error}, note};
+                              map: the anomaly map the error images show (err, ssim or gms: the
+                              one the report's score pools)
     interpolation             {id_a, id_b, steps, image} or null
     files                     every file the report wrote, relative to the output folder
     notes                     what was left out and why, model mismatches, sampling

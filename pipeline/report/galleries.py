@@ -100,7 +100,7 @@ def _fetch_rows(shards: ShardList, columns: Columns, ids: Sequence[str]) -> dict
 
 
 def _heat_map(error: np.ndarray, scale: float) -> np.ndarray:
-    """(S, S) squared error -> (S, S, 3) uint8 through the 'inferno' colour map, 0..scale."""
+    """(S, S) anomaly map -> (S, S, 3) uint8 through the 'inferno' colour map, 0..scale."""
     import matplotlib
 
     colours = matplotlib.colormaps["inferno"](np.clip(error / scale, 0.0, 1.0))
@@ -109,11 +109,12 @@ def _heat_map(error: np.ndarray, scale: float) -> np.ndarray:
 
 def _reconstruct(model, pixels: dict[str, np.ndarray], map_name: str,
                  ) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
-    """{id: (S, S, C) uint8} -> {id: (reconstruction (S, S, C) uint8, anomaly map (S, S), mse)}."""
+    """{id: (S, S, C) uint8} -> {id: (reconstruction (S, S, C) uint8, anomaly map (S, S), mse)};
+    the map is drawn at the image's size from its grid (pipeline.scoring)."""
     import torch
 
     from pipeline.inference import to_input, to_pixels
-    from pipeline.scoring import ANOMALY_MAPS, mse_per_image
+    from pipeline.scoring import ANOMALY_MAPS, mse_per_image, upsample
 
     ids, out = list(pixels), {}
     with torch.inference_mode():
@@ -121,7 +122,7 @@ def _reconstruct(model, pixels: dict[str, np.ndarray], map_name: str,
             chunk = ids[start:start + RECONSTRUCT_BATCH]
             x = to_input(torch.from_numpy(np.stack([pixels[i] for i in chunk])))  # (B, C, S, S)
             x_hat = model(x)["x_hat"]
-            errors = ANOMALY_MAPS[map_name](x, x_hat).numpy()
+            errors = upsample(ANOMALY_MAPS[map_name](x, x_hat), tuple(x.shape[-2:])).numpy()
             mse, images = mse_per_image(x, x_hat).numpy(), to_pixels(x_hat)
             for n, i in enumerate(chunk):
                 out[i] = (images[n], errors[n], float(mse[n]))

@@ -94,15 +94,16 @@ def _fetch_originals(cfg: ReportConfig, inputs: Inputs, found: Findings) -> dict
     return fetch_images(inputs.shards, cfg.columns, ids)
 
 
-def _galleries(cfg: ReportConfig, originals: dict[str, bytes | None] | None, found: Findings,
+def _galleries(cfg: ReportConfig, originals: dict[str, bytes | None] | None, summary: dict[str, Any],
                files: dict[str, bytes], notes: list[str]) -> dict[str, Any] | None:
     """The worst and typical images reconstructed; None (and a note) without --model and --data."""
     if not (cfg.model_url and originals is not None):
         notes.append("galleries omitted: they need both --model (to reconstruct) and --data (the image shards)")
         return None
+    worst = [{k: v for k, v in row.items() if k != "flagged"} for row in summary["top_anomalies"]]
     entries, images, scale, map_name = build_galleries(cfg.model_url, originals,
-                                                       {"worst": found.top, "typical": found.typical}, notes,
-                                                       found.scores.score)
+                                                       {"worst": worst, "typical": summary["typical_rows"]}, notes,
+                                                       summary["score"])
     files.update(images)
     return {**entries, "error_scale": scale, "map": map_name}
 
@@ -131,7 +132,7 @@ def run(inputs: Inputs) -> dict[str, Any]:
     summary = assemble(cfg, found, notes, inputs.partial)
     files = _figures(found, summary)
     originals = _fetch_originals(cfg, inputs, found)
-    summary["galleries"] = _galleries(cfg, originals, found, files, notes)
+    summary["galleries"] = _galleries(cfg, originals, summary, files, notes)
     summary["interpolation"] = _interpolation(cfg, files)
     files["top_anomalies.parquet"] = top_anomalies_parquet(
         summary["top_anomalies"], found.info.scores, labelled=found.info.label_column is not None,
