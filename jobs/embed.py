@@ -23,7 +23,7 @@ from jobs.inputs import PASSTHROUGH_HELP, add_column_flags
 from pipeline import embed
 from pipeline.embed import EmbedConfig
 from pipeline.images import RESIZE_POLICIES
-from pipeline.latents import LATENT_DTYPES
+from pipeline.latents import LATENT_DTYPES, SCORE_COLUMNS
 from pipeline.resources import CPU_BATCH_SIZE, GPU_BATCH_SIZE
 
 D = {f.name: f.default for f in fields(EmbedConfig)}
@@ -39,9 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", default=D["threshold"],
                    help="anomaly threshold on the score: quantile:Q of its calibration (the normal bulk of the "
                         "held-out scores), or value:X")
-    p.add_argument("--score", default=None,
-                   help="the score that sets is_anomaly (default: the model's, from its calibration: fused for "
-                        "models trained with this version)")
+    p.add_argument("--score", default=None, choices=SCORE_COLUMNS, metavar="SCORE",
+                   help="the score that sets is_anomaly: " + ", ".join(SCORE_COLUMNS) + " (default: the model's, "
+                        "from its calibration: fused for models trained with this version, mse before)")
     p.add_argument("--passthrough", type=csv, default=(), help=PASSTHROUGH_HELP)
     add_column_flags(p, D["id_column"], D["image_column"])
     p.add_argument("--resize", choices=RESIZE_POLICIES, default=None,

@@ -475,6 +475,33 @@ def calibrate(held_out: dict[str, np.ndarray], default_score: str, fused_from: S
     return Calibration(scores, default_score, tuple(fused_from))
 
 
+# The default score and the fused score's parts: what bench/detection.py found best across
+# defect kinds without labels (docs/BENCHMARKS.md has the table, the README the reasons).
+DEFAULT_SCORE = "fused"
+FUSED_FROM = ("mse", "ssim_top", "stem_knn")
+
+
+def calibrate_with_bank(ids: Sequence[str], held_out: np.ndarray, rows: dict[str, np.ndarray],
+                        default: str = DEFAULT_SCORE, fused_from: Sequence[str] = FUSED_FROM,
+                        ) -> tuple[Calibration, TrainingBank]:
+    """A model's calibration and training bank from its scored rows: `rows` holds "z",
+    "stem_stats" and every reconstruction score, one entry per id; `held_out` marks the rows
+    that calibrate (the rest form the bank, so the held-out rows' neighbour scores are those
+    of unseen images)."""
+    held_out = np.asarray(held_out, dtype=bool)
+    if held_out.sum() < 3 or (~held_out).sum() < 2:
+        raise InputError(f"the held-out split ({int(held_out.sum())} images) or the training split "
+                         f"({int((~held_out).sum())}) is too small to calibrate the model's scores: "
+                         "use more data or another --val-fraction")
+    ids = np.asarray(ids, dtype=object)
+    bank = TrainingBank(list(ids[~held_out]), rows["z"][~held_out], rows["stem_stats"][~held_out])
+    values = {name: np.asarray(rows[name])[held_out] for name in rows if name not in ("z", "stem_stats", "id", "val")}
+    neighbours = bank.scores(torch.from_numpy(rows["z"][held_out]), torch.from_numpy(rows["stem_stats"][held_out]),
+                             None)
+    values.update({name: v.numpy() for name, v in neighbours.items()})
+    return calibrate(values, default, fused_from), bank
+
+
 def default_score(calibration: dict[str, Any] | None) -> str:
     """The score a model flags anomalies by unless told otherwise: its calibration's default
     ("mse" for a model made before there were others)."""

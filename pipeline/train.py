@@ -38,13 +38,12 @@ from pipeline.datasets import decode_for_calibration, decode_split, read_shards
 from pipeline.errors import InputError
 from pipeline.images import DEFAULT_RESIZE, RESIZE_POLICIES, decode_batch
 from pipeline.inference import ImageScorer, load_inference_model, to_input
-from pipeline.latents import RECONSTRUCTION_SCORES
 from pipeline.lease import Lease
 from pipeline.model import AutoencoderConfig, build_model, count_parameters
 from pipeline.progress import Progress, TallyWatch
 from pipeline.resources import plan_actor_pool, plan_training_workers
 from pipeline.scoring import (
-    BANK_CAP, TRAINING_LOSSES, Calibration, TrainingBank, calibrate, calibration_from_errors, mse_per_image, psnr,
+    BANK_CAP, TRAINING_LOSSES, Calibration, calibrate_with_bank, calibration_from_errors, mse_per_image, psnr,
     training_loss,
 )
 from pipeline.shards import (
@@ -569,10 +568,6 @@ def train(cfg: TrainConfig) -> TrainResult:
 # most BANK_CAP) for the neighbour scores. The held-out images are not in that bank, so their
 # neighbour scores are what an unseen normal image gets.
 
-DEFAULT_SCORE = "fused"
-FUSED_FROM = ("mse", "ssim_top", "stem_knn")
-
-
 class CalibrationScorer:
     """Ray Data mapper: decoded calibration rows -> their latents, stem statistics and scores."""
 
@@ -616,20 +611,12 @@ def calibrate_export(plan: TrainPlan, model_url: str) -> Calibration:
     """Score the held-out split and a bank sample with the exported model; store its training bank
     and every score's calibration with it."""
     rows = _calibration_rows(plan, model_url)
-    val, ids = rows["val"].astype(bool), id_strings(rows["id"])
-    if val.sum() < 3 or (~val).sum() < 2:
-        raise InputError(f"the held-out split ({int(val.sum())} images) or the training split ({int((~val).sum())}) "
-                         "is too small to calibrate the model's scores: use more data or another --val-fraction")
-    bank = TrainingBank(list(ids[~val]), rows["z"][~val], rows["stem_stats"][~val])
-    held_out = {name: rows[name][val] for name in RECONSTRUCTION_SCORES}
-    neighbours = bank.scores(torch.from_numpy(rows["z"][val]), torch.from_numpy(rows["stem_stats"][val]), None)
-    held_out.update({name: values.numpy() for name, values in neighbours.items()})
-    calibration = calibrate(held_out, DEFAULT_SCORE, FUSED_FROM)
+    calibration, bank = calibrate_with_bank(id_strings(rows["id"]), rows["val"].astype(bool), rows)
     checkpoint = load_checkpoint(model_url)
     save_checkpoint(model_url, checkpoint.model, training={**checkpoint.training, "calibration": calibration.to_dict()},
                     bank=bank)
     default = calibration.get(calibration.default_score)
-    print(f"calibrated {len(calibration.scores)} scores on {int(val.sum()):,} held-out images, bank of "
+    print(f"calibrated {len(calibration.scores)} scores on {default.count:,} held-out images, bank of "
           f"{len(bank.ids):,} training images; default score {calibration.default_score}, estimated "
           f"contamination {default.contamination:.1%}", flush=True)
     return calibration

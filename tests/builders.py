@@ -7,34 +7,41 @@ import torch
 
 from pipeline.checkpoint import save_checkpoint
 from pipeline.model import AutoencoderConfig, build_model
-from pipeline.scoring import calibration_from_errors, mse_per_image
+from pipeline.inference import ImageScorer
+from pipeline.scoring import calibrate_with_bank, mse_per_image
 from pipeline.synth import synthetic_image
 
 
-def make_tiny_model(url: str, channels: int = 3, seed: int = 0, image_size: int = 32, train_steps: int = 0) -> str:
+def make_tiny_model(url: str, channels: int = 3, seed: int = 0, image_size: int = 32, train_steps: int = 0,
+                    default_score: str = "mse") -> str:
     """A real checkpoint of a tiny Fire autoencoder (latent 16, base width 8) at `url`.
 
     Untrained by default (its weights come from `seed`); `train_steps` > 0 fits it briefly to
     40 synthetic images, enough for its decoder to draw distinct images from distinct latents.
-    The calibration holds the model's real errors on 32 images.
+    Its calibration holds every score, calibrated as the train job does it
+    (`calibrate_with_bank`): the held-out rows are 32 random images, the training bank those
+    40 synthetic images. `default_score` is the score it flags by unless told otherwise.
     """
     torch.manual_seed(seed)
     model = build_model(AutoencoderConfig(image_size=image_size, channels=channels, latent_dim=16, base_width=8))
+    synthetic = torch.from_numpy(np.stack([synthetic_image(i, 3, image_size, channels) for i in range(40)]))
+    synthetic = synthetic.permute(0, 3, 1, 2).float() / 255
     if train_steps:
-        x = torch.from_numpy(np.stack([synthetic_image(i, 3, image_size, channels) for i in range(40)]))
-        x = x.permute(0, 3, 1, 2).float() / 255
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         for _ in range(train_steps):
-            loss = mse_per_image(x, model(x)["x_hat"]).mean()
+            loss = mse_per_image(synthetic, model(synthetic)["x_hat"]).mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
     model.eval()
-    x = torch.rand(32, channels, image_size, image_size)
-    with torch.inference_mode():
-        errors = mse_per_image(x, model(x)["x_hat"]).numpy()
-    save_checkpoint(url, model, training={"calibration": calibration_from_errors(errors),
-                                          "preprocessing": {"resize": "pad"}})
+    x = torch.cat([torch.rand(32, channels, image_size, image_size), synthetic])
+    out = ImageScorer(model)(x)
+    ids = [f"held-out-{i}" for i in range(32)] + [f"bank-{i}" for i in range(40)]
+    calibration, bank = calibrate_with_bank(ids, np.arange(len(ids)) < 32,
+                                            {"z": out["z"], "stem_stats": out["stem_stats"], **out["scores"]},
+                                            default=default_score)
+    save_checkpoint(url, model, training={"calibration": calibration.to_dict(), "preprocessing": {"resize": "pad"}},
+                    bank=bank)
     return url
 
 

@@ -17,7 +17,7 @@ from builders import kill_part_way, make_tiny_model, rows_written
 from pipeline import storage
 from pipeline.embed import EmbedConfig, Embedder, embed, embed_reference
 from pipeline.errors import InputError
-from pipeline.latents import METADATA_KEY, dequantize_latents, read_latents
+from pipeline.latents import METADATA_KEY, SCORE_COLUMNS, dequantize_latents, read_latents
 from pipeline.resources import (
     CPU_BATCH_SIZE,
     GPU_BATCH_SIZE,
@@ -78,12 +78,16 @@ def test_ray_job_equals_the_plain_reference_row_for_row(ray_local, corpus, model
         assert row["error"] == ref["error"] and row["label"] == ref["label"]
         if ref["error"] is None:
             np.testing.assert_allclose(row["latent"], ref["latent"], atol=1e-5)
-            assert row["mse"] == pytest.approx(ref["mse"], abs=1e-6)
+            for name in SCORE_COLUMNS:
+                assert row[name] == pytest.approx(ref[name], rel=1e-4, abs=1e-6), name
             assert row["is_anomaly"] == ref["is_anomaly"]
+    # Every score is a column, the neighbour and fused ones too (the model has a training bank).
+    assert set(SCORE_COLUMNS) <= set(got.column_names)
     # Bad rows: a reason each, null latent and scores, and the job went on.
     for bad in BAD_ROWS:
         row = ray_rows[bad]
-        assert row["error"] and row["latent"] is None and row["mse"] is None and row["is_anomaly"] is None
+        assert row["error"] and row["latent"] is None and row["is_anomaly"] is None
+        assert all(row[name] is None for name in SCORE_COLUMNS)
     assert len({ray_rows[b]["error"] for b in BAD_ROWS}) == 3, "each kind of bad input has its own reason"
     assert summary.flagged_rows == sum(bool(r["is_anomaly"]) for r in ray_rows.values())
     # The threshold is the calibration's 0.99 quantile, and every file records the model.
@@ -98,6 +102,29 @@ def test_ray_job_equals_the_plain_reference_row_for_row(ray_local, corpus, model
     # A rerun of a finished job does nothing and duplicates nothing.
     again = embed(cfg)
     assert again.rows_out == 243 and len(read_latents(cfg.out_url)) == 243
+
+
+@pytest.mark.ray
+def test_the_score_option_picks_the_column_that_sets_is_anomaly(ray_local, corpus, model_url, tmp_path):
+    by_mse = EmbedConfig(data_url=corpus, model_url=model_url, out_url=str(tmp_path / "by-mse"), batch_size=64)
+    first = embed(by_mse)
+    rows = [r for r in read_latents(by_mse.out_url).to_pylist() if r["error"] is None]
+    assert first.score == "mse" and all(r["is_anomaly"] == (r["mse"] > first.threshold) for r in rows)
+    cut = float(np.median([r["fused"] for r in rows]))  # flags half of the corpus by the fused score
+    by_fused = EmbedConfig(data_url=corpus, model_url=model_url, out_url=str(tmp_path / "by-fused"), score="fused",
+                           threshold=f"value:{cut!r}", batch_size=64)
+    second = embed(by_fused)
+    flags = {r["id"]: r for r in read_latents(by_fused.out_url).to_pylist() if r["error"] is None}
+    assert second.score == "fused" and second.flagged_rows == sum(r["fused"] > cut for r in rows) > 0
+    assert all(flags[r["id"]]["is_anomaly"] == (r["fused"] > cut) for r in rows)
+    assert any(flags[r["id"]]["is_anomaly"] != r["is_anomaly"] for r in rows), "mse flagged other rows"
+    meta = json.loads(pq.read_metadata(storage.list_files(by_fused.out_url)[0]).metadata[METADATA_KEY])
+    assert meta["score"] == "fused" and meta["threshold"] == pytest.approx(cut)
+
+
+def test_an_unknown_score_is_refused_naming_the_scores(corpus, model_url, tmp_path):
+    with pytest.raises(InputError, match="ssim_top"):
+        embed(EmbedConfig(data_url=corpus, model_url=model_url, out_url=str(tmp_path / "l"), score="sharpness"))
 
 
 @pytest.mark.parametrize("cpus", [1, 2, 3, 4, 5, 8, 16, 64])

@@ -203,3 +203,37 @@ def test_the_neighbour_score_equals_brute_force_and_leaves_an_image_itself_out()
             distance[ids.index(query_id)] = np.inf  # its own entry never counts
         assert got[i] == pytest.approx(np.sort(distance)[:5].mean(), rel=1e-4)
     assert (bank.distances(torch.from_numpy(vectors[:10])).numpy() < got[:10]).all(), "without ids it finds itself"
+
+
+def test_a_thin_scratch_hidden_from_mse_is_ranked_above_every_normal_image_by_the_local_score():
+    """A tiny model trained briefly on normal images; scratches (1-2 px lines) barely move the
+    whole-image mean error, so mse ranks many of them among the normals; the map pooled over its
+    worst cells (err_top) puts them above every normal image."""
+    from pipeline.model import AutoencoderConfig, build_model
+    from pipeline.synth import synthetic_image
+
+    def images(indices, seed, kind=""):
+        pixels = np.stack([synthetic_image(i, seed, 32, 3, kind) for i in indices])
+        return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+
+    torch.manual_seed(0)
+    model = build_model(AutoencoderConfig(image_size=32, channels=3, latent_dim=16, base_width=8))
+    train = images(range(200), 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(160):
+        batch = train[torch.randint(0, len(train), (32,), generator=generator)]
+        loss = mse_per_image(batch, model(batch)["x_hat"]).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.inference_mode():
+        normal = images(range(100), 4)
+        scratched = images(range(100, 130), 4, "scratch")
+        normal_scores = reconstruction_scores(normal, model(normal)["x_hat"])
+        scratch_scores = reconstruction_scores(scratched, model(scratched)["x_hat"])
+    hidden = scratch_scores["mse"] < normal_scores["mse"].max()  # mse ranks these among the normals
+    assert int(hidden.sum()) >= 6, "the scratches should be hard for mse"
+    above = scratch_scores["err_top"][hidden] > normal_scores["err_top"].max()
+    assert float(above.float().mean()) >= 0.7, (int(above.sum()), int(hidden.sum()))

@@ -21,7 +21,8 @@ from pipeline.errors import InputError
 from pipeline.images import decode_batch
 from pipeline.model import AutoencoderConfig, build_model
 from pipeline.sampling import split_of
-from pipeline.scoring import mse_per_image
+from pipeline.latents import NEIGHBOUR_SCORES, RECONSTRUCTION_SCORES
+from pipeline.scoring import DEFAULT_SCORE, FUSED_FROM, Calibration, mse_per_image
 from pipeline.synth import write_synthetic_corpus
 from pipeline.train import METRICS_FILE, TrainConfig, train
 
@@ -80,9 +81,14 @@ def test_two_worker_training_learns_and_exports_a_model_that_loads_without_ray(r
     best = min(history, key=lambda m: m["val_mse"])
     assert result.best_epoch == best["epoch"] == exported.training["exported_epoch"]
     assert _val_mse(exported.model, x_val) == pytest.approx(best["val_mse"], rel=1e-4)
-    calibration = exported.calibration
-    assert calibration["count"] == len(x_val) and len(calibration["grid"]) == 1001
-    assert calibration["quantiles"]["0.5"] <= calibration["quantiles"]["0.99"] <= calibration["max"]
+    # The calibration carries every score, each fitted on the held-out split; the bank holds the training split.
+    calibration = Calibration.from_dict(exported.calibration)
+    assert set(calibration.scores) == {*RECONSTRUCTION_SCORES, *NEIGHBOUR_SCORES, "fused"}
+    assert calibration.default_score == DEFAULT_SCORE and calibration.fused_from == FUSED_FROM
+    for name, fitted in calibration.scores.items():
+        assert fitted.count == len(x_val), name
+        assert calibration.threshold(name, 0.5) < calibration.threshold(name, 0.99) <= 10 * fitted.grid[-1] + 10
+    assert len(exported.bank.ids) == history[0]["train_images"] and not split_of(exported.bank.ids, cfg.val_fraction).any()
     # Ray Train kept the best checkpoints and the latest one, no more.
     kept = sorted(p.name for p in (Path(cfg.out_url) / "checkpoints").glob("epoch-*"))
     assert f"epoch-{len(history):04d}" in kept and len(kept) <= cfg.keep_checkpoints + 1
