@@ -1,14 +1,10 @@
-"""Anomaly-detection quality: the synthetic corpus end to end, and one-class scikit-learn digits.
+"""One-class scikit-learn digits by reconstruction mse: the Fire autoencoder against the plain one.
 
-    python bench/digits.py                    # both parts, a few minutes on 2 cores
-    python bench/digits.py --part digits      # or: --part synth
+    python bench/digits.py                    # a few minutes on 2 cores
 
-Synthetic (pipeline.synth, labelled anomalies): a Fire autoencoder is trained with a bare
-in-process loop (same model, loss, optimiser and schedule as pipeline/train.py: per-image MSE,
-AdamW, cosine decay per epoch) on the 95% training split of the whole unlabelled corpus
-(anomalies included, as a real run would), calibrated on the 5% validation split, then the
-real Ray jobs run: `embed` (Ray Data) and `report` (Ray Data), twice, under quantile:0.99 of
-the calibration and under contamination:0.05.
+What squeezing costs in detection quality, on real images. (Every anomaly score, the
+calibration and the defect kinds of the synthetic corpus are bench/detection.py's; its digits
+part scores the Fire model alone, by every score.)
 
 Digits (scikit-learn's load_digits: 1,797 real 8x8 scans, upsampled bilinearly to 32x32
 grayscale): each digit in turn is the normal class. The model trains on 70% of that digit's
@@ -17,7 +13,9 @@ the digit plus every other digit ("held out"), and over all 1,797 images as well
 which counts the training images among the normals). Both architectures, same widths and
 latent size, same epochs.
 
-Prints a Markdown section for docs/BENCHMARKS.md and writes it to <out>/anomaly.md.
+Models train with a bare in-process loop (same model, loss, optimiser and schedule as
+pipeline/train.py: per-image MSE, AdamW, cosine decay per epoch). Prints a Markdown section for
+docs/BENCHMARKS.md and writes it to <out>/anomaly.md.
 """
 
 from __future__ import annotations
@@ -71,61 +69,6 @@ def score(model: torch.nn.Module, pixels: np.ndarray, batch_size: int = 256) -> 
         x = torch.from_numpy(pixels[start:start + batch_size]).permute(0, 3, 1, 2).float().div_(255.0)
         out.append(mse_per_image(x, model(x)["x_hat"]).numpy())
     return np.concatenate(out)
-
-
-# ---------------------------------------------------------------- synthetic corpus, real jobs
-
-
-def run_synthetic(out: Path, n: int, epochs: int) -> dict:
-    import pyarrow.dataset as pads
-    import ray
-
-    from pipeline.checkpoint import save_checkpoint
-    from pipeline.embed import EmbedConfig, embed
-    from pipeline.images import decode_batch
-    from pipeline.report import ReportConfig, report
-    from pipeline.shards import image_bytes
-    from pipeline.sampling import split_of
-    from pipeline.scoring import calibration_from_errors
-    from pipeline.synth import write_synthetic_corpus
-
-    data, model_url = out / "synth" / "shards", str(out / "synth" / "model")
-    started = time.perf_counter()
-    corpus = write_synthetic_corpus(str(data), n=n, image_size=64, anomaly_fraction=0.05, seed=0, rows_per_shard=500)
-    table = pads.dataset(str(data), format="parquet").to_table(columns=["id", "image"])
-    pixels, errors = decode_batch(image_bytes(table.column("image")), 64, 3)
-    assert not any(errors)
-    val = split_of(table.column("id").to_pylist(), 0.05)
-    config = AutoencoderConfig(arch="fire", image_size=64, channels=3)  # the train job's defaults
-    t = time.perf_counter()
-    model = train_autoencoder(pixels[~val], config, epochs)
-    train_seconds = time.perf_counter() - t
-    val_errors = score(model, pixels[val])
-    save_checkpoint(model_url, model, training={"calibration": calibration_from_errors(val_errors),
-                                                "preprocessing": {"resize": "pad"}, "epochs": epochs,
-                                                "note": "bench/digits.py bare training loop"})
-    print(f"synthetic: trained {epochs} epochs on {int((~val).sum())} images in {train_seconds:.0f}s; "
-          f"val mse {val_errors.mean():.5f}", flush=True)
-
-    ray.init()
-    latents = str(out / "synth" / "latents")
-    embedded = embed(EmbedConfig(data_url=str(data), model_url=model_url, out_url=latents,
-                                 passthrough=("label", "anomaly_kind")))
-    results = {}
-    for spec in ("quantile:0.99", "contamination:0.05"):
-        name = spec.split(":")[0]
-        summary = report(ReportConfig(latents_url=latents, out_url=str(out / "synth" / f"report-{name}"),
-                                      model_url=model_url, data_url=str(data), threshold=spec, top_k=50))
-        results[spec] = summary
-    ray.shutdown()
-    first = results["quantile:0.99"]
-    return {"images": n, "anomalies": corpus["anomalies"], "epochs": epochs, "train_seconds": train_seconds,
-            "params": count_parameters(model), "embed_images_per_s": embedded.images_per_s,
-            "seconds": time.perf_counter() - started, "metrics": first["metrics"],
-            "by_kind": first["by_kind"],
-            "thresholds": {spec: {k: s["threshold"][k] for k in ("value", "flagged_rows", "flagged_share", "source")}
-                           | {"at_threshold": s["metrics"]["at_threshold"]} for spec, s in results.items()},
-            "report": str(out / "synth" / "report-quantile" / "index.html")}
 
 
 # ---------------------------------------------------------------- digits, one class at a time
@@ -190,70 +133,37 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
-def markdown(synth: dict | None, digits: dict | None) -> str:
-    lines = ["## Anomaly detection", "",
-             "`python bench/digits.py` — anomaly-detection quality (AUROC, AP, flags), not speed. "
+def markdown(digits: dict) -> str:
+    lines = ["### scikit-learn digits, Fire against plain", "",
+             "`python bench/digits.py` — detection quality by reconstruction mse, not speed. "
              f"Machine: {machine()}; load average at the end: {os.getloadavg()[0]:.1f} (shared with other jobs, "
              "which changes run times, not these scores).", ""]
-    if synth:
-        m = synth["metrics"]
-        lines += ["### Synthetic corpus, end to end (train, `embed`, `report`)", "",
-                  f"{synth['images']:,} synthetic 64x64 RGB images (pipeline.synth, seed 0) with {synth['anomalies']} "
-                  f"labelled anomalies ({synth['anomalies'] / synth['images']:.0%}, five kinds). Fire autoencoder "
-                  f"with the train job's defaults ({synth['params']:,} parameters, latent 128), "
-                  f"{synth['epochs']} epochs "
-                  f"of the bare loop on the 95% training split ({synth['train_seconds']:.0f} s), calibrated on the "
-                  "5% validation split; then the Ray `embed` and `report` jobs.", "",
-                  "| score | AUROC | average precision | best F1 |", "|---|---:|---:|---:|",
-                  f"| mse | {m['auroc']:.3f} | {m['average_precision']:.3f} | {m['best_f1']:.3f} |",
-                  f"| 1 - SSIM | {m['ssim_error']['auroc']:.3f} | {m['ssim_error']['average_precision']:.3f} | |", "",
-                  "| threshold policy | mse threshold | flagged | flagged share | precision | recall |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        for spec, t in synth["thresholds"].items():
-            a = t["at_threshold"]
-            lines.append(f"| `{spec}` | {t['value']:.5f} | {t['flagged_rows']} | {t['flagged_share']:.1%} | "
-                         f"{_fmt(a['precision'])} | {_fmt(a['recall'])} |")
-        lines += ["", "Flag rate per kind under `quantile:0.99`:", "", "| kind | images | flagged | flag rate |",
-                  "|---|---:|---:|---:|"]
-        for k in synth["by_kind"]:
-            lines.append(f"| {k['kind'] or '(normal)'} | {k['rows']} | {k['flagged_rows']} | "
-                         f"{_fmt(k['flag_rate'])} |")
-        lines.append("")
-    if digits:
-        fire, plain = digits["archs"]["fire"], digits["archs"]["plain"]
-        lines += ["### scikit-learn digits, one class at a time", "",
-                  "1,797 real 8x8 digit scans (`sklearn.datasets.load_digits`) upsampled bilinearly to 32x32 "
-                  "grayscale. Each digit in turn is the normal class: the model trains on 70% of that digit "
-                  f"(about 125 images) for {digits['epochs']} epochs (batch {digits['batch_size']}, AdamW 3e-3, "
-                  "cosine), and every image "
-                  "is scored by its reconstruction mse with the other nine digits as anomalies. \"Held out\" scores "
-                  "the unseen 30% of the normal digit against all other digits; \"all\" scores all 1,797 "
-                  "(the training images count among the normals). Both models: base width "
-                  f"{digits['base_width']}, latent {digits['latent_dim']}; fire {fire['params']:,} parameters, "
-                  f"plain {plain['params']:,} ({fire['params'] / plain['params']:.0%}). "
-                  f"Run time: fire {fire['seconds']:.0f} s, plain {plain['seconds']:.0f} s for all ten digits.", "",
-                  "| normal digit | fire AUROC held out | plain AUROC held out | fire AUROC all | plain AUROC all |",
-                  "|---:|---:|---:|---:|---:|"]
-        for f, p in zip(fire["per_digit"], plain["per_digit"]):
-            lines.append(f"| {f['digit']} | {f['auroc_held_out']:.3f} | {p['auroc_held_out']:.3f} | "
-                         f"{f['auroc_all']:.3f} | {p['auroc_all']:.3f} |")
-        lines.append(f"| **mean** | **{fire['mean_held_out']:.3f}** | **{plain['mean_held_out']:.3f}** | "
-                     f"**{fire['mean_all']:.3f}** | **{plain['mean_all']:.3f}** |")
-        lines.append("")
+    fire, plain = digits["archs"]["fire"], digits["archs"]["plain"]
+    lines += ["1,797 real 8x8 digit scans (`sklearn.datasets.load_digits`) upsampled bilinearly to 32x32 "
+              "grayscale. Each digit in turn is the normal class: the model trains on 70% of that digit "
+              f"(about 125 images) for {digits['epochs']} epochs (batch {digits['batch_size']}, AdamW 3e-3, "
+              "cosine), and every image "
+              "is scored by its reconstruction mse with the other nine digits as anomalies. \"Held out\" scores "
+              "the unseen 30% of the normal digit against all other digits; \"all\" scores all 1,797 "
+              "(the training images count among the normals). Both models: base width "
+              f"{digits['base_width']}, latent {digits['latent_dim']}; fire {fire['params']:,} parameters, "
+              f"plain {plain['params']:,} ({fire['params'] / plain['params']:.0%}). "
+              f"Run time: fire {fire['seconds']:.0f} s, plain {plain['seconds']:.0f} s for all ten digits.", "",
+              "| normal digit | fire AUROC held out | plain AUROC held out | fire AUROC all | plain AUROC all |",
+              "|---:|---:|---:|---:|---:|"]
+    for f, p in zip(fire["per_digit"], plain["per_digit"]):
+        lines.append(f"| {f['digit']} | {f['auroc_held_out']:.3f} | {p['auroc_held_out']:.3f} | "
+                     f"{f['auroc_all']:.3f} | {p['auroc_all']:.3f} |")
+    lines.append(f"| **mean** | **{fire['mean_held_out']:.3f}** | **{plain['mean_held_out']:.3f}** | "
+                 f"**{fire['mean_all']:.3f}** | **{plain['mean_all']:.3f}** |")
+    lines.append("")
     return "\n".join(lines)
-
-
-def _fmt(value) -> str:
-    return "–" if value is None else f"{value:.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--part", choices=["all", "synth", "digits"], default="all", help="which benchmark to run")
-    p.add_argument("--out", default="/tmp/bench-anomaly", help="working folder (corpus, model, latents, reports)")
-    p.add_argument("--n", type=int, default=2000, help="synthetic images")
-    p.add_argument("--synth-epochs", type=int, default=12, help="training epochs on the synthetic corpus")
+    p.add_argument("--out", default="/tmp/bench-anomaly", help="folder for the Markdown and JSON results")
     p.add_argument("--digits-epochs", type=int, default=40, help="training epochs per digit")
     p.add_argument("--digits-batch", type=int, default=16, help="batch size of the digits models")
     p.add_argument("--digits-width", type=int, default=16, help="base width of the digits models")
@@ -265,12 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    digits = run_digits(args.digits_epochs, args.digits_width, args.digits_latent, args.digits_batch) \
-        if args.part in ("all", "digits") else None
-    synth = run_synthetic(out, args.n, args.synth_epochs) if args.part in ("all", "synth") else None
-    text = markdown(synth, digits)
+    digits = run_digits(args.digits_epochs, args.digits_width, args.digits_latent, args.digits_batch)
+    text = markdown(digits)
     (out / "anomaly.md").write_text(text)
-    (out / "anomaly.json").write_text(json.dumps({"synthetic": synth, "digits": digits}, indent=2, default=str))
+    (out / "anomaly.json").write_text(json.dumps({"digits": digits}, indent=2, default=str))
     print(text)
     return 0
 

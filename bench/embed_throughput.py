@@ -3,7 +3,8 @@
     python bench/embed_throughput.py --images 20000      # prints Markdown tables
 
 Both do the same work on the same cores: read Parquet, decode PNG, encode + decode with the
-Fire model, score (MSE and SSIM), write Parquet. The bare loop uses the very same
+Fire model, compute every anomaly score (reconstruction maps, neighbours in a training bank,
+fused), write Parquet. The bare loop uses the very same
 `decode_batch` and `Embedder` in one process with all cores' torch threads, so the ratio
 measures what the distributed pipeline costs (or gains by overlapping decode, model and I/O).
 Each run is a fresh process, timed from the job's first step (imports done) to its last;
@@ -36,12 +37,21 @@ from bench.common import machine, table  # noqa: E402
 
 
 def make_inputs(root: Path, n: int) -> tuple[str, str]:
-    """A synthetic corpus of n 64x64 PNGs and a trained-shape model (weights need not be trained to time them)."""
+    """A synthetic corpus of n 64x64 PNGs and a model shaped as the train job exports one: every
+    score calibrated and a training bank of the corpus's training split (BANK_CAP at most), so
+    that the embed job computes every column it computes in real use. The weights are untrained:
+    the time of a forward pass does not depend on them."""
+    import numpy as np
+    import pyarrow.dataset as pads
     import torch
 
     from pipeline.checkpoint import save_checkpoint
-    from pipeline.model import AutoencoderConfig, build_model
-    from pipeline.scoring import calibration_from_errors
+    from pipeline.images import decode_batch
+    from pipeline.inference import ImageScorer, to_input
+    from pipeline.model import AutoencoderConfig, build_model, fuse_for_inference
+    from pipeline.sampling import hash_sample, split_of
+    from pipeline.scoring import BANK_CAP, calibrate_with_bank
+    from pipeline.shards import image_bytes
     from pipeline.synth import write_synthetic_corpus
 
     data = root / f"shards-{n}"
@@ -50,8 +60,21 @@ def make_inputs(root: Path, n: int) -> tuple[str, str]:
     model = root / "model"
     if not model.exists():
         torch.manual_seed(0)
-        save_checkpoint(str(model), build_model(AutoencoderConfig()).eval(),
-                        training={"calibration": calibration_from_errors([0.01, 0.02, 0.03])})
+        autoencoder = build_model(AutoencoderConfig()).eval()
+        table = pads.dataset(str(data), format="parquet").to_table(columns=["id", "image"])
+        ids = table.column("id").to_pylist()
+        keep = np.flatnonzero(split_of(ids, 0.05) | hash_sample(ids, min(1.0, BANK_CAP / len(ids))))
+        pixels, _ = decode_batch(image_bytes(table.column("image").take(keep)), 64, 3)
+        scorer = ImageScorer(fuse_for_inference(autoencoder))
+        parts: dict[str, list] = {}
+        for start in range(0, len(keep), 512):
+            out = scorer(to_input(torch.from_numpy(pixels[start:start + 512])))
+            for name, values in {"z": out["z"], "stem_stats": out["stem_stats"], **out["scores"]}.items():
+                parts.setdefault(name, []).append(values)
+        rows = {name: np.concatenate(values) for name, values in parts.items()}
+        kept_ids = [ids[i] for i in keep]
+        calibration, bank = calibrate_with_bank(kept_ids, split_of(kept_ids, 0.05), rows)
+        save_checkpoint(str(model), autoencoder, training={"calibration": calibration.to_dict()}, bank=bank)
     return str(data), str(model)
 
 

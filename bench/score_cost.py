@@ -1,0 +1,112 @@
+"""What the anomaly scores cost, against the model's forward pass, per batch.
+
+    python bench/score_cost.py                  # prints a Markdown table
+
+The embed job runs the folded model on a batch and then scores it (pipeline.inference's
+ImageScorer): the reconstruction scores from the image and its reconstruction, the
+neighbour scores against the training bank, the fused score from the calibration. This
+times each part on the same batch (random 64 px images: the cost does not depend on the
+pixels) in one process, at one torch thread and at all cores, as the median of `--repeats`
+runs after a warm-up, and gives it as a share of the forward pass measured in the same run.
+The bank is full size (BANK_CAP entries, the most a model keeps), which is the worst case
+for the neighbour scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.common import machine, table  # noqa: E402
+
+
+def parts(batch_size: int, image_size: int):
+    """{name: zero-argument callable} for the forward pass and every scoring step."""
+    import numpy as np
+    import torch
+
+    from pipeline import scoring
+    from pipeline.model import AutoencoderConfig, build_model, fuse_for_inference
+
+    torch.manual_seed(0)
+    config = AutoencoderConfig(image_size=image_size)
+    model = fuse_for_inference(build_model(config).eval()).to(memory_format=torch.channels_last)
+    x = torch.rand(batch_size, 3, image_size, image_size).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        out = model(x)
+    x_hat, z, stem = out["x_hat"], out["z"], out["stem_stats"]
+    rng = np.random.default_rng(0)
+    ids = [f"bank-{i}" for i in range(scoring.BANK_CAP)]
+    bank = scoring.TrainingBank(ids, rng.normal(size=(len(ids), z.shape[1])).astype(np.float32),
+                                rng.normal(size=(len(ids), stem.shape[1])).astype(np.float32))
+    held_out = {name: v.numpy() for name, v in scoring.reconstruction_scores(x, x_hat).items()}
+    held_out.update({name: v.numpy() for name, v in bank.scores(z, stem, None).items()})
+    calibration = scoring.calibrate(held_out, scoring.DEFAULT_SCORE, scoring.FUSED_FROM)
+    query_ids = [f"query-{i}" for i in range(batch_size)]
+    return {
+        "forward pass (the baseline)": lambda: model(x),
+        "every reconstruction score": lambda: scoring.reconstruction_scores(x, x_hat),
+        "  mse": lambda: scoring.mse_per_image(x, x_hat),
+        "  ssim_error (exact RGB SSIM)": lambda: scoring.ssim_error_per_image(x, x_hat),
+        "  err map, max and top": lambda: (scoring.pool_top(m := scoring.error_map(x, x_hat)), scoring.pool_max(m)),
+        "  ssim map, max and top": lambda: (scoring.pool_top(m := scoring.ssim_map(x, x_hat)), scoring.pool_max(m)),
+        "  gms map, max and top": lambda: (scoring.pool_top(m := scoring.gms_map(x, x_hat)), scoring.pool_max(m)),
+        f"neighbour scores ({scoring.BANK_CAP:,}-entry bank)": lambda: bank.scores(z, stem, query_ids),
+        "fused score": lambda: calibration.fuse(held_out),
+    }
+
+
+def measure(threads: int, batch_size: int, image_size: int, repeats: int) -> dict[str, float]:
+    """Median wall seconds of each part at `threads` torch threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    steps = parts(batch_size, image_size)
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    with torch.inference_mode():
+        for step in steps.values():  # warm-up
+            step()
+        for _ in range(repeats):
+            for name, step in steps.items():  # interleaved: drift hits every part alike
+                started = time.perf_counter()
+                step()
+                seconds[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.resources import CPU_BATCH_SIZE
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--batch-size", type=int, default=CPU_BATCH_SIZE, help="images per batch (the embed job's CPU batch)")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=15)
+    args = p.parse_args(argv)
+    cores = os.cpu_count() or 1
+    columns = ["step", *[f"ms/batch, {t} thread{'s' * (t > 1)}" for t in sorted({1, cores})],
+               *[f"share of forward, {t} thread{'s' * (t > 1)}" for t in sorted({1, cores})]]
+    results = {t: measure(t, args.batch_size, args.image_size, args.repeats) for t in sorted({1, cores})}
+    rows = []
+    for name in results[1]:
+        rows.append([name, *[1000 * results[t][name] for t in results],
+                     *[f"{results[t][name] / results[t]['forward pass (the baseline)']:.0%}" for t in results]])
+    print(f"Machine: {machine()}\n")
+    print(f"Batch {args.batch_size} images of {args.image_size} px; median of {args.repeats} runs.\n")
+    print(table(columns, rows))
+    total = {t: sum(r[n] for n in r if not n.startswith("  ") and not n.startswith("forward")) for t, r in
+             results.items()}
+    print("\nAll scoring against the forward pass: "
+          + ", ".join(f"{total[t] / results[t]['forward pass (the baseline)']:.0%} at {t} thread{'s' * (t > 1)}"
+                      for t in results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
