@@ -130,6 +130,13 @@ def make_report(cfg: DemoConfig, shards: str, model: str, latents, rates: dict[s
     return facts
 
 
+def flag_rates(by_kind: list[dict[str, Any]]) -> dict[str, float]:
+    """{kind: share of its scored rows flagged}, normal images first (their rate is the false
+    positives), then the anomaly kinds; rows that could not be read have no rate."""
+    rates = {(row["kind"] or "normal"): row["flag_rate"] for row in by_kind if row.get("flag_rate") is not None}
+    return dict(sorted(rates.items(), key=lambda item: (item[0] != "normal", item[0])))
+
+
 def run(cfg: DemoConfig) -> dict[str, Any]:
     """Every stage in turn; prints the summary a person reads and returns it for the JSON line."""
     rates: dict[str, str] = {}
@@ -147,14 +154,18 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     index = Path(cfg.folder("report")) / "index.html"
     print(f"model        fire autoencoder, {last['epoch']} epochs, val PSNR {last['val_psnr']:.2f} dB")
     print(f"rows         {latents.rows_in} in, {latents.rows_out} out, {latents.error_rows} failed to decode")
+    print(f"score        {threshold['score']} (the model's default; --score on embed and report picks another)")
     print(f"flagged      {threshold['flagged_rows']} rows ({threshold['flagged_share']:.1%}; "
-          f"mse > {threshold['value']:.4g}, {threshold['spec']} of the held-out errors)")
+          f"{threshold['score']} > {threshold['value']:.4g}, {threshold['spec']} of the held-out scores' normal bulk)")
+    by_kind = flag_rates(facts.get("by_kind") or [])
+    if by_kind:
+        print("flag rate    " + ", ".join(f"{kind} {rate:.0%}" for kind, rate in by_kind.items()))
     if metrics:
         print(f"AUROC        {metrics.get('auroc'):.3f}   average precision {metrics.get('average_precision'):.3f}")
     print("speed        " + (", ".join(f"{k} {v}" for k, v in rates.items()) if rates else "(all reused)"))
     print(f"report       {index}", flush=True)
     return {"rows_in": latents.rows_in, "rows_out": latents.rows_out, "flagged_rows": threshold["flagged_rows"],
-            "threshold": threshold["value"], "auroc": metrics.get("auroc"),
+            "score": threshold["score"], "threshold": threshold["value"], "flag_rate_by_kind": by_kind, "auroc": metrics.get("auroc"),
             "average_precision": metrics.get("average_precision"), "rates": rates, "report": str(index)}
 
 

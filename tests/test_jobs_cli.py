@@ -31,3 +31,11 @@ def test_embed_options_reach_the_config():
                                 "--passthrough", "label,source", "--cpu"])
     assert (cfg.batch_size, cfg.passthrough, cfg.gpu) == (32, ("label", "source"), False)
     assert embed_job.parse_args(["--data", "d", "--model", "m", "--out", "o"]).batch_size is None
+
+
+def test_demo_summary_gives_each_kind_its_flag_rate_normal_images_first():
+    from jobs.demo import flag_rates
+
+    by_kind = [{"kind": "scratch", "flag_rate": 0.75}, {"kind": "", "flag_rate": 0.01},
+               {"kind": "blot", "flag_rate": 1.0}, {"kind": "bad", "flag_rate": None}]
+    assert list(flag_rates(by_kind).items()) == [("normal", 0.01), ("blot", 1.0), ("scratch", 0.75)]

@@ -51,7 +51,7 @@ from pipeline.report import (
     resolve_threshold,
     sketch_quantile,
 )
-from pipeline.scoring import threshold_from_calibration
+from pipeline.scoring import Calibration, threshold_from_calibration
 from pipeline.shards import write_shard
 from pipeline.synth import synthetic_image, write_synthetic_corpus
 
@@ -325,6 +325,8 @@ def test_threshold_policies_resolve_from_their_sources(model_url, tmp_path):
     from_model = resolve_threshold("quantile:0.95", empty, True, calibration, None)
     assert from_model.value == pytest.approx(threshold_from_calibration(calibration, 0.95))
     assert "--model" in from_model.source
+    # The calibration's estimate of how much of its held-out split was anomalous travels along.
+    assert from_model.estimated_contamination == Calibration.from_dict(calibration).get("mse").contamination
     recorded = {"threshold": 0.0123, "threshold_spec": "quantile:0.99"}
     assert resolve_threshold("quantile:0.99", empty, True, None, recorded).value == 0.0123
     # Another quantile than the embed job's: the calibration of the model the metadata names.
@@ -332,7 +334,7 @@ def test_threshold_policies_resolve_from_their_sources(model_url, tmp_path):
     assert named.value == pytest.approx(threshold_from_calibration(calibration, 0.9))
     with pytest.raises(InputError, match="needs the model's calibration"):
         resolve_threshold("quantile:0.9", empty, True, None, recorded)
-    assert resolve_threshold("value:0.5", empty, True, None, None).value == 0.5
+    assert resolve_threshold("value:0.5", empty, True, None, None).estimated_contamination is None
     for bad in ("quantile:1.5", "contamination:-0.1", "value:abc", "median", "value:nan"):
         with pytest.raises(InputError, match="threshold|contamination|quantile"):
             resolve_threshold(bad, empty, True, None, None)
@@ -387,6 +389,8 @@ def test_end_to_end_report_renders_in_chromium(ray_local, embedded, model_url, t
     summary = _summary(str(out))
     calibration = read_checkpoint_meta(model_url)["training"]["calibration"]
     assert summary["threshold"]["value"] == pytest.approx(threshold_from_calibration(calibration, 0.99))
+    contamination = Calibration.from_dict(calibration).get("mse").contamination
+    assert summary["threshold"]["estimated_contamination"] == contamination
     assert summary["counts"]["rows"] == 122 and summary["counts"]["error_rows"] == 2
     latents = read_latents(embedded.out_url, columns=["id", "mse", "label"]).to_pylist()
     scored = sorted((r for r in latents if r["mse"] is not None), key=lambda r: (-r["mse"], r["id"]))
@@ -414,6 +418,8 @@ def test_end_to_end_report_renders_in_chromium(ray_local, embedded, model_url, t
     state = browse(out / "index.html", tmp_path)
     _assert_renders(state, expected_images=3 * (12 + 4) + 3)  # galleries, histogram, ROC/PR, strip
     assert "AUROC" in state["text"] and worst[0]["id"] in state["text"]
+    shown = state["text"].split("estimated contamination", 1)[1].split("\n", 1)[0]
+    assert f"{100 * contamination:.3g}% of the model's held-out images" in shown
 
 
 @pytest.mark.ray

@@ -69,7 +69,9 @@ summary.json keys:
                                quantile_method "exact"|"log-histogram", quantile_relative_error}
     histogram                 {score, edges, counts, [counts_label_0, counts_label_1]}
     threshold                 {spec, policy, parameter, value, source, score, rule "<score> > value",
-                               flagged_rows, flagged_share}
+                               flagged_rows, flagged_share, estimated_contamination (the share
+                               of the model's held-out split its calibration read as anomalies;
+                               null without a calibration)}
     metrics (labels only)     {label_column, score, positives, negatives, unlabelled_scored_rows,
                                sampled, rows_used, auroc, average_precision, best_f1,
                                best_f1_threshold, best_f1_precision, best_f1_recall,

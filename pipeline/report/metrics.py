@@ -28,6 +28,9 @@ class Threshold:
     parameter: float
     value: float
     source: str
+    # the share of the model's held-out split its calibration read as anomalies (quantile
+    # policy with a reachable calibration only)
+    estimated_contamination: float | None = None
 
 
 def resolve_threshold(spec: str, totals: ScorePartial | None, exact: bool, calibration: dict[str, Any] | None,
@@ -40,9 +43,19 @@ def resolve_threshold(spec: str, totals: ScorePartial | None, exact: bool, calib
         return Threshold(spec, parsed.policy, parsed.parameter, parsed.parameter, "the value given")
     if parsed.policy == "contamination":
         value, source = _contamination(parsed.parameter, totals, exact)
-    else:
-        value, source = _calibrated_quantile(spec, parsed.parameter, calibration, metadata, score)
-    return Threshold(spec, parsed.policy, parsed.parameter, value, source)
+        return Threshold(spec, parsed.policy, parsed.parameter, value, source)
+    value, source, used = _calibrated_quantile(spec, parsed.parameter, calibration, metadata, score)
+    return Threshold(spec, parsed.policy, parsed.parameter, value, source, estimated_contamination(used, score))
+
+
+def estimated_contamination(calibration: dict[str, Any] | None, score: str) -> float | None:
+    """The share of the held-out split `calibration` read as anomalies on `score`, if it says."""
+    from pipeline.scoring import Calibration
+
+    if not calibration:
+        return None
+    scores = Calibration.from_dict(calibration).scores
+    return scores[score].contamination if score in scores else None
 
 
 def _contamination(share: float, totals: ScorePartial, exact: bool) -> tuple[float, str]:
@@ -61,13 +74,14 @@ def _contamination(share: float, totals: ScorePartial, exact: bool) -> tuple[flo
 
 
 def _calibrated_quantile(spec: str, q: float, calibration: dict[str, Any] | None,
-                         metadata: dict[str, Any] | None, score: str) -> tuple[float, str]:
-    """A calibration quantile: --model's, the embed job's recorded threshold, or the named model's."""
+                         metadata: dict[str, Any] | None, score: str) -> tuple[float, str, dict[str, Any] | None]:
+    """A calibration quantile: --model's, the embed job's recorded threshold, or the named
+    model's; with where it came from and the calibration it read, when it read one."""
     from pipeline.scoring import parse_threshold, threshold_from_calibration
 
     if calibration:
         return (threshold_from_calibration(calibration, q, score),
-                "calibration of --model (the normal bulk of its held-out scores)")
+                "calibration of --model (the normal bulk of its held-out scores)", calibration)
     meta = metadata or {}
     recorded = meta.get("threshold_spec")
     same_score = meta.get("score", "mse") == score
@@ -77,11 +91,12 @@ def _calibrated_quantile(spec: str, q: float, calibration: dict[str, Any] | None
         except InputError:
             recorded_spec = None
         if recorded_spec and (recorded_spec.policy, recorded_spec.parameter) == ("quantile", q):
-            return float(meta["threshold"]), "the embed job's threshold recorded in the latent metadata"
+            return (float(meta["threshold"]), "the embed job's threshold recorded in the latent metadata",
+                    _calibration_of(meta.get("model")))
     model_calibration = _calibration_of(meta.get("model"))
     if model_calibration:
         return (threshold_from_calibration(model_calibration, q, score),
-                f"calibration of the model named in the latent metadata ({meta['model']})")
+                f"calibration of the model named in the latent metadata ({meta['model']})", model_calibration)
     raise InputError(
         f"--threshold {spec} needs the model's calibration: pass --model, or use contamination:X or value:X "
         f"(the latent metadata records {recorded or 'no threshold spec'} and no reachable model)")
