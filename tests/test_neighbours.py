@@ -14,10 +14,8 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from builders import kill_part_way, rows_written
 from PIL import Image
 
 from pipeline import storage
@@ -34,10 +33,24 @@ from pipeline.errors import InputError
 from pipeline.images import decode_batch, encode_image
 from pipeline.latents import SUCCESS_FILE, fixed_size_list
 from pipeline.model import AutoencoderConfig, build_model
-from pipeline.neighbour_output import CLUSTERS_FILE, PAIRS_FILE, RUN_FILE, neighbour_files
+from pipeline.neighbour_output import (
+    CLUSTERS_FILE,
+    PAIRS_FILE,
+    RUN_FILE,
+    neighbour_files,
+)
 from pipeline.neighbours import (
-    LoadedIndex, NeighboursConfig, NeighbourSearch, build_index, choose_threshold, clusters, duplicate_pairs,
-    neighbours, plan_index, prepare, query,
+    LoadedIndex,
+    NeighboursConfig,
+    NeighbourSearch,
+    build_index,
+    choose_threshold,
+    clusters,
+    duplicate_pairs,
+    neighbours,
+    plan_index,
+    prepare,
+    query,
 )
 from pipeline.scoring import calibration_from_errors, mse_per_image
 from pipeline.shards import write_shard
@@ -418,23 +431,10 @@ def test_killed_once_then_rerun_gives_the_uninterrupted_output(ray_local, tmp_pa
     cmd = [sys.executable, "-m", "jobs.neighbours", *args, "--out", str(out)]
     env = {**os.environ, "RAY_ADDRESS": "local"}
 
-    def written() -> int:
-        rows = 0
-        for f in neighbour_files(str(out))[1]:
-            try:
-                rows += pq.read_metadata(f).num_rows
-            except (OSError, pa.ArrowInvalid):
-                pass
-        return rows
+    def written() -> int:  # the neighbour rows (part-*), not index_ids.parquet, written before any of them
+        return rows_written(out, prefix="part-")
 
-    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and first.poll() is None and written() < 6_000:
-        time.sleep(0.1)
-    assert first.poll() is None, "the first run ended before it could be killed"
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+    kill_part_way(cmd, REPO, env, out, rows=6_000, prefix="part-")
     before = written()
     assert 0 < before < 30_000
 

@@ -15,14 +15,23 @@ The files, along those steps:
     query.py      `query(...)` and the `jobs.query` entry point's config
 """
 
-from pipeline.neighbours.calibrate import augmented_copy, calibrate_threshold, choose_threshold
+from pipeline.neighbours.calibrate import (
+    augmented_copy,
+    calibrate_threshold,
+    choose_threshold,
+)
 from pipeline.neighbours.clusters import clusters, duplicate_pairs
-from pipeline.neighbours.index import FLAT_MAX_ROWS, LoadedIndex, build_index, plan_index
+from pipeline.neighbours.index import (
+    FLAT_MAX_ROWS,
+    LoadedIndex,
+    build_index,
+    plan_index,
+)
 from pipeline.neighbours.job import (
     NeighboursConfig,
+    NeighbourSearch,
     NeighboursPlan,
     NeighboursSummary,
-    NeighbourSearch,
     neighbours,
     prepare,
     run,

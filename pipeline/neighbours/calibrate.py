@@ -33,7 +33,13 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
-from pipeline.images import DEFAULT_MAX_PIXELS, RESAMPLE, SUPPORTED_FORMATS, decode_batch, encode_image
+from pipeline.images import (
+    DEFAULT_MAX_PIXELS,
+    RESAMPLE,
+    SUPPORTED_FORMATS,
+    decode_batch,
+    encode_image,
+)
 from pipeline.latents import dequantize_latents, quantize_latents
 from pipeline.sampling import sample_keys
 from pipeline.shards import Columns, ShardList, image_bytes

@@ -360,9 +360,9 @@ def _part_names():
 
 def _search(plan: NeighboursPlan) -> dict[str, int]:
     """Stream the latents through the search actors into part-*.parquet, exactly once; rows by node."""
+    import pyarrow.fs as pafs
     import ray
     import ray.data
-    import pyarrow.fs as pafs
     from ray.data import ActorPoolStrategy
     from ray.data.checkpoint import CheckpointConfig
 
