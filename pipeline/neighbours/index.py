@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.errors import InputError
-from pipeline.latents import latent_dataset, latents_from_batch
+from pipeline.latents import dequantize_latents, latent_dataset
 from pipeline.neighbour_output import INDEX_FILE, INDEX_IDS_FILE, INDEX_SETTINGS_FILE
 from pipeline.sampling import hash_sample
 
@@ -104,14 +104,22 @@ def plan_index(rows: int, dim: int, kind: str = "auto", flat_max_rows: int = FLA
 
 
 def stream_latents(latents_url: str, batch_rows: int = STREAM_ROWS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(ids of the rows that have a latent, their (n, D) float32 vectors), batch by batch, in file order."""
+    """(ids of the rows that have a latent, their (n, D) float32 vectors), batch by batch, in file order.
+
+    The fixed-size lists are read as one flat buffer each (not a Python object per row).
+    """
     dataset = latent_dataset(latents_url)
     columns = [c for c in ("id", "latent", "latent_scale") if c in dataset.schema.names]
     for batch in dataset.to_batches(columns=columns, batch_size=batch_rows, batch_readahead=READAHEAD_BATCHES,
                                     fragment_readahead=1):
-        rows = {name: batch.column(name).to_numpy(zero_copy_only=False) for name in columns}
-        valid, z = latents_from_batch(rows)
-        yield rows["id"].astype(str)[valid], np.ascontiguousarray(z, np.float32)
+        latent = batch.column("latent")
+        valid = latent.is_valid()
+        kept = latent.filter(valid)
+        stored = kept.flatten().to_numpy(zero_copy_only=False).reshape(len(kept), latent.type.list_size)
+        scale = batch.column("latent_scale").filter(valid).to_numpy(zero_copy_only=False) \
+            if "latent_scale" in columns else None
+        ids = batch.column("id").filter(valid).to_numpy(zero_copy_only=False).astype(str)
+        yield ids, np.ascontiguousarray(dequantize_latents(stored, scale), np.float32)
 
 
 # ---------------------------------------------------------------- building
