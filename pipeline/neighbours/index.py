@@ -245,9 +245,10 @@ def build_index(latents_url: str, out_url: str, plan: IndexPlan, target_recall: 
         nprobe, recall, curve = _tune_nprobe(index, plan, probe, own_rows, exact, target_recall)
         log(f"neighbours: nprobe {nprobe} gives recall@{RECALL_AT} {recall:.3f} on {len(probe_ids)} probe queries "
             f"(target {target_recall})")
-    data = faiss.serialize_index(index)
-    storage.write_bytes(storage.join(out_url, INDEX_FILE), data.tobytes())
-    settings = {**asdict(plan), "rows": rows, "metric": "l2", "nprobe": nprobe, "bytes": int(data.nbytes),
+    with storage.atomic_write(storage.join(out_url, INDEX_FILE)) as f:  # streamed: no second copy in memory
+        faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
+        size = f.tell()
+    settings = {**asdict(plan), "rows": rows, "metric": "l2", "nprobe": nprobe, "bytes": int(size),
                 f"recall_at_{RECALL_AT}": recall, "recall_measured_on": len(probe_ids), "target_recall": target_recall,
                 "nprobe_recall": curve, "build_seconds": round(time.perf_counter() - started, 3), **record}
     storage.write_text(storage.join(out_url, INDEX_SETTINGS_FILE), json_text(settings))
@@ -278,8 +279,9 @@ class LoadedIndex:
             raise InputError(f"no finished index at {out_url}: {INDEX_SETTINGS_FILE} not found "
                              "(run jobs.neighbours, or rerun it to finish)")
         self.settings = json.loads(storage.read_text(settings_url))
-        self.index = faiss.deserialize_index(np.frombuffer(storage.read_bytes(storage.join(out_url, INDEX_FILE)),
-                                                           np.uint8))
+        fs, path = storage.filesystem(storage.join(out_url, INDEX_FILE))
+        with fs.open(path, "rb") as f:  # streamed into faiss: no copy of the file's bytes in memory
+            self.index = faiss.read_index(faiss.PyCallbackIOReader(f.read))
         set_search_parameters(self.index, self.settings.get("nprobe"))
         fs, path = storage.arrow_filesystem(storage.join(out_url, INDEX_IDS_FILE))
         self.ids = pq.read_table(path, filesystem=fs).column("id").combine_chunks()
