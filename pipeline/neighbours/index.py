@@ -245,6 +245,9 @@ def build_index(latents_url: str, out_url: str, plan: IndexPlan, target_recall: 
         nprobe, recall, curve = _tune_nprobe(index, plan, probe, own_rows, exact, target_recall)
         log(f"neighbours: nprobe {nprobe} gives recall@{RECALL_AT} {recall:.3f} on {len(probe_ids)} probe queries "
             f"(target {target_recall})")
+        if recall < target_recall:
+            log(f"neighbours: WARNING: the IVF-PQ index misses its recall target even visiting every cell: these "
+                f"latents have too little structure for it (random vectors behave so); --index flat is exact")
     with storage.atomic_write(storage.join(out_url, INDEX_FILE)) as f:  # streamed: no second copy in memory
         faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
         size = f.tell()
