@@ -76,8 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="IVF-PQ: nprobe is raised until recall@10 against exact search reaches this")
     p.add_argument("--allow-partial", action="store_true",
                    help="index a latent dataset whose embed job has not finished (no _SUCCESS.json)")
-    p.add_argument("--id-column", default=D["id_column"], help="id column of the --data shards")
-    p.add_argument("--image-column", default=D["image_column"], help="image column of the --data shards")
+    # Not jobs.inputs' flags: the calibration reads Parquet shards by a real id column only (no tar, no derived ids).
+    p.add_argument("--id-column", default=D["id_column"], help="id column of the --data shards (Parquet)")
+    p.add_argument("--image-column", default=D["image_column"],
+                   help="image column of the --data shards (binary or the Hugging Face image struct)")
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"rows per index search (default: {SEARCH_BATCH_SIZE})")
     p.add_argument("--actors", type=int, default=None, help="search actors (default: from the cluster's resources)")

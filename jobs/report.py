@@ -12,7 +12,8 @@ On a cluster:
 Open <out>/index.html in a browser; <out>/summary.json holds the same figures for programs
 (its keys are listed in pipeline/report/__init__.py). Without --model and --data the report has no
 image galleries. With --neighbours (a finished jobs.neighbours output) it adds the largest
-near-duplicate clusters, with thumbnails from --data. Exit status 2: the input cannot be reported on as asked (message on stderr).
+near-duplicate clusters, with thumbnails from --data. Exit status 2: the input cannot be
+reported on as asked (message on stderr).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from pipeline.checkpoint import save_checkpoint
 from pipeline.embed import EmbedConfig, embed, embed_reference
 from pipeline.errors import InputError
 from pipeline.images import decode_batch, encode_image
-from pipeline.latents import SUCCESS_FILE, fixed_size_list
+from pipeline.latents import SUCCESS_FILE, fixed_size_list, write_success
 from pipeline.model import AutoencoderConfig, build_model
 from pipeline.neighbour_output import (
     CLUSTERS_FILE,
@@ -127,7 +127,7 @@ def train_model(url: str, images: list[np.ndarray], steps: int = 400) -> str:
 
 def finish(latents: str | Path) -> str:
     """Mark a hand-made latent dataset finished, as the embed job does when every row is written."""
-    storage.write_text(storage.join(str(latents), SUCCESS_FILE), "{}")
+    write_success(str(latents), {})
     return str(latents)
 
 
@@ -334,7 +334,8 @@ def test_rows_without_a_latent_get_one_row_each_with_the_reason(tmp_path):
     assert [r["id"] for r in out] == ids
     for n, row in enumerate(out):
         if n in (3, 7):
-            assert row["neighbour_ids"] is None and row["distances"] is None and row["error"] == "no latent: not an image"
+            assert row["neighbour_ids"] is None and row["distances"] is None
+            assert row["error"] == "no latent: not an image"
         else:
             assert row["error"] is None and len(row["neighbour_ids"]) == 4
             assert not {ids[3], ids[7], ids[n]} & set(row["neighbour_ids"])
@@ -393,14 +394,22 @@ def test_an_unfinished_latent_dataset_is_refused_unless_partial_is_allowed(tmp_p
         prepare(NeighboursConfig(latents_url=latents, out_url=str(tmp_path / "o"), duplicate_threshold="value:1"))
     plan = prepare(NeighboursConfig(latents_url=latents, out_url=str(tmp_path / "o"), duplicate_threshold="value:1",
                                     allow_partial=True))
+    plan.lease.release()
     assert plan.latents_record["partial"] and plan.rows_in == 20
+    assert plan.partial == f"partial: 20 of an unknown number of rows (the embed job into {latents} never finished)"
 
 
-def test_an_output_inside_the_latents_or_of_other_settings_is_refused(tmp_path):
+def test_an_output_inside_the_latents_of_other_settings_or_in_use_is_refused(tmp_path):
     latents, _, _ = random_latents(tmp_path / "latents", n=20, dim=4, files=1)
-    with pytest.raises(InputError, match="inside the latent dataset"):
+    with pytest.raises(InputError, match="is inside --latents"):
         prepare(NeighboursConfig(latents_url=latents, out_url=f"{latents}/nn", duplicate_threshold="value:1"))
-    prepare(NeighboursConfig(latents_url=latents, out_url=str(tmp_path / "o"), duplicate_threshold="value:1"))
+    with pytest.raises(InputError, match="holds --latents"):
+        prepare(NeighboursConfig(latents_url=latents, out_url=str(tmp_path), duplicate_threshold="value:1"))
+    first = prepare(NeighboursConfig(latents_url=latents, out_url=str(tmp_path / "o"), duplicate_threshold="value:1"))
+    # One job at a time: a second job into the same folder while the first holds it is refused.
+    with pytest.raises(InputError, match="in use by another neighbours job"):
+        prepare(NeighboursConfig(latents_url=latents, out_url=str(tmp_path / "o"), duplicate_threshold="value:1"))
+    first.lease.release()
     with pytest.raises(InputError, match="other settings .*k"):
         prepare(NeighboursConfig(latents_url=latents, out_url=str(tmp_path / "o"), duplicate_threshold="value:1", k=3))
     with pytest.raises(InputError, match="at least 1,000 rows"):

@@ -42,7 +42,7 @@ from pipeline.images import (
 )
 from pipeline.latents import dequantize_latents, quantize_latents
 from pipeline.sampling import sample_keys
-from pipeline.shards import Columns, ShardList, image_bytes
+from pipeline.shards import Columns, ShardList, id_strings, image_bytes
 
 MIN_IMAGES = 20  # fewer usable pairs than this give no meaningful rate
 ENCODE_BATCH = 64
@@ -76,8 +76,7 @@ def sample_images(shards: ShardList, columns: Columns, n: int, seed: int) -> lis
         with shards.arrow_fs.open_input_file(path) as f:
             parquet = pq.ParquetFile(f)
             for group in range(parquet.num_row_groups):
-                ids = parquet.read_row_group(group, columns=[columns.id]).column(0).to_numpy(zero_copy_only=False)
-                ids = ids.astype(str)
+                ids = id_strings(parquet.read_row_group(group, columns=[columns.id]).column(0))
                 keys = sample_keys(ids, seed)
                 best += [(int(k), i, path, group, row) for row, (k, i) in enumerate(zip(keys, ids))]
                 if len(best) > 4 * n:

@@ -37,6 +37,7 @@ from pipeline.errors import InputError
 from pipeline.latents import dequantize_latents, latent_dataset
 from pipeline.neighbour_output import INDEX_FILE, INDEX_IDS_FILE, INDEX_SETTINGS_FILE
 from pipeline.sampling import hash_sample
+from pipeline.shards import id_strings
 
 INDEX_KINDS = ("auto", "flat", "ivf-pq")
 FLAT_MAX_ROWS = 200_000  # above this "auto" builds IVF-PQ
@@ -118,7 +119,7 @@ def stream_latents(latents_url: str, batch_rows: int = STREAM_ROWS) -> Iterator[
         stored = kept.flatten().to_numpy(zero_copy_only=False).reshape(len(kept), latent.type.list_size)
         scale = batch.column("latent_scale").filter(valid).to_numpy(zero_copy_only=False) \
             if "latent_scale" in columns else None
-        ids = batch.column("id").filter(valid).to_numpy(zero_copy_only=False).astype(str)
+        ids = id_strings(batch.column("id").filter(valid))
         yield ids, np.ascontiguousarray(dequantize_latents(stored, scale), np.float32)
 
 
@@ -157,7 +158,8 @@ def recall_at(approx: list[list[int]], exact: list[list[int]]) -> float:
     return float(np.mean(shares)) if shares else 1.0
 
 
-def _sample_pass(latents_url: str, plan: IndexPlan, log: Callable[[str], None]) -> tuple[np.ndarray, list[str], np.ndarray]:
+def _sample_pass(latents_url: str, plan: IndexPlan,
+                 log: Callable[[str], None]) -> tuple[np.ndarray, list[str], np.ndarray]:
     """(training vectors, probe ids, probe vectors): two disjoint id-hash samples, the probe first."""
     train_share = min(1.0, TRAIN_ROWS / plan.rows)
     probe_share = min(1.0, PROBE_ROWS / plan.rows)
@@ -246,8 +248,8 @@ def build_index(latents_url: str, out_url: str, plan: IndexPlan, target_recall: 
         log(f"neighbours: nprobe {nprobe} gives recall@{RECALL_AT} {recall:.3f} on {len(probe_ids)} probe queries "
             f"(target {target_recall})")
         if recall < target_recall:
-            log(f"neighbours: WARNING: the IVF-PQ index misses its recall target even visiting every cell: these "
-                f"latents have too little structure for it (random vectors behave so); --index flat is exact")
+            log("neighbours: WARNING: the IVF-PQ index misses its recall target even visiting every cell: these "
+                "latents have too little structure for it (random vectors behave so); --index flat is exact")
     with storage.atomic_write(storage.join(out_url, INDEX_FILE)) as f:  # streamed: no second copy in memory
         faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
         size = f.tell()

@@ -11,6 +11,9 @@ Steps of `run`, each reused by a rerun into the same folder:
    after a kill searches only the rows not yet written;
 4. pairs under the threshold and their clusters (clusters.py), on the driver;
 5. _neighbours.json with the summary, then _SUCCESS.json.
+
+One neighbours job at a time writes an output folder: `prepare` takes its lease
+(`pipeline.lease`) before the first write, and `run` checks it before the success marker.
 """
 
 from __future__ import annotations
@@ -30,8 +33,13 @@ from pipeline import storage
 from pipeline.checkpoint import read_checkpoint_meta
 from pipeline.datasets import read_parquet
 from pipeline.errors import InputError, JobFailed
-from pipeline.latents import SUCCESS_FILE as LATENTS_SUCCESS_FILE
-from pipeline.latents import check_model_fits, latents_from_batch, metadata_of
+from pipeline.latents import (
+    check_model_fits,
+    latents_from_batch,
+    metadata_of,
+    require_finished,
+)
+from pipeline.lease import LEASE_DIR, Lease
 from pipeline.neighbour_output import (
     CHECKPOINT_DIR,
     CLUSTERS_FILE,
@@ -57,7 +65,14 @@ from pipeline.neighbours.index import (
 )
 from pipeline.progress import Progress, TallyWatch
 from pipeline.resources import plan_actor_pool, pool_setting_problems
-from pipeline.shards import Columns, ShardList, check_columns, fingerprint
+from pipeline.shards import (
+    Columns,
+    ShardList,
+    check_columns,
+    derived_id,
+    fingerprint,
+    id_strings,
+)
 
 SEARCH_BATCH_SIZE = 1024  # faiss searches a batch of queries at once (BLAS for the flat index)
 MAX_K = 1000
@@ -80,7 +95,7 @@ class NeighbourSearch:
         self.on_rows = on_rows  # progress: told the rows of each finished batch
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
-        ids = np.asarray(batch["id"]).astype(str)
+        ids = id_strings(batch["id"])
         valid, z = latents_from_batch(batch)
         # k + 1: the row itself is (nearly always) among them, and is left out.
         found, distances = self.index.search(z, self.k + 1)
@@ -222,6 +237,8 @@ class NeighboursPlan:
     latents_record: dict[str, Any]  # url, fingerprint, rows, model, dtype: written into index.json
     data: ShardList | None
     finished: bool
+    partial: str | None  # "partial: N of M rows ..." when the latent dataset is unfinished
+    lease: Lease  # this job's hold on the output folder; the caller releases it (`neighbours` does)
 
 
 def _latent_shape(latents: ShardList) -> tuple[int, str, dict[str, Any]]:
@@ -240,31 +257,16 @@ def _latent_shape(latents: ShardList) -> tuple[int, str, dict[str, Any]]:
     return latent_type.list_size, np.dtype(latent_type.value_type.to_pandas_dtype()).name, metadata
 
 
-def _check_output_outside(cfg: NeighboursConfig) -> None:
-    """Outputs never sit inside their inputs."""
-    out_fs, out_path = storage.filesystem(cfg.out_url)
-    latents_fs, latents_path = storage.filesystem(cfg.latents_url)
-    if type(out_fs) is type(latents_fs) and (out_path == latents_path or out_path.startswith(latents_path + "/")):
-        raise InputError(f"--out {cfg.out_url} is inside the latent dataset {cfg.latents_url}: use a folder of "
-                         "its own")
-
-
-def _check_finished(cfg: NeighboursConfig) -> bool:
-    """Whether the latents are finished; InputError when they are not, unless --allow-partial."""
-    finished = storage.exists(storage.join(cfg.latents_url, LATENTS_SUCCESS_FILE))
-    if not finished and not cfg.allow_partial:
-        raise InputError(f"the latent dataset {cfg.latents_url} is not finished (no {LATENTS_SUCCESS_FILE}: its "
-                         "embed job has not completed); rerun embed to finish it, or pass --allow-partial to "
-                         "index the rows written so far")
-    return finished
-
-
-def check_output_folder(cfg: NeighboursConfig, latents_record: dict[str, Any]) -> bool:
-    """Claim `out_url` for these latents and settings; True if a previous run already finished."""
+def check_output_folder(cfg: NeighboursConfig, latents_record: dict[str, Any], claim: bool = True) -> bool:
+    """Claim `out_url` for these latents and settings (unless `claim` is False: only look); True if a
+    previous run already finished."""
     run_url = storage.join(cfg.out_url, RUN_FILE)
     mine = cfg.output_settings()
     if storage.exists(run_url):
-        previous = json.loads(storage.read_text(run_url))
+        try:
+            previous = json.loads(storage.read_text(run_url))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"{run_url} is not a neighbours job's record ({e}): use a new --out") from e
         changed = [k for k in OUTPUT_KEYS if previous.get("config", {}).get(k) != mine[k]]
         if changed:
             raise InputError(f"{cfg.out_url} holds results made with other settings ({', '.join(changed)}): "
@@ -274,32 +276,55 @@ def check_output_folder(cfg: NeighboursConfig, latents_record: dict[str, Any]) -
                              "changed since): use a new --out")
         return storage.exists(storage.join(cfg.out_url, SUCCESS_FILE))
     fs, path = storage.filesystem(cfg.out_url)
-    if fs.exists(path) and fs.find(path):
+    if fs.exists(path) and [f for f in fs.find(path)
+                            if not posixpath.relpath(f, path).startswith(LEASE_DIR + "/")]:
         raise InputError(f"{cfg.out_url} already holds files that are not this job's: use a new --out")
-    storage.write_text(run_url, json_text({"config": mine, "latents": latents_record, "threshold": None,
-                                           "summary": None}))
+    if claim:
+        storage.write_text(run_url, json_text({"config": mine, "latents": latents_record, "threshold": None,
+                                               "summary": None}))
     return False
 
 
+def _calibration_data(cfg: NeighboursConfig) -> ShardList:
+    """The --data shards the threshold is calibrated on: Parquet with an id column (calibrate.sample_images
+    reads their row groups by id)."""
+    data = ShardList.under(cfg.data_url)
+    columns = Columns(id=cfg.id_column, image=cfg.image_column)
+    if data.format == "tar" or derived_id(columns):
+        held = "WebDataset tar shards" if data.format == "tar" else f"no id column (--id-column {cfg.id_column})"
+        raise InputError(f"the duplicate threshold is calibrated on Parquet image shards with an id column, and "
+                         f"--data {cfg.data_url} has {held}: convert them with `squeeze ingest` first, or set the "
+                         "threshold with --duplicate-threshold value:X")
+    check_columns(data, columns)
+    return data
+
+
 def prepare(cfg: NeighboursConfig) -> NeighboursPlan:
-    """Every check that needs no Ray: the latents, the model and data for calibration, the output folder."""
-    _check_output_outside(cfg)
+    """Every check that needs no Ray: the latents, the model and data for calibration, the output folder.
+
+    Before its first write (the claim on the output folder) it takes the folder's lease and
+    holds it from then on: a second job into the same folder refuses.
+    """
+    storage.check_apart({"--latents": cfg.latents_url, "--data": cfg.data_url}, {"--out": cfg.out_url})
     latents = ShardList.under(cfg.latents_url)
-    finished_latents = _check_finished(cfg)
     dim, dtype, metadata = _latent_shape(latents)
+    completion = require_finished(cfg.latents_url, cfg.allow_partial)
     data = None
     if cfg.given_threshold is None:
         check_model_fits(cfg.latents_url, read_checkpoint_meta(cfg.model_url), cfg.model_url)
-        data = ShardList.under(cfg.data_url)
-        check_columns(data, Columns(id=cfg.id_column, image=cfg.image_column))
+        data = _calibration_data(cfg)
     rows = latents.rows
     index_plan = plan_index(rows, dim, cfg.index, cfg.flat_max_rows)
     record = {"latents_url": cfg.latents_url, "fingerprint": fingerprint(latents), "latent_rows": rows,
               "latent_dtype": dtype, "model_sha256": metadata.get("weights_sha256"), "model": metadata.get("model"),
-              "partial": not finished_latents}
-    finished = check_output_folder(cfg, record)
+              "partial": not completion.finished}
+    check_output_folder(cfg, record, claim=False)  # refused before the lease: nothing written into another's folder
+    lease = Lease.acquire(cfg.out_url, "neighbours job")
+    with lease.released_on_error():
+        finished = check_output_folder(cfg, record)  # again, under the lease, and claimed
     return NeighboursPlan(cfg=cfg, latents=latents, rows_in=rows, dim=dim, latent_dtype=dtype, index_plan=index_plan,
-                          latents_record=record, data=data, finished=finished)
+                          latents_record=record, data=data, finished=finished, partial=completion.partial_note,
+                          lease=lease)
 
 
 # ---------------------------------------------------------------- run
@@ -425,9 +450,8 @@ def run(plan: NeighboursPlan) -> NeighboursSummary:
     if plan.finished:
         print(f"{cfg.out_url} is already complete for these latents and settings; nothing to do", flush=True)
         return NeighboursSummary(**record["summary"])
-    if plan.latents_record["partial"]:
-        print(f"neighbours: {cfg.latents_url} is not finished (--allow-partial): indexing the {plan.rows_in:,} rows "
-              "written so far", flush=True)
+    if plan.partial:
+        print(f"neighbours: {plan.partial}: indexing the rows written so far (--allow-partial)", flush=True)
     threshold = _threshold(plan, record)
     settings = _index(plan)
     by_node = _search(plan)
@@ -448,10 +472,13 @@ def run(plan: NeighboursPlan) -> NeighboursSummary:
     _write_record(cfg, record)
     if rows_out != plan.rows_in:  # never mark such an output finished
         raise JobFailed(f"{plan.rows_in} latent rows but {rows_out} neighbour rows in {cfg.out_url}", summary)
+    plan.lease.check()
     storage.write_text(storage.join(cfg.out_url, SUCCESS_FILE), json_text(summary.to_dict()))
     return summary
 
 
 def neighbours(cfg: NeighboursConfig) -> NeighboursSummary:
     """Run the neighbours job described by `cfg` on the connected Ray cluster."""
-    return run(prepare(cfg))
+    plan = prepare(cfg)
+    with plan.lease:
+        return run(plan)
