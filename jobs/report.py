@@ -11,7 +11,9 @@ On a cluster:
 
 Open <out>/index.html in a browser; <out>/summary.json holds the same figures for programs
 (its keys are listed in pipeline/report/__init__.py). Without --model and --data the report has no
-image galleries. Exit status 2: the input cannot be reported on as asked (message on stderr).
+image galleries. With --neighbours (a finished jobs.neighbours output) it adds the largest
+near-duplicate clusters, with thumbnails from --data. Exit status 2: the input cannot be
+reported on as asked (message on stderr).
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="render a latent interpolation strip between two ids (needs --model)")
     p.add_argument("--interpolation-steps", type=int, default=D["interpolation_steps"],
                    help="images in the interpolation strip, endpoints included")
+    p.add_argument("--neighbours", dest="neighbours_url", default=None,
+                   help="a neighbours output (jobs.neighbours --out): adds the near-duplicate clusters")
     p.add_argument("--max-exact-rows", type=int, default=D["max_exact_rows"],
                    help="above this many rows, quantiles come from a log histogram and metrics from a sample")
     p.add_argument("--allow-partial", action="store_true",

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from jobs import cli
 
 # The subcommands in the order data flows; each is the module jobs/<name>.py.
-STAGES = ("synth", "ingest", "train", "embed", "report", "decode", "demo")
+STAGES = ("synth", "ingest", "train", "embed", "neighbours", "query", "report", "decode", "demo")
 
 
 def summary_line(stage: str) -> str:

@@ -110,8 +110,11 @@ def load_with_datasets(files, cache_dir):
 # --- killing a job part way ----------------------------------------------------------------
 
 
-def rows_written(out) -> int:
-    """Rows in the Parquet files under `out`; a file still being written (no footer yet) counts 0."""
+def rows_written(out, prefix: str = "") -> int:
+    """Rows in the Parquet files under `out` whose names start with `prefix` (a job's row files,
+    not its other tables); a file still being written (no footer yet) counts 0."""
+    import posixpath
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -119,6 +122,8 @@ def rows_written(out) -> int:
 
     rows = 0
     for f in storage.list_files(str(out)):
+        if not posixpath.basename(f).startswith(prefix):
+            continue
         try:
             rows += pq.read_metadata(f).num_rows
         except (OSError, pa.ArrowInvalid):
@@ -126,9 +131,10 @@ def rows_written(out) -> int:
     return rows
 
 
-def kill_part_way(cmd: list[str], cwd, env: dict, out, rows: int, timeout: float = 300) -> set[str]:
-    """Start `cmd` in its own session, SIGKILL the whole group once `out` holds `rows` rows;
-    returns the files written by then."""
+def kill_part_way(cmd: list[str], cwd, env: dict, out, rows: int, timeout: float = 300,
+                  prefix: str = "") -> set[str]:
+    """Start `cmd` in its own session, SIGKILL the whole group once `out` holds `rows` rows (in
+    the files named `prefix`*, see rows_written); returns the files written by then."""
     import os
     import signal
     import subprocess
@@ -139,7 +145,7 @@ def kill_part_way(cmd: list[str], cwd, env: dict, out, rows: int, timeout: float
     job = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)
     deadline = time.time() + timeout
-    while time.time() < deadline and job.poll() is None and rows_written(out) < rows:
+    while time.time() < deadline and job.poll() is None and rows_written(out, prefix) < rows:
         time.sleep(0.1)
     assert job.poll() is None, "the job ended before it could be killed"
     os.killpg(job.pid, signal.SIGKILL)

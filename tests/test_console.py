@@ -78,6 +78,14 @@ def test_stages_through_squeeze_print_their_own_lines_only(tmp_path):
                                    "--data", shards), "report")
     assert any(re.match(r"report pass 1/2: 600 / 600 rows \(100%\)", line) for line in lines)
 
+    neighbours = str(tmp_path / "neighbours")
+    lines = _assert_quiet(_squeeze("neighbours", "--latents", latents, "--out", neighbours,
+                                   "--duplicate-threshold", "value:0.01"), "neighbours")
+    assert any(re.match(r"neighbours: 600 / 600 rows \(100%\), [\d,]+ rows/s", line) for line in lines)
+    lines = _assert_quiet(_squeeze("query", "--neighbours", neighbours, "--ids", "synth-00000000"), "query")
+    answers = [json.loads(line) for line in lines if line.startswith('{"query"')]
+    assert [a["query"] for a in answers] == ["synth-00000000"] and len(answers[0]["ids"]) == 10
+
     verbose = _squeeze("report", "--latents", latents, "--out", report, "--verbose")
     assert verbose.returncode == 0
     assert RAY_LOG_LINE.search(verbose.stdout + verbose.stderr), "--verbose shows Ray's own logging"

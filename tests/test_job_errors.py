@@ -19,7 +19,7 @@ from builders import write_tar_shards
 from pipeline.latents import write_success
 from pipeline.synth import write_synthetic_corpus
 
-JOBS = ("synth", "ingest", "train", "embed", "report", "decode", "demo")
+JOBS = ("synth", "ingest", "train", "embed", "report", "decode", "neighbours", "query", "demo")
 HF_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
 
@@ -49,6 +49,10 @@ def world(tmp_path_factory, tiny_model) -> dict[str, str]:
                              "latent": pa.array([[0.0] * 16, [1.0] * 16], pa.list_(pa.float32(), 16))}),
                    latents / "part-0.parquet")
     write_success(str(latents), {"rows": 2})
+    # The same rows, never finished (no success marker), for the stages that refuse unfinished latents.
+    unfinished = root / "unfinished-latents"
+    unfinished.mkdir()
+    pq.write_table(pq.read_table(latents / "part-0.parquet"), unfinished / "part-0.parquet")
     # Output folders that belong to other runs.
     other_run = root / "other-run"
     other_run.mkdir()
@@ -87,7 +91,7 @@ def world(tmp_path_factory, tiny_model) -> dict[str, str]:
             "shards": str(shards), "duplicated": str(duplicated), "hub": str(hub), "model": tiny_model,
             "not_a_model": str(not_a_model), "latents": str(latents), "other_run": str(other_run),
             "other_embed": str(other_embed), "foreign": str(foreign), "truncated": str(truncated),
-            "root": str(root)}
+            "unfinished": str(unfinished), "root": str(root)}
 
 
 def _out(w: dict[str, str], name: str) -> str:
@@ -158,6 +162,32 @@ CASES = [
      "part-00001.parquet is not a readable Parquet file"),
     ("embed", "unreadable shard", lambda w: ["--data", w["truncated"], "--model", w["model"], "--out", _out(w, "e")],
      "part-00001.parquet is not a readable Parquet file"),
+    ("neighbours", "unfinished latents", lambda w: ["--latents", w["unfinished"], "--out", _out(w, "n"),
+                                                    "--duplicate-threshold", "value:1"], "not finished"),
+    ("neighbours", "bad value", lambda w: ["--latents", w["latents"], "--out", _out(w, "n")],
+     "--duplicate-threshold value:X"),
+    ("neighbours", "bad value", lambda w: ["--latents", w["latents"], "--out", _out(w, "n"),
+                                           "--duplicate-threshold", "median"], "'calibrate' or value:X"),
+    ("neighbours", "bad value", lambda w: ["--latents", w["latents"], "--out", _out(w, "n"), "--k", "0",
+                                           "--duplicate-threshold", "value:1"], "k must be"),
+    ("neighbours", "missing column", lambda w: ["--latents", w["shards"], "--out", _out(w, "n"),
+                                                "--allow-partial", "--duplicate-threshold", "value:1"], "'latent'"),
+    ("neighbours", "output inside the input", lambda w: ["--latents", w["latents"],
+                                                         "--out", w["latents"] + "/nn",
+                                                         "--duplicate-threshold", "value:1"], "is inside --latents"),
+    ("neighbours", "not a checkpoint", lambda w: ["--latents", w["latents"], "--out", _out(w, "n"),
+                                                  "--model", w["not_a_model"], "--data", w["shards"]], "checkpoint"),
+    ("neighbours", "tar calibration data", lambda w: ["--latents", w["latents"], "--out", _out(w, "n"),
+                                                      "--model", w["model"], "--data", w["dup_tars"]],
+     "WebDataset tar shards: convert them with `squeeze ingest`"),
+    ("neighbours", "output folder of another run", lambda w: ["--latents", w["latents"], "--out", w["foreign"],
+                                                              "--duplicate-threshold", "value:1"], "not this job's"),
+    ("neighbours", "too few rows for IVF-PQ", lambda w: ["--latents", w["latents"], "--out", _out(w, "n2"),
+                                                         "--index", "ivf-pq", "--duplicate-threshold", "value:1"],
+     "--index flat"),
+    ("query", "no index", lambda w: ["--neighbours", w["latents"], "--ids", "a"], "no finished index"),
+    ("query", "bad value", lambda w: ["--neighbours", w["latents"]], "--image"),
+    ("query", "bad value", lambda w: ["--neighbours", w["latents"], "--image", "x.png"], "--model"),
     ("demo", "bad value", lambda w: ["--out", _out(w, "demo"), "--images", "0"], "images"),
     ("train", "mixed shard formats", lambda w: ["--data", w["mixed"], "--out", _out(w, "t")],
      "mixes shard formats: 1 parquet (part-00000.parquet, ...); 1 tar (00000.tar, ...)"),

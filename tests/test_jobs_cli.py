@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-JOBS = ["synth", "ingest", "train", "embed", "report", "decode", "demo"]
+JOBS = ["synth", "ingest", "train", "embed", "neighbours", "query", "report", "decode", "demo"]
 
 
 @pytest.mark.parametrize("job", JOBS)

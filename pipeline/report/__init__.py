@@ -24,6 +24,7 @@ The files, along those steps:
     summary.py    summary.json's sections
     figures.py    histograms and ROC / PR curves (matplotlib)
     galleries.py  gallery images and the interpolation strip (the only file that needs torch)
+    duplicates.py the near-duplicates section from a neighbours output (--neighbours)
     html.py       index.html from templates/index.html (Jinja2, autoescaped)
     output.py     the output folder's file names and writes
     job.py        `report(cfg)`: the steps in order
@@ -52,7 +53,8 @@ Output folder (any fsspec URL; every file written atomically; no file name comes
     summary.json             machine-readable, keys below
     top_anomalies.parquet    rank, id, score, <every score>, [label], [anomaly_kind], shard, flagged, [image]
     histogram_<score>.png, [roc_pr.png], [interpolation.png]
-    images/worst-0001-original.png | -reconstruction.png | -error.png, images/typical-0001-...
+    images/worst-0001-original.png | -reconstruction.png | -error.png, images/typical-0001-...,
+    images/duplicates-0001.png (a thumbnail strip per near-duplicate cluster, with --neighbours)
 
 summary.json keys:
     format, format_version    "squeeze-report", 1
@@ -89,6 +91,10 @@ summary.json keys:
                               map: the anomaly map the error images show (err, ssim or gms: the
                               one the report's score pools)
     interpolation             {id_a, id_b, steps, image} or null
+    near_duplicates           null without --neighbours; else {url, threshold, threshold_rule,
+                              recall_on_copies, false_positive_rate, rows, pairs, clusters,
+                              rows_in_clusters, rows_to_drop, largest: [{cluster, size, keeper,
+                              shown, image, members [{id, keeper, mse}]}]} (up to 10 clusters)
     files                     every file the report wrote, relative to the output folder
     notes                     what was left out and why, model mismatches, sampling
     seconds                   how long the report took

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.errors import InputError
 from pipeline.latents import SCORE_COLUMNS, latent_files, metadata_of, require_finished
+from pipeline.neighbour_output import read_run
 from pipeline.report.metrics import Threshold, resolve_threshold
 from pipeline.report.scan import LatentColumns
 from pipeline.shards import Columns, ShardList, check_columns, implied_id_column
@@ -47,6 +48,7 @@ class ReportConfig:
     interpolation_steps: int = 8
     max_exact_rows: int = 10_000_000
     allow_partial: bool = False  # report on an unfinished latent dataset, and say so at the top
+    neighbours_url: str | None = None  # a neighbours output: the near-duplicates section
 
     def __post_init__(self) -> None:
         from pipeline.scoring import parse_threshold
@@ -209,6 +211,7 @@ class Inputs:
     shards: ShardList | None  # the --data image shards
     notes: list[str]
     partial: str | None = None  # "partial: N of M rows ..." when the latent dataset is unfinished
+    neighbours: dict[str, Any] | None = None  # the neighbours output's _neighbours.json
 
 
 def check_inputs(cfg: ReportConfig) -> Inputs:
@@ -216,7 +219,8 @@ def check_inputs(cfg: ReportConfig) -> Inputs:
     from pipeline.scoring import parse_threshold
 
     notes: list[str] = []
-    storage.check_apart({"--latents": cfg.latents_url, "--data": cfg.data_url}, {"--out": cfg.out_url})
+    storage.check_apart({"--latents": cfg.latents_url, "--data": cfg.data_url, "--neighbours": cfg.neighbours_url},
+                        {"--out": cfg.out_url})
     info = inspect_latents(cfg, notes)
     partial = require_finished(cfg.latents_url, cfg.allow_partial).partial_note
     calibration, model_sha = _read_model(cfg.model_url) if cfg.model_url else (None, None)
@@ -225,6 +229,12 @@ def check_inputs(cfg: ReportConfig) -> Inputs:
         shards, cfg = _list_image_shards(cfg)
     if cfg.interpolate:
         _check_interpolation_ids(cfg, info)
+    neighbours = None
+    if cfg.neighbours_url:
+        try:
+            neighbours = read_run(cfg.neighbours_url)
+        except InputError as e:
+            raise InputError(f"--neighbours: {e}") from e
     threshold = None if parse_threshold(cfg.threshold).policy == "contamination" else \
         resolve_threshold(cfg.threshold, None, True, calibration, info.metadata, info.score)
     expected_sha = (info.metadata or {}).get("weights_sha256")
@@ -232,4 +242,4 @@ def check_inputs(cfg: ReportConfig) -> Inputs:
         notes.append(f"--model's weights ({model_sha[:12]}) are not those the latents were made with "
                      f"({expected_sha[:12]}): calibration, reconstructions and recomputed mse come from --model")
     return Inputs(cfg=cfg, info=info, calibration=calibration, threshold=threshold, shards=shards, notes=notes,
-                  partial=partial)
+                  partial=partial, neighbours=neighbours)

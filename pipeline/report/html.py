@@ -52,6 +52,7 @@ def render_html(summary: dict[str, Any]) -> str:
         by_kind=summary.get("by_kind"),
         galleries=summary.get("galleries"),
         interpolation=summary.get("interpolation"),
+        near_duplicates=summary.get("near_duplicates"),
         score_names=[n for n, v in scores.items() if isinstance(v, dict) and v.get("count")],
         quantile_keys=[f"{q:g}" for q in QUANTILES],
         shards=shards[:MAX_SHARDS_SHOWN],

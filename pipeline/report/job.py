@@ -14,6 +14,7 @@ from functools import reduce
 from typing import Any
 
 from pipeline.report.config import Inputs, LatentInfo, ReportConfig, check_inputs
+from pipeline.report.duplicates import near_duplicates_section
 from pipeline.report.figures import histogram_figure, roc_pr_figure
 from pipeline.report.galleries import build_galleries, fetch_images, interpolation_strip
 from pipeline.report.html import render_html
@@ -118,6 +119,14 @@ def _interpolation(cfg: ReportConfig, files: dict[str, bytes]) -> dict[str, Any]
     return {"id_a": id_a, "id_b": id_b, "steps": cfg.interpolation_steps, "image": "interpolation.png"}
 
 
+def _near_duplicates(cfg: ReportConfig, inputs: Inputs, files: dict[str, bytes],
+                     notes: list[str]) -> dict[str, Any] | None:
+    if inputs.neighbours is None:
+        return None
+    print(f"report: near-duplicates from {cfg.neighbours_url}", flush=True)
+    return near_duplicates_section(cfg.neighbours_url, inputs.neighbours, inputs.shards, cfg.columns, files, notes)
+
+
 def report(cfg: ReportConfig) -> dict[str, Any]:
     """Make the report `cfg` describes on the connected Ray cluster; returns summary.json's content."""
     return run(check_inputs(cfg))
@@ -134,6 +143,7 @@ def run(inputs: Inputs) -> dict[str, Any]:
     originals = _fetch_originals(cfg, inputs, found)
     summary["galleries"] = _galleries(cfg, originals, summary, files, notes)
     summary["interpolation"] = _interpolation(cfg, files)
+    summary["near_duplicates"] = _near_duplicates(cfg, inputs, files, notes)
     files["top_anomalies.parquet"] = top_anomalies_parquet(
         summary["top_anomalies"], found.info.scores, labelled=found.info.label_column is not None,
         has_kind=found.info.kind_column is not None, originals=originals)

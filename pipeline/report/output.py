@@ -23,7 +23,7 @@ from pipeline.hf_features import hf_image_column, with_hf_features
 
 IMAGES_DIR = "images"
 IMAGE_WRITE_THREADS = 8  # small PNGs: object stores are latency-bound, so write many at once
-_OUR_IMAGE_NAME = re.compile(r"^(worst|typical)-\d{4,}-(original|reconstruction|error)\.png$")
+_OUR_IMAGE_NAME = re.compile(r"^((worst|typical)-\d{4,}-(original|reconstruction|error)|duplicates-\d{4,})\.png$")
 _OPTIONAL_FILES = ("roc_pr.png", "interpolation.png")
 _HISTOGRAM = re.compile(r"^histogram_[a-z_]+\.png$")
 
@@ -39,6 +39,11 @@ def histogram_file(score: str) -> str:
 def gallery_file(gallery: str, rank: int, kind: str) -> str:
     """images/<worst|typical>-<rank>-<original|reconstruction|error>.png"""
     return f"{IMAGES_DIR}/{gallery}-{rank:04d}-{kind}.png"
+
+
+def duplicates_file(rank: int) -> str:
+    """images/duplicates-<rank>.png: the thumbnail strip of the rank-th largest near-duplicate cluster."""
+    return f"{IMAGES_DIR}/duplicates-{rank:04d}.png"
 
 
 def json_clean(value: Any) -> Any:

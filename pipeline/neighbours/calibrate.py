@@ -1,0 +1,202 @@
+"""The duplicate threshold, calibrated rather than guessed: how far a copy of an image lands from it.
+
+From the image shards (`--data`, normally the model's training data) an id-hash sample of up
+to N images is drawn (the N smallest keyed hashes of the id for the seed: the same images on
+every run, whatever the file layout). Each gets one augmented copy, deterministic per seed
+and id: resized down by 0.5-0.8 and back up, cropped by 5-10% of each side and resized back,
+JPEG re-encoded at quality 60-90 — what a crawl's near-duplicates go through (`Augmentation`;
+each range is a flag, for corpora whose duplicates are lighter or heavier). Originals and
+copies are decoded as the embed job decodes them, encoded by the model, and stored as the
+latents are (int8 or float16 round trip), so the distances are those the index sees.
+
+- positives: each original to its own copy;
+- negatives: each original to its nearest other original.
+The threshold is the largest distance whose false-positive rate on the negatives is at most
+`max_false_positive_rate` (0.1%), or the `positive_quantile` (99th percentile) of the
+positives if that is lower; the record keeps the value, which rule set it, and the recall on
+positives and false-positive rate on negatives it gives.
+
+Limits: negatives among N sampled images are farther apart than an image and its nearest
+neighbour in the whole corpus, so the rate on the corpus is higher than on the sample; and if
+the sample itself holds near-duplicates they read as negatives and pull the threshold down
+(`negatives_under_positive_median` counts them).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline.errors import InputError
+from pipeline.images import (
+    DEFAULT_MAX_PIXELS,
+    RESAMPLE,
+    SUPPORTED_FORMATS,
+    decode_batch,
+    encode_image,
+)
+from pipeline.latents import dequantize_latents, quantize_latents
+from pipeline.sampling import sample_keys
+from pipeline.shards import Columns, ShardList, id_strings, image_bytes
+
+MIN_IMAGES = 20  # fewer usable pairs than this give no meaningful rate
+ENCODE_BATCH = 64
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """How a calibration copy is made, each a (low, high) range drawn uniformly per image."""
+
+    resize: tuple[float, float] = (0.5, 0.8)  # scale down by, then back up
+    crop: tuple[float, float] = (0.05, 0.10)  # share of width and height cut, then resized back
+    quality: tuple[int, int] = (60, 90)  # JPEG quality
+
+    def __post_init__(self) -> None:
+        for name, (low, high), (least, most) in (("resize", self.resize, (0.05, 1.0)),
+                                                 ("crop", self.crop, (0.0, 0.5)),
+                                                 ("quality", self.quality, (1, 100))):
+            if not least <= low <= high <= most:
+                raise InputError(f"calibration {name} must be LOW,HIGH with {least} <= LOW <= HIGH <= {most}, "
+                                 f"got {low},{high}")
+
+
+def sample_images(shards: ShardList, columns: Columns, n: int, seed: int) -> list[tuple[str, bytes | None]]:
+    """(id, image bytes) of the seed's id-hash sample of `n` rows, in id order.
+
+    One pass over the id column (row group by row group, holding n candidates), then only the
+    row groups that hold a chosen row are read for their images.
+    """
+    best: list[tuple[int, str, str, int, int]] = []  # (key, id, path, row group, row)
+    for path in shards.paths:
+        with shards.arrow_fs.open_input_file(path) as f:
+            parquet = pq.ParquetFile(f)
+            for group in range(parquet.num_row_groups):
+                ids = id_strings(parquet.read_row_group(group, columns=[columns.id]).column(0))
+                keys = sample_keys(ids, seed)
+                best += [(int(k), i, path, group, row) for row, (k, i) in enumerate(zip(keys, ids))]
+                if len(best) > 4 * n:
+                    best = sorted(best)[:n]
+    chosen = sorted(best)[:n]
+    wanted: dict[tuple[str, int], list[tuple[int, str]]] = {}
+    for _, row_id, path, group, row in chosen:
+        wanted.setdefault((path, group), []).append((row, row_id))
+    images: dict[str, bytes | None] = {}
+    for (path, group), rows in wanted.items():
+        with shards.arrow_fs.open_input_file(path) as f:
+            column = pq.ParquetFile(f).read_row_group(group, columns=[columns.image]).column(0)
+        data = image_bytes(column.take([row for row, _ in rows]))
+        images.update({row_id: d for (_, row_id), d in zip(rows, data)})
+    return sorted(images.items())
+
+
+def augmented_copy(data: bytes, rng: np.random.Generator, augmentation: Augmentation = Augmentation()) -> bytes:
+    """A near-duplicate of an encoded image: resized down and up, cropped and resized back, JPEG re-encoded.
+
+    Raises (any exception) when the original cannot be opened; the caller skips that image.
+    """
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS) as opened:
+        if opened.size[0] * opened.size[1] > DEFAULT_MAX_PIXELS:
+            raise ValueError("too many pixels")
+        image = ImageOps.exif_transpose(opened).convert("RGB")
+    width, height = image.size
+    scale = rng.uniform(*augmentation.resize)
+    image = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), RESAMPLE)
+    image = image.resize((width, height), RESAMPLE)
+    crop = rng.uniform(*augmentation.crop)
+    cut_w, cut_h = round(width * crop), round(height * crop)
+    left, top = int(rng.integers(0, cut_w + 1)), int(rng.integers(0, cut_h + 1))
+    image = image.crop((left, top, left + width - cut_w, top + height - cut_h)).resize((width, height), RESAMPLE)
+    low, high = augmentation.quality
+    return encode_image(np.asarray(image), "jpeg", quality=int(rng.integers(low, high + 1)))
+
+
+def encode_images(model_url: str, images: Sequence[bytes | None], latent_dtype: str,
+                  ) -> tuple[np.ndarray, list[str | None], np.ndarray]:
+    """(decoded ok (N,) bool, reasons, (N, D) latents) of encoded images, as the embed job would store
+    them (the model's size and resize policy; int8 / float16 round trip), dequantized."""
+    import torch
+
+    from pipeline.inference import load_inference_model, to_input
+
+    model, checkpoint = load_inference_model(model_url)
+    config = checkpoint.config
+    resize = (checkpoint.training.get("preprocessing") or {}).get("resize") or "pad"
+    reasons: list[str | None] = []
+    z = np.zeros((len(images), config.latent_dim), np.float32)
+    with torch.inference_mode():
+        for start in range(0, len(images), ENCODE_BATCH):
+            chunk = images[start:start + ENCODE_BATCH]
+            pixels, chunk_reasons = decode_batch(chunk, config.image_size, config.channels, resize)
+            reasons += chunk_reasons
+            z[start:start + len(chunk)] = model(to_input(torch.from_numpy(pixels)))["z"].float().numpy()
+    return np.array([r is None for r in reasons], bool), reasons, dequantize_latents(*quantize_latents(z, latent_dtype))
+
+
+def choose_threshold(positives: np.ndarray, negatives: np.ndarray, max_false_positive_rate: float,
+                     positive_quantile: float) -> dict[str, Any]:
+    """The threshold rule (module docstring) and what it gives on the calibration distances."""
+    negatives = np.sort(negatives)
+    allowed = int(np.floor(max_false_positive_rate * len(negatives)))  # negatives that may fall under it
+    by_rate = float(np.nextafter(negatives[allowed], 0)) if allowed < len(negatives) else float(negatives[-1])
+    by_positives = float(np.quantile(positives, positive_quantile))
+    value = min(by_rate, by_positives)
+    return {
+        "value": value,
+        "rule": "false-positive rate" if by_rate <= by_positives else f"positives' {positive_quantile:g} quantile",
+        "recall_on_positives": float(np.mean(positives <= value)),
+        "false_positive_rate_on_negatives": float(np.mean(negatives <= value)),
+        "max_false_positive_rate": max_false_positive_rate,
+        "positive_quantile": positive_quantile,
+        "by_false_positive_rate": by_rate,
+        "by_positive_quantile": by_positives,
+        "positives": len(positives),
+        "negatives": len(negatives),
+        "positive_distances": _quantiles(positives),
+        "negative_distances": _quantiles(negatives),
+        "negatives_under_positive_median": int(np.sum(negatives <= np.median(positives))),
+    }
+
+
+def _quantiles(values: np.ndarray) -> dict[str, float]:
+    return {f"{q:g}": float(np.quantile(values, q)) for q in (0.0, 0.01, 0.1, 0.5, 0.9, 0.99, 1.0)}
+
+
+def calibrate_threshold(model_url: str, shards: ShardList, columns: Columns, images: int, seed: int,
+                        latent_dtype: str, max_false_positive_rate: float = 0.001,
+                        positive_quantile: float = 0.99, augmentation: Augmentation = Augmentation()) -> dict[str, Any]:
+    """Sample, copy, encode, measure, choose: the threshold record (`choose_threshold`) with its inputs."""
+    import faiss
+
+    sample = sample_images(shards, columns, images, seed)
+    keys = sample_keys([i for i, _ in sample], seed)
+    originals, copies, failed = [], [], 0
+    for (row_id, data), key in zip(sample, keys):
+        try:
+            copies.append(augmented_copy(data, np.random.default_rng(int(key)), augmentation))
+        except Exception:  # noqa: BLE001 - an image the codec refuses has no latent either: skip it
+            failed += 1
+            continue
+        originals.append(data)
+    ok, _, z = encode_images(model_url, [*originals, *copies], latent_dtype)
+    n = len(originals)
+    pair_ok = ok[:n] & ok[n:]
+    z_orig, z_copy = z[:n][pair_ok], z[n:][pair_ok]
+    if len(z_orig) < MIN_IMAGES:
+        raise InputError(f"only {len(z_orig)} of the {len(sample)} calibration images from --data could be "
+                         f"decoded and copied (at least {MIN_IMAGES} are needed); give --duplicate-threshold "
+                         "value:X instead")
+    positives = np.linalg.norm(z_orig - z_copy, axis=1)
+    squared, rows = faiss.knn(z_orig, z_orig, 2)
+    own = rows[:, 0] == np.arange(len(z_orig))  # identical originals may come back in either order
+    negatives = np.sqrt(np.maximum(np.where(own, squared[:, 1], squared[:, 0]), 0))
+    record = choose_threshold(positives, negatives, max_false_positive_rate, positive_quantile)
+    record.update(images_sampled=len(sample), images_used=int(len(z_orig)), images_skipped=len(sample) - len(z_orig),
+                  seed=seed, latent_dtype=latent_dtype, augmentation=asdict(augmentation))
+    return record
