@@ -84,18 +84,27 @@ def blur(maps: torch.Tensor, sigma: float, radius: int | None = None, valid: boo
 def _ssim_per_pixel(x: torch.Tensor, y: torch.Tensor, valid: bool) -> torch.Tensor:
     """(B, C, H, W) pairs -> (B, C, H', W') SSIM at every pixel (valid region, or same size).
 
-    The five local statistics are blurred in one call, and the formula then runs in place on
-    their buffer: on a CPU the elementwise passes, not the blur, are most of SSIM's cost.
+    The five local statistics are blurred in one call. Scoring (no gradient) then runs the
+    formula in place on their buffer: on a CPU the elementwise passes, not the blur, are most
+    of SSIM's cost. Training through SSIM (`--loss ssim_l1`) takes the same formula out of
+    place, which autograd needs.
     """
     channels = x.shape[1]
-    stats = torch.empty((x.shape[0], 5 * channels, *x.shape[2:]), dtype=torch.float32, device=x.device)
-    stats[:, :channels], stats[:, channels:2 * channels] = x, y
-    torch.mul(x, x, out=stats[:, 2 * channels:3 * channels])
-    torch.mul(y, y, out=stats[:, 3 * channels:4 * channels])
-    torch.mul(x, y, out=stats[:, 4 * channels:])
+    differentiable = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
+    if differentiable:
+        stats = torch.cat([x, y, x * x, y * y, x * y], dim=1)
+    else:
+        stats = torch.empty((x.shape[0], 5 * channels, *x.shape[2:]), dtype=torch.float32, device=x.device)
+        stats[:, :channels], stats[:, channels:2 * channels] = x, y
+        torch.mul(x, x, out=stats[:, 2 * channels:3 * channels])
+        torch.mul(y, y, out=stats[:, 3 * channels:4 * channels])
+        torch.mul(x, y, out=stats[:, 4 * channels:])
     mu_x, mu_y, xx, yy, xy = blur(stats, SSIM_SIGMA, SSIM_WINDOW // 2, valid).split(channels, dim=1)
     c1, c2 = SSIM_K1**2, SSIM_K2**2
     mu_xy = mu_x * mu_y
+    if differentiable:
+        squares = mu_x.square() + mu_y.square()
+        return (2 * mu_xy + c1) * (2 * (xy - mu_xy) + c2) / ((squares + c1) * (xx + yy - squares + c2))
     squares = mu_x.square_().add_(mu_y.square_())  # mu_x^2 + mu_y^2
     structure = xy.sub_(mu_xy).mul_(2).add_(c2)  # 2 cov + c2
     spread = xx.add_(yy).sub_(squares).add_(c2)  # var_x + var_y + c2

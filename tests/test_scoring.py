@@ -28,6 +28,7 @@ from pipeline.scoring import (
     resolve_threshold,
     ssim_error_per_image,
     ssim_per_image,
+    training_loss,
     upsample,
 )
 
@@ -65,6 +66,29 @@ def test_ssim_error_is_zero_for_identical_and_grows_with_noise(pair):
     np.testing.assert_allclose(ssim_error_per_image(x, x).numpy(), 0.0, atol=1e-6)
     noisier = (x + 0.3 * torch.randn_like(x)).clamp(0, 1)
     assert (ssim_error_per_image(x, noisier) > ssim_error_per_image(x, x_hat)).all()
+
+
+@pytest.mark.parametrize("loss", ["mse", "ssim_l1"])
+def test_every_training_loss_has_a_gradient_that_leads_to_the_image(loss):
+    from pipeline.model import AutoencoderConfig, build_model
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 24, 24)
+    x_hat = (x + 0.2 * torch.randn_like(x)).clamp(0, 1).requires_grad_()
+    start = training_loss(x, x_hat, loss).detach()
+    distance = (x_hat - x).abs().mean().item()
+    optimiser = torch.optim.SGD([x_hat], lr=30.0 if loss == "ssim_l1" else 20.0)
+    for _ in range(30):
+        optimiser.zero_grad()
+        training_loss(x, x_hat, loss).sum().backward()
+        optimiser.step()
+    assert (training_loss(x, x_hat, loss).detach() < 0.5 * start).all()
+    assert (x_hat - x).abs().mean().item() < 0.5 * distance
+    model = build_model(AutoencoderConfig(image_size=32))
+    images = torch.rand(4, 3, 32, 32)
+    training_loss(images, model(images)["x_hat"], loss).mean().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
 
 def test_psnr():
