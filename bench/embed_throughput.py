@@ -11,6 +11,9 @@ Each run is a fresh process, timed from the job's first step (imports done) to i
 bare and Ray alternate, `--rounds` times at N and once at 5N, and ratios are of medians.
 The gap between the two at both sizes tells a fixed start-up from a slower per-image rate.
 
+Before the jobs run, bench/score_cost.py's table: what each anomaly score costs per batch
+against the model's forward pass (the embedding work the scores add).
+
 Memory: peak proportional set size (PSS: shared pages split between processes) summed over
 the job's whole process tree (driver, raylet, GCS, workers, object store mappings),
 sampled every 0.2 s, at N and 5N images. A streaming job's peak must not grow with N.
@@ -191,6 +194,11 @@ def main() -> None:
         print(json.dumps(fn(args.data, args.model, args.out, args.batch_size)), flush=True)
         return
 
+    from bench import score_cost
+
+    print("What the scores cost against the forward pass (bench/score_cost.py):\n", flush=True)
+    score_cost.main(["--batch-size", str(args.batch_size)])
+    print(flush=True)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-embed-"))
     n = args.images
     data, model = make_inputs(work, n)
