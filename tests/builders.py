@@ -45,6 +45,20 @@ def make_tiny_model(url: str, channels: int = 3, seed: int = 0, image_size: int 
     return url
 
 
+def fit_briefly(model: torch.nn.Module, images: torch.Tensor, steps: int, batch_size: int, lr: float) -> torch.nn.Module:
+    """Train `model` for `steps` AdamW steps of per-image MSE on random batches of `images`
+    (B, C, S, S) in [0, 1], batches drawn with seed 0; returns it in eval mode."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        batch = images[torch.randint(0, len(images), (batch_size,), generator=generator)]
+        loss = mse_per_image(batch, model(batch)["x_hat"]).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
 # --- WebDataset tar shards in img2dataset's layout ----------------------------------------
 
 NO_IMAGE_KEY = "000000003"  # a sample with .json and .txt but no image member

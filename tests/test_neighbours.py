@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from builders import kill_part_way, rows_written
+from builders import fit_briefly, kill_part_way, rows_written
 from PIL import Image
 
 from pipeline import storage
@@ -107,15 +107,7 @@ def train_model(url: str, images: list[np.ndarray], steps: int = 400) -> str:
         model = build_model(AutoencoderConfig(image_size=SIZE, channels=3, latent_dim=32, base_width=16))
         pixels, _ = decode_batch([encode_image(i) for i in images], SIZE, 3)
         x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
-        optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
-        generator = torch.Generator().manual_seed(0)
-        for _ in range(steps):
-            batch = x[torch.randint(0, len(x), (64,), generator=generator)]
-            loss = mse_per_image(batch, model(batch)["x_hat"]).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        model.eval()
+        fit_briefly(model, x, steps, batch_size=64, lr=5e-3)
         with torch.inference_mode():
             errors = mse_per_image(x, model(x)["x_hat"]).numpy()
     finally:

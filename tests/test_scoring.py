@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from builders import fit_briefly
 from skimage.metrics import structural_similarity
 
 from pipeline.errors import InputError
@@ -261,15 +262,7 @@ def test_a_thin_scratch_hidden_from_mse_is_ranked_above_every_normal_image_by_th
     torch.manual_seed(0)
     model = build_model(AutoencoderConfig(image_size=32, channels=3, latent_dim=16, base_width=8))
     train = images(range(200), 3)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(160):
-        batch = train[torch.randint(0, len(train), (32,), generator=generator)]
-        loss = mse_per_image(batch, model(batch)["x_hat"]).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
+    fit_briefly(model, train, steps=160, batch_size=32, lr=1e-2)
     with torch.inference_mode():
         normal = images(range(100), 4)
         scratched = images(range(100, 130), 4, "scratch")
