@@ -13,7 +13,8 @@ from cluster_utils import REPO_ROOT, start_head, start_multinode_cluster, submit
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.images import encode_image
-from pipeline.latents import read_latents
+from pipeline.latents import SCORE_COLUMNS, read_latents
+from pipeline.scoring import Calibration
 from pipeline.synth import anomaly_plan, synthetic_image
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -64,7 +65,10 @@ def test_ingest_train_embed_report_as_four_submitted_jobs(head, tmp_path):
     ids = pq.ParquetDataset(str(shards)).read(columns=["id"]).column("id").to_pylist()
     assert len(ids) == 120 and any(i.startswith("defect/") for i in ids) and any(i.startswith("good/") for i in ids)
     model = load_checkpoint(str(run / "model"))
-    assert model.training["epoch"] >= 1 and model.calibration["count"] > 0
+    calibration = Calibration.from_dict(model.calibration)
+    assert model.training["epoch"] >= 1 and calibration.default_score == "fused"
+    assert set(calibration.scores) == set(SCORE_COLUMNS) and calibration.get("mse").count > 0
+    assert model.bank is not None and len(model.bank.ids) > 0
     table = read_latents(str(latents))
     assert sorted(table.column("id").to_pylist()) == sorted(ids)
     assert set(table.column("label").to_pylist()) == {0, 1}
