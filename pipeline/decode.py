@@ -64,7 +64,7 @@ from pipeline.latents import (
 )
 from pipeline.lease import LEASE_DIR, Lease
 from pipeline.progress import Progress, TallyClient, TallyWatch
-from pipeline.resources import plan_actor_pool, pool_setting_problems
+from pipeline.resources import largest_node_cpus, plan_actor_pool, pool_setting_problems
 from pipeline.sampling import sample_keys
 from pipeline.hf_features import HF_IMAGE, hf_image_column, with_hf_features
 from pipeline.shards import SHARD_PREFIX, id_strings, remove_stale_shards
@@ -361,7 +361,8 @@ def _pipeline(cfg: DecodeConfig, selection: Selection, on_rows: TallyClient) -> 
 
     # The inference jobs' planner: its actor pool leaves CPU for the read, filter and write tasks.
     resources = plan_actor_pool(ray.cluster_resources(), resuming=False, actors=cfg.actors, gpu=cfg.gpu,
-                                torch_threads=cfg.torch_threads, batch_size=cfg.batch_size)
+                                torch_threads=cfg.torch_threads, batch_size=cfg.batch_size,
+                                node_cpus=largest_node_cpus())
     print(f"{resources.actors} decoder actor(s) x {resources.cpus_per_actor:g} CPU"
           f"{f' + {resources.gpus_per_actor:g} GPU' if resources.gpus_per_actor else ''}, "
           f"{resources.torch_threads} torch threads", flush=True)

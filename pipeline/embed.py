@@ -57,6 +57,7 @@ from pipeline.progress import Progress, TallyClient, TallyWatch
 from pipeline.resources import (
     CPU_BATCH_SIZE,
     ResourcePlan,
+    largest_node_cpus,
     object_store_budget,
     plan_actor_pool,
     pool_setting_problems,
@@ -362,7 +363,7 @@ def run(plan: EmbedPlan) -> EmbedSummary:
     fs, out_path = storage.arrow_filesystem(cfg.out_url)
     resuming = fs.get_file_info(storage.join(out_path, CHECKPOINT_DIR)).type != pafs.FileType.NotFound
     resources = plan_actor_pool(ray.cluster_resources(), resuming, cfg.actors, cfg.gpu, cfg.torch_threads,
-                                cfg.batch_size)
+                                cfg.batch_size, node_cpus=largest_node_cpus())
     print(_describe(plan, resources, resuming), flush=True)
 
     ctx = ray.data.DataContext.get_current()

@@ -46,13 +46,15 @@ def pool_setting_problems(batch_size: int | None, actors: int | None, torch_thre
 
 def plan_actor_pool(resources: dict[str, float], resuming: bool, actors: int | None = None,
                     gpu: bool | None = None, torch_threads: int | None = None,
-                    batch_size: int | None = None) -> ResourcePlan:
+                    batch_size: int | None = None, node_cpus: float | None = None) -> ResourcePlan:
     """The model actor pool of an inference job (embed, decode) and its task sizes.
 
     The actors leave room for one read and one write task at all times, and on a resumed
     run for the checkpoint filter, an actor of Ray Data's own that holds a whole CPU. On a
     2-CPU machine a resumed run gives the model actor no logical CPU at all and it still
-    computes on both cores.
+    computes on both cores. `node_cpus`, the CPUs of the cluster's largest node
+    (`largest_node_cpus`), caps what one actor asks for: an actor bigger than every node would
+    wait for ever (a cluster of 2-CPU nodes has 5 CPUs in all, but no node with 4).
     """
     cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
     task_cpus = 0.5 if cpus <= 4 else 1.0
@@ -69,9 +71,17 @@ def plan_actor_pool(resources: dict[str, float], resuming: bool, actors: int | N
     # One actor per 4 CPUs (at least one), each with a thread per CPU it stands for.
     actors = actors or max(1, int(available // 4))
     per_actor = math.floor((available - 2 * task_cpus) / actors * 2) / 2
-    per_actor = min(4.0, per_actor) if per_actor >= 0.5 else 0.0
-    threads = torch_threads or max(1, int(cpus // actors))
+    per_actor = min(4.0, per_actor, node_cpus or math.inf) if per_actor >= 0.5 else 0.0
+    threads = torch_threads or max(1, int(min(cpus // actors, node_cpus or math.inf)))
     return ResourcePlan(actors, per_actor, 0.0, threads, task_cpus, batch_size or CPU_BATCH_SIZE)
+
+
+def largest_node_cpus() -> float | None:
+    """The logical CPUs of the connected cluster's largest live node (None when it reports none)."""
+    import ray
+
+    cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")]
+    return max(cpus) if cpus else None
 
 
 def object_store_budget(plan: ResourcePlan, model_config: dict[str, Any]) -> int:

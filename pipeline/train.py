@@ -41,7 +41,7 @@ from pipeline.inference import ImageScorer, load_inference_model, to_input
 from pipeline.lease import Lease
 from pipeline.model import AutoencoderConfig, build_model, count_parameters
 from pipeline.progress import Progress, TallyWatch
-from pipeline.resources import plan_actor_pool, plan_training_workers
+from pipeline.resources import largest_node_cpus, plan_actor_pool, plan_training_workers
 from pipeline.scoring import (
     BANK_CAP, TRAINING_LOSSES, Calibration, calibrate_with_bank, calibration_from_errors, mse_per_image, psnr,
     training_loss,
@@ -591,7 +591,7 @@ def _calibration_rows(plan: TrainPlan, model_url: str) -> dict[str, np.ndarray]:
 
     cfg = plan.cfg
     training_rows = max(1.0, plan.rows * (1 - cfg.val_fraction))
-    resources = plan_actor_pool(ray.cluster_resources(), resuming=False)
+    resources = plan_actor_pool(ray.cluster_resources(), resuming=False, node_cpus=largest_node_cpus())
     ds = read_shards(plan.shards, cfg.columns, num_cpus=resources.task_cpus).map_batches(
         decode_for_calibration, batch_format="numpy", batch_size=resources.batch_size, num_cpus=resources.task_cpus,
         fn_kwargs=dict(columns=cfg.columns, image_size=cfg.model.image_size, channels=cfg.model.channels,

@@ -141,6 +141,14 @@ def test_the_actor_pool_always_leaves_room_for_a_read_a_write_and_the_checkpoint
     assert plan.batch_size == CPU_BATCH_SIZE
 
 
+@pytest.mark.parametrize("cpus,node_cpus", [(5.0, 2.0), (8.0, 2.0), (64.0, 3.0), (16.0, 16.0)])
+def test_no_actor_asks_for_more_cpus_or_threads_than_the_largest_node_has(cpus, node_cpus):
+    # Nodes of 1, 2 and 2 CPUs: 5 in all, so one actor of 4 CPUs by the total, which no node could host.
+    plan = plan_actor_pool({"CPU": cpus}, False, node_cpus=node_cpus)
+    assert 0 < plan.cpus_per_actor <= node_cpus and plan.torch_threads <= node_cpus
+    assert plan_actor_pool({"CPU": 5.0}, False).cpus_per_actor > 2.0  # by the total alone: more than such a node has
+
+
 def test_gpu_actors_take_one_gpu_each_and_large_batches():
     gpu = plan_actor_pool({"CPU": 4.0, "GPU": 2.0}, resuming=False)
     assert (gpu.actors, gpu.gpus_per_actor, gpu.cpus_per_actor, gpu.batch_size) == (2, 1.0, 0.0, GPU_BATCH_SIZE)

@@ -64,7 +64,7 @@ from pipeline.neighbours.index import (
     plan_index,
 )
 from pipeline.progress import Progress, TallyWatch
-from pipeline.resources import plan_actor_pool, pool_setting_problems
+from pipeline.resources import largest_node_cpus, plan_actor_pool, pool_setting_problems
 from pipeline.shards import (
     Columns,
     ShardList,
@@ -395,7 +395,8 @@ def _search(plan: NeighboursPlan) -> dict[str, int]:
     fs, out_path = storage.arrow_filesystem(cfg.out_url)
     resuming = fs.get_file_info(posixpath.join(out_path, CHECKPOINT_DIR)).type != pafs.FileType.NotFound
     resources = plan_actor_pool(ray.cluster_resources(), resuming, cfg.actors, gpu=False,
-                                torch_threads=cfg.threads, batch_size=cfg.batch_size or SEARCH_BATCH_SIZE)
+                                torch_threads=cfg.threads, batch_size=cfg.batch_size or SEARCH_BATCH_SIZE,
+                                node_cpus=largest_node_cpus())
     print(f"neighbours: searching the {cfg.k} nearest of {plan.rows_in:,} rows on {resources.actors} actor(s) x "
           f"{resources.cpus_per_actor:g} CPU, {resources.torch_threads} faiss threads, batches of "
           f"{resources.batch_size}{', resuming' if resuming else ''} -> {cfg.out_url}", flush=True)
