@@ -21,8 +21,9 @@ def test_output_shapes(arch, image_size, channels, latent_dim):
     x = torch.rand(2, channels, image_size, image_size)
     with torch.inference_mode():
         out = model(x)
-    assert set(out) == {"z", "x_hat"}
+    assert set(out) == {"z", "x_hat", "stem_stats"}
     assert out["z"].shape == (2, latent_dim)
+    assert out["stem_stats"].shape == (2, 2 * config.base_width) and torch.isfinite(out["stem_stats"]).all()
     assert out["x_hat"].shape == x.shape
     assert 0.0 <= out["x_hat"].min() and out["x_hat"].max() <= 1.0
     # encode/decode are the two halves of forward
