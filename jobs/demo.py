@@ -159,7 +159,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
           f"{threshold['score']} > {threshold['value']:.4g}, {threshold['spec']} of the held-out scores' normal bulk)")
     by_kind = flag_rates(facts.get("by_kind") or [])
     if by_kind:
-        print("flag rate    " + ", ".join(f"{kind} {rate:.0%}" for kind, rate in by_kind.items()))
+        print("flag rate    " + ", ".join(f"{kind} {rate:.1%}" for kind, rate in by_kind.items()))
     if metrics:
         print(f"AUROC        {metrics.get('auroc'):.3f}   average precision {metrics.get('average_precision'):.3f}")
     print("speed        " + (", ".join(f"{k} {v}" for k, v in rates.items()) if rates else "(all reused)"))
