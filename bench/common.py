@@ -10,6 +10,19 @@ import subprocess
 import torch
 
 
+def scored_rows(scorer, pixels, batch_size: int = 256) -> dict:
+    """`ImageScorer.rows` over (N, S, S, C) uint8 pixels in batches: {name: (N, ...) array}."""
+    import numpy as np
+
+    from pipeline.inference import to_input
+
+    parts: dict[str, list] = {}
+    for start in range(0, len(pixels), batch_size):
+        for name, values in scorer.rows(to_input(torch.from_numpy(pixels[start:start + batch_size]))).items():
+            parts.setdefault(name, []).append(values)
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
 def machine() -> str:
     """One line naming the CPU, cores, memory and library versions."""
     try:

@@ -115,29 +115,25 @@ def score_corpus(model, ids: list[str], pixels: np.ndarray, held_out: np.ndarray
     the rest is the neighbour bank; rows after them are only scored."""
     import torch
 
-    from pipeline.inference import ImageScorer, to_input
+    from bench.common import scored_rows
+    from pipeline.inference import ImageScorer
     from pipeline.model import fuse_for_inference
     from pipeline.scoring import calibrate_with_bank
 
     scorer = ImageScorer(fuse_for_inference(model).to(memory_format=torch.channels_last))
-    parts: dict[str, list[np.ndarray]] = {}
-    for start in range(0, len(ids), batch_size):
-        out = scorer(to_input(torch.from_numpy(pixels[start:start + batch_size])))
-        for name, values in {"z": out["z"], "stem_stats": out["stem_stats"], **out["scores"]}.items():
-            parts.setdefault(name, []).append(values)
-    rows = {name: np.concatenate(values) for name, values in parts.items()}
+    rows = scored_rows(scorer, pixels, batch_size)
     trained = len(ids) if trained is None else trained
     calibration, bank = calibrate_with_bank(ids[:trained], held_out[:trained],
                                             {name: values[:trained] for name, values in rows.items()})
     scores = {name: values for name, values in rows.items() if name not in ("z", "stem_stats")}
+    near: dict[str, list[np.ndarray]] = {}
     with torch.inference_mode():
         for start in range(0, len(ids), batch_size):
             chunk = slice(start, start + batch_size)
-            near = bank.scores(torch.from_numpy(rows["z"][chunk]), torch.from_numpy(rows["stem_stats"][chunk]),
-                               ids[chunk])
-            for name, values in near.items():
-                parts.setdefault(f"near:{name}", []).append(values.numpy())
-    scores.update({name: np.concatenate(parts[f"near:{name}"]) for name in ("latent_knn", "stem_knn")})
+            for name, values in bank.scores(torch.from_numpy(rows["z"][chunk]),
+                                            torch.from_numpy(rows["stem_stats"][chunk]), ids[chunk]).items():
+                near.setdefault(name, []).append(values.numpy())
+    scores.update({name: np.concatenate(values) for name, values in near.items()})
     scores["fused"] = calibration.fuse(scores)
     return calibration, scores
 

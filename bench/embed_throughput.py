@@ -36,7 +36,7 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.common import machine, table  # noqa: E402
+from bench.common import machine, scored_rows, table  # noqa: E402
 
 
 def make_inputs(root: Path, n: int) -> tuple[str, str]:
@@ -50,7 +50,7 @@ def make_inputs(root: Path, n: int) -> tuple[str, str]:
 
     from pipeline.checkpoint import save_checkpoint
     from pipeline.images import decode_batch
-    from pipeline.inference import ImageScorer, to_input
+    from pipeline.inference import ImageScorer
     from pipeline.model import AutoencoderConfig, build_model, fuse_for_inference
     from pipeline.sampling import hash_sample, split_of
     from pipeline.scoring import BANK_CAP, calibrate_with_bank
@@ -68,13 +68,7 @@ def make_inputs(root: Path, n: int) -> tuple[str, str]:
         ids = table.column("id").to_pylist()
         keep = np.flatnonzero(split_of(ids, 0.05) | hash_sample(ids, min(1.0, BANK_CAP / len(ids))))
         pixels, _ = decode_batch(image_bytes(table.column("image").take(keep)), 64, 3)
-        scorer = ImageScorer(fuse_for_inference(autoencoder))
-        parts: dict[str, list] = {}
-        for start in range(0, len(keep), 512):
-            out = scorer(to_input(torch.from_numpy(pixels[start:start + 512])))
-            for name, values in {"z": out["z"], "stem_stats": out["stem_stats"], **out["scores"]}.items():
-                parts.setdefault(name, []).append(values)
-        rows = {name: np.concatenate(values) for name, values in parts.items()}
+        rows = scored_rows(ImageScorer(fuse_for_inference(autoencoder)), pixels, 512)
         kept_ids = [ids[i] for i in keep]
         calibration, bank = calibrate_with_bank(kept_ids, split_of(kept_ids, 0.05), rows)
         save_checkpoint(str(model), autoencoder, training={"calibration": calibration.to_dict()}, bank=bank)

@@ -66,6 +66,13 @@ class ImageScorer:
                 "scores": values}
 
 
+    def rows(self, x: torch.Tensor, ids: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """The same as one flat mapping, one entry per image: "z", "stem_stats" and every score
+        by name (the form `calibrate_with_bank` reads)."""
+        out = self(x, ids)
+        return {"z": out["z"], "stem_stats": out["stem_stats"], **out["scores"]}
+
+
 def to_input(pixels: torch.Tensor) -> torch.Tensor:
     """(B, S, S, C) uint8 -> (B, C, S, S) float in [0, 1]; the permute leaves it channels_last."""
     return pixels.permute(0, 3, 1, 2).float().div_(255.0)

@@ -113,38 +113,59 @@ class TallyClient:
         self.tally.add.remote(rows, self._node)
 
 
-class TallyWatch:
+class Poller:
+    """A context manager that calls `tick` every `poll` seconds on a daemon thread while it is
+    open, and `finish` (one last `tick` unless overridden) when it closes."""
+
+    def __init__(self, poll: float, name: str):
+        self.poll = poll
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name=name, daemon=True)
+
+    def tick(self) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        self.tick()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll):
+            self.tick()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.finish()
+
+
+class TallyWatch(Poller):
     """Driver side: a Ray tally actor, a thread that feeds its total into a `Progress`, and the
     final rows by node. Use as a context manager around the work; `client` goes to the mappers."""
 
     def __init__(self, progress: Progress, poll: float = 1.0):
         import ray
 
-        self.progress, self.poll = progress, poll
+        super().__init__(poll, "progress")
+        self.progress = progress
         self.tally = ray.remote(num_cpus=0)(RowTally).remote()
         self.client = TallyClient(self.tally)
         self.by_node: dict[str, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="progress", daemon=True)
 
     def _read(self) -> dict[str, int]:
         import ray
 
         return ray.get(self.tally.totals.remote())
 
-    def _watch(self) -> None:
-        while not self._stop.wait(self.poll):
-            self.progress.update(sum(self._read().values()))
+    def tick(self) -> None:
+        self.progress.update(sum(self._read().values()))
 
-    def __enter__(self) -> TallyWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
+    def finish(self) -> None:
         import ray
 
-        self._stop.set()
-        self._thread.join()
         # The mappers' last messages may still be on their way: read until the count holds still.
         self.by_node, deadline = self._read(), time.monotonic() + 5.0
         while time.monotonic() < deadline:

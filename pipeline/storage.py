@@ -16,7 +16,8 @@ import contextlib
 import os
 import posixpath
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import fsspec
 import pyarrow.fs as pafs
@@ -158,24 +159,36 @@ def makedirs(url: str) -> None:
     fs.makedirs(path, exist_ok=True)
 
 
+def _parent_made(fs: Any, path: str) -> None:
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+
+
+@contextlib.contextmanager
+def _published_locally(path: str, mode: str, publish: Callable[[str, str], None]) -> Iterator:
+    """Open a temporary file beside local `path`; once the body has written it, fsync it and
+    `publish(temporary, path)` (a rename, a hard link). The temporary name never outlives it."""
+    tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        publish(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 @contextlib.contextmanager
 def atomic_write(url: str, mode: str = "wb") -> Iterator:
     """Open `url` for writing so that it appears whole under its name or not at all."""
     fs, path = filesystem(url)
-    parent = posixpath.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
+    _parent_made(fs, path)
     if isinstance(fs, LocalFileSystem):
-        tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, mode) as f:
-                yield f
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with _published_locally(path, mode, os.replace) as f:
+            yield f
     else:
         # Object stores publish an object only when its upload completes: writing to the
         # final key is already all-or-nothing, and a rename there would be a copy.
@@ -200,25 +213,13 @@ def create_exclusive(url: str, data: bytes) -> bool:
     elsewhere fsspec's own create mode (an existence check, then a write).
     """
     fs, path = filesystem(url)
-    parent = posixpath.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    if isinstance(fs, LocalFileSystem):
-        tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.link(tmp, path)
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    _parent_made(fs, path)
     try:
-        fs.pipe_file(path, data, mode="create")
+        if isinstance(fs, LocalFileSystem):
+            with _published_locally(path, "wb", os.link) as f:
+                f.write(data)
+        else:
+            fs.pipe_file(path, data, mode="create")
         return True
     except FileExistsError:
         return False

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -40,7 +39,7 @@ from pipeline.images import DEFAULT_RESIZE, RESIZE_POLICIES, decode_batch
 from pipeline.inference import ImageScorer, load_inference_model, to_input
 from pipeline.lease import Lease
 from pipeline.model import AutoencoderConfig, build_model, count_parameters
-from pipeline.progress import Progress, TallyWatch
+from pipeline.progress import Poller, Progress, TallyWatch
 from pipeline.resources import largest_node_cpus, plan_actor_pool, plan_training_workers
 from pipeline.scoring import (
     BANK_CAP, TRAINING_LOSSES, Calibration, calibrate_with_bank, calibration_from_errors, mse_per_image, psnr,
@@ -366,7 +365,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         _save(w, epoch, metrics, errors, facts)
 
 
-class EpochLines:
+class EpochLines(Poller):
     """Driver side: prints each finished epoch's line once, from the metrics file rank 0 writes.
 
     Printing from the workers would go through Ray's log forwarding, which showed every line
@@ -374,10 +373,9 @@ class EpochLines:
     """
 
     def __init__(self, out_url: str, poll: float = 1.0):
-        self.url, self.poll = storage.join(out_url, METRICS_FILE), poll
+        super().__init__(poll, "epochs")
+        self.url = storage.join(out_url, METRICS_FILE)
         self.shown = len(self._read())
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="epochs", daemon=True)
 
     def _read(self) -> list[dict[str, Any]]:
         try:
@@ -385,23 +383,10 @@ class EpochLines:
         except (FileNotFoundError, json.JSONDecodeError):  # not yet written, or mid-rewrite elsewhere
             return []
 
-    def _show_new(self) -> None:
+    def tick(self) -> None:
         for metrics in self._read()[self.shown:]:
             print(format_progress(metrics), flush=True)
             self.shown += 1
-
-    def _watch(self) -> None:
-        while not self._stop.wait(self.poll):
-            self._show_new()
-
-    def __enter__(self) -> EpochLines:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._show_new()
 
 
 def format_progress(m: dict[str, Any]) -> str:
@@ -579,9 +564,8 @@ class CalibrationScorer:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.asarray(batch["ok"], dtype=bool)
-        out = self.scorer(to_input(torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))))
-        return {"id": batch["id"][ok], "val": batch["val"][ok], "z": out["z"], "stem_stats": out["stem_stats"],
-                **out["scores"]}
+        rows = self.scorer.rows(to_input(torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))))
+        return {"id": batch["id"][ok], "val": batch["val"][ok], **rows}
 
 
 def _calibration_rows(plan: TrainPlan, model_url: str) -> dict[str, np.ndarray]:

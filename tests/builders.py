@@ -35,10 +35,8 @@ def make_tiny_model(url: str, channels: int = 3, seed: int = 0, image_size: int 
             optimizer.step()
     model.eval()
     x = torch.cat([torch.rand(32, channels, image_size, image_size), synthetic])
-    out = ImageScorer(model)(x)
     ids = [f"held-out-{i}" for i in range(32)] + [f"bank-{i}" for i in range(40)]
-    calibration, bank = calibrate_with_bank(ids, np.arange(len(ids)) < 32,
-                                            {"z": out["z"], "stem_stats": out["stem_stats"], **out["scores"]},
+    calibration, bank = calibrate_with_bank(ids, np.arange(len(ids)) < 32, ImageScorer(model).rows(x),
                                             default=default_score)
     save_checkpoint(url, model, training={"calibration": calibration.to_dict(), "preprocessing": {"resize": "pad"}},
                     bank=bank)
