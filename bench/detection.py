@@ -138,14 +138,15 @@ def score_corpus(model, ids: list[str], pixels: np.ndarray, held_out: np.ndarray
     return calibration, scores
 
 
-def score_metrics(values: np.ndarray, kinds: np.ndarray, threshold: float) -> dict:
-    """AUROC, AP, FPR and per-kind recall at `threshold`, per-kind recall at the ideal 1% FPR cut."""
+def score_metrics(values: np.ndarray, kinds: np.ndarray, threshold: float, kind_names=ANOMALY_KINDS) -> dict:
+    """AUROC, AP, FPR and per-kind recall at `threshold`, per-kind recall at the ideal 1% FPR cut
+    (kinds among `kind_names`; bench/surfaces.py passes its own)."""
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     labels = (kinds != "").astype(int)
     normal = values[labels == 0]
     ideal = float(np.quantile(normal, 1 - IDEAL_FPR))
-    present = [k for k in ANOMALY_KINDS if (kinds == k).any()]
+    present = [k for k in kind_names if (kinds == k).any()]
     return {"auroc": float(roc_auc_score(labels, values)), "ap": float(average_precision_score(labels, values)),
             "threshold": float(threshold), "fpr": float((normal > threshold).mean()),
             "recall": {k: float((values[kinds == k] > threshold).mean()) for k in present},
