@@ -51,6 +51,7 @@ SURFACES = ("brick", "grass", "gravel")
 # Where pasted texture comes from: other photographs in skimage.data that load offline.
 TEXTURE_SOURCES = ("brick", "grass", "gravel", "moon", "camera", "astronaut", "immunohistochemistry")
 CROP_SIDES = (256, 512)
+RESULTS = REPO / "docs" / "bench-results" / "surfaces.json"
 DEFAULT_Q = 0.99
 TARGET_AUROC, TARGET_RECALL, TARGET_FPR = 0.95, 0.8, 0.02
 # Training variants, as in bench/detection.py. The learned defect head (issue 23, item 3) adds
@@ -91,7 +92,7 @@ def feed(crop: np.ndarray, image_size: int) -> np.ndarray:
     """What the pipeline hands the model: the image PNG-encoded, then decoded at the model's size."""
     from pipeline.images import decode_image, encode_image
 
-    return decode_image(encode_image(crop), image_size, crop.shape[-1])
+    return decode_image(encode_image(crop, compress_level=0), image_size, crop.shape[-1])  # lossless, quick
 
 
 def surface_set(surface: str, seed: int, n_train: int, n_normal: int, per_kind: int, image_size: int):
@@ -274,13 +275,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="bench-output/surfaces", help="working folder (run cache, weights)")
-    p.add_argument("--results", default=str(REPO / "docs" / "bench-results" / "surfaces.json"),
-                   help="raw results (JSON)")
+    p.add_argument("--results", default=None,
+                   help="raw results (JSON); default docs/bench-results/surfaces.json, with --quick <out>/surfaces.json")
     p.add_argument("--surfaces", nargs="+", default=list(SURFACES), help="skimage.data photographs, one model each")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="crop, anomaly and training seeds")
-    p.add_argument("--train", type=int, default=1000, help="defect-free training crops per run (5%% calibrate)")
-    p.add_argument("--normal", type=int, default=300, help="unseen normal crops scored per run")
-    p.add_argument("--per-kind", type=int, default=9, help="anomalies of each kind scored per run")
+    p.add_argument("--train", type=int, default=500, help="defect-free training crops per run (5%% calibrate)")
+    p.add_argument("--normal", type=int, default=200, help="unseen normal crops scored per run")
+    p.add_argument("--per-kind", type=int, default=6, help="anomalies of each kind scored per run")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the train job's)")
     p.add_argument("--image-size", type=int, default=None, help="working resolution (default: the model's)")
     p.add_argument("--tile", type=int, default=None, help="tile side fed to the model (not in the pipeline yet)")
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = [f.result() for f in futures]
     text = markdown(runs, settings)
     (out / "surfaces.md").write_text(text)
-    results = Path(args.results)
+    results = Path(args.results or (out / "surfaces.json" if args.quick else RESULTS))
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps({"settings": settings, "runs": runs}, indent=1))
     print(text)

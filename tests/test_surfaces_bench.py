@@ -1,0 +1,82 @@
+"""bench/surface_defects.py: the real-surface benchmark's anomalies land where their masks say,
+change the image, and owe nothing to the training corruptions or the synthetic corpus."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.surface_defects import CONTRASTS, KINDS, draw_anomaly
+
+REPO = Path(__file__).resolve().parents[1]
+FORBIDDEN = ("pipeline.corruptions", "pipeline.synth")
+
+
+def _surface(seed: int, side: int = 300, channels: int = 1) -> np.ndarray:
+    """A textured image whose every pixel can get darker and brighter (values 30-220)."""
+    return np.random.default_rng(seed).integers(30, 221, size=(side, side, channels), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("kind", KINDS)
+def test_anomaly_changes_the_image_inside_its_mask_only(kind, channels):
+    image, source = _surface(1, channels=channels), _surface(2, side=400, channels=channels)
+    for seed, contrast in enumerate(CONTRASTS):
+        changed, mask = draw_anomaly(kind, image, np.random.default_rng(seed), contrast, source)
+        assert changed.shape == image.shape and changed.dtype == np.uint8
+        assert mask.shape == image.shape[:2] and mask.dtype == bool
+        differs = (changed != image).any(axis=-1)
+        assert mask.any()
+        assert not differs[~mask].any(), "a pixel outside the mask changed"
+        # Every masked pixel moves (a pasted pixel may equal the one it covers, rarely).
+        assert differs[mask].mean() > (0.9 if kind == "texture" else 0.99)
+
+
+def test_kinds_have_their_shape_and_direction():
+    image = _surface(3)
+    rng = np.random.default_rng(0)
+    crack, crack_mask = draw_anomaly("crack", image, rng, 0.5)
+    dark, dark_mask = draw_anomaly("dark", image, rng, 0.5)
+    speck, speck_mask = draw_anomaly("speck", image, rng, 0.5)
+    assert (crack[crack_mask] < image[crack_mask]).all() and (dark[dark_mask] < image[dark_mask]).all()
+    assert (speck[speck_mask] > image[speck_mask]).all()
+    assert crack_mask.mean() < 0.05 and speck_mask.sum() <= 10 * 49  # thin; at most ten radius-3 discs
+    stronger, _ = draw_anomaly("dark", image, np.random.default_rng(1), 0.75)
+    weaker, _ = draw_anomaly("dark", image, np.random.default_rng(1), 0.25)
+    assert stronger.astype(int).sum() < weaker.astype(int).sum()  # contrast orders the change
+
+
+def test_texture_needs_a_source_and_kinds_are_checked():
+    with pytest.raises(ValueError, match="source"):
+        draw_anomaly("texture", _surface(1), np.random.default_rng(0), 0.5)
+    with pytest.raises(ValueError, match="kind"):
+        draw_anomaly("scratch", _surface(1), np.random.default_rng(0), 0.5)
+
+
+def _imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.add(node.module or "")
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_drawing_code_imports_nothing_from_corruptions_or_synth():
+    imported = _imported_modules(REPO / "bench" / "surface_defects.py")
+    assert not {name for name in imported for bad in FORBIDDEN if name == bad or name.startswith(bad + ".")}
+    assert not {name for name in imported if name.startswith("pipeline")}, "the drawing code is self-contained"
+    # And importing it at run time pulls neither in (nothing reaches them indirectly).
+    probe = ("import sys, numpy as np, bench.surface_defects as d;"
+             "d.draw_anomaly('crack', np.zeros((64, 64), np.uint8), np.random.default_rng(0), 0.5);"
+             f"print([m for m in {FORBIDDEN!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert out.stdout.strip() == "[]"
