@@ -241,9 +241,10 @@ def markdown(runs: list[dict], settings: dict) -> str:
                      + " | ".join(_cell([x["recall"][k] for x in s]) for k in KINDS)
                      + f" | {_mean(min(x['ideal_recall'].values()) for x in s):.2f} | "
                      f"{'yes' if _meets(group, default) else 'no'} |")
+    by_contrast = {k: " / ".join(f"{_mean(r['scores'][default]['recall_by_contrast'][k][str(c)] for r in runs):.2f}"
+                                 for c in CONTRASTS) for k in KINDS}
     lines += ["", f"Recall of `{default}` by contrast (all surfaces and seeds): "
-              + "; ".join(f"{k} " + " / ".join(f"{_mean(r['scores'][default]['recall_by_contrast'][k][str(c)] for r in runs):.2f}"
-                                               for c in CONTRASTS) for k in KINDS)
+              + "; ".join(f"{k} {cells}" for k, cells in by_contrast.items())
               + f" at contrast {' / '.join(map(str, CONTRASTS))}.", "",
               "### Every score", "",
               "| surface | score | AUROC | FPR at default | recall at default: " + " / ".join(KINDS)
@@ -276,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="bench-output/surfaces", help="working folder (run cache, weights)")
     p.add_argument("--results", default=None,
-                   help="raw results (JSON); default docs/bench-results/surfaces.json, with --quick <out>/surfaces.json")
+                   help="raw results (JSON); default docs/bench-results/surfaces.json, "
+                        "with --quick <out>/surfaces.json")
     p.add_argument("--surfaces", nargs="+", default=list(SURFACES), help="skimage.data photographs, one model each")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="crop, anomaly and training seeds")
     p.add_argument("--train", type=int, default=500, help="defect-free training crops per run (5%% calibrate)")
@@ -305,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     runs_wanted = [(surface, seed, variant) for surface in args.surfaces for variant in args.variants
                    for seed in args.seeds]
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(run_one, surface, seed, settings, out, variant) for surface, seed, variant in runs_wanted]
+        futures = [pool.submit(run_one, surface, seed, settings, out, variant)
+                   for surface, seed, variant in runs_wanted]
         runs = [f.result() for f in futures]
     text = markdown(runs, settings)
     (out / "surfaces.md").write_text(text)
