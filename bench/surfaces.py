@@ -1,6 +1,6 @@
 """Anomaly detection on real surfaces: photographs shipped with scikit-image, real and drawn defects.
 
-    python bench/surfaces.py                          # 3 surfaces x 3 seeds
+    python bench/surfaces.py                          # 3 surfaces x 3 seeds: ~26 min on 2 busy cores
     python bench/surfaces.py --quick                  # one small run: does it work
     python bench/surfaces.py --surfaces brick --seeds 1 --jobs 1
 
@@ -25,7 +25,8 @@ kind at each contrast); and the recall at the ideal cut that flags 1% of the nor
 
 Runs are cached in <out>/runs/*.json, their weights in <out>/models/*.pt: an interrupted bench
 resumes, a change of scoring only rescores (delete runs/). Prints Markdown (the "Real
-surfaces" section of docs/BENCHMARKS.md); writes the raw numbers to --results.
+surfaces" section of docs/BENCHMARKS.md); writes the raw numbers to --results. Needs
+scikit-image (the test extra: pip install -e '.[test]').
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ TARGET_AUROC, TARGET_RECALL, TARGET_FPR = 0.95, 0.8, 0.02
 # Training variants, as in bench/detection.py. The learned defect head (issue 23, item 3) adds
 # its variants here once the pipeline has it: "head", trained on every corruption family, and
 # "head-without-<kind>" for the leave-one-kind-out run, trained without the corruption family
-# that resembles <kind> and scored on <kind> only (markdown's leave-one-kind-out table reads them).
+# that resembles <kind> and scored on <kind> only; markdown() then needs a table for those runs.
+# None of it exists yet, so nothing here reports it.
 VARIANTS = {"plain": {}}
 # Tiled models (issue 23, item 1): the working resolution and tile settings are parameters, so
 # that a run feeds images at --image-size and cuts them into --tile tiles once the pipeline can.
