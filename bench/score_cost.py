@@ -32,6 +32,8 @@ def parts(batch_size: int, image_size: int):
     import torch
 
     from pipeline import scoring
+    from pipeline.scores import DEFAULT_SCORE, FUSED_FROM
+    from pipeline.thresholds import calibrate
     from pipeline.model import AutoencoderConfig, build_model, fuse_for_inference
 
     torch.manual_seed(0)
@@ -47,7 +49,7 @@ def parts(batch_size: int, image_size: int):
                                 rng.normal(size=(len(ids), stem.shape[1])).astype(np.float32))
     held_out = {name: v.numpy() for name, v in scoring.reconstruction_scores(x, x_hat).items()}
     held_out.update({name: v.numpy() for name, v in bank.scores(z, stem, None).items()})
-    calibration = scoring.calibrate(held_out, scoring.DEFAULT_SCORE, scoring.FUSED_FROM)
+    calibration = calibrate(held_out, DEFAULT_SCORE, FUSED_FROM)
     query_ids = [f"query-{i}" for i in range(batch_size)]
     return {
         "forward pass (the baseline)": lambda: model(x),

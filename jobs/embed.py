@@ -23,8 +23,9 @@ from jobs.inputs import PASSTHROUGH_HELP, add_column_flags
 from pipeline import embed
 from pipeline.embed import EmbedConfig
 from pipeline.images import RESIZE_POLICIES
-from pipeline.latents import LATENT_DTYPES, SCORE_COLUMNS
+from pipeline.latents import LATENT_DTYPES
 from pipeline.resources import CPU_BATCH_SIZE, GPU_BATCH_SIZE
+from pipeline.scores import ALL, SCORE_COLUMNS
 
 D = {f.name: f.default for f in fields(EmbedConfig)}
 

@@ -27,7 +27,7 @@ from typing import Any
 from jobs.cli import arguments, parser, run_job
 from jobs.inputs import add_column_flags
 from pipeline import report
-from pipeline.latents import SCORE_COLUMNS
+from pipeline.scores import SCORE_COLUMNS
 from pipeline.report import ReportConfig
 
 D = {f.name: f.default for f in fields(ReportConfig)}

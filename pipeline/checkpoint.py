@@ -28,8 +28,8 @@ from torch import nn
 
 from pipeline import storage
 from pipeline.errors import InputError
-from pipeline.latents import NEIGHBOUR_SCORES, RECONSTRUCTION_SCORES
 from pipeline.model import AutoencoderConfig, build_model
+from pipeline.scores import computable
 from pipeline.scoring import TrainingBank
 
 BANK_FILE = "training_bank.parquet"  # the training split's latents and stem statistics, by id
@@ -118,11 +118,8 @@ def scores_of(meta: dict[str, Any]) -> tuple[str, ...]:
     """The scores a checkpoint's model computes (from its config alone): the reconstruction
     scores; the neighbour scores when it has a training bank; the fused score when its
     calibration says how to fuse."""
-    names = [*RECONSTRUCTION_SCORES, *(NEIGHBOUR_SCORES if meta.get("bank_sha256") else ())]
     calibration = (meta.get("training") or {}).get("calibration") or {}
-    if calibration.get("fused_from") and set(calibration["fused_from"]) <= set(names):
-        names.append("fused")
-    return tuple(names)
+    return computable(bool(meta.get("bank_sha256")), calibration.get("fused_from", ()))
 
 
 def load_bank(url: str, meta: dict[str, Any]) -> TrainingBank | None:

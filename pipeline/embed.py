@@ -62,12 +62,6 @@ from pipeline.resources import (
     plan_actor_pool,
     pool_setting_problems,
 )
-from pipeline.scoring import (
-    Calibration,
-    default_score,
-    parse_threshold,
-    resolve_threshold,
-)
 from pipeline.shards import (
     Columns,
     ShardList,
@@ -77,12 +71,11 @@ from pipeline.shards import (
     id_strings,
     implied_id_column,
 )
+from pipeline.thresholds import STREAMING_POLICIES, Calibration, default_score, parse_threshold, resolve_threshold
 
 # Settings that decide the output's content: a rerun into the same folder must match them.
 OUTPUT_KEYS = ("data_url", "latent_dtype", "threshold", "score", "passthrough", "id_column", "image_column",
                "resize")
-# The embed job flags rows as they stream by, so it takes no share of the whole corpus.
-THRESHOLD_POLICIES = ("quantile", "value")
 
 
 class Embedder:
@@ -180,7 +173,7 @@ class EmbedConfig:
         problems += pool_setting_problems(self.batch_size, self.actors, self.torch_threads, self.rows_per_file)
         if problems:
             raise InputError("invalid embed settings: " + "; ".join(problems))
-        parse_threshold(self.threshold, THRESHOLD_POLICIES)
+        parse_threshold(self.threshold, STREAMING_POLICIES)
 
     @property
     def columns(self) -> Columns:
@@ -298,7 +291,7 @@ def prepare(cfg: EmbedConfig) -> EmbedPlan:
     score = cfg.score or default_score(model_training.get("calibration"))
     if score not in scores_of(meta):
         raise InputError(f"--score {score}: the model at {cfg.model_url} computes {', '.join(scores_of(meta))}")
-    threshold = resolve_threshold(parse_threshold(cfg.threshold, THRESHOLD_POLICIES),
+    threshold = resolve_threshold(parse_threshold(cfg.threshold, STREAMING_POLICIES),
                                   model_training.get("calibration") or {}, score=score)
     shards = ShardList.under(cfg.data_url)
     cfg = replace(cfg, id_column=implied_id_column(shards, cfg.id_column))

@@ -15,18 +15,11 @@ import numpy as np
 import torch
 
 from pipeline.checkpoint import Checkpoint, load_checkpoint, read_checkpoint_meta
-from pipeline.latents import (
-    NEIGHBOUR_SCORES,
-    RECONSTRUCTION_SCORES,
-    check_model_fits,
-    read_latent_rows,
-)
+from pipeline.latents import check_model_fits, read_latent_rows
 from pipeline.model import fuse_for_inference
-from pipeline.scoring import (
-    Calibration,
-    TrainingBank,
-    reconstruction_scores,
-)
+from pipeline.scores import SCORES, computable, with_inputs
+from pipeline.scoring import ScoreInputs, TrainingBank, compute_scores
+from pipeline.thresholds import Calibration
 
 
 def load_inference_model(model_url: str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Checkpoint]:
@@ -36,32 +29,35 @@ def load_inference_model(model_url: str, device: str | torch.device = "cpu") -> 
 
 
 class ImageScorer:
-    """Images -> their latents, stem statistics and every anomaly score: what the embed job
-    writes and what training calibrates, computed in one place.
+    """Images -> their latents, stem statistics and anomaly scores: what the embed job writes and
+    what training calibrates, computed in one place.
 
-    Reconstruction scores always; the neighbour scores when there is a training bank; the
-    fused score when the calibration says how to fuse and its parts are there.
+    `scores` names the scores to compute (None: every one the model can, `computable`: the
+    reconstruction scores; the neighbour scores with a training bank; the fused score when the
+    calibration says how to fuse). The scores a requested one reads (the fused score's parts) are
+    computed too; no map is made that no requested score reads.
     """
 
     def __init__(self, model: torch.nn.Module, bank: TrainingBank | None = None,
-                 calibration: Calibration | None = None):
+                 calibration: Calibration | None = None, scores: Sequence[str] | None = None):
         self.model, self.bank, self.calibration = model, bank, calibration
-        names = [*RECONSTRUCTION_SCORES, *(NEIGHBOUR_SCORES if bank is not None else ())]
         fused_from = calibration.fused_from if calibration is not None else ()
-        if fused_from and set(fused_from) <= set(names):
-            names.append("fused")
-        self.score_names = tuple(names)
+        available = computable(bank is not None, fused_from)
+        self.score_names = available if scores is None else with_inputs(scores, fused_from)
+        unavailable = [name for name in self.score_names if name not in available]
+        if unavailable:
+            raise ValueError(f"this model cannot compute {unavailable}; it computes {available}")
+        self._of_scores = [name for name in self.score_names if SCORES[name].needs == "scores"]
+        self._computed = [name for name in self.score_names if name not in self._of_scores]
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor, ids: Sequence[str] | None = None) -> dict[str, Any]:
         """(B, C, S, S) in [0, 1] (and the images' ids) -> {"z", "stem_stats", "scores": {name: (B,)}}."""
         out = self.model(x)
-        scores = reconstruction_scores(x, out["x_hat"])
-        if self.bank is not None:
-            scores.update(self.bank.scores(out["z"], out["stem_stats"], ids))
-        values = {name: score.float().cpu().numpy() for name, score in scores.items()}
-        if "fused" in self.score_names:
-            values["fused"] = self.calibration.fuse(values).astype(np.float32)
+        inputs = ScoreInputs(x, out["x_hat"], out["z"], out["stem_stats"], ids, self.bank)
+        values = {name: score.float().cpu().numpy() for name, score in compute_scores(self._computed, inputs).items()}
+        for name in self._of_scores:  # the fused score: its parts on the calibration's common scale
+            values[name] = self.calibration.fuse(values).astype(np.float32)
         return {"z": out["z"].float().cpu().numpy(), "stem_stats": out["stem_stats"].float().cpu().numpy(),
                 "scores": values}
 

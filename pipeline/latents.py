@@ -4,8 +4,10 @@ A latent dataset (the README's "Latent dataset" contract) is a folder of Parquet
 row per input image:
     id, latent (fixed_size_list<float32|float16|int8>[latent_dim], null for a bad image),
     latent_scale (int8 only), the scores, is_anomaly, error, <passthrough columns>
-Each file's Parquet metadata holds, under `METADATA_KEY`, a JSON object naming the model
-(url, weights_sha256), the threshold and its spec. The folder also holds the embed job's
+The score columns are those the embed job was asked for (`--scores`), named and ordered as
+`pipeline.scores.SCORE_COLUMNS`; the others are absent. Each file's Parquet metadata holds,
+under `METADATA_KEY`, a JSON object naming the model (url, weights_sha256), the threshold and
+its spec, and the scores present ("scores"). The folder also holds the embed job's
 claim (`RUN_FILE`), Ray Data's write checkpoint (`CHECKPOINT_DIR`) and, once every row is
 written, `SUCCESS_FILE`. Names starting with "_" are never read as data.
 """
@@ -27,11 +29,6 @@ from pipeline import storage
 from pipeline.errors import InputError
 
 METADATA_KEY = b"squeeze"
-# The score columns, as pipeline.scoring computes them: from the reconstruction, from the
-# training bank's neighbours, and the fused score.
-RECONSTRUCTION_SCORES = ("mse", "ssim_error", "err_max", "err_top", "ssim_max", "ssim_top", "gms_max", "gms_top")
-NEIGHBOUR_SCORES = ("latent_knn", "stem_knn")
-SCORE_COLUMNS = (*RECONSTRUCTION_SCORES, *NEIGHBOUR_SCORES, "fused")
 LATENT_DTYPES = ("float32", "float16", "int8")
 LATENT_COLUMNS = ("id", "latent", "latent_scale")
 RUN_FILE = "_embed.json"

@@ -1,7 +1,9 @@
-"""Scores and thresholds: (image, reconstruction) -> numbers -> flags, in one place.
+"""Scores: (image, reconstruction, training bank) -> one number per image, larger = more anomalous.
 
 Training, embedding, reports and benchmarks all take their scores from here, so a score
-means the same thing everywhere.
+means the same thing everywhere. Which scores exist, and what each reads, is the registry
+in `pipeline.scores`; this module computes them (`ScoreInputs`, `compute_scores`). The
+threshold policy that turns a score into flags is `pipeline.thresholds` (NumPy only).
 
 Per-image errors compare images in [0, 1] pixel space, shape (B, C, H, W), and return one
 value per image, shape (B,):
@@ -11,36 +13,25 @@ value per image, shape (B,):
   `structural_similarity(gaussian_weights=True, use_sample_covariance=False, data_range=1)`),
   in [0, 2]; 0 means identical structure.
 - `squared_error_map`: the per-pixel squared error (mean over channels) the galleries show.
-
-Calibration: a score's distribution on held-out normal data, stored with the exported
-model (`calibration_from_errors`); thresholds are taken from it.
-
-Thresholds are given as specs (`parse_threshold`):
-- `quantile:Q`: the Q-quantile of the model's calibration;
-- `contamination:X`: flag the top X share of the scored corpus (needs every score first);
-- `value:X`: a fixed score.
-`resolve_threshold` turns a spec into the number a score is compared with (flag: score > value).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
 from pipeline.errors import InputError
+from pipeline.scores import DEFAULT_SCORE, FUSED_FROM, SCORES, names_needing
+from pipeline.thresholds import Calibration, calibrate
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
-CALIBRATION_GRID = 100  # held-out percentiles kept with each score's calibration, for reports
-THRESHOLD_POLICIES = ("quantile", "contamination", "value")
 
 
 def mse_per_image(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
@@ -139,7 +130,7 @@ def ssim_error_per_image(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
 MAP_CELLS = 32
 GMS_C = 0.0026  # GMS's stabiliser for [0, 1] images (RIAD)
 GMS_SCALES = 4
-TOP_SHARE = 0.05  # "top": the mean of the worst 5% of a map's cells (beat 1% and the max in the bench)
+TOP_SHARE = 0.05  # "top": the mean of the worst 5% of a map's cells (the share: an unrecorded note, no script)
 
 
 def map_stride(side: int) -> int:
@@ -164,16 +155,6 @@ def _on_grid(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def _grid_size(x: torch.Tensor) -> tuple[int, int]:
     stride = map_stride(min(x.shape[-2:]))
     return -(-x.shape[-2] // stride), -(-x.shape[-1] // stride)
-
-
-def error_map(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) pairs -> (B, h, w) smoothed squared error on the map grid."""
-    return _on_grid(squared_error_map(x, x_hat), _grid_size(x))
-
-
-def ssim_map(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) pairs -> (B, h, w) smoothed 1 - SSIM on the map grid."""
-    return _on_grid(1.0 - _ssim_per_pixel(x.float(), x_hat.float(), valid=False).mean(dim=1), _grid_size(x))
 
 
 def _gradient_magnitude(grey: torch.Tensor) -> torch.Tensor:
@@ -201,29 +182,10 @@ def _gms_grid(x: torch.Tensor, x_hat: torch.Tensor, size: tuple[int, int]) -> to
     return blur(1.0 - total / GMS_SCALES, 1.0)
 
 
-def gms_map(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) pairs -> (B, h, w) smoothed 1 - MSGMS on the map grid."""
-    return _gms_grid(x, x_hat, _grid_size(x))
-
-
 def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, h, w) grid maps -> (B, *size), bilinear: a map drawn over its image."""
     return torch.nn.functional.interpolate(maps[:, None].float(), size=size, mode="bilinear",
                                            align_corners=False)[:, 0]
-
-
-ANOMALY_MAPS = {"err": error_map, "ssim": ssim_map, "gms": gms_map}
-_SCORE_MAPS = {"mse": "err", "ssim_error": "ssim"}
-
-
-def map_for_score(score: str, fused_from: Sequence[str] = ()) -> str:
-    """The anomaly map that shows where a score comes from: its own map; for the fused score the
-    first of its parts that has one; the squared error for scores with no map (neighbours)."""
-    if score == "fused":
-        return next((_SCORE_MAPS.get(part) or part.split("_")[0] for part in fused_from
-                     if part in _SCORE_MAPS or part.split("_")[0] in ANOMALY_MAPS), "err")
-    prefix = score.split("_")[0]
-    return _SCORE_MAPS.get(score) or (prefix if prefix in ANOMALY_MAPS else "err")
 
 
 def pool_max(maps: torch.Tensor) -> torch.Tensor:
@@ -238,25 +200,100 @@ def pool_top(maps: torch.Tensor, share: float = TOP_SHARE) -> torch.Tensor:
     return flat.topk(k, dim=1, sorted=False).values.mean(dim=1)
 
 
-def reconstruction_scores(x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every reconstruction score of a batch, by name (RECONSTRUCTION_SCORES), each (B,).
+POOLS = {"max": pool_max, "top": pool_top}  # a registered score's `pool`, over its map's grid
 
-    One SSIM computation serves both `ssim_error` (its valid region, as `ssim_per_image`) and
-    the ssim map; the maps are made on the grid and pooled there.
+
+# ---------------------------------------------------------------- scores by the registry
+
+
+class ScoreInputs:
+    """One batch's inputs to the scores, and what several scores share: each map is computed at
+    most once, and only when a requested score reads it (the SSIM and GMS maps are most of the
+    cost of scoring).
+
+    x, x_hat: (B, C, H, W) in [0, 1]; z, stem_stats: (B, D) model outputs, for the bank; ids: the
+    images' ids (the bank leaves each one's own entry out); bank: a `TrainingBank` or None.
     """
-    x, x_hat = x.float(), x_hat.float()
-    size = _grid_size(x)
-    squared = squared_error_map(x, x_hat)  # (B, H, W)
-    ssim = _ssim_per_pixel(x, x_hat, valid=False)  # (B, C, H, W); its inner part is the valid region
+
+    def __init__(self, x: torch.Tensor | None = None, x_hat: torch.Tensor | None = None,
+                 z: torch.Tensor | None = None, stem_stats: torch.Tensor | None = None,
+                 ids: Sequence[str] | None = None, bank: TrainingBank | None = None):
+        self.x = None if x is None else x.float()
+        self.x_hat = None if x_hat is None else x_hat.float()
+        self.z, self.stem_stats, self.ids, self.bank = z, stem_stats, ids, bank
+        self._maps: dict[str, torch.Tensor] = {}
+
+    @functools.cached_property
+    def squared(self) -> torch.Tensor:
+        """(B, H, W) squared error per pixel."""
+        return squared_error_map(self.x, self.x_hat)
+
+    @functools.cached_property
+    def ssim(self) -> torch.Tensor:
+        """(B, C, H, W) SSIM at every pixel, "same" size: one computation serves `ssim_error` (its
+        inner part is SSIM's valid region) and the ssim map."""
+        return _ssim_per_pixel(self.x, self.x_hat, valid=False)
+
+    def map(self, name: str) -> torch.Tensor:
+        """(B, h, w) the anomaly map `name` (ANOMALY_MAPS) on the map grid."""
+        if name not in self._maps:
+            self._maps[name] = _MAKE_MAP[name](self)
+        return self._maps[name]
+
+
+_MAKE_MAP: dict[str, Callable[[ScoreInputs], torch.Tensor]] = {
+    "err": lambda s: _on_grid(s.squared, _grid_size(s.x)),
+    "ssim": lambda s: _on_grid(1.0 - s.ssim.mean(dim=1), _grid_size(s.x)),
+    "gms": lambda s: _gms_grid(s.x, s.x_hat, _grid_size(s.x)),
+}
+
+
+def error_map(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) pairs -> (B, h, w) smoothed squared error on the map grid."""
+    return ScoreInputs(x, x_hat).map("err")
+
+
+def ssim_map(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) pairs -> (B, h, w) smoothed 1 - SSIM on the map grid."""
+    return ScoreInputs(x, x_hat).map("ssim")
+
+
+def gms_map(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) pairs -> (B, h, w) smoothed 1 - MSGMS on the map grid."""
+    return ScoreInputs(x, x_hat).map("gms")
+
+
+ANOMALY_MAPS = {"err": error_map, "ssim": ssim_map, "gms": gms_map}  # the maps the galleries draw
+
+
+def _ssim_error(inputs: ScoreInputs) -> torch.Tensor:
     inner = SSIM_WINDOW // 2
-    scores = {"mse": squared.flatten(1).mean(dim=1),
-              "ssim_error": 1.0 - ssim[..., inner:-inner, inner:-inner].flatten(1).mean(dim=1)}
-    maps = {"err": _on_grid(squared, size), "ssim": _on_grid(1.0 - ssim.mean(dim=1), size),
-            "gms": _gms_grid(x, x_hat, size)}
-    for name, values in maps.items():
-        scores[f"{name}_max"] = pool_max(values)
-        scores[f"{name}_top"] = pool_top(values)
+    return 1.0 - inputs.ssim[..., inner:-inner, inner:-inner].flatten(1).mean(dim=1)
+
+
+# The compute function of each registered score (pipeline.scores.SCORES) that does not pool a
+# map's grid and is not a score of scores: ScoreInputs -> (B,).
+COMPUTE: dict[str, Callable[[ScoreInputs], torch.Tensor]] = {
+    "mse": lambda s: s.squared.flatten(1).mean(dim=1),
+    "ssim_error": _ssim_error,
+    "latent_knn": lambda s: s.bank.latent.distances(s.z, s.ids),
+    "stem_knn": lambda s: s.bank.stem.distances(s.stem_stats, s.ids),
+}
+
+
+def compute_scores(names: Sequence[str], inputs: ScoreInputs) -> dict[str, torch.Tensor]:
+    """The registered scores `names` of one batch, each (B,), in the order given. A score of
+    scores (fused) is not among them: `Calibration.fuse` makes it from its parts."""
+    scores = {}
+    for name in names:
+        spec = SCORES[name]
+        scores[name] = POOLS[spec.pool](inputs.map(spec.map)) if spec.pools_grid else COMPUTE[name](inputs)
     return scores
+
+
+def reconstruction_scores(x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every score of a batch computed from the reconstruction alone, by name, each (B,)."""
+    return compute_scores(names_needing("reconstruction"), ScoreInputs(x, x_hat))
 
 
 # ---------------------------------------------------------------- scores from neighbours
@@ -270,7 +307,7 @@ def reconstruction_scores(x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, tor
 # An image of the training split is in the bank itself: its own entry never counts (leave
 # one out, by id), so a training image and an unseen one are scored alike.
 
-KNN_K = 10  # ten: anomalies in the training split (and so in the bank) find one another at k = 1
+KNN_K = 10  # more than one, so that anomalies in the bank do not find one another (why ten: an unrecorded note, no script)
 BANK_CAP = 20_000  # bank entries at most (the training split, sampled by id hash above it)
 
 
@@ -320,8 +357,9 @@ class TrainingBank:
         self.stem = NeighbourBank(self.ids, self.stem_stats)
 
     def scores(self, z: torch.Tensor, stem_stats: torch.Tensor, ids: Sequence[str] | None) -> dict[str, torch.Tensor]:
-        """{"latent_knn", "stem_knn"}: (B,) each, leaving each image's own entry out."""
-        return {"latent_knn": self.latent.distances(z, ids), "stem_knn": self.stem.distances(stem_stats, ids)}
+        """Every score computed against the bank (latent_knn, stem_knn), (B,) each, leaving each
+        image's own entry out."""
+        return compute_scores(names_needing("bank"), ScoreInputs(z=z, stem_stats=stem_stats, ids=ids, bank=self))
 
 
 # ---------------------------------------------------------------- training losses
@@ -352,155 +390,7 @@ def psnr(mse: float | np.ndarray | torch.Tensor) -> float | np.ndarray:
         return -10.0 * np.log10(mse)
 
 
-# ---------------------------------------------------------------- calibration
-#
-# Thresholds are taken on a score's calibration: its distribution on the held-out split of
-# the training corpus. A real corpus holds anomalies (a few percent, unlabelled), so the
-# held-out split does too, and its plain 99th percentile sits among them. The calibration
-# therefore estimates the normal bulk alone, on the log of the score (errors are positive
-# and spread multiplicatively): one Gaussian, or two when the Bayesian information criterion
-# prefers them (the lower, heavier one is the normal bulk; the upper one the anomalies).
-# On a clean split BIC keeps one Gaussian, so the threshold stays where the plain fit puts it;
-# a mixture alone would split a clean bulk in two. `quantile:Q` is the Q-quantile of the bulk,
-# and the upper component's weight is the estimated contamination. bench/detection.py
-# compared this with median/MAD, trimmed fits, skew-adjusted boxplots and an ungated mixture.
-#
-# Scores are fused on a common scale: each one's robust z, (log score - median) / (1.4826 MAD)
-# of its held-out values, which anomalies in the split barely move.
-
-MAX_CONTAMINATION = 0.5  # a mixture whose upper component weighs more is not "normal bulk + anomalies"
-_BULK = statistics.NormalDist()
-_MAD_TO_SD = 1.4826
-
-
-def fit_normal_bulk(values: np.ndarray) -> tuple[float, float, float]:
-    """(location, scale, contamination) of the Gaussian bulk of `values`: one Gaussian, or the
-    lower of two when BIC prefers two and the upper one weighs at most MAX_CONTAMINATION."""
-    from sklearn.mixture import GaussianMixture
-
-    values = np.asarray(values, dtype=np.float64)
-    values = values[np.isfinite(values)]
-    if values.size < 3:
-        raise InputError(f"a calibration needs at least 3 held-out values, got {values.size}")
-    location, scale = float(values.mean()), float(values.std())
-    if values.size < 20 or scale <= 1e-12:  # too few for a mixture to be told from noise
-        return location, max(scale, 1e-12), 0.0
-    column = values[:, None]
-    one = GaussianMixture(1, random_state=0).fit(column)
-    two = GaussianMixture(2, n_init=3, random_state=0).fit(column)
-    if two.bic(column) >= one.bic(column):
-        return location, scale, 0.0
-    means, sds, weights = two.means_[:, 0], np.sqrt(two.covariances_.reshape(-1)), two.weights_
-    bulk, tail = (0, 1) if means[0] < means[1] else (1, 0)
-    if weights[tail] > MAX_CONTAMINATION:
-        return location, scale, 0.0
-    return float(means[bulk]), max(float(sds[bulk]), 1e-12), float(weights[tail])
-
-
-@dataclass(frozen=True)
-class ScoreCalibration:
-    """One score's held-out distribution: the normal bulk's fit, the contamination estimate,
-    the robust centre and spread that put the score on the fused scale, and the raw quantiles
-    (q = i / CALIBRATION_GRID) for reports."""
-
-    count: int
-    log: bool  # fitted on log(score); False for scores already on a z scale (fused)
-    location: float
-    scale: float
-    contamination: float
-    median: float
-    spread: float  # 1.4826 MAD: the standard deviation, were the values Gaussian
-    grid: tuple[float, ...]
-
-    @classmethod
-    def fit(cls, values: np.ndarray, log: bool = True) -> ScoreCalibration:
-        values = np.asarray(values, dtype=np.float64)
-        values = values[np.isfinite(values)]
-        fitted = np.log(np.maximum(values, 1e-12)) if log else values
-        location, scale, contamination = fit_normal_bulk(fitted)
-        median = float(np.median(fitted))
-        spread = _MAD_TO_SD * float(np.median(np.abs(fitted - median)))
-        grid = np.quantile(values, np.linspace(0.0, 1.0, CALIBRATION_GRID + 1))
-        return cls(int(values.size), log, location, scale, contamination, median,
-                   spread if spread > 1e-12 else scale, tuple(float(v) for v in grid))
-
-    def quantile(self, q: float) -> float:
-        """The q-quantile of the normal bulk, in the score's own units."""
-        if not 0.0 < q < 1.0:
-            raise InputError(f"quantile must be in (0, 1), got {q}")
-        value = self.location + _BULK.inv_cdf(q) * self.scale
-        return math.exp(value) if self.log else value
-
-    def standardise(self, values: np.ndarray) -> np.ndarray:
-        """Each value's robust z: how many spreads above the held-out median it is."""
-        values = np.asarray(values, dtype=np.float64)
-        fitted = np.log(np.maximum(values, 1e-12)) if self.log else values
-        return (fitted - self.median) / self.spread
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"count": self.count, "log": self.log, "location": self.location, "scale": self.scale,
-                "contamination": self.contamination, "median": self.median, "spread": self.spread,
-                "grid": list(self.grid)}
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ScoreCalibration:
-        if "location" not in values:  # a model made before the robust fit: refit its stored quantiles
-            return cls.fit(np.asarray(values["grid"], dtype=np.float64))
-        return cls(int(values["count"]), bool(values["log"]), float(values["location"]), float(values["scale"]),
-                   float(values["contamination"]), float(values["median"]), float(values["spread"]),
-                   tuple(float(v) for v in values["grid"]))
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """Every score's calibration, the fused score's recipe, and the default score."""
-
-    scores: dict[str, ScoreCalibration]
-    default_score: str
-    fused_from: tuple[str, ...] = ()
-
-    def get(self, score: str) -> ScoreCalibration:
-        if score not in self.scores:
-            raise InputError(f"the model's calibration has no score {score!r}; it has: {', '.join(self.scores)} "
-                             "(retrain with this version of the train job for the newer scores)")
-        return self.scores[score]
-
-    def threshold(self, score: str, q: float) -> float:
-        return self.get(score).quantile(q)
-
-    def fuse(self, values: dict[str, np.ndarray]) -> np.ndarray:
-        """The fused score: the largest robust z of its parts (an image is as odd as its oddest
-        score says)."""
-        return np.max(np.stack([self.get(name).standardise(values[name]) for name in self.fused_from]), axis=0)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"format": 2, "default_score": self.default_score, "fused_from": list(self.fused_from),
-                "scores": {name: c.to_dict() for name, c in self.scores.items()},
-                "contamination": self.scores[self.default_score].contamination}
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any] | None) -> Calibration:
-        if not values:
-            raise InputError("the model has no calibration: train it with this project's train job, or pass value:X")
-        if "scores" not in values:  # one mse calibration, as models made before the scores were
-            return cls({"mse": ScoreCalibration.from_dict(values)}, "mse")
-        return cls({name: ScoreCalibration.from_dict(c) for name, c in values["scores"].items()},
-                   values["default_score"], tuple(values.get("fused_from", ())))
-
-
-def calibrate(held_out: dict[str, np.ndarray], default_score: str, fused_from: Sequence[str] = ()) -> Calibration:
-    """Fit every held-out score (positive scores on their log); with `fused_from`, the fused score too."""
-    scores = {name: ScoreCalibration.fit(values) for name, values in held_out.items()}
-    partial = Calibration(scores, default_score if default_score in scores else "mse", tuple(fused_from))
-    if fused_from:
-        scores["fused"] = ScoreCalibration.fit(partial.fuse(held_out), log=False)
-    return Calibration(scores, default_score, tuple(fused_from))
-
-
-# The default score and the fused score's parts: what bench/detection.py found best across
-# defect kinds without labels (docs/BENCHMARKS.md has the table, the README the reasons).
-DEFAULT_SCORE = "fused"
-FUSED_FROM = ("mse", "ssim_top", "stem_knn")
+# ---------------------------------------------------------------- a model's calibration and bank
 
 
 def calibrate_with_bank(ids: Sequence[str], held_out: np.ndarray, rows: dict[str, np.ndarray],
@@ -522,90 +412,3 @@ def calibrate_with_bank(ids: Sequence[str], held_out: np.ndarray, rows: dict[str
                              None)
     values.update({name: v.numpy() for name, v in neighbours.items()})
     return calibrate(values, default, fused_from), bank
-
-
-def default_score(calibration: dict[str, Any] | None) -> str:
-    """The score a model flags anomalies by unless told otherwise: its calibration's default
-    ("mse" for a model made before there were others)."""
-    return Calibration.from_dict(calibration).default_score if calibration else "mse"
-
-
-def calibration_from_errors(errors: np.ndarray) -> dict[str, Any]:
-    """A calibration of per-image mse alone (models and tests that have only that score)."""
-    return calibrate({"mse": np.asarray(errors, dtype=np.float64)}, "mse").to_dict()
-
-
-def threshold_from_calibration(calibration: dict[str, Any] | None, q: float, score: str | None = None) -> float:
-    """The q-quantile of the normal bulk of a score's held-out values (the default score's when None)."""
-    parsed = Calibration.from_dict(calibration)
-    return parsed.threshold(score or parsed.default_score, q)
-
-
-# ---------------------------------------------------------------- thresholds
-
-
-@dataclass(frozen=True)
-class ThresholdSpec:
-    """A parsed `--threshold`: policy ("quantile", "contamination" or "value") and its number."""
-
-    text: str
-    policy: str
-    parameter: float
-
-
-def _spec_forms(policies: Sequence[str]) -> str:
-    forms = {"quantile": "quantile:Q", "contamination": "contamination:X", "value": "value:X"}
-    named = [forms[p] for p in policies]
-    return named[0] if len(named) == 1 else ", ".join(named[:-1]) + " or " + named[-1]
-
-
-def parse_threshold(spec: str, policies: Sequence[str] = THRESHOLD_POLICIES) -> ThresholdSpec:
-    """'quantile:0.99' | 'contamination:0.05' | 'value:0.02' -> ThresholdSpec; InputError otherwise.
-
-    `policies` limits the forms a caller accepts (the embed job flags rows one batch at a
-    time, so it cannot take a contamination share of the whole corpus).
-    """
-    policy, _, number = str(spec).partition(":")
-    try:
-        value = float(number)
-    except ValueError:
-        value = math.nan
-    if policy not in policies or not math.isfinite(value):
-        raise InputError(f"--threshold must be {_spec_forms(policies)}, got {spec!r}")
-    if policy == "quantile" and not 0.0 <= value <= 1.0:
-        raise InputError(f"quantile threshold must be in [0, 1], got {value}")
-    if policy == "contamination" and not 0.0 <= value <= 1.0:
-        raise InputError(f"contamination must be a share in [0, 1], got {value}")
-    return ThresholdSpec(str(spec), policy, value)
-
-
-def contamination_threshold(scores: np.ndarray, share: float) -> float:
-    """The value that flags the top `share` of `scores` (flag: score > value).
-
-    Midway between the last kept and the first flagged score, so exactly round(share * n)
-    rows are flagged unless scores tie at the cut; +inf when there are no scores.
-    """
-    ordered = np.sort(np.asarray(scores, dtype=np.float64))
-    n = len(ordered)
-    if n == 0:
-        return math.inf
-    k = int(round(share * n))
-    if k <= 0:
-        return float(ordered[-1])
-    if k >= n:
-        return float(np.nextafter(ordered[0], -np.inf))
-    return float((ordered[n - k - 1] + ordered[n - k]) / 2)
-
-
-def resolve_threshold(spec: str | ThresholdSpec, calibration: dict[str, Any] | None = None,
-                      scores: np.ndarray | None = None, score: str | None = None) -> float:
-    """The number a spec names for `score` (the calibration's default when None): a quantile of
-    its calibration, a share of `scores`, or the value."""
-    parsed = spec if isinstance(spec, ThresholdSpec) else parse_threshold(spec)
-    if parsed.policy == "value":
-        return parsed.parameter
-    if parsed.policy == "quantile":
-        return threshold_from_calibration(calibration, parsed.parameter, score)
-    if scores is None:
-        raise InputError(f"--threshold {parsed.text} needs the scores of the whole corpus")
-    return contamination_threshold(scores, parsed.parameter)

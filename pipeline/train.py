@@ -41,13 +41,11 @@ from pipeline.lease import Lease
 from pipeline.model import AutoencoderConfig, build_model, count_parameters
 from pipeline.progress import Poller, Progress, TallyWatch
 from pipeline.resources import largest_node_cpus, plan_actor_pool, plan_training_workers
-from pipeline.scoring import (
-    BANK_CAP, TRAINING_LOSSES, Calibration, calibrate_with_bank, calibration_from_errors, mse_per_image, psnr,
-    training_loss,
-)
+from pipeline.scoring import BANK_CAP, TRAINING_LOSSES, calibrate_with_bank, mse_per_image, psnr, training_loss
 from pipeline.shards import (
     Columns, ShardList, check_columns, fingerprint, first_images, id_strings, implied_id_column,
 )
+from pipeline.thresholds import Calibration, calibration_from_errors
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"

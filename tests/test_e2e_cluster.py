@@ -13,8 +13,9 @@ from cluster_utils import REPO_ROOT, start_head, start_multinode_cluster, submit
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.images import encode_image
-from pipeline.latents import SCORE_COLUMNS, read_latents
-from pipeline.scoring import Calibration
+from pipeline.latents import read_latents
+from pipeline.scores import SCORE_COLUMNS
+from pipeline.thresholds import Calibration
 from pipeline.synth import anomaly_plan, synthetic_image
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]

@@ -17,7 +17,8 @@ from builders import kill_part_way, make_tiny_model, rows_written
 from pipeline import storage
 from pipeline.embed import EmbedConfig, Embedder, embed, embed_reference
 from pipeline.errors import InputError
-from pipeline.latents import METADATA_KEY, SCORE_COLUMNS, dequantize_latents, read_latents
+from pipeline.latents import METADATA_KEY, dequantize_latents, read_latents
+from pipeline.scores import SCORE_COLUMNS
 from pipeline.resources import (
     CPU_BATCH_SIZE,
     GPU_BATCH_SIZE,
@@ -25,7 +26,7 @@ from pipeline.resources import (
     object_store_budget,
     plan_actor_pool,
 )
-from pipeline.scoring import resolve_threshold
+from pipeline.thresholds import resolve_threshold
 from pipeline.shards import ColumnError, DuplicateIdError
 from pipeline.synth import write_synthetic_corpus
 

@@ -52,7 +52,8 @@ from pipeline.neighbours import (
     prepare,
     query,
 )
-from pipeline.scoring import calibration_from_errors, mse_per_image
+from pipeline.scoring import mse_per_image
+from pipeline.thresholds import calibration_from_errors
 from pipeline.shards import write_shard
 from pipeline.synth import synthetic_image
 

@@ -48,12 +48,12 @@ from pipeline.report import (
     ScorePartial,
     histogram_counts,
     report,
-    resolve_threshold,
+    report_threshold,
     sketch_quantile,
 )
-from pipeline.scoring import Calibration, threshold_from_calibration
 from pipeline.shards import write_shard
 from pipeline.synth import synthetic_image, write_synthetic_corpus
+from pipeline.thresholds import Calibration, threshold_from_calibration
 
 HOSTILE_IDS = ["../x", "<script>alert(1)</script>", "line1\nline2", "q\"uote's & <b>bold</b>"]
 HOSTILE_KIND = "<img src=x onerror=alert(3)>"
@@ -322,22 +322,22 @@ def test_contamination_flags_exactly_the_top_share(ray_local, known, tmp_path):
 def test_threshold_policies_resolve_from_their_sources(model_url, tmp_path):
     calibration = read_checkpoint_meta(model_url)["training"]["calibration"]
     empty = ScorePartial()
-    from_model = resolve_threshold("quantile:0.95", empty, True, calibration, None)
+    from_model = report_threshold("quantile:0.95", empty, True, calibration, None)
     assert from_model.value == pytest.approx(threshold_from_calibration(calibration, 0.95))
     assert "--model" in from_model.source
     # The calibration's estimate of how much of its held-out split was anomalous travels along.
     assert from_model.estimated_contamination == Calibration.from_dict(calibration).get("mse").contamination
     recorded = {"threshold": 0.0123, "threshold_spec": "quantile:0.99"}
-    assert resolve_threshold("quantile:0.99", empty, True, None, recorded).value == 0.0123
+    assert report_threshold("quantile:0.99", empty, True, None, recorded).value == 0.0123
     # Another quantile than the embed job's: the calibration of the model the metadata names.
-    named = resolve_threshold("quantile:0.9", empty, True, None, {**recorded, "model": model_url})
+    named = report_threshold("quantile:0.9", empty, True, None, {**recorded, "model": model_url})
     assert named.value == pytest.approx(threshold_from_calibration(calibration, 0.9))
     with pytest.raises(InputError, match="needs the model's calibration"):
-        resolve_threshold("quantile:0.9", empty, True, None, recorded)
-    assert resolve_threshold("value:0.5", empty, True, None, None).estimated_contamination is None
+        report_threshold("quantile:0.9", empty, True, None, recorded)
+    assert report_threshold("value:0.5", empty, True, None, None).estimated_contamination is None
     for bad in ("quantile:1.5", "contamination:-0.1", "value:abc", "median", "value:nan"):
         with pytest.raises(InputError, match="threshold|contamination|quantile"):
-            resolve_threshold(bad, empty, True, None, None)
+            report_threshold(bad, empty, True, None, None)
 
 
 @pytest.mark.ray

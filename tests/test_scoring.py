@@ -9,29 +9,33 @@ from builders import fit_briefly
 from skimage.metrics import structural_similarity
 
 from pipeline.errors import InputError
-from pipeline.latents import RECONSTRUCTION_SCORES
+from pipeline.scores import names_needing
 from pipeline.scoring import (
     ANOMALY_MAPS,
     TOP_SHARE,
-    Calibration,
     NeighbourBank,
-    ScoreCalibration,
-    ThresholdSpec,
-    calibrate,
-    contamination_threshold,
-    fit_normal_bulk,
     mse_per_image,
-    parse_threshold,
     pool_max,
     pool_top,
     psnr,
     reconstruction_scores,
-    resolve_threshold,
     ssim_error_per_image,
     ssim_per_image,
     training_loss,
     upsample,
 )
+from pipeline.thresholds import (
+    Calibration,
+    ScoreCalibration,
+    ThresholdSpec,
+    calibrate,
+    contamination_threshold,
+    fit_normal_bulk,
+    parse_threshold,
+    resolve_threshold,
+)
+
+RECONSTRUCTION_SCORES = names_needing("reconstruction")
 
 
 @pytest.fixture

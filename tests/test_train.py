@@ -22,8 +22,9 @@ from pipeline.errors import InputError
 from pipeline.images import decode_batch
 from pipeline.model import AutoencoderConfig, build_model
 from pipeline.sampling import split_of
-from pipeline.latents import NEIGHBOUR_SCORES, RECONSTRUCTION_SCORES
-from pipeline.scoring import DEFAULT_SCORE, FUSED_FROM, Calibration, mse_per_image
+from pipeline.scores import DEFAULT_SCORE, FUSED_FROM, names_needing
+from pipeline.scoring import mse_per_image
+from pipeline.thresholds import Calibration
 from pipeline.synth import write_synthetic_corpus
 from pipeline.train import METRICS_FILE, TrainConfig, train
 
@@ -84,7 +85,7 @@ def test_two_worker_training_learns_and_exports_a_model_that_loads_without_ray(r
     assert _val_mse(exported.model, x_val) == pytest.approx(best["val_mse"], rel=1e-4)
     # The calibration carries every score, each fitted on the held-out split; the bank holds the training split.
     calibration = Calibration.from_dict(exported.calibration)
-    assert set(calibration.scores) == {*RECONSTRUCTION_SCORES, *NEIGHBOUR_SCORES, "fused"}
+    assert set(calibration.scores) == {*names_needing("reconstruction", "bank"), "fused"}
     assert calibration.default_score == DEFAULT_SCORE and calibration.fused_from == FUSED_FROM
     for name, fitted in calibration.scores.items():
         assert fitted.count == len(x_val), name

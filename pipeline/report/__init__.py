@@ -109,7 +109,7 @@ from pipeline.report.config import (
     inspect_latents,
 )
 from pipeline.report.job import report, run
-from pipeline.report.metrics import Threshold, label_metrics, resolve_threshold
+from pipeline.report.metrics import Threshold, label_metrics, report_threshold
 from pipeline.report.scan import (
     FlagPartial,
     GroupStats,
@@ -135,6 +135,6 @@ from pipeline.report.sketch import (
 __all__ = [
     "HIST_BINS", "HIST_EDGES", "HIST_HIGH", "HIST_LOW", "HIST_RATIO", "PATH_COLUMN", "FlagPartial", "GroupStats",
     "Inputs", "LatentInfo", "RankedRows", "ReportConfig", "ScanPlan", "ScorePartial", "ScoreStats", "Threshold",
-    "check_inputs", "histogram_counts", "inspect_latents", "label_metrics", "pack", "report", "resolve_threshold",
+    "check_inputs", "histogram_counts", "inspect_latents", "label_metrics", "pack", "report", "report_threshold",
     "run", "scan_flags", "scan_scores", "sketch_quantile", "unpack",
 ]

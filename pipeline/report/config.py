@@ -4,7 +4,8 @@
 Ray), so bad input fails in seconds with an `InputError`, before anything is written.
 
 pipeline.scoring and pipeline.checkpoint load torch; this package imports them inside
-functions so that the Ray tasks of the scan passes, which import the package, never load it.
+functions so that the Ray tasks of the scan passes, which import the package, never load it
+(the threshold policy, pipeline.thresholds, is NumPy only and imported at the top).
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.errors import InputError
-from pipeline.latents import SCORE_COLUMNS, latent_files, metadata_of, require_finished
+from pipeline.latents import latent_files, metadata_of, require_finished
 from pipeline.neighbour_output import read_run
-from pipeline.report.metrics import Threshold, resolve_threshold
+from pipeline.report.metrics import Threshold, report_threshold
 from pipeline.report.scan import LatentColumns
+from pipeline.scores import SCORE_COLUMNS
 from pipeline.shards import Columns, ShardList, check_columns, implied_id_column
+from pipeline.thresholds import parse_threshold
 
 KIND_COLUMN = "anomaly_kind"
 DEFAULT_LABEL_COLUMN = "label"
@@ -51,8 +54,6 @@ class ReportConfig:
     neighbours_url: str | None = None  # a neighbours output: the near-duplicates section
 
     def __post_init__(self) -> None:
-        from pipeline.scoring import parse_threshold
-
         if self.interpolate is not None:
             object.__setattr__(self, "interpolate", tuple(self.interpolate))
         parse_threshold(self.threshold)
@@ -216,8 +217,6 @@ class Inputs:
 
 def check_inputs(cfg: ReportConfig) -> Inputs:
     """Every refusal that needs no pass over the data: footers, configs and checkpoint metadata only, no Ray."""
-    from pipeline.scoring import parse_threshold
-
     notes: list[str] = []
     storage.check_apart({"--latents": cfg.latents_url, "--data": cfg.data_url, "--neighbours": cfg.neighbours_url},
                         {"--out": cfg.out_url})
@@ -236,7 +235,7 @@ def check_inputs(cfg: ReportConfig) -> Inputs:
         except InputError as e:
             raise InputError(f"--neighbours: {e}") from e
     threshold = None if parse_threshold(cfg.threshold).policy == "contamination" else \
-        resolve_threshold(cfg.threshold, None, True, calibration, info.metadata, info.score)
+        report_threshold(cfg.threshold, None, True, calibration, info.metadata, info.score)
     expected_sha = (info.metadata or {}).get("weights_sha256")
     if model_sha and expected_sha and model_sha != expected_sha:
         notes.append(f"--model's weights ({model_sha[:12]}) are not those the latents were made with "

@@ -23,6 +23,7 @@ from pipeline import storage, tars
 from pipeline.errors import InputError
 from pipeline.images import decode_batch, encode_image
 from pipeline.report.output import gallery_file
+from pipeline.scores import map_for_score
 from pipeline.shards import PATH_FIELD, Columns, ShardList, check_columns, derived_id, image_bytes
 
 RECONSTRUCT_BATCH = 64
@@ -166,7 +167,6 @@ def build_galleries(model_url: str, images: dict[str, bytes | None], galleries: 
     the map behind `score`; returns entries, {relative file name: PNG bytes}, the heat maps'
     scale and the map's name."""
     from pipeline.checkpoint import load_checkpoint
-    from pipeline.scoring import map_for_score
 
     checkpoint = load_checkpoint(model_url)
     map_name = map_for_score(score, (checkpoint.calibration or {}).get("fused_from", ()))

@@ -18,7 +18,7 @@ from pipeline.report.duplicates import near_duplicates_section
 from pipeline.report.figures import histogram_figure, roc_pr_figure
 from pipeline.report.galleries import build_galleries, fetch_images, interpolation_strip
 from pipeline.report.html import render_html
-from pipeline.report.metrics import Threshold, resolve_threshold
+from pipeline.report.metrics import Threshold, report_threshold
 from pipeline.report.output import (
     MARKER_FILE,
     histogram_file,
@@ -64,7 +64,7 @@ def _scan(cfg: ReportConfig, inputs: Inputs) -> Findings:
     info = inputs.info
     exact = info.rows <= cfg.max_exact_rows
     plan, scores = _scan_scores(cfg, info, exact)
-    threshold = inputs.threshold or resolve_threshold(cfg.threshold, scores, exact, inputs.calibration,
+    threshold = inputs.threshold or report_threshold(cfg.threshold, scores, exact, inputs.calibration,
                                                       info.metadata, info.score)
     score_summary = scores_section(scores, exact)
     median = score_summary[info.score]["quantiles"].get("0.5", math.nan) if scores.scored else math.nan

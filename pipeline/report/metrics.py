@@ -1,7 +1,8 @@
 """The report's numbers: its threshold (the policies are in the package docstring), score
 summaries and label metrics.
 
-pipeline.scoring loads torch: it is imported inside functions (see config.py).
+The threshold is `pipeline.thresholds.resolve_threshold`'s; this module finds what it reads
+(which calibration, the corpus's scores) and says where the number came from.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 
 from pipeline.errors import InputError
 from pipeline.report.sketch import HIST_RATIO, sketch_quantile
+from pipeline.thresholds import Calibration, ThresholdSpec, parse_threshold, resolve_threshold
 
 if TYPE_CHECKING:
     from pipeline.report.scan import ScorePartial, ScoreStats
@@ -33,16 +35,14 @@ class Threshold:
     estimated_contamination: float | None = None
 
 
-def resolve_threshold(spec: str, totals: ScorePartial | None, exact: bool, calibration: dict[str, Any] | None,
-                      metadata: dict[str, Any] | None, score: str = "mse") -> Threshold:
+def report_threshold(spec: str, totals: ScorePartial | None, exact: bool, calibration: dict[str, Any] | None,
+                     metadata: dict[str, Any] | None, score: str = "mse") -> Threshold:
     """The threshold on `score` a policy gives, and where it came from (`totals` only for contamination)."""
-    from pipeline.scoring import parse_threshold
-
     parsed = parse_threshold(spec)
     if parsed.policy == "value":
-        return Threshold(spec, parsed.policy, parsed.parameter, parsed.parameter, "the value given")
+        return Threshold(spec, parsed.policy, parsed.parameter, resolve_threshold(parsed), "the value given")
     if parsed.policy == "contamination":
-        value, source = _contamination(parsed.parameter, totals, exact)
+        value, source = _contamination(parsed, totals, exact)
         return Threshold(spec, parsed.policy, parsed.parameter, value, source)
     value, source, used = _calibrated_quantile(spec, parsed.parameter, calibration, metadata, score)
     return Threshold(spec, parsed.policy, parsed.parameter, value, source, estimated_contamination(used, score))
@@ -50,18 +50,15 @@ def resolve_threshold(spec: str, totals: ScorePartial | None, exact: bool, calib
 
 def estimated_contamination(calibration: dict[str, Any] | None, score: str) -> float | None:
     """The share of the held-out split `calibration` read as anomalies on `score`, if it says."""
-    from pipeline.scoring import Calibration
-
     if not calibration:
         return None
     scores = Calibration.from_dict(calibration).scores
     return scores[score].contamination if score in scores else None
 
 
-def _contamination(share: float, totals: ScorePartial, exact: bool) -> tuple[float, str]:
-    """The cut that flags the top `share` of the scored rows: exact, or read off the histogram."""
-    from pipeline.scoring import contamination_threshold
-
+def _contamination(parsed: ThresholdSpec, totals: ScorePartial, exact: bool) -> tuple[float, str]:
+    """The cut that flags the top share of the scored rows: exact, or read off the histogram."""
+    share = parsed.parameter
     n, stats = totals.scored, totals.stats.get(totals.score)
     if n == 0:
         return math.inf, "no scored rows"
@@ -69,7 +66,7 @@ def _contamination(share: float, totals: ScorePartial, exact: bool) -> tuple[flo
         value = sketch_quantile(stats.histogram, 1.0 - share, stats.lowest, stats.highest)
         return value, (f"the {1 - share:g}-quantile of this corpus's {totals.score} (log-histogram, within "
                        f"{(HIST_RATIO - 1) * 100:.2f}%)")
-    value = contamination_threshold(totals.sample.column(totals.score), share)
+    value = resolve_threshold(parsed, scores=totals.sample.column(totals.score))
     return value, f"the top {share:g} share ({int(round(share * n)):,} of {n:,} scored rows)"
 
 
@@ -77,10 +74,8 @@ def _calibrated_quantile(spec: str, q: float, calibration: dict[str, Any] | None
                          metadata: dict[str, Any] | None, score: str) -> tuple[float, str, dict[str, Any] | None]:
     """A calibration quantile: --model's, the embed job's recorded threshold, or the named
     model's; with where it came from and the calibration it read, when it read one."""
-    from pipeline.scoring import parse_threshold, threshold_from_calibration
-
     if calibration:
-        return (threshold_from_calibration(calibration, q, score),
+        return (resolve_threshold(spec, calibration, score=score),
                 "calibration of --model (the normal bulk of its held-out scores)", calibration)
     meta = metadata or {}
     recorded = meta.get("threshold_spec")
@@ -95,7 +90,7 @@ def _calibrated_quantile(spec: str, q: float, calibration: dict[str, Any] | None
                     _calibration_of(meta.get("model")))
     model_calibration = _calibration_of(meta.get("model"))
     if model_calibration:
-        return (threshold_from_calibration(model_calibration, q, score),
+        return (resolve_threshold(spec, model_calibration, score=score),
                 f"calibration of the model named in the latent metadata ({meta['model']})", model_calibration)
     raise InputError(
         f"--threshold {spec} needs the model's calibration: pass --model, or use contamination:X or value:X "

@@ -1,0 +1,149 @@
+"""The registry of anomaly scores: every score the project computes, named once, with what it needs.
+
+Each entry (`Score`) says what a score is computed from, which anomaly map it pools (and the
+galleries draw), how it is pooled and calibrated, and whether the fused score reads it. The
+latent dataset's score columns, what a model can compute (`computable`), what `--scores`
+asks for (`parse_scores`), the calibration (log or not) and the report's score tables are all
+read off this table. Adding a score is one entry here plus, unless it pools an anomaly map,
+its compute function in `pipeline.scoring.COMPUTE`.
+
+This module holds no torch: the report's scan tasks and the threshold policy import it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from pipeline.errors import InputError
+
+# What a score is computed from (`Score.needs`). Each is a set of inputs the scorer must have:
+# "reconstruction": the image and the model's reconstruction (every model);
+# "bank": the model's outputs against its training bank (models exported with one);
+# "scores": other scores (the fused score: its parts, and the calibration that puts them on one scale).
+# Scores from encoder feature maps or a learned head add their own kind here and in the scorer.
+NEEDS = ("reconstruction", "bank", "scores")
+MAPS = ("err", "ssim", "gms")  # pipeline.scoring.ANOMALY_MAPS
+# "max" and "top" pool a map's grid (pipeline.scoring.POOLS); "mean" is a whole-image mean
+# with its own compute function.
+POOLS = ("max", "top", "mean")
+
+
+@dataclass(frozen=True)
+class Score:
+    """One anomaly score (larger = more anomalous)."""
+
+    name: str  # its column in the latent dataset
+    needs: str  # what it is computed from: one of NEEDS
+    about: str  # one line for --help and the README
+    map: str | None = None  # the anomaly map it reads, one of MAPS; None: none (the galleries show "err")
+    pool: str | None = None  # how that map becomes one number: one of POOLS; None for scores that read no map
+    log: bool = True  # calibrated on log(score) (positive, spread multiplicatively); False: already a z scale
+    fused: bool = False  # one of the fused score's parts by default (FUSED_FROM)
+
+    def __post_init__(self) -> None:
+        if self.needs not in NEEDS or (self.map or MAPS[0]) not in MAPS or (self.pool or POOLS[0]) not in POOLS:
+            raise ValueError(f"score {self.name!r}: needs one of {NEEDS}, map one of {MAPS}, pool one of {POOLS}")
+
+    @property
+    def pools_grid(self) -> bool:
+        """Computed by pooling its map's grid (no compute function of its own)."""
+        return self.map is not None and self.pool in ("max", "top")
+
+
+def _map_scores(map_name: str, what: str, top_fused: bool = False) -> tuple[Score, Score]:
+    """A map's two pooled scores: `<map>_max` and `<map>_top`."""
+    return (Score(f"{map_name}_max", "reconstruction", f"peak of the {what} map", map_name, "max"),
+            Score(f"{map_name}_top", "reconstruction", f"mean of the worst 5% of the {what} map's cells",
+                  map_name, "top", fused=top_fused))
+
+
+# In column order. The fused parts (mse, ssim_top, stem_knn) and DEFAULT_SCORE are the choice the
+# README's detection section explains (docs/BENCHMARKS.md, bench/detection.py).
+SCORES: dict[str, Score] = {s.name: s for s in (
+    Score("mse", "reconstruction", "mean squared error over the image's pixels", "err", "mean", fused=True),
+    Score("ssim_error", "reconstruction", "1 - SSIM (Gaussian window 11, sigma 1.5) over the valid region",
+          "ssim", "mean"),
+    *_map_scores("err", "squared error"),
+    *_map_scores("ssim", "1 - SSIM", top_fused=True),
+    *_map_scores("gms", "1 - multi-scale gradient-magnitude similarity"),
+    Score("latent_knn", "bank", "mean distance of the latent to its 10 nearest training latents"),
+    Score("stem_knn", "bank", "mean distance of the stem statistics to their 10 nearest training images'",
+          fused=True),
+    Score("fused", "scores", "the largest robust z of the fused parts", log=False),
+)}
+
+SCORE_COLUMNS = tuple(SCORES)  # the latent dataset's score columns, in order
+DEFAULT_SCORE = "fused"  # the score a model flags by unless told otherwise
+FUSED_FROM = tuple(name for name, s in SCORES.items() if s.fused)
+ALL = "all"  # --scores all
+
+
+def score_spec(name: str) -> Score:
+    """The registry's entry for `name`; InputError naming the valid ones otherwise."""
+    if name not in SCORES:
+        raise InputError(f"unknown score {name!r}; the scores are: {', '.join(SCORE_COLUMNS)}")
+    return SCORES[name]
+
+
+def names_needing(*needs: str) -> tuple[str, ...]:
+    """The scores computed from any of `needs`, in column order."""
+    return tuple(name for name, s in SCORES.items() if s.needs in needs)
+
+
+def computable(has_bank: bool, fused_from: Sequence[str] = ()) -> tuple[str, ...]:
+    """Every score a model can compute: from the reconstruction always, from its training bank when
+    it has one, the fused score when its calibration says how to fuse and every part is there."""
+    names = names_needing("reconstruction", *(("bank",) if has_bank else ()))
+    fused = [name for name in names_needing("scores") if fused_from and set(fused_from) <= set(names)]
+    return (*names, *fused)
+
+
+def with_inputs(names: Iterable[str], fused_from: Sequence[str] = ()) -> tuple[str, ...]:
+    """`names` and every score they read (the fused score's parts), in column order."""
+    wanted = set(names)
+    if any(SCORES[name].needs == "scores" for name in wanted):
+        wanted |= set(fused_from)
+    return tuple(name for name in SCORE_COLUMNS if name in wanted)
+
+
+def parse_scores(text: str | None, available: Sequence[str], default_score: str,
+                 fused_from: Sequence[str] = ()) -> tuple[str, ...]:
+    """`--scores`: None -> what `default_score` reads plus mse; "all" -> every score in `available`;
+    "a,b" -> those named and what they read. InputError for an unknown name or one the model
+    cannot compute."""
+    if text is None:
+        wanted = [default_score, "mse"]
+    elif text.strip() == ALL:
+        wanted = list(available)
+    else:
+        wanted = [part.strip() for part in text.split(",") if part.strip()]
+        if not wanted:
+            raise InputError(f"--scores needs {ALL} or a comma-separated list of: {', '.join(SCORE_COLUMNS)}")
+        unknown = [name for name in wanted if name not in SCORES]
+        if unknown:
+            raise InputError(f"--scores: unknown score(s) {', '.join(map(repr, unknown))}; "
+                             f"valid: {ALL}, {', '.join(SCORE_COLUMNS)}")
+    chosen = with_inputs(wanted, fused_from)
+    missing = [name for name in chosen if name not in available]
+    if missing:
+        raise InputError(f"--scores: the model cannot compute {', '.join(missing)} (it computes "
+                         f"{', '.join(available)}; the neighbour scores need a model exported with a training bank)")
+    return chosen
+
+
+def map_for_score(score: str, fused_from: Sequence[str] = ()) -> str:
+    """The anomaly map that shows where a score comes from: its own; for a score of scores the
+    first of its parts that reads one; the squared error for scores that read none."""
+    parts = fused_from if SCORES.get(score) and SCORES[score].needs == "scores" else (score,)
+    return next((SCORES[part].map for part in parts if part in SCORES and SCORES[part].map), "err")
+
+
+def require_scores(present: Iterable[str], needed: Iterable[str], where: str, what: str) -> None:
+    """InputError naming each score in `needed` that `present` lacks (`what` says who needs them)."""
+    present = set(present)
+    missing = [name for name in needed if name not in present]
+    if missing:
+        raise InputError(f"{what} needs the score(s) {', '.join(missing)}, which {where} does not have "
+                         f"(it has: {', '.join(n for n in SCORE_COLUMNS if n in present) or 'none'}); "
+                         "embed again with --scores naming them, or --scores all")

@@ -1,0 +1,266 @@
+"""The threshold policy: a score's calibration, the `--threshold` spec, and the number it resolves to.
+
+Calibration: a score's distribution on held-out normal data, stored with the exported
+model (`calibrate`); thresholds are taken from it.
+
+Thresholds are given as specs (`parse_threshold`):
+- `quantile:Q`: the Q-quantile of the model's calibration;
+- `contamination:X`: flag the top X share of the scored corpus (needs every score first);
+- `value:X`: a fixed score.
+`resolve_threshold` turns a spec into the number a score is compared with (flag: score > value).
+
+NumPy only (scikit-learn for the mixture fit): the report imports it in its scan tasks, which
+never load torch. The scores themselves are computed in `pipeline.scoring`.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import InputError
+from pipeline.scores import SCORES
+
+CALIBRATION_GRID = 100  # held-out percentiles kept with each score's calibration, for reports
+THRESHOLD_POLICIES = ("quantile", "contamination", "value")
+# A job that flags rows as they stream by (embed) cannot take a share of the whole corpus.
+STREAMING_POLICIES = ("quantile", "value")
+
+
+# ---------------------------------------------------------------- calibration
+#
+# Thresholds are taken on a score's calibration: its distribution on the held-out split of
+# the training corpus. A real corpus holds anomalies (a few percent, unlabelled), so the
+# held-out split does too, and its plain 99th percentile sits among them. The calibration
+# therefore estimates the normal bulk alone, on the log of the score (errors are positive
+# and spread multiplicatively): one Gaussian, or two when the Bayesian information criterion
+# prefers them (the lower, heavier one is the normal bulk; the upper one the anomalies).
+# On a clean split BIC keeps one Gaussian, so the threshold stays where the plain fit puts it;
+# a mixture alone would split a clean bulk in two. `quantile:Q` is the Q-quantile of the bulk,
+# and the upper component's weight is the estimated contamination. (Other robust fits were
+# tried against it: an unrecorded note, no script.)
+#
+# Scores are fused on a common scale: each one's robust z, (log score - median) / (1.4826 MAD)
+# of its held-out values, which anomalies in the split barely move.
+
+MAX_CONTAMINATION = 0.5  # a mixture whose upper component weighs more is not "normal bulk + anomalies"
+_BULK = statistics.NormalDist()
+_MAD_TO_SD = 1.4826
+
+
+def fit_normal_bulk(values: np.ndarray) -> tuple[float, float, float]:
+    """(location, scale, contamination) of the Gaussian bulk of `values`: one Gaussian, or the
+    lower of two when BIC prefers two and the upper one weighs at most MAX_CONTAMINATION."""
+    from sklearn.mixture import GaussianMixture
+
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size < 3:
+        raise InputError(f"a calibration needs at least 3 held-out values, got {values.size}")
+    location, scale = float(values.mean()), float(values.std())
+    if values.size < 20 or scale <= 1e-12:  # too few for a mixture to be told from noise
+        return location, max(scale, 1e-12), 0.0
+    column = values[:, None]
+    one = GaussianMixture(1, random_state=0).fit(column)
+    two = GaussianMixture(2, n_init=3, random_state=0).fit(column)
+    if two.bic(column) >= one.bic(column):
+        return location, scale, 0.0
+    means, sds, weights = two.means_[:, 0], np.sqrt(two.covariances_.reshape(-1)), two.weights_
+    bulk, tail = (0, 1) if means[0] < means[1] else (1, 0)
+    if weights[tail] > MAX_CONTAMINATION:
+        return location, scale, 0.0
+    return float(means[bulk]), max(float(sds[bulk]), 1e-12), float(weights[tail])
+
+
+@dataclass(frozen=True)
+class ScoreCalibration:
+    """One score's held-out distribution: the normal bulk's fit, the contamination estimate,
+    the robust centre and spread that put the score on the fused scale, and the raw quantiles
+    (q = i / CALIBRATION_GRID) for reports."""
+
+    count: int
+    log: bool  # fitted on log(score); False for scores already on a z scale (fused)
+    location: float
+    scale: float
+    contamination: float
+    median: float
+    spread: float  # 1.4826 MAD: the standard deviation, were the values Gaussian
+    grid: tuple[float, ...]
+
+    @classmethod
+    def fit(cls, values: np.ndarray, log: bool = True) -> ScoreCalibration:
+        values = np.asarray(values, dtype=np.float64)
+        values = values[np.isfinite(values)]
+        fitted = np.log(np.maximum(values, 1e-12)) if log else values
+        location, scale, contamination = fit_normal_bulk(fitted)
+        median = float(np.median(fitted))
+        spread = _MAD_TO_SD * float(np.median(np.abs(fitted - median)))
+        grid = np.quantile(values, np.linspace(0.0, 1.0, CALIBRATION_GRID + 1))
+        return cls(int(values.size), log, location, scale, contamination, median,
+                   spread if spread > 1e-12 else scale, tuple(float(v) for v in grid))
+
+    def quantile(self, q: float) -> float:
+        """The q-quantile of the normal bulk, in the score's own units."""
+        if not 0.0 < q < 1.0:
+            raise InputError(f"quantile must be in (0, 1), got {q}")
+        value = self.location + _BULK.inv_cdf(q) * self.scale
+        return math.exp(value) if self.log else value
+
+    def standardise(self, values: np.ndarray) -> np.ndarray:
+        """Each value's robust z: how many spreads above the held-out median it is."""
+        values = np.asarray(values, dtype=np.float64)
+        fitted = np.log(np.maximum(values, 1e-12)) if self.log else values
+        return (fitted - self.median) / self.spread
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "log": self.log, "location": self.location, "scale": self.scale,
+                "contamination": self.contamination, "median": self.median, "spread": self.spread,
+                "grid": list(self.grid)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ScoreCalibration:
+        if "location" not in values:  # a model made before the robust fit: refit its stored quantiles
+            return cls.fit(np.asarray(values["grid"], dtype=np.float64))
+        return cls(int(values["count"]), bool(values["log"]), float(values["location"]), float(values["scale"]),
+                   float(values["contamination"]), float(values["median"]), float(values["spread"]),
+                   tuple(float(v) for v in values["grid"]))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Every score's calibration, the fused score's recipe, and the default score."""
+
+    scores: dict[str, ScoreCalibration]
+    default_score: str
+    fused_from: tuple[str, ...] = ()
+
+    def get(self, score: str) -> ScoreCalibration:
+        if score not in self.scores:
+            raise InputError(f"the model's calibration has no score {score!r}; it has: {', '.join(self.scores)} "
+                             "(retrain with this version of the train job for the newer scores)")
+        return self.scores[score]
+
+    def threshold(self, score: str, q: float) -> float:
+        return self.get(score).quantile(q)
+
+    def fuse(self, values: dict[str, np.ndarray]) -> np.ndarray:
+        """The fused score: the largest robust z of its parts (an image is as odd as its oddest
+        score says)."""
+        return np.max(np.stack([self.get(name).standardise(values[name]) for name in self.fused_from]), axis=0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": 2, "default_score": self.default_score, "fused_from": list(self.fused_from),
+                "scores": {name: c.to_dict() for name, c in self.scores.items()},
+                "contamination": self.scores[self.default_score].contamination}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> Calibration:
+        if not values:
+            raise InputError("the model has no calibration: train it with this project's train job, or pass value:X")
+        if "scores" not in values:  # one mse calibration, as models made before the scores were
+            return cls({"mse": ScoreCalibration.from_dict(values)}, "mse")
+        return cls({name: ScoreCalibration.from_dict(c) for name, c in values["scores"].items()},
+                   values["default_score"], tuple(values.get("fused_from", ())))
+
+
+def calibrate(held_out: dict[str, np.ndarray], default_score: str, fused_from: Sequence[str] = ()) -> Calibration:
+    """Fit every held-out score (on its log when the registry says so); with `fused_from`, the fused
+    score too."""
+    scores = {name: ScoreCalibration.fit(values, log=SCORES[name].log if name in SCORES else True)
+              for name, values in held_out.items()}
+    partial = Calibration(scores, default_score if default_score in scores else "mse", tuple(fused_from))
+    if fused_from:
+        scores["fused"] = ScoreCalibration.fit(partial.fuse(held_out), log=False)
+    return Calibration(scores, default_score, tuple(fused_from))
+
+
+def default_score(calibration: dict[str, Any] | None) -> str:
+    """The score a model flags anomalies by unless told otherwise: its calibration's default
+    ("mse" for a model made before there were others)."""
+    return Calibration.from_dict(calibration).default_score if calibration else "mse"
+
+
+def calibration_from_errors(errors: np.ndarray) -> dict[str, Any]:
+    """A calibration of per-image mse alone (models and tests that have only that score)."""
+    return calibrate({"mse": np.asarray(errors, dtype=np.float64)}, "mse").to_dict()
+
+
+def threshold_from_calibration(calibration: dict[str, Any] | None, q: float, score: str | None = None) -> float:
+    """The q-quantile of the normal bulk of a score's held-out values (the default score's when None)."""
+    parsed = Calibration.from_dict(calibration)
+    return parsed.threshold(score or parsed.default_score, q)
+
+
+# ---------------------------------------------------------------- thresholds
+
+
+@dataclass(frozen=True)
+class ThresholdSpec:
+    """A parsed `--threshold`: policy ("quantile", "contamination" or "value") and its number."""
+
+    text: str
+    policy: str
+    parameter: float
+
+
+def _spec_forms(policies: Sequence[str]) -> str:
+    forms = {"quantile": "quantile:Q", "contamination": "contamination:X", "value": "value:X"}
+    named = [forms[p] for p in policies]
+    return named[0] if len(named) == 1 else ", ".join(named[:-1]) + " or " + named[-1]
+
+
+def parse_threshold(spec: str, policies: Sequence[str] = THRESHOLD_POLICIES) -> ThresholdSpec:
+    """'quantile:0.99' | 'contamination:0.05' | 'value:0.02' -> ThresholdSpec; InputError otherwise.
+
+    `policies` limits the forms a caller accepts (the embed job flags rows one batch at a
+    time, so it cannot take a contamination share of the whole corpus).
+    """
+    policy, _, number = str(spec).partition(":")
+    try:
+        value = float(number)
+    except ValueError:
+        value = math.nan
+    if policy not in policies or not math.isfinite(value):
+        raise InputError(f"--threshold must be {_spec_forms(policies)}, got {spec!r}")
+    if policy == "quantile" and not 0.0 <= value <= 1.0:
+        raise InputError(f"quantile threshold must be in [0, 1], got {value}")
+    if policy == "contamination" and not 0.0 <= value <= 1.0:
+        raise InputError(f"contamination must be a share in [0, 1], got {value}")
+    return ThresholdSpec(str(spec), policy, value)
+
+
+def contamination_threshold(scores: np.ndarray, share: float) -> float:
+    """The value that flags the top `share` of `scores` (flag: score > value).
+
+    Midway between the last kept and the first flagged score, so exactly round(share * n)
+    rows are flagged unless scores tie at the cut; +inf when there are no scores.
+    """
+    ordered = np.sort(np.asarray(scores, dtype=np.float64))
+    n = len(ordered)
+    if n == 0:
+        return math.inf
+    k = int(round(share * n))
+    if k <= 0:
+        return float(ordered[-1])
+    if k >= n:
+        return float(np.nextafter(ordered[0], -np.inf))
+    return float((ordered[n - k - 1] + ordered[n - k]) / 2)
+
+
+def resolve_threshold(spec: str | ThresholdSpec, calibration: dict[str, Any] | None = None,
+                      scores: np.ndarray | None = None, score: str | None = None) -> float:
+    """The number a spec names for `score` (the calibration's default when None): a quantile of
+    its calibration, a share of `scores`, or the value."""
+    parsed = spec if isinstance(spec, ThresholdSpec) else parse_threshold(spec)
+    if parsed.policy == "value":
+        return parsed.parameter
+    if parsed.policy == "quantile":
+        return threshold_from_calibration(calibration, parsed.parameter, score)
+    if scores is None:
+        raise InputError(f"--threshold {parsed.text} needs the scores of the whole corpus")
+    return contamination_threshold(scores, parsed.parameter)
