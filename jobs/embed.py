@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score", default=None, choices=SCORE_COLUMNS, metavar="SCORE",
                    help="the score that sets is_anomaly: " + ", ".join(SCORE_COLUMNS) + " (default: the model's, "
                         "from its calibration: fused for models trained with this version, mse before)")
+    p.add_argument("--scores", default=None, metavar="SCORES",
+                   help=f"the score columns to compute: {ALL}, or a comma-separated list of "
+                        + ", ".join(SCORE_COLUMNS) + " (a score's inputs come with it: fused brings its parts; "
+                        "default: the --score and what it reads, plus mse; the SSIM and GMS maps are most of the "
+                        "cost, and are made only when a chosen score reads them)")
     p.add_argument("--passthrough", type=csv, default=(), help=PASSTHROUGH_HELP)
     add_column_flags(p, D["id_column"], D["image_column"])
     p.add_argument("--resize", choices=RESIZE_POLICIES, default=None,

@@ -62,6 +62,7 @@ from pipeline.resources import (
     plan_actor_pool,
     pool_setting_problems,
 )
+from pipeline.scores import computable, named_scores, parse_scores
 from pipeline.shards import (
     Columns,
     ShardList,
@@ -74,21 +75,21 @@ from pipeline.shards import (
 from pipeline.thresholds import STREAMING_POLICIES, Calibration, default_score, parse_threshold, resolve_threshold
 
 # Settings that decide the output's content: a rerun into the same folder must match them.
-OUTPUT_KEYS = ("data_url", "latent_dtype", "threshold", "score", "passthrough", "id_column", "image_column",
-               "resize")
+OUTPUT_KEYS = ("data_url", "latent_dtype", "threshold", "score", "scores", "passthrough", "id_column",
+               "image_column", "resize")
 
 
 class Embedder:
-    """Decoded batch -> latent rows with every score. Loads the model once; runs with or without Ray.
+    """Decoded batch -> latent rows with their scores. Loads the model once; runs with or without Ray.
 
     `score` names the score whose value above `threshold` sets `is_anomaly` (None: the
-    calibration's default score).
+    calibration's default score); `scores` is `--scores` (None: what `score` reads, and mse).
     """
 
     def __init__(self, model_url: str, latent_dtype: str = "float32", threshold: float = math.inf,
                  passthrough: Sequence[str] = (), device: str | None = None, torch_threads: int | None = None,
                  metadata: dict[str, Any] | None = None, on_rows: Callable[[int], None] | None = None,
-                 score: str | None = None):
+                 score: str | None = None, scores: str | None = None):
         if latent_dtype not in LATENT_DTYPES:
             raise ValueError(f"latent dtype must be one of {LATENT_DTYPES}, got {latent_dtype!r}")
         if torch_threads:
@@ -96,15 +97,16 @@ class Embedder:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model, checkpoint = load_inference_model(model_url, device=self.device)
         calibration = Calibration.from_dict(checkpoint.calibration) if checkpoint.calibration else None
-        self.scorer = ImageScorer(model, checkpoint.bank, calibration)
         self.score = score or (calibration.default_score if calibration else "mse")
-        if self.score not in self.scorer.score_names:
-            raise ValueError(f"score {self.score!r} is not one this model computes: {self.scorer.score_names}")
+        fused_from = calibration.fused_from if calibration else ()
+        wanted = parse_scores(scores, computable(checkpoint.bank is not None, fused_from), self.score, fused_from)
+        self.scorer = ImageScorer(model, checkpoint.bank, calibration, wanted)
         self.config = checkpoint.config
         self.latent_dtype = latent_dtype
         self.threshold = threshold
         self.passthrough = list(passthrough)
-        meta = metadata or {"model": model_url, "weights_sha256": checkpoint.weights_sha256}
+        meta = {**(metadata or {"model": model_url, "weights_sha256": checkpoint.weights_sha256}),
+                "scores": list(self.scorer.score_names)}
         self.metadata = {METADATA_KEY: json.dumps(meta, sort_keys=True).encode()}
         self.on_rows = on_rows  # progress: told the rows of each finished batch
 
@@ -152,6 +154,7 @@ class EmbedConfig:
     latent_dtype: str = "float32"
     threshold: str = "quantile:0.99"
     score: str | None = None  # the score that sets is_anomaly; None: the model's default (its calibration's)
+    scores: str | None = None  # --scores: "all", or names; None: what `score` reads, and mse (`prepare` lists them)
     passthrough: tuple[str, ...] = ()
     id_column: str = "id"
     image_column: str = "image"
@@ -174,6 +177,8 @@ class EmbedConfig:
         if problems:
             raise InputError("invalid embed settings: " + "; ".join(problems))
         parse_threshold(self.threshold, STREAMING_POLICIES)
+        if self.scores is not None:
+            named_scores(self.scores)
 
     @property
     def columns(self) -> Columns:
@@ -215,7 +220,7 @@ def command_line(cfg: EmbedConfig) -> str:
     default = EmbedConfig(cfg.data_url, cfg.model_url, cfg.out_url)
     options = [f"--data {shlex.quote(cfg.data_url)}", f"--model {shlex.quote(cfg.model_url)}",
                f"--out {shlex.quote(cfg.out_url)}"]
-    for name in ("latent_dtype", "threshold", "score", "id_column", "image_column", "resize"):
+    for name in ("latent_dtype", "threshold", "score", "scores", "id_column", "image_column", "resize"):
         value = getattr(cfg, name)
         if value != getattr(default, name) and value is not None:
             options.append(f"--{name.replace('_', '-')} {shlex.quote(str(value))}")
@@ -291,6 +296,8 @@ def prepare(cfg: EmbedConfig) -> EmbedPlan:
     score = cfg.score or default_score(model_training.get("calibration"))
     if score not in scores_of(meta):
         raise InputError(f"--score {score}: the model at {cfg.model_url} computes {', '.join(scores_of(meta))}")
+    scores = parse_scores(cfg.scores, scores_of(meta), score,
+                          (model_training.get("calibration") or {}).get("fused_from", ()))
     threshold = resolve_threshold(parse_threshold(cfg.threshold, STREAMING_POLICIES),
                                   model_training.get("calibration") or {}, score=score)
     shards = ShardList.under(cfg.data_url)
@@ -298,7 +305,7 @@ def prepare(cfg: EmbedConfig) -> EmbedPlan:
     check_columns(shards, cfg.columns, cfg.passthrough)
     check_unique_ids(shards, cfg.id_column)
     check_channels(shards, cfg.image_column, meta["model"]["channels"])
-    cfg = replace(cfg, resize=resize, score=score, model_sha256=meta.get("weights_sha256", ""))
+    cfg = replace(cfg, resize=resize, score=score, scores=",".join(scores), model_sha256=meta.get("weights_sha256", ""))
     lease = Lease.acquire(cfg.out_url, "embed job")
     with lease.released_on_error():
         finished = check_output_folder(cfg, shards.rows)
@@ -335,7 +342,7 @@ def _pipeline(plan: EmbedPlan, resources: ResourcePlan, out_fs, out_path: str, o
             metadata={"model": cfg.model_url, "weights_sha256": cfg.model_sha256, "score": cfg.score,
                       "threshold": plan.threshold, "threshold_spec": cfg.threshold, "latent_dtype": cfg.latent_dtype,
                       "model_config": model_config},
-            on_rows=on_rows, score=cfg.score),
+            on_rows=on_rows, score=cfg.score, scores=cfg.scores),
         compute=ActorPoolStrategy(size=resources.actors), num_cpus=resources.cpus_per_actor,
         num_gpus=resources.gpus_per_actor)
     ds.write_parquet(out_path, filesystem=out_fs, min_rows_per_file=min(cfg.rows_per_file, plan.rows_in),
@@ -421,7 +428,7 @@ def embed_reference(cfg: EmbedConfig, threshold: float) -> pa.Table:
     model_config = meta["model"]
     resize = cfg.resize or (meta.get("training") or {}).get("preprocessing", {}).get("resize") or "pad"
     embedder = Embedder(cfg.model_url, cfg.latent_dtype, threshold, cfg.keep, device="cpu",
-                        torch_threads=cfg.torch_threads, score=cfg.score)
+                        torch_threads=cfg.torch_threads, score=cfg.score, scores=cfg.scores)
     shards = ShardList.under(cfg.data_url)
     wanted = list(dict.fromkeys([cfg.id_column, cfg.image_column, *cfg.keep]))
     batch_size = cfg.batch_size or CPU_BATCH_SIZE

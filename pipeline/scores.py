@@ -107,28 +107,38 @@ def with_inputs(names: Iterable[str], fused_from: Sequence[str] = ()) -> tuple[s
     return tuple(name for name in SCORE_COLUMNS if name in wanted)
 
 
-def parse_scores(text: str | None, available: Sequence[str], default_score: str,
-                 fused_from: Sequence[str] = ()) -> tuple[str, ...]:
-    """`--scores`: None -> what `default_score` reads plus mse; "all" -> every score in `available`;
-    "a,b" -> those named and what they read. InputError for an unknown name or one the model
-    cannot compute."""
+def named_scores(text: str) -> tuple[str, ...]:
+    """The names in a `--scores` value: ("all",), or registered names given comma-separated;
+    InputError listing the valid values for anything else."""
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if names == (ALL,):
+        return names
+    unknown = [name for name in names if name not in SCORES]
+    if not names or unknown:
+        told = f"unknown score(s) {', '.join(map(repr, unknown))}; " if unknown else ""
+        raise InputError(f"--scores {text!r}: {told}give {ALL} or a comma-separated list of: {', '.join(SCORE_COLUMNS)}")
+    return names
+
+
+def parse_scores(text: str | None, available: Sequence[str] = SCORE_COLUMNS, flag_score: str = DEFAULT_SCORE,
+                 fused_from: Sequence[str] = FUSED_FROM) -> tuple[str, ...]:
+    """The scores `--scores` asks for, in column order: None -> `flag_score` (the one that sets
+    is_anomaly), what it reads, and mse; "all" -> every score in `available` (what the model can
+    compute); "a,b" -> those named and what they read (fused: its parts). InputError for an
+    unknown name, one the model cannot compute, or a list without `flag_score`."""
     if text is None:
-        wanted = [default_score, "mse"]
-    elif text.strip() == ALL:
-        wanted = list(available)
+        wanted = (flag_score, "mse")
     else:
-        wanted = [part.strip() for part in text.split(",") if part.strip()]
-        if not wanted:
-            raise InputError(f"--scores needs {ALL} or a comma-separated list of: {', '.join(SCORE_COLUMNS)}")
-        unknown = [name for name in wanted if name not in SCORES]
-        if unknown:
-            raise InputError(f"--scores: unknown score(s) {', '.join(map(repr, unknown))}; "
-                             f"valid: {ALL}, {', '.join(SCORE_COLUMNS)}")
+        wanted = named_scores(text)
+        wanted = tuple(available) if wanted == (ALL,) else wanted
     chosen = with_inputs(wanted, fused_from)
     missing = [name for name in chosen if name not in available]
     if missing:
         raise InputError(f"--scores: the model cannot compute {', '.join(missing)} (it computes "
                          f"{', '.join(available)}; the neighbour scores need a model exported with a training bank)")
+    if flag_score not in chosen:
+        raise InputError(f"--scores {text}: the score that sets is_anomaly, {flag_score}, is not among them: "
+                         f"add it, or pass --score naming one of {', '.join(chosen)}")
     return chosen
 
 

@@ -64,7 +64,7 @@ def _by_id(table: pa.Table) -> dict[str, dict]:
 @pytest.mark.ray
 def test_ray_job_equals_the_plain_reference_row_for_row(ray_local, corpus, model_url, tmp_path):
     cfg = EmbedConfig(data_url=corpus, model_url=model_url, out_url=str(tmp_path / "latents"), passthrough=("label",),
-                      batch_size=64)
+                      batch_size=64, scores="all")
     summary = embed(cfg)
     assert (summary.rows_in, summary.rows_out, summary.error_rows) == (243, 243, 3)
 
@@ -107,7 +107,8 @@ def test_ray_job_equals_the_plain_reference_row_for_row(ray_local, corpus, model
 
 @pytest.mark.ray
 def test_the_score_option_picks_the_column_that_sets_is_anomaly(ray_local, corpus, model_url, tmp_path):
-    by_mse = EmbedConfig(data_url=corpus, model_url=model_url, out_url=str(tmp_path / "by-mse"), batch_size=64)
+    by_mse = EmbedConfig(data_url=corpus, model_url=model_url, out_url=str(tmp_path / "by-mse"), batch_size=64,
+                         scores="all")
     first = embed(by_mse)
     rows = [r for r in read_latents(by_mse.out_url).to_pylist() if r["error"] is None]
     assert first.score == "mse" and all(r["is_anomaly"] == (r["mse"] > first.threshold) for r in rows)
@@ -126,6 +127,41 @@ def test_the_score_option_picks_the_column_that_sets_is_anomaly(ray_local, corpu
 def test_an_unknown_score_is_refused_naming_the_scores(corpus, model_url, tmp_path):
     with pytest.raises(InputError, match="ssim_top"):
         embed(EmbedConfig(data_url=corpus, model_url=model_url, out_url=str(tmp_path / "l"), score="sharpness"))
+
+
+def _score_columns(table: pa.Table) -> tuple[str, ...]:
+    return tuple(name for name in table.column_names if name in SCORE_COLUMNS)
+
+
+def test_scores_default_to_the_flag_score_and_mse_and_all_needs_no_retraining(corpus, model_url):
+    """The default computes the flag score, what it reads and mse; `all` every score, from the same
+    model and calibration; a list those named and what they read; the metadata lists the columns."""
+    base = dict(data_url=corpus, model_url=model_url, out_url="", batch_size=64)
+    tables = {scores: embed_reference(EmbedConfig(**base, score="fused", scores=scores), 1.0)
+              for scores in (None, "all", "gms_top,fused")}
+    assert _score_columns(tables[None]) == ("mse", "ssim_top", "stem_knn", "fused")
+    assert _score_columns(tables["all"]) == SCORE_COLUMNS
+    assert _score_columns(tables["gms_top,fused"]) == ("mse", "ssim_top", "gms_top", "stem_knn", "fused")
+    every = tables["all"].to_pydict()
+    for scores, table in tables.items():
+        recorded = json.loads(table.schema.metadata[METADATA_KEY])["scores"]
+        assert tuple(recorded) == _score_columns(table), scores
+        for name in _score_columns(table):
+            np.testing.assert_allclose(np.array(table.column(name).to_pylist(), dtype=float),
+                                       np.array(every[name], dtype=float), rtol=1e-6, err_msg=name)
+        assert table.column("is_anomaly").to_pylist() == every["is_anomaly"]
+
+
+def test_scores_refusals_name_the_valid_scores(corpus, model_url, tmp_path):
+    from pipeline.embed import prepare
+
+    with pytest.raises(InputError, match=r"unknown score\(s\) 'sharpness'.*mse, ssim_error"):
+        EmbedConfig(data_url=corpus, model_url=model_url, out_url=str(tmp_path / "l"), scores="mse,sharpness")
+    flag = _calibration(model_url)["default_score"]
+    other = "gms_max" if flag != "gms_max" else "err_max"
+    with pytest.raises(InputError, match=f"the score that sets is_anomaly, {flag}, is not among them"):
+        prepare(EmbedConfig(data_url=corpus, model_url=model_url, out_url=str(tmp_path / "l"), scores=other))
+    assert not (tmp_path / "l").exists(), "refused before anything was written"
 
 
 @pytest.mark.parametrize("cpus", [1, 2, 3, 4, 5, 8, 16, 64])

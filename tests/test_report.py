@@ -359,6 +359,34 @@ def test_no_label_column_means_no_metric_sections(ray_local, tmp_path):
     assert "label" not in pq.read_table(out / "top_anomalies.parquet").column_names
 
 
+def _without(latents: str, out: Path, dropped: tuple[str, ...], renamed: dict[str, str]) -> str:
+    """A copy of a latent dataset with some score columns dropped and others renamed (as an embed
+    run with other --scores writes it)."""
+    out.mkdir(parents=True)
+    for path in sorted(Path(latents).glob("*.parquet")):
+        table = pq.read_table(path).drop_columns(list(dropped))
+        pq.write_table(table.rename_columns([renamed.get(n, n) for n in table.column_names]), out / path.name)
+    write_success(str(out), {})
+    return str(out)
+
+
+@pytest.mark.ray
+def test_a_report_reads_whatever_scores_are_there_and_names_a_missing_one(ray_local, known, tmp_path):
+    latents, truth = known
+    only_ssim = _without(latents, tmp_path / "ssim-only", ("mse",), {"ssim_error": "ssim_top"})
+    with pytest.raises(InputError, match=r"--score mse needs the score\(s\) mse, which .*ssim-only does not "
+                                         r"have \(it has: ssim_top\).*--scores"):
+        report(ReportConfig(latents_url=only_ssim, out_url=str(tmp_path / "refused")))
+    with pytest.raises(InputError, match=r"--score gms_top needs the score\(s\) gms_top.*it has: mse, ssim_error"):
+        report(ReportConfig(latents_url=latents, out_url=str(tmp_path / "refused"), score="gms_top"))
+    assert not (tmp_path / "refused").exists()
+    summary = report(ReportConfig(latents_url=only_ssim, out_url=str(tmp_path / "r"), score="ssim_top",
+                                  threshold="contamination:0.1"))
+    assert summary["threshold"]["score"] == "ssim_top"
+    assert "ssim_top" in summary["scores"] and "mse" not in summary["scores"]
+    assert summary["scores"]["ssim_top"]["max"] == pytest.approx(float(truth["ssim"].max()))
+
+
 def test_bad_input_exits_2_with_a_clear_message(known, tmp_path, capsys):
     latents, _ = known
     cases = [

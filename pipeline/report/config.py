@@ -24,7 +24,7 @@ from pipeline.latents import latent_files, metadata_of, require_finished
 from pipeline.neighbour_output import read_run
 from pipeline.report.metrics import Threshold, report_threshold
 from pipeline.report.scan import LatentColumns
-from pipeline.scores import SCORE_COLUMNS
+from pipeline.scores import SCORE_COLUMNS, require_scores
 from pipeline.shards import Columns, ShardList, check_columns, implied_id_column
 from pipeline.thresholds import parse_threshold
 
@@ -143,17 +143,16 @@ def inspect_latents(cfg: ReportConfig, notes: list[str]) -> LatentInfo:
         notes.append(f"{e}; ignored")
     names = set(schema.names)
     id_column = "id" if "id" in names else cfg.id_column
-    missing = [c for c in (id_column, "mse") if c not in names]
-    if missing:
-        raise InputError(
-            f"{cfg.latents_url} is not a latent dataset: no {', '.join(repr(m) for m in missing)} column; "
-            f"columns found: {', '.join(schema.names)}")
-    scores = tuple(name for name in SCORE_COLUMNS if name in names and pa.types.is_floating(schema.field(name).type))
-    if "mse" not in scores:
-        raise InputError(f"column 'mse' of {cfg.latents_url} has type {schema.field('mse').type}, expected float")
+    scores = tuple(name for name in SCORE_COLUMNS if name in names)
+    if id_column not in names or not scores:
+        missing = repr(id_column) if id_column not in names else f"score ({', '.join(map(repr, SCORE_COLUMNS))})"
+        raise InputError(f"{cfg.latents_url} is not a latent dataset: no {missing} column; "
+                         f"columns found: {', '.join(schema.names)}")
+    for name in scores:
+        if not pa.types.is_floating(schema.field(name).type):
+            raise InputError(f"column {name!r} of {cfg.latents_url} has type {schema.field(name).type}, expected float")
     score = cfg.score or (metadata or {}).get("score") or "mse"
-    if score not in scores:
-        raise InputError(f"--score {score}: {cfg.latents_url} has the scores {', '.join(scores)}")
+    require_scores(scores, [score], cfg.latents_url, f"--score {score}")
     return LatentInfo(
         paths=paths, fs=fs, root=storage.arrow_filesystem(cfg.latents_url)[1], rows=rows, schema=schema,
         metadata=metadata, id_column=id_column, label_column=_label_column(cfg, schema, notes),

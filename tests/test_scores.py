@@ -1,0 +1,88 @@
+"""The score registry: every score named once, computed only when asked for, and `--scores` parsed by it."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import InputError
+from pipeline.inference import ImageScorer, load_inference_model
+from pipeline.scores import (
+    DEFAULT_SCORE,
+    FUSED_FROM,
+    SCORE_COLUMNS,
+    SCORES,
+    computable,
+    map_for_score,
+    parse_scores,
+)
+from pipeline.scoring import COMPUTE, ScoreInputs, compute_scores, reconstruction_scores
+from pipeline.thresholds import Calibration
+
+
+def test_every_registered_score_has_a_way_to_be_computed():
+    for name, spec in SCORES.items():
+        assert spec.pools_grid or spec.needs == "scores" or name in COMPUTE, name
+    assert set(COMPUTE) <= set(SCORES), "a compute function for a score the registry does not name"
+    assert SCORE_COLUMNS[0] == "mse" and SCORE_COLUMNS[-1] == "fused"
+    assert FUSED_FROM == ("mse", "ssim_top", "stem_knn") and DEFAULT_SCORE == "fused"
+    assert computable(has_bank=False) == ("mse", "ssim_error", "err_max", "err_top", "ssim_max", "ssim_top",
+                                          "gms_max", "gms_top")
+    assert computable(has_bank=True, fused_from=FUSED_FROM) == SCORE_COLUMNS
+    assert computable(has_bank=False, fused_from=FUSED_FROM)[-1] == "gms_top", "fused needs stem_knn"
+
+
+def test_the_map_shown_for_a_score_comes_from_the_registry():
+    assert [map_for_score(s) for s in ("mse", "ssim_error", "gms_top", "latent_knn")] == ["err", "ssim", "gms", "err"]
+    assert map_for_score("fused", FUSED_FROM) == "err"
+    assert map_for_score("fused", ("stem_knn", "gms_max")) == "gms"
+
+
+def test_scores_parses_default_all_and_lists():
+    every = computable(True, FUSED_FROM)
+    assert parse_scores(None, every, "fused", FUSED_FROM) == ("mse", "ssim_top", "stem_knn", "fused")
+    assert parse_scores(None, every, "gms_top", FUSED_FROM) == ("mse", "gms_top")
+    assert parse_scores("all", every, "fused", FUSED_FROM) == every
+    assert parse_scores(" gms_top, err_max ", every, "err_max", FUSED_FROM) == ("err_max", "gms_top")
+    assert parse_scores("fused", every, "fused", FUSED_FROM) == ("mse", "ssim_top", "stem_knn", "fused")
+    with pytest.raises(InputError, match=r"unknown score\(s\) 'nope'; give all or .*: mse, ssim_error, .*fused"):
+        parse_scores("mse,nope", every, "mse", FUSED_FROM)
+    with pytest.raises(InputError, match="give all or a comma-separated list"):
+        parse_scores(",", every, "mse", FUSED_FROM)
+    with pytest.raises(InputError, match="the score that sets is_anomaly, fused, is not among them"):
+        parse_scores("mse", every, "fused", FUSED_FROM)
+    with pytest.raises(InputError, match="cannot compute stem_knn"):
+        parse_scores("stem_knn", computable(False), "stem_knn")
+
+
+def test_only_the_maps_a_requested_score_reads_are_made():
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.random((2, 3, 32, 32), dtype=np.float32))
+    x_hat = (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
+    every = reconstruction_scores(x, x_hat)
+    inputs = ScoreInputs(x, x_hat)
+    some = compute_scores(["mse", "err_top"], inputs)
+    assert list(some) == ["mse", "err_top"]
+    assert set(inputs._maps) == {"err"} and "ssim" not in vars(inputs), "no SSIM or GMS map was made"
+    for name, values in some.items():
+        np.testing.assert_array_equal(values.numpy(), every[name].numpy())
+
+
+def test_image_scorer_computes_only_what_is_asked_with_the_same_values(tiny_model):
+    from pipeline.checkpoint import load_checkpoint
+
+    model, checkpoint = load_inference_model(tiny_model)
+    calibration = Calibration.from_dict(checkpoint.calibration)
+    rng = np.random.default_rng(2)
+    x = torch.from_numpy(rng.random((4, 3, 32, 32), dtype=np.float32))
+    ids = ["a", "b", "c", "d"]
+    full = ImageScorer(model, checkpoint.bank, calibration)(x, ids)["scores"]
+    assert tuple(full) == SCORE_COLUMNS
+    only = ImageScorer(model, checkpoint.bank, calibration, ["gms_max"])(x, ids)["scores"]
+    assert tuple(only) == ("gms_max",)
+    fused = ImageScorer(model, checkpoint.bank, calibration, ["fused"])(x, ids)["scores"]
+    assert tuple(fused) == ("mse", "ssim_top", "stem_knn", "fused")
+    for name, values in {**only, **fused}.items():
+        np.testing.assert_allclose(values, full[name], rtol=1e-6, err_msg=name)
+    with pytest.raises(ValueError, match="cannot compute"):
+        ImageScorer(model, None, calibration, ["stem_knn"])
+    assert load_checkpoint(tiny_model).bank is not None
