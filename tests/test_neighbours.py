@@ -364,6 +364,19 @@ def test_clusters_are_connected_components_with_the_lowest_mse_kept(tmp_path):
         (3, "g", True, 2), (3, "f", False, 2)]  # f has no mse: the one with a score is kept
 
 
+def test_clusters_of_latents_embedded_without_mse_keep_the_first_id(tmp_path):
+    """`embed --scores` may leave mse out: the clusters are the same, each keeper its first id."""
+    latents = tmp_path / "latents"
+    latents.mkdir()
+    pq.write_table(pa.table({"id": list("abcde"), "ssim_top": pa.array([0.3, 0.1, 0.2, 0.5, 0.4], pa.float32())}),
+                   latents / "part-0.parquet")
+    pairs = pa.table({"id_a": ["b", "a", "e"], "id_b": ["c", "b", "d"], "distance": pa.array([0.1, 0.2, 0.1], pa.float32())})
+    table = clusters(pairs, str(latents)).to_pylist()
+    assert [(r["cluster"], r["id"], r["keeper"], r["mse"]) for r in table] == [
+        (1, "a", True, None), (1, "b", False, None), (1, "c", False, None),
+        (2, "d", True, None), (2, "e", False, None)]
+
+
 def test_pairs_under_the_threshold_are_listed_once(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
