@@ -164,6 +164,18 @@ def test_scores_refusals_name_the_valid_scores(corpus, model_url, tmp_path):
     assert not (tmp_path / "l").exists(), "refused before anything was written"
 
 
+def test_the_scores_flag_of_the_embed_command(corpus, model_url, tmp_path, capsys):
+    from jobs import embed as embed_job
+
+    argv = ["--data", corpus, "--model", model_url, "--out", str(tmp_path / "l")]
+    assert embed_job.parse_args([*argv, "--scores", "gms_top,mse"]).scores == "gms_top,mse"
+    assert embed_job.parse_args(argv).scores is None
+    assert embed_job.main([*argv, "--scores", "sharpness"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown score(s) 'sharpness'" in err and "all or a comma-separated list of: mse, ssim_error" in err
+    assert not (tmp_path / "l").exists()
+
+
 @pytest.mark.parametrize("cpus", [1, 2, 3, 4, 5, 8, 16, 64])
 @pytest.mark.parametrize("resuming", [False, True])
 def test_the_actor_pool_always_leaves_room_for_a_read_a_write_and_the_checkpoint_filter(cpus, resuming):
