@@ -69,6 +69,7 @@ from pipeline.shards import (
     Columns,
     ShardList,
     check_columns,
+    check_unique_ids,
     fingerprint,
     id_strings,
     implied_id_column,
@@ -291,10 +292,12 @@ def _calibration_columns(cfg: NeighboursConfig, data: ShardList) -> Columns:
 
 
 def _calibration_data(cfg: NeighboursConfig) -> ShardList:
-    """The --data shards the threshold is calibrated on, checked: any format embed reads (its reader
-    samples them, calibrate.sample_images)."""
+    """The --data shards the threshold is calibrated on, checked as embed checks them (columns, unique
+    ids: the sample is drawn by id): any format embed reads (its reader samples them)."""
     data = ShardList.under(cfg.data_url)
-    check_columns(data, _calibration_columns(cfg, data))
+    columns = _calibration_columns(cfg, data)
+    check_columns(data, columns)
+    check_unique_ids(data, columns.id)
     return data
 
 
