@@ -4,23 +4,27 @@ Every stage that needs pixels (training, embedding, reports) reads shards throug
 `read_shards` and decodes with `decode_rows`, so column layouts, the resize policy and
 per-row failure reasons behave the same everywhere. Decoding runs as Ray Data CPU tasks.
 
-Every shard format reads into the same columns (id, image, extras): Parquet through Ray's
-Parquet reader, WebDataset tar and Parquet with a derived id through pipeline.sources, whose
-readers make the id column as they read (Ray's write checkpoint filters by it right after the
-read). A tar sample without an image also carries the reason (`tars.REASON_COLUMN`), which
+Every shard format reads into the same columns (id, image, extras): its reader
+(pipeline.formats) gives the Ray Data source, with the id column made by the read itself (Ray's
+write checkpoint filters by it right after the read). A row the reader knows has no image also
+carries the reason (`tars.REASON_COLUMN`: a tar sample without an image member), which
 `decode_rows` puts in the row's error.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline import storage, tars
+from pipeline import tars
+from pipeline.formats.columns import Columns, id_strings, image_bytes
 from pipeline.images import DEFAULT_RESIZE, decode_batch
 from pipeline.sampling import BANK_SAMPLE_KEY, hash_sample, split_of
-from pipeline.shards import Columns, ShardList, derived_id, id_strings, image_bytes
+
+if TYPE_CHECKING:
+    from pipeline.shards import ShardList
 
 PATH_COLUMN = "path"  # the file a row came from, added by read_parquet(include_paths=True)
 
@@ -46,27 +50,10 @@ def read_parquet(paths: Sequence[str], filesystem, **kwargs):
         ctx.use_datasource_v2 = saved
 
 
-def read_shards(shards: ShardList, columns: Columns, extra: Sequence[str] = (), include_paths: bool = False,
-                override_num_blocks: int | None = None, num_cpus: float = 1.0):
+def read_shards(shards: ShardList, columns: Columns, extra: Sequence[str] = (), override_num_blocks: int | None = None,
+                num_cpus: float = 1.0):
     """A lazy Ray Dataset over the listed shards, with only the columns needed (any shard format)."""
-    wanted = list(dict.fromkeys([columns.id, columns.image, *extra]))
-    if shards.format == "tar" or derived_id(columns):
-        import ray.data
-
-        from pipeline.sources import DerivedIdParquet, TarShards
-
-        options = dict(filesystem=shards.arrow_fs, columns=columns, extra=extra, include_paths=include_paths)
-        if shards.format == "tar":
-            source, wanted = TarShards(shards.paths, **options), [*wanted, tars.REASON_COLUMN]
-        else:
-            source = DerivedIdParquet(shards.paths, root=storage.filesystem(shards.url)[1], **options)
-        ds = ray.data.read_datasource(source, override_num_blocks=override_num_blocks or len(shards.files),
-                                      num_cpus=num_cpus)
-        return ds.select_columns([*wanted, PATH_COLUMN] if include_paths else wanted)
-    return read_parquet(
-        shards.paths, shards.arrow_fs, include_paths=include_paths, override_num_blocks=override_num_blocks,
-        num_cpus=num_cpus,
-    ).select_columns([*wanted, PATH_COLUMN] if include_paths else wanted)
+    return shards.reader(columns).dataset(extra, override_num_blocks=override_num_blocks, num_cpus=num_cpus)
 
 
 def decode_rows(batch: dict[str, np.ndarray], columns: Columns, image_size: int, channels: int,

@@ -21,7 +21,7 @@ Sources:
 - Parquet shards (`Columns` names the id and image columns; binary or the Hugging Face
   image struct; img2dataset is id "key", image "jpg"). Columns are checked and ids
   checked for uniqueness before any work. `label` is copied when the source has it. A
-  derived id (`--id-column @row` or `image.path`, pipeline.shards) is made as the shard is read.
+  derived id (`--id-column @row` or `image.path`, pipeline.formats) is made as the shard is read.
 - WebDataset tar shards (img2dataset's `<key>.jpg|png|webp`, `<key>.json`, `<key>.txt`;
   pipeline.tars): the id is the sample key (or `json:<field>`), passthrough fields (`txt`,
   `json:<field>`) become string columns named as given; a sample without an image member is
@@ -55,19 +55,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import storage, tars
+from pipeline import storage
 from pipeline.errors import InputError, JobFailed
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageDecodeError, inspect_image
 from pipeline.progress import Progress
+from pipeline.formats import ShardReader
+from pipeline.formats.base import REASON_COLUMN, descriptions, kinds, suffixes
 from pipeline.shards import (
-    FORMATS,
     SHARD_PREFIX,
     Columns,
     ShardList,
-    check_columns,
-    check_unique_ids,
-    derive_ids,
-    derived_id,
     fingerprint,
     image_bytes,
     implied_id_column,
@@ -75,7 +72,7 @@ from pipeline.shards import (
     write_shard,
 )
 
-SOURCE_FORMATS = ("auto", "folder", "parquet", "tar")
+SOURCE_FORMATS = ("auto", "folder", *kinds())
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".jp2", ".avif")
 REJECTS_DIR = "_rejects"
 SUMMARY_FILE = "_ingest_summary.json"
@@ -186,16 +183,18 @@ def plan_folder(cfg: IngestConfig) -> tuple[list[dict], Counter]:
     return tasks, skipped
 
 
-def plan_shards(cfg: IngestConfig, shards: ShardList) -> tuple[list[dict], pa.Schema]:
+def plan_shards(reader: ShardReader, passthrough: tuple[str, ...]) -> tuple[list[dict], pa.Schema]:
     """Check the input shards (columns from footers or tar headers, unique ids) and make one task per shard."""
-    schema = check_columns(shards, cfg.columns, passthrough=cfg.passthrough)
-    check_unique_ids(shards, cfg.id_column)
+    schema = reader.check(passthrough)
+    reader.check_unique_ids()
+    shards = reader.shards
     tasks = [{"name": f"{SHARD_PREFIX}{number:05d}", "url": url, "shard": name}
              for number, (url, name) in enumerate(zip(shards.files, shards.names))]
     return tasks, schema
 
 
-def _output_schema(cfg: IngestConfig, mode: str, source_schema: pa.Schema | None) -> pa.Schema:
+def _output_schema(cfg: IngestConfig, source_schema: pa.Schema | None) -> pa.Schema:
+    """The output columns; `source_schema` is the shards' (None for a folder tree)."""
     fields = [
         ("id", pa.string()),
         ("image", pa.binary()),
@@ -203,14 +202,14 @@ def _output_schema(cfg: IngestConfig, mode: str, source_schema: pa.Schema | None
         ("height", pa.int32()),
         ("format", pa.string()),
     ]
-    if mode == "folder" and cfg.normal_label is not None:
+    if source_schema is None and cfg.normal_label is not None:
         fields += [("label", pa.int64()), ("anomaly_kind", pa.string())]
-    elif mode == "folder" and cfg.labels_from_folders:
+    elif source_schema is None and cfg.labels_from_folders:
         fields.append(("label", pa.string()))
-    elif mode == "parquet" and "label" in source_schema.names and "label" not in cfg.passthrough:
-        fields.append(("label", source_schema.field("label").type))
+    elif source_schema is not None and "label" in source_schema.names and "label" not in cfg.passthrough:
+        fields.append(("label", source_schema.field("label").type))  # tar rows have no label column
     fields.append(("source", pa.string()))
-    if mode in ("parquet", "tar"):
+    if source_schema is not None:
         taken = {name for name, _ in fields}
         fields += [(name, source_schema.field(name).type) for name in cfg.passthrough if name not in taken]
     return pa.schema(fields)
@@ -332,86 +331,38 @@ def ingest_files(task: dict, cfg: IngestConfig, schema: pa.Schema) -> dict:
     return _task_result(task["name"], len(paths), shards, bytes_written, rejects, rejects_file)
 
 
-def ingest_parquet_shard(task: dict, cfg: IngestConfig, schema: pa.Schema) -> dict:
-    """Read one input shard in batches, validate every image, write part-<i>-<j> shards."""
-    arrow_fs, path = storage.arrow_filesystem(task["url"])
+def ingest_shard(task: dict, cfg: IngestConfig, schema: pa.Schema, reader: ShardReader) -> dict:
+    """Read one input shard in batches (its format's reader), validate every image, write part-<i>-<j> shards."""
     copied = [name for name in schema.names if name not in _COMPUTED_COLUMNS]  # label, passthrough
-    derived = derived_id(cfg.columns)
-    wanted = list(dict.fromkeys([*([] if derived else [cfg.id_column]), cfg.image_column, *copied]))
     writer = _ShardWriter.for_task(cfg, task, schema)
     rejects: list[tuple[str, str | None, str]] = []
     seen = 0
-    with arrow_fs.open_input_file(path) as f:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=READ_BATCH_ROWS, columns=wanted):
-            ids = derive_ids(batch.column(cfg.image_column), derived, task["shard"], seen) if derived else \
-                batch.column(cfg.id_column).cast(pa.string())
-            images = image_bytes(batch.column(cfg.image_column))
-            keep, widths, heights, formats = [], [], [], []
-            id_list = ids.to_pylist()
-            for row, (image_id, data) in enumerate(zip(id_list, images)):
-                where = f"{task['url']}#{seen + row}"
-                if image_id is None:
-                    rejects.append((where, None, "missing id"))
-                    continue
-                try:
-                    info = inspect_image(data, cfg.max_pixels)
-                except ImageDecodeError as error:
-                    rejects.append((where, image_id, str(error)))
-                    continue
-                keep.append(row)
-                widths.append(info.width)
-                heights.append(info.height)
-                formats.append(info.format)
-            seen += batch.num_rows
-            taken = pa.array(keep, pa.int64())
-            image_column = batch.column(cfg.image_column)
-            if pa.types.is_struct(image_column.type):
-                image_column = pc.struct_field(image_column, "bytes")
-            columns = {
-                "id": ids.take(taken),
-                "image": image_column.cast(pa.binary()).take(taken),
-                "width": pa.array(widths, pa.int32()),
-                "height": pa.array(heights, pa.int32()),
-                "format": pa.array(formats, pa.string()),
-                "source": pa.array([task["url"]] * len(keep), pa.string()),
-            }
-            for name in copied:
-                columns[name] = batch.column(name).take(taken)
-            table = pa.table(columns).select(schema.names)
-            writer.add(table, pc.binary_length(table["image"]).to_numpy(zero_copy_only=False))
-    writer.flush()
-    rejects_file = _write_rejects(cfg, task["name"], rejects)
-    return _task_result(task["name"], seen, writer.written, writer.bytes_written, rejects, rejects_file)
-
-
-def ingest_tar_shard(task: dict, cfg: IngestConfig, schema: pa.Schema) -> dict:
-    """Stream one tar shard's samples, validate every image, write part-<i>-<j> shards."""
-    fs, path = storage.filesystem(task["url"])
-    copied = [name for name in schema.names if name not in _COMPUTED_COLUMNS]  # passthrough fields
-    writer = _ShardWriter.for_task(cfg, task, schema)
-    rejects: list[tuple[str, str | None, str]] = []
-    seen = 0
-    with fs.open(path, "rb") as f:
-        for chunk in tars.chunked(tars.iter_samples(f, task["url"]), READ_BATCH_ROWS):
-            rows: dict[str, list] = {name: [] for name in schema.names}
-            for sample in chunk:
-                sample_id, data = sample.field(cfg.id_column), sample.image(cfg.image_column)
-                where = f"{task['url']}#{sample.key}"
-                try:
-                    if data is None:
-                        raise ImageDecodeError(tars.NO_IMAGE)
-                    info = inspect_image(data, cfg.max_pixels)
-                except ImageDecodeError as error:
-                    rejects.append((where, sample_id, str(error)))
-                    continue
-                for name, value in (("id", sample_id), ("image", data), ("width", info.width),
-                                    ("height", info.height), ("format", info.format), ("source", where)):
-                    rows[name].append(value)
-                for name in copied:
-                    rows[name].append(sample.field(name))
-            seen += len(chunk)
-            table = pa.table(rows, schema=schema)
-            writer.add(table, pc.binary_length(table["image"]).to_numpy(zero_copy_only=False))
+    for batch in reader.ingest_batches(task["url"], task["shard"], copied, READ_BATCH_ROWS):
+        keep, widths, heights, formats = [], [], [], []
+        rows = zip(batch["id"].to_pylist(), image_bytes(batch["image"]), batch["__where__"].to_pylist(),
+                   batch[REASON_COLUMN].to_pylist())
+        for row, (image_id, data, where, reason) in enumerate(rows):
+            if image_id is None:
+                rejects.append((where, None, "missing id"))
+                continue
+            try:
+                if reason is not None:  # the reader knew why there is no image
+                    raise ImageDecodeError(reason)
+                info = inspect_image(data, cfg.max_pixels)
+            except ImageDecodeError as error:
+                rejects.append((where, image_id, str(error)))
+                continue
+            keep.append(row)
+            widths.append(info.width)
+            heights.append(info.height)
+            formats.append(info.format)
+        seen += batch.num_rows
+        taken = pa.array(keep, pa.int64())
+        columns = {"id": batch["id"].take(taken), "image": batch["image"].take(taken),
+                   "width": pa.array(widths, pa.int32()), "height": pa.array(heights, pa.int32()),
+                   "format": pa.array(formats, pa.string()), "source": batch["__source__"].take(taken)}
+        table = pa.table({**columns, **{name: batch[name].take(taken) for name in copied}}).select(schema.names)
+        writer.add(table, pc.binary_length(table["image"]).to_numpy(zero_copy_only=False))
     writer.flush()
     rejects_file = _write_rejects(cfg, task["name"], rejects)
     return _task_result(task["name"], seen, writer.written, writer.bytes_written, rejects, rejects_file)
@@ -420,14 +371,15 @@ def ingest_tar_shard(task: dict, cfg: IngestConfig, schema: pa.Schema) -> dict:
 # --- the run ------------------------------------------------------------------------------
 
 
-def _run_tasks(tasks: list[dict], function, cfg: IngestConfig, schema: pa.Schema) -> list[dict]:
+def _run_tasks(tasks: list[dict], function, options: dict) -> list[dict]:
+    """`function(task, **options)` for every task: Ray tasks, or one after another in this process."""
     if not tasks:
         return []
     progress = Progress("ingest", len(tasks), unit="groups")
-    if not cfg.use_ray:
+    if not options["cfg"].use_ray:
         results = []
         for task in tasks:
-            results.append(function(task, cfg, schema))
+            results.append(function(task, **options))
             progress.update(len(results))
         progress.close()
         return results
@@ -436,7 +388,7 @@ def _run_tasks(tasks: list[dict], function, cfg: IngestConfig, schema: pa.Schema
     # One block per task, so each runs as its own Ray task; results stream back as they finish.
     dataset = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     results = []
-    for row in dataset.map(function, fn_kwargs={"cfg": cfg, "schema": schema}, num_cpus=1).iter_rows():
+    for row in dataset.map(function, fn_kwargs=options, num_cpus=1).iter_rows():
         results.append(row)
         progress.update(len(results))
     progress.close()
@@ -448,34 +400,34 @@ class IngestPlan:
     """What `prepare` found: the source's mode, one task per output shard group, the output schema."""
 
     cfg: IngestConfig
-    mode: str  # "folder", "parquet" or "tar"
+    mode: str  # "folder", or the shards' kind ("parquet", "tar")
     tasks: list[dict]
     schema: pa.Schema
     skipped: Counter  # folder input: files left out, by extension
+    reader: ShardReader | None = None  # shard input: the format's reader (None for a folder tree)
 
 
 def prepare(cfg: IngestConfig) -> IngestPlan:
     """List and check the source (columns and unique ids for Parquet); no Ray, nothing written."""
     storage.check_apart({"--source": cfg.source_url}, {"--out": cfg.out_url})
     mode = cfg.source_format
-    suffix = {"parquet": storage.PARQUET_SUFFIX, "tar": storage.TAR_SUFFIX}.get(mode, tuple(FORMATS))
-    files = storage.list_files_detailed(cfg.source_url, suffix)[0] if mode != "folder" else []
+    kind = None if mode in ("auto", "folder") else mode
+    files = storage.list_files_detailed(cfg.source_url, suffixes(kind))[0] if mode != "folder" else []
     if mode == "auto":
         mode = "shards" if files else "folder"
     if mode == "folder":
         tasks, skipped = plan_folder(cfg)
-        return IngestPlan(cfg, mode, tasks, _output_schema(cfg, mode, None), skipped)
+        return IngestPlan(cfg, mode, tasks, _output_schema(cfg, None), skipped)
     if cfg.labels_from_folders:
         raise InputError("labels_from_folders applies to folder input, not Parquet or tar shards")
     if not files:
-        what = {"parquet": "Parquet shards (*.parquet)", "tar": "WebDataset shards (*.tar)"}.get(
-            mode, "Parquet (*.parquet) or WebDataset (*.tar) shards")
+        what = descriptions(kind) if kind else "Parquet (*.parquet) or WebDataset (*.tar) shards"
         raise InputError(f"no {what} found under {cfg.source_url}")
     shards = ShardList.of(cfg.source_url, files)
-    mode = shards.format
     cfg = replace(cfg, id_column=implied_id_column(shards, cfg.id_column))
-    tasks, source_schema = plan_shards(cfg, shards)
-    return IngestPlan(cfg, mode, tasks, _output_schema(cfg, mode, source_schema), Counter())
+    reader = shards.reader(cfg.columns)
+    tasks, source_schema = plan_shards(reader, cfg.passthrough)
+    return IngestPlan(cfg, shards.format, tasks, _output_schema(cfg, source_schema), Counter(), reader)
 
 
 def run(plan: IngestPlan) -> dict:
@@ -484,8 +436,12 @@ def run(plan: IngestPlan) -> dict:
     JobFailed when not one image could be ingested.
     """
     cfg, started = plan.cfg, time.perf_counter()
-    function = {"folder": ingest_files, "parquet": ingest_parquet_shard, "tar": ingest_tar_shard}[plan.mode]
-    results = sorted(_run_tasks(plan.tasks, function, cfg, plan.schema), key=lambda result: result["name"])
+    options = {"cfg": cfg, "schema": plan.schema}
+    if plan.reader is None:
+        results = _run_tasks(plan.tasks, ingest_files, options)
+    else:
+        results = _run_tasks(plan.tasks, ingest_shard, {**options, "reader": plan.reader})
+    results = sorted(results, key=lambda result: result["name"])
     shards = sorted(name for result in results for name in json.loads(result["shards"]))
     rejects_files = sorted(result["rejects_file"] for result in results if result["rejects_file"])
     # Only after every shard is written: a crash before this point loses no rows.

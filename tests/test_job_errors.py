@@ -179,7 +179,7 @@ CASES = [
                                                   "--model", w["not_a_model"], "--data", w["shards"]], "checkpoint"),
     ("neighbours", "tar calibration data", lambda w: ["--latents", w["latents"], "--out", _out(w, "n"),
                                                       "--model", w["model"], "--data", w["dup_tars"]],
-     "WebDataset tar shards: convert them with `squeeze ingest`"),
+     "6 ids occur more than once in column '__key__'"),  # read as embed reads it, and refused as embed does
     ("neighbours", "output folder of another run", lambda w: ["--latents", w["latents"], "--out", w["foreign"],
                                                               "--duplicate-threshold", "value:1"], "not this job's"),
     ("neighbours", "too few rows for IVF-PQ", lambda w: ["--latents", w["latents"], "--out", _out(w, "n2"),

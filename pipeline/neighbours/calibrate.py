@@ -1,7 +1,7 @@
 """The duplicate threshold, calibrated rather than guessed: how far a copy of an image lands from it.
 
-From the image shards (`--data`, normally the model's training data) an id-hash sample of up
-to N images is drawn (the N smallest keyed hashes of the id for the seed: the same images on
+From the image shards (`--data`, normally the model's training data; any format embed reads)
+an id-hash sample of up to N images is drawn (the N smallest keyed hashes of the id for the seed: the same images on
 every run, whatever the file layout). Each gets one augmented copy, deterministic per seed
 and id: resized down by 0.5-0.8 and back up, cropped by 5-10% of each side and resized back,
 JPEG re-encoded at quality 60-90 — what a crawl's near-duplicates go through (`Augmentation`;
@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
 from pipeline.images import (
@@ -42,7 +41,7 @@ from pipeline.images import (
 )
 from pipeline.latents import dequantize_latents, quantize_latents
 from pipeline.sampling import sample_keys
-from pipeline.shards import Columns, ShardList, id_strings, image_bytes
+from pipeline.shards import Columns, ShardList
 
 MIN_IMAGES = 20  # fewer usable pairs than this give no meaningful rate
 ENCODE_BATCH = 64
@@ -66,32 +65,8 @@ class Augmentation:
 
 
 def sample_images(shards: ShardList, columns: Columns, n: int, seed: int) -> list[tuple[str, bytes | None]]:
-    """(id, image bytes) of the seed's id-hash sample of `n` rows, in id order.
-
-    One pass over the id column (row group by row group, holding n candidates), then only the
-    row groups that hold a chosen row are read for their images.
-    """
-    best: list[tuple[int, str, str, int, int]] = []  # (key, id, path, row group, row)
-    for path in shards.paths:
-        with shards.arrow_fs.open_input_file(path) as f:
-            parquet = pq.ParquetFile(f)
-            for group in range(parquet.num_row_groups):
-                ids = id_strings(parquet.read_row_group(group, columns=[columns.id]).column(0))
-                keys = sample_keys(ids, seed)
-                best += [(int(k), i, path, group, row) for row, (k, i) in enumerate(zip(keys, ids))]
-                if len(best) > 4 * n:
-                    best = sorted(best)[:n]
-    chosen = sorted(best)[:n]
-    wanted: dict[tuple[str, int], list[tuple[int, str]]] = {}
-    for _, row_id, path, group, row in chosen:
-        wanted.setdefault((path, group), []).append((row, row_id))
-    images: dict[str, bytes | None] = {}
-    for (path, group), rows in wanted.items():
-        with shards.arrow_fs.open_input_file(path) as f:
-            column = pq.ParquetFile(f).read_row_group(group, columns=[columns.image]).column(0)
-        data = image_bytes(column.take([row for row, _ in rows]))
-        images.update({row_id: d for (_, row_id), d in zip(rows, data)})
-    return sorted(images.items())
+    """(id, image bytes) of the seed's id-hash sample of `n` rows, in id order, from any format (its reader)."""
+    return shards.reader(columns).sample(n, seed)
 
 
 def augmented_copy(data: bytes, rng: np.random.Generator, augmentation: Augmentation = Augmentation()) -> bytes:

@@ -69,9 +69,10 @@ from pipeline.shards import (
     Columns,
     ShardList,
     check_columns,
-    derived_id,
+    check_unique_ids,
     fingerprint,
     id_strings,
+    implied_id_column,
 )
 
 SEARCH_BATCH_SIZE = 1024  # faiss searches a batch of queries at once (BLAS for the flat index)
@@ -285,17 +286,18 @@ def check_output_folder(cfg: NeighboursConfig, latents_record: dict[str, Any], c
     return False
 
 
+def _calibration_columns(cfg: NeighboursConfig, data: ShardList) -> Columns:
+    """The columns that read --data (tar shards: the default id is the sample key)."""
+    return Columns(id=implied_id_column(data, cfg.id_column), image=cfg.image_column)
+
+
 def _calibration_data(cfg: NeighboursConfig) -> ShardList:
-    """The --data shards the threshold is calibrated on: Parquet with an id column (calibrate.sample_images
-    reads their row groups by id)."""
+    """The --data shards the threshold is calibrated on, checked as embed checks them (columns, unique
+    ids: the sample is drawn by id): any format embed reads (its reader samples them)."""
     data = ShardList.under(cfg.data_url)
-    columns = Columns(id=cfg.id_column, image=cfg.image_column)
-    if data.format == "tar" or derived_id(columns):
-        held = "WebDataset tar shards" if data.format == "tar" else f"no id column (--id-column {cfg.id_column})"
-        raise InputError(f"the duplicate threshold is calibrated on Parquet image shards with an id column, and "
-                         f"--data {cfg.data_url} has {held}: convert them with `squeeze ingest` first, or set the "
-                         "threshold with --duplicate-threshold value:X")
+    columns = _calibration_columns(cfg, data)
     check_columns(data, columns)
+    check_unique_ids(data, columns.id)
     return data
 
 
@@ -348,7 +350,7 @@ def _threshold(plan: NeighboursPlan, record: dict[str, Any]) -> dict[str, Any]:
     else:
         print(f"neighbours: calibrating the duplicate threshold on up to {cfg.calibration_images} images of "
               f"{cfg.data_url} and a copy of each", flush=True)
-        threshold = calibrate_threshold(cfg.model_url, plan.data, Columns(id=cfg.id_column, image=cfg.image_column),
+        threshold = calibrate_threshold(cfg.model_url, plan.data, _calibration_columns(cfg, plan.data),
                                         cfg.calibration_images, cfg.seed, plan.latent_dtype,
                                         cfg.max_false_positive_rate, cfg.positive_quantile, cfg.augmentation)
         print(f"neighbours: duplicate threshold {threshold['value']:.4g} ({threshold['rule']}): recall "

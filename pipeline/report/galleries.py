@@ -1,10 +1,8 @@
 """The worst and typical images shown as original | reconstruction | error heat map, and the
 latent interpolation strip: the report's only use of the model, so its only file that needs torch.
 
-Gallery rows are fetched from the image shards by id (`fetch_images`), never a scan into
-memory: Parquet with a filtered read (`pc.field(id).isin(ids)`; `<image>.path` ids on the
-struct's field; `@row` ids read only the row groups holding the rows), tar shards with a
-streaming scan of the samples that stops once every id is found. The images are decoded as
+Gallery rows are fetched from the image shards by id (`fetch_images`: the format's reader,
+pipeline.formats), never a scan into memory. The images are decoded as
 the model was trained and reconstructed on the driver (a few dozen images). torch is imported inside the functions so
 that the Ray tasks of the scan passes, which import this package, never load it.
 """
@@ -14,17 +12,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 
-from pipeline import storage, tars
 from pipeline.errors import InputError
 from pipeline.images import decode_batch, encode_image
 from pipeline.report.output import gallery_file
 from pipeline.scores import map_for_score
-from pipeline.shards import PATH_FIELD, Columns, ShardList, check_columns, derived_id, image_bytes
+from pipeline.shards import Columns, ShardList
 
 RECONSTRUCT_BATCH = 64
 IMAGE_KINDS = ("original", "reconstruction", "error")
@@ -32,72 +25,8 @@ HEAT_PERCENTILE = 99.5
 
 
 def fetch_images(shards: ShardList, columns: Columns, ids: Sequence[str]) -> dict[str, bytes | None]:
-    """Encoded images of `ids` from the listed image shards (any format and id kind)."""
-    if shards.format == "tar":
-        return _fetch_from_tars(shards, columns, ids)
-    if derived_id(columns) == "row":
-        return _fetch_rows(shards, columns, ids)
-    if derived_id(columns) == "path":
-        field = pc.field(columns.image, PATH_FIELD)
-        dataset = pads.dataset(shards.paths, filesystem=shards.arrow_fs, format="parquet")
-        table = dataset.to_table(columns=[columns.image], filter=field.isin(pa.array(list(ids), pa.string())))
-        paths = pc.struct_field(table.column(columns.image), PATH_FIELD).to_pylist()
-        return dict(zip(paths, image_bytes(table.column(columns.image))))
-    schema = check_columns(shards, columns)  # footers read once, when --data was checked
-    id_type = schema.field(columns.id).type
-    wanted = pa.array(list(ids), pa.string())
-    if not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
-        # The embed job writes ids as str(); compare in the data's own type where the ids parse.
-        try:
-            wanted = pc.cast(wanted, id_type)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            wanted = pa.array([], id_type)
-    dataset = pads.dataset(shards.paths, filesystem=shards.arrow_fs, format="parquet")
-    table = dataset.to_table(columns=[columns.id, columns.image], filter=pc.field(columns.id).isin(wanted))
-    found: dict[str, bytes | None] = {}
-    for row_id, data in zip(table.column(columns.id).to_pylist(), image_bytes(table.column(columns.image))):
-        found.setdefault(str(row_id), data)
-    return found
-
-
-def _fetch_from_tars(shards: ShardList, columns: Columns, ids: Sequence[str]) -> dict[str, bytes | None]:
-    """A streaming scan of the tar shards for the wanted samples; stops once every id is found."""
-    wanted, found = set(ids), {}
-    for shard_url, index in zip(shards.files, shards.tar_index(columns.id)):
-        if not wanted.intersection(index.ids):  # the headers say which shards hold the ids
-            continue
-        fs, path = storage.filesystem(shard_url)
-        with fs.open(path, "rb") as f:
-            found.update(tars.find_samples(f, wanted - set(found), columns.image, columns.id))
-        if len(found) == len(wanted):
-            break
-    return found
-
-
-def _fetch_rows(shards: ShardList, columns: Columns, ids: Sequence[str]) -> dict[str, bytes | None]:
-    """`@row` ids ("<shard>:<row>"): only the row groups holding the wanted rows are read."""
-    by_shard: dict[str, dict[int, str]] = {}
-    for row_id in ids:
-        name, _, row = row_id.rpartition(":")
-        if row.isdigit():
-            by_shard.setdefault(name, {})[int(row)] = row_id
-    found: dict[str, bytes | None] = {}
-    for name, path, (_, footer) in zip(shards.names, shards.paths, shards.footers):
-        rows = by_shard.get(name)
-        if not rows:
-            continue
-        with shards.arrow_fs.open_input_file(path) as f:
-            parquet = pq.ParquetFile(f)
-            start = 0
-            for group in range(footer.num_row_groups):
-                size = footer.row_group(group).num_rows
-                mine = sorted(r for r in rows if start <= r < start + size)
-                if mine:
-                    column = parquet.read_row_group(group, columns=[columns.image]).column(0)
-                    taken = image_bytes(column.take(pa.array([r - start for r in mine], pa.int64())))
-                    found.update({rows[r]: data for r, data in zip(mine, taken)})
-                start += size
-    return found
+    """Encoded images of `ids` from the listed image shards (any format and id kind: their reader)."""
+    return shards.reader(columns).fetch(ids)
 
 
 def _heat_map(error: np.ndarray, scale: float) -> np.ndarray:

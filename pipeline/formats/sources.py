@@ -9,11 +9,11 @@ the id column as they read, one task per shard file, reading the file in order:
   `read_webdataset` keeps keys byte-exact, but with `decoder=None` it can give only member
   columns (no `json:<field>` id), and its blocks are pandas frames whose columns come and go with
   the members each block happens to hold; ours have one Arrow schema.
-- `DerivedIdParquet`: Parquet whose id is derived (`@row`, `<image>.path`; pipeline.shards): the
+- `DerivedIdParquet`: Parquet whose id is derived (`@row`, `<image>.path`; pipeline.formats.derived): the
   file is read batch by batch in order, so a row's number is its place in the file, whatever its
   row groups.
 
-This module imports Ray at the top: only `pipeline.datasets` imports it, inside a function.
+This module imports Ray at the top: only the readers' `dataset()` import it, inside the method.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import pyarrow.parquet as pq
 from ray.data.datasource import FileBasedDatasource
 
 from pipeline import tars
-from pipeline.shards import Columns, derive_ids, derived_id
+from pipeline.formats.columns import Columns
+from pipeline.formats.derived import derive_ids
 
 PARQUET_BATCH_ROWS = 1024  # rows per block: bounded memory for any shard size
 
@@ -51,12 +52,12 @@ class DerivedIdParquet(FileBasedDatasource):
 
     _FILE_EXTENSIONS = ["parquet"]
 
-    def __init__(self, paths: Sequence[str], *, root: str, columns: Columns, extra: Sequence[str] = (), **kwargs):
+    def __init__(self, paths: Sequence[str], *, root: str, columns: Columns, kind: str, extra: Sequence[str] = (),
+                 **kwargs):
         super().__init__(list(paths), **kwargs)
         self._root = root
         self._columns = columns
-        self._kind = derived_id(columns)
-        assert self._kind, columns
+        self._kind = kind  # "row" or "path"
         self._read = list(dict.fromkeys([columns.image, *(c for c in extra if c != columns.id)]))
 
     def _open_input_source(self, filesystem, path: str, **open_args):
