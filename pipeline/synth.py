@@ -37,6 +37,7 @@ import pyarrow as pa
 from pipeline import storage
 from pipeline.errors import InputError
 from pipeline.images import encode_image
+from pipeline.lease import Lease, run_prepared
 from pipeline.progress import Progress
 from pipeline.shards import SHARD_PREFIX, remove_stale_shards, write_shard
 
@@ -247,8 +248,28 @@ def write_synthetic_corpus(
     return summary
 
 
+@dataclass(frozen=True)
+class SynthPlan:
+    cfg: SynthConfig
+    lease: Lease  # this job's hold on the output folder; the caller releases it (`synth` does)
 
-def run(cfg: SynthConfig) -> dict:
-    """Write the corpus `cfg` describes; returns the summary."""
-    return write_synthetic_corpus(cfg.out_url, cfg.n, image_size=cfg.image_size, anomaly_fraction=cfg.anomaly_fraction,
-                                  seed=cfg.seed, rows_per_shard=cfg.rows_per_shard, channels=cfg.channels)
+
+def prepare(cfg: SynthConfig) -> SynthPlan:
+    """Take the output folder's lease before the first write: a second job into the same folder refuses
+    (its stale-shard removal would take the other's shards)."""
+    return SynthPlan(cfg, Lease.acquire(cfg.out_url, "synth job"))
+
+
+def run(plan: SynthPlan) -> dict:
+    """Write the corpus the plan describes; returns the summary."""
+    cfg = plan.cfg
+    summary = write_synthetic_corpus(cfg.out_url, cfg.n, image_size=cfg.image_size,
+                                     anomaly_fraction=cfg.anomaly_fraction, seed=cfg.seed,
+                                     rows_per_shard=cfg.rows_per_shard, channels=cfg.channels)
+    plan.lease.check()
+    return summary
+
+
+def synth(cfg: SynthConfig) -> dict:
+    """The synth job: the corpus `cfg` describes, written holding the output folder's lease."""
+    return run_prepared(prepare, run, cfg)
