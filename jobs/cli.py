@@ -11,7 +11,8 @@ frozen config) and `main(argv)`, which is `run_job(...)`:
    report, decode) takes the folder's lease here, before its first write, so that a second
    job into the same folder is refused ("... is in use by another ... job") instead of
    mixing its files in; the lease is held until `run` ends (`pipeline.lease.run_prepared`).
-   `query` writes no folder and `demo` runs the other stages, each holding its own;
+   `query` writes no folder, and `demo` runs train, embed and report through their library
+   calls (`train(cfg)`, ...), which hold their folders' leases the same way;
 4. connect to Ray only when the stage needs it (plain `ray.init()`, which joins the cluster
    of `RAY_ADDRESS` / `ray job submit`, or reuses one this process already has), with Ray's
    INFO chatter kept off the console unless `--verbose` (`pipeline.console`);

@@ -19,9 +19,9 @@ If it ever finds a newer generation (it was taken for dead, say after a long net
 stall), the lease is lost: `check()` raises `JobFailed`, and jobs call it before they mark
 their output finished. `release()` marks the record released (and stops the heartbeat).
 
-Every stage that writes an output folder (synth, ingest, train, embed, neighbours, report,
-decode) takes the lease in its `prepare`, before its first write, and puts it in its plan;
-`run_prepared` runs the stage holding it and lets it go however the run ends.
+Every stage that writes an output folder takes the lease in its `prepare`, before its first
+write, and puts it in its plan (the stages are listed in `jobs.cli`); `run_prepared` runs the
+stage holding it and lets it go however the run ends.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ import pyarrow as pa
 from pipeline import storage
 from pipeline.errors import InputError
 from pipeline.images import encode_image
-from pipeline.lease import Lease, run_prepared
+from pipeline.lease import Lease
 from pipeline.progress import Progress
 from pipeline.shards import SHARD_PREFIX, remove_stale_shards, write_shard
 
@@ -250,8 +250,11 @@ def write_synthetic_corpus(
 
 @dataclass(frozen=True)
 class SynthPlan:
+    """The synth job's config and its hold on the output folder, which the caller releases
+    (`jobs.synth` through `pipeline.lease.run_prepared`)."""
+
     cfg: SynthConfig
-    lease: Lease  # this job's hold on the output folder; the caller releases it (`synth` does)
+    lease: Lease
 
 
 def prepare(cfg: SynthConfig) -> SynthPlan:
@@ -268,8 +271,3 @@ def run(plan: SynthPlan) -> dict:
                                      rows_per_shard=cfg.rows_per_shard, channels=cfg.channels)
     plan.lease.check()
     return summary
-
-
-def synth(cfg: SynthConfig) -> dict:
-    """The synth job: the corpus `cfg` describes, written holding the output folder's lease."""
-    return run_prepared(prepare, run, cfg)
