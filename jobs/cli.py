@@ -6,8 +6,13 @@ frozen config) and `main(argv)`, which is `run_job(...)`:
 1. parse the arguments into the config (a bad value: `error: ...`, exit 2);
 2. print the config once, as `<stage> config: {json}`;
 3. `prepare(config)`: every check that needs no cluster (columns, ids, checkpoints, output
-   folders); an `InputError` here or later is printed as `error: <message>`, exit 2;
-   (a stage that writes a folder holds its lease from here: `pipeline.lease`);
+   folders); an `InputError` here or later is printed as `error: <message>`, exit 2.
+   Every stage that writes an output folder (synth, ingest, train, embed, neighbours,
+   report, decode) takes the folder's lease here, before its first write, so that a second
+   job into the same folder is refused ("... is in use by another ... job") instead of
+   mixing its files in; the lease is held until `run` ends (`pipeline.lease.run_prepared`).
+   `query` writes no folder, and `demo` runs train, embed and report through their library
+   calls (`train(cfg)`, ...), which hold their folders' leases the same way;
 4. connect to Ray only when the stage needs it (plain `ray.init()`, which joins the cluster
    of `RAY_ADDRESS` / `ray job submit`, or reuses one this process already has), with Ray's
    INFO chatter kept off the console unless `--verbose` (`pipeline.console`);
@@ -28,6 +33,7 @@ from typing import Any
 
 from pipeline.console import filtered_stderr, verbose_requested
 from pipeline.errors import InputError, JobFailed
+from pipeline.lease import run_prepared
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT = 0, 1, 2
 
@@ -110,14 +116,15 @@ def run_job(name: str, argv: Sequence[str] | None, parse_args: Callable[[Sequenc
 def _run(name: str, argv: Sequence[str] | None, parse_args: Callable[[Sequence[str] | None], Any],
          run: Callable[[Any], Any], prepare: Callable[[Any], Any] | None,
          needs_ray: bool | Callable[[Any], bool], verbose: bool) -> int:
-    prepared = None
+    def connect_and_run(prepared: Any) -> Any:
+        if needs_ray(config) if callable(needs_ray) else needs_ray:
+            connect_ray(verbose)
+        return run(prepared)
+
     try:
         config = parse_args(argv)
         print(f"{name} config: {json.dumps(as_dict(config), default=str)}", flush=True)
-        prepared = prepare(config) if prepare else config
-        if needs_ray(config) if callable(needs_ray) else needs_ray:
-            connect_ray(verbose)
-        summary = run(prepared)
+        summary = run_prepared(prepare or (lambda given: given), connect_and_run, config)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_INPUT
@@ -126,9 +133,5 @@ def _run(name: str, argv: Sequence[str] | None, parse_args: Callable[[Sequence[s
             print(json.dumps(as_dict(e.summary), default=str), flush=True)
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_FAILED
-    finally:
-        lease = getattr(prepared, "lease", None)  # a job that holds its output folder lets it go
-        if lease is not None:
-            lease.release()
     print(json.dumps(as_dict(summary), default=str), flush=True)
     return EXIT_OK

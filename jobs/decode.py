@@ -23,9 +23,9 @@ from collections.abc import Sequence
 from dataclasses import fields
 
 from jobs.cli import arguments, csv, parser, run_job
+from jobs.inputs import add_actor_flags
 from pipeline import decode
 from pipeline.decode import IMAGE_FORMATS, DecodeConfig
-from pipeline.resources import CPU_BATCH_SIZE, GPU_BATCH_SIZE
 
 D = {f.name: f.default for f in fields(DecodeConfig)}
 
@@ -45,14 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encoding of the written images; png is lossless")
     p.add_argument("--quality", type=int, default=D["quality"], help="JPEG quality, 1-95")
     p.add_argument("--seed", type=int, default=D["seed"], help="seed of the --sample draw")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help=f"latents per model call (default: {CPU_BATCH_SIZE} on CPUs, {GPU_BATCH_SIZE} on GPUs)")
-    p.add_argument("--actors", type=int, default=None, help="model actors (default: from the cluster's resources)")
-    p.add_argument("--gpu", dest="gpu", action="store_true", default=None,
-                   help="force GPU actors (default: GPUs when the cluster has them)")
-    p.add_argument("--cpu", dest="gpu", action="store_false", help="force CPU actors even if GPUs exist")
-    p.add_argument("--torch-threads", type=int, default=None, help="torch threads per actor (default: from CPUs)")
-    p.add_argument("--rows-per-file", type=int, default=D["rows_per_file"], help="target images per output file")
+    add_actor_flags(p, D["rows_per_file"], batch_of="latents", file_of="images")
     p.add_argument("--allow-partial", action="store_true",
                    help="decode from a latent dataset whose embed job never finished")
     return p

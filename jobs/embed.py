@@ -19,12 +19,11 @@ from collections.abc import Sequence
 from dataclasses import fields
 
 from jobs.cli import arguments, csv, parser, run_job
-from jobs.inputs import PASSTHROUGH_HELP, add_column_flags
+from jobs.inputs import PASSTHROUGH_HELP, add_actor_flags, add_column_flags
 from pipeline import embed
 from pipeline.embed import EmbedConfig
 from pipeline.images import RESIZE_POLICIES
 from pipeline.latents import LATENT_DTYPES
-from pipeline.resources import CPU_BATCH_SIZE, GPU_BATCH_SIZE
 from pipeline.scores import ALL, SCORE_COLUMNS
 
 D = {f.name: f.default for f in fields(EmbedConfig)}
@@ -52,13 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_column_flags(p, D["id_column"], D["image_column"])
     p.add_argument("--resize", choices=RESIZE_POLICIES, default=None,
                    help="resize policy (default: the one the model was trained with)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help=f"images per model call (default: {CPU_BATCH_SIZE} on CPUs, {GPU_BATCH_SIZE} on GPUs)")
-    p.add_argument("--actors", type=int, default=None, help="model actors (default: from the cluster's resources)")
-    p.add_argument("--gpu", dest="gpu", action="store_true", default=None, help="force GPU actors")
-    p.add_argument("--cpu", dest="gpu", action="store_false", help="force CPU actors even if GPUs exist")
-    p.add_argument("--torch-threads", type=int, default=None, help="torch threads per actor (default: from CPUs)")
-    p.add_argument("--rows-per-file", type=int, default=D["rows_per_file"], help="target rows per output file")
+    add_actor_flags(p, D["rows_per_file"], batch_of="images", file_of="rows")
     return p
 
 

@@ -44,7 +44,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SynthConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_job("synth", argv, parse_args, run=synth.run, needs_ray=False)
+    return run_job("synth", argv, parse_args, prepare=synth.prepare, run=synth.run, needs_ray=False)
 
 
 if __name__ == "__main__":

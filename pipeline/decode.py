@@ -51,7 +51,7 @@ import torch
 from pipeline import storage
 from pipeline.checkpoint import read_checkpoint_meta
 from pipeline.datasets import read_parquet
-from pipeline.errors import InputError
+from pipeline.errors import InputError, JobFailed
 from pipeline.images import encode_image
 from pipeline.inference import decode_latents, load_inference_model
 from pipeline.latents import (
@@ -62,7 +62,7 @@ from pipeline.latents import (
     latents_from_batch,
     require_finished,
 )
-from pipeline.lease import LEASE_DIR, Lease
+from pipeline.lease import LEASE_DIR, Lease, run_prepared
 from pipeline.progress import Progress, TallyClient, TallyWatch
 from pipeline.resources import largest_node_cpus, plan_actor_pool, pool_setting_problems
 from pipeline.sampling import sample_keys
@@ -341,16 +341,16 @@ def run(plan: DecodePlan) -> DecodeSummary:
     storage.write_text(storage.join(cfg.out_url, RUN_FILE),
                        json.dumps({"config": asdict(cfg), "summary": summary.to_dict()}, indent=2, sort_keys=True))
     plan.lease.check()
-    if written != selection.to_decode:
-        raise RuntimeError(f"expected {selection.to_decode} decoded rows in {cfg.out_url} but found {written}")
+    if written != selection.to_decode:  # a row lost or doubled: the job says so (exit 1), with what it wrote
+        raise JobFailed(f"{selection.to_decode} latent rows selected but {written} decoded rows in {cfg.out_url} "
+                        f"(does {cfg.latents_url} hold an id more than once, or did it change during the run?)",
+                        summary)
     return summary
 
 
 def decode(cfg: DecodeConfig) -> DecodeSummary:
     """Run the decoding job described by `cfg` on the connected Ray cluster."""
-    plan = prepare(cfg)
-    with plan.lease:
-        return run(plan)
+    return run_prepared(prepare, run, cfg)
 
 
 def _pipeline(cfg: DecodeConfig, selection: Selection, on_rows: TallyClient) -> None:

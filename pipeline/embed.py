@@ -52,7 +52,7 @@ from pipeline.latents import (
     quantize_latents,
     write_success,
 )
-from pipeline.lease import Lease
+from pipeline.lease import Lease, run_prepared
 from pipeline.progress import Progress, TallyClient, TallyWatch
 from pipeline.resources import (
     CPU_BATCH_SIZE,
@@ -399,9 +399,7 @@ def run(plan: EmbedPlan) -> EmbedSummary:
 
 def embed(cfg: EmbedConfig) -> EmbedSummary:
     """Run the embedding job described by `cfg` on the connected Ray cluster."""
-    plan = prepare(cfg)
-    with plan.lease:
-        return run(plan)
+    return run_prepared(prepare, run, cfg)
 
 
 def summarize(cfg: EmbedConfig, rows_in: int, threshold: float, seconds: float) -> EmbedSummary:

@@ -33,6 +33,7 @@ shard i gives part-<i>-<j>.parquet. The same input and settings give byte-identi
 shards. After a successful run, shards of ours (part-*) that this run did not write (a
 previous run with another sizing, or a shard whose every image was rejected) are removed.
 A run that dies part-way can leave a mix of old and new shards; rerun it to completion.
+One ingest job at a time writes a folder: `prepare` takes its lease (`pipeline.lease`).
 
 Where it runs: with `use_ray` (the default) one Ray Data task per output shard group, with
 Ray's progress bars; the tasks read the source and write the shards themselves, so both
@@ -58,6 +59,7 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.errors import InputError, JobFailed
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageDecodeError, inspect_image
+from pipeline.lease import Lease, run_prepared
 from pipeline.progress import Progress
 from pipeline.formats import ShardReader
 from pipeline.formats.base import REASON_COLUMN, descriptions, kinds, suffixes
@@ -404,11 +406,13 @@ class IngestPlan:
     tasks: list[dict]
     schema: pa.Schema
     skipped: Counter  # folder input: files left out, by extension
+    lease: Lease  # this job's hold on the output folder; the caller releases it (`ingest` does)
     reader: ShardReader | None = None  # shard input: the format's reader (None for a folder tree)
 
 
 def prepare(cfg: IngestConfig) -> IngestPlan:
-    """List and check the source (columns and unique ids for Parquet); no Ray, nothing written."""
+    """List and check the source (columns and unique ids for Parquet); no Ray. Then, before the first
+    write, take the output folder's lease: a second job into the same folder refuses."""
     storage.check_apart({"--source": cfg.source_url}, {"--out": cfg.out_url})
     mode = cfg.source_format
     kind = None if mode in ("auto", "folder") else mode
@@ -417,7 +421,7 @@ def prepare(cfg: IngestConfig) -> IngestPlan:
         mode = "shards" if files else "folder"
     if mode == "folder":
         tasks, skipped = plan_folder(cfg)
-        return IngestPlan(cfg, mode, tasks, _output_schema(cfg, None), skipped)
+        return IngestPlan(cfg, mode, tasks, _output_schema(cfg, None), skipped, _lease(cfg))
     if cfg.labels_from_folders:
         raise InputError("labels_from_folders applies to folder input, not Parquet or tar shards")
     if not files:
@@ -427,7 +431,11 @@ def prepare(cfg: IngestConfig) -> IngestPlan:
     cfg = replace(cfg, id_column=implied_id_column(shards, cfg.id_column))
     reader = shards.reader(cfg.columns)
     tasks, source_schema = plan_shards(reader, cfg.passthrough)
-    return IngestPlan(cfg, shards.format, tasks, _output_schema(cfg, source_schema), Counter(), reader)
+    return IngestPlan(cfg, shards.format, tasks, _output_schema(cfg, source_schema), Counter(), _lease(cfg), reader)
+
+
+def _lease(cfg: IngestConfig) -> Lease:
+    return Lease.acquire(cfg.out_url, "ingest job")  # held from here: its run replaces the folder's shards
 
 
 def run(plan: IngestPlan) -> dict:
@@ -469,6 +477,7 @@ def run(plan: IngestPlan) -> dict:
         "seconds": round(time.perf_counter() - started, 3),
         "config": cfg.to_dict(),
     }
+    plan.lease.check()
     storage.write_text(storage.join(cfg.out_url, SUMMARY_FILE), json.dumps(summary, indent=2) + "\n")
     if summary["rows"] == 0:
         raise JobFailed(f"no image could be ingested from {cfg.source_url} ({summary['rejected']} rejected, "
@@ -482,7 +491,7 @@ def ingest(source_url: str, out_url: str, **options) -> dict:
     `options` are the other fields of `IngestConfig`. Raises InputError (ColumnError,
     DuplicateIdError, ...) before any work when the input is unusable.
     """
-    return run(prepare(IngestConfig(source_url=source_url, out_url=out_url, **options)))
+    return run_prepared(prepare, run, IngestConfig(source_url=source_url, out_url=out_url, **options))
 
 
 def read_rejects(out: str) -> pa.Table:

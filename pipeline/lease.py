@@ -18,6 +18,10 @@ While it holds the lease, a thread rewrites the holder's record every `HEARTBEAT
 If it ever finds a newer generation (it was taken for dead, say after a long network
 stall), the lease is lost: `check()` raises `JobFailed`, and jobs call it before they mark
 their output finished. `release()` marks the record released (and stops the heartbeat).
+
+Every stage that writes an output folder takes the lease in its `prepare`, before its first
+write, and puts it in its plan (the stages are listed in `jobs.cli`); `run_prepared` runs the
+stage holding it and lets it go however the run ends.
 """
 
 from __future__ import annotations
@@ -30,9 +34,9 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 from pipeline import storage
 from pipeline.errors import InputError, JobFailed
@@ -171,3 +175,17 @@ class Lease:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+Config = TypeVar("Config")
+Plan = TypeVar("Plan")
+Result = TypeVar("Result")
+
+
+def run_prepared(prepare: Callable[[Config], Plan], run: Callable[[Plan], Result], cfg: Config) -> Result:
+    """`run(prepare(cfg))`, holding the lease `prepare` took (the plan's `lease`) until `run` ends, however it
+    ends. The one way every stage runs: `embed(cfg)`, `decode(cfg)`, ... and the job runner (`jobs.cli`)."""
+    plan = prepare(cfg)
+    lease = getattr(plan, "lease", None)  # a stage that writes no folder (query) holds none
+    with lease if lease is not None else contextlib.nullcontext():
+        return run(plan)

@@ -37,6 +37,7 @@ import pyarrow as pa
 from pipeline import storage
 from pipeline.errors import InputError
 from pipeline.images import encode_image
+from pipeline.lease import Lease
 from pipeline.progress import Progress
 from pipeline.shards import SHARD_PREFIX, remove_stale_shards, write_shard
 
@@ -247,8 +248,26 @@ def write_synthetic_corpus(
     return summary
 
 
+@dataclass(frozen=True)
+class SynthPlan:
+    """The synth job's config and its hold on the output folder, which the caller releases
+    (`jobs.synth` through `pipeline.lease.run_prepared`)."""
 
-def run(cfg: SynthConfig) -> dict:
-    """Write the corpus `cfg` describes; returns the summary."""
-    return write_synthetic_corpus(cfg.out_url, cfg.n, image_size=cfg.image_size, anomaly_fraction=cfg.anomaly_fraction,
-                                  seed=cfg.seed, rows_per_shard=cfg.rows_per_shard, channels=cfg.channels)
+    cfg: SynthConfig
+    lease: Lease
+
+
+def prepare(cfg: SynthConfig) -> SynthPlan:
+    """Take the output folder's lease before the first write: a second job into the same folder refuses
+    (its stale-shard removal would take the other's shards)."""
+    return SynthPlan(cfg, Lease.acquire(cfg.out_url, "synth job"))
+
+
+def run(plan: SynthPlan) -> dict:
+    """Write the corpus the plan describes; returns the summary."""
+    cfg = plan.cfg
+    summary = write_synthetic_corpus(cfg.out_url, cfg.n, image_size=cfg.image_size,
+                                     anomaly_fraction=cfg.anomaly_fraction, seed=cfg.seed,
+                                     rows_per_shard=cfg.rows_per_shard, channels=cfg.channels)
+    plan.lease.check()
+    return summary

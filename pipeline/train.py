@@ -34,10 +34,10 @@ from pipeline import storage
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.corruptions import corrupt
 from pipeline.datasets import decode_for_calibration, decode_split, read_shards
-from pipeline.errors import InputError
+from pipeline.errors import InputError, JobFailed
 from pipeline.images import DEFAULT_RESIZE, RESIZE_POLICIES, decode_batch
 from pipeline.inference import ImageScorer, load_inference_model, to_input
-from pipeline.lease import Lease
+from pipeline.lease import Lease, run_prepared
 from pipeline.model import AutoencoderConfig, build_model, count_parameters
 from pipeline.progress import Poller, Progress, TallyWatch
 from pipeline.resources import largest_node_cpus, plan_actor_pool, plan_training_workers
@@ -315,8 +315,8 @@ def _epoch_metrics(w: _Worker, epoch: int, sums: dict[str, float], errors: np.nd
                    started: float) -> dict[str, Any]:
     loss_sum, images, failed, val_failed, data_wait = _all_reduce_sum(
         [sums["loss_sum"], sums["images"], sums["failed"], val_failed, sums["data_wait"]], w.device)
-    if images == 0:
-        raise RuntimeError("no training image decoded in a whole epoch: check the data's image column")
+    if images == 0:  # every rank has the same sums: all stop at this epoch (train_loop), the driver fails the job
+        return {"epoch": epoch + 1, "train_images": 0, "decode_failures": int(failed + val_failed)}
     val_mse = float(errors.mean()) if errors.size else math.nan
     return {
         "epoch": epoch + 1, "epochs": w.cfg.epochs,
@@ -345,8 +345,12 @@ def _save(w: _Worker, epoch: int, metrics: dict[str, Any], errors: np.ndarray, f
         storage.write_text(storage.join(w.cfg.out_url, METRICS_FILE), "".join(json.dumps(m) + "\n" for m in w.history))
 
 
-def train_loop(loop_config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: restore, then per epoch train / validate / save."""
+def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
+    """Runs on every Ray Train worker: restore, then per epoch train / validate / save.
+
+    Returns (rather than raises, which Ray Train would retry) the metrics of an epoch in which
+    not one training image decoded; None when every epoch ran.
+    """
     import ray
     import ray.train
 
@@ -359,6 +363,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         sums = _train_one_epoch(w, train_shard, epoch, loop_config["on_images"])
         errors, val_failed = _validate(w, val_shard)
         metrics = _epoch_metrics(w, epoch, sums, errors, val_failed, started)
+        if not metrics["train_images"]:
+            return metrics
         w.history = [*w.history, metrics]
         _save(w, epoch, metrics, errors, facts)
 
@@ -529,6 +535,11 @@ def run(plan: TrainPlan) -> TrainResult:
         result = trainer.fit()
     if result.error:
         raise result.error
+    if result.return_value:  # rank 0's train_loop stopped at an epoch without one decoded training image
+        failed = result.return_value
+        raise JobFailed(f"no training image decoded in epoch {failed['epoch']} ({failed['decode_failures']} rows "
+                        f"failed to decode): check column {cfg.image_column!r} of {cfg.data_url}; no model was "
+                        "exported", failed)
     exported = export_best(cfg, result)
     calibrate_export(plan, exported.model_url)
     plan.lease.check()
@@ -538,9 +549,7 @@ def run(plan: TrainPlan) -> TrainResult:
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train (or resume) the run in `cfg.out_url` and export its best model to `<out_url>/model/`."""
-    plan = prepare(cfg)
-    with plan.lease:
-        return run(plan)
+    return run_prepared(prepare, run, cfg)
 
 
 # ---------------------------------------------------------------- calibration of the exported model

@@ -266,3 +266,27 @@ def test_output_on_s3_is_replaced_on_a_rerun(ray_local, s3_bucket, model_url, la
     ids = [i for f in storage.list_files(out)
            for i in pq.read_table(pa.BufferReader(storage.read_bytes(f))).column("id").to_pylist()]
     assert ids == ["synth-00000002"], "the first run's shards are gone"
+
+
+@pytest.mark.ray
+def test_a_row_decoded_twice_fails_the_job_with_its_summary(ray_local, model_url, latents, tmp_path, capsys):
+    # A latent dataset holding one row twice (a part file copied in by hand): the sampled id is drawn once,
+    # but both of its rows decode. The job says so (exit 1, the summary, one error line), not a traceback.
+    first = select_rows(latents, sample=1, seed=0).ids[0]
+    doubled = tmp_path / "doubled"
+    doubled.mkdir()
+    table = pq.ParquetDataset(latents).read()
+    pq.write_table(table, doubled / "a.parquet")
+    pq.write_table(table.filter(pa.compute.equal(table.column("id"), first)), doubled / "b.parquet")
+    write_success(str(doubled), {"rows": table.num_rows + 1})
+    out = tmp_path / "decoded"
+    code = decode_job.main(["--latents", str(doubled), "--model", model_url, "--out", str(out), "--sample", "1"])
+    captured = capsys.readouterr()
+    assert code == 1, captured.out[-2000:] + captured.err[-2000:]
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert (summary["selected"], summary["written"]) == (1, 2)
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: 1 latent rows selected but 2 decoded rows in {out} (does {doubled} hold an id more "
+                      "than once, or did it change during the run?)"]
+    assert "Traceback" not in captured.out + captured.err
+    assert _read_images(str(out)).column("id").to_pylist() == [first, first]

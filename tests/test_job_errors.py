@@ -234,3 +234,47 @@ def test_bad_input_is_one_error_line_and_exit_2(world, capsys, monkeypatch, job,
     assert "Traceback" not in captured.out + captured.err
     # The config is printed once, when the arguments made one (a bad value never gets that far).
     assert captured.out.count(f"{job} config: ") == (0 if kind in ("bad value", "bad threshold spec") else 1)
+
+
+# The stages that write an output folder: (argv of a good run from the world, its prepare, the job's name
+# in the lease). The first job's `prepare` holds the folder; a second job into it must be refused.
+WRITERS = {
+    "synth": (lambda w, out: ["--out", out, "--n", "4", "--image-size", "16"], "pipeline.synth", "synth job"),
+    "ingest": (lambda w, out: ["--source", w["shards"], "--out", out, "--no-ray"], "pipeline.ingest", "ingest job"),
+    "train": (lambda w, out: ["--data", w["shards"], "--out", out], "pipeline.train", "training job"),
+    "embed": (lambda w, out: ["--data", w["shards"], "--model", w["model"], "--out", out], "pipeline.embed",
+              "embed job"),
+    "neighbours": (lambda w, out: ["--latents", w["latents"], "--out", out, "--duplicate-threshold", "value:1"],
+                   "pipeline.neighbours.job", "neighbours job"),
+    "report": (lambda w, out: ["--latents", w["latents"], "--out", out, "--threshold", "value:0.15"],
+               "pipeline.report.config", "report job"),
+    "decode": (lambda w, out: ["--latents", w["latents"], "--model", w["model"], "--out", out], "pipeline.decode",
+               "decode job"),
+}
+
+
+def _prepare(module_name: str):
+    module = importlib.import_module(module_name)
+    return getattr(module, "prepare", None) or module.check_inputs  # the report's prepare is check_inputs
+
+
+@pytest.mark.parametrize("job", sorted(WRITERS))
+def test_a_second_job_into_a_folder_in_use_is_refused_naming_the_first(world, capsys, monkeypatch, job):
+    def no_cluster() -> None:
+        raise AssertionError("a refusal must come before the job connects to Ray")
+
+    monkeypatch.setattr("jobs.cli.connect_ray", no_cluster)
+    argv_of, prepare_module, holder = WRITERS[job]
+    argv = argv_of(world, _out(world, f"in-use-{job}"))
+    module = importlib.import_module(f"jobs.{job}")
+    first = _prepare(prepare_module)(module.parse_args(argv))  # the first job, between its checks and its run
+    try:
+        code = module.main(argv)
+    finally:
+        first.lease.release()
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.strip()]
+    assert code == 2, captured.out[-2000:] + captured.err[-2000:]
+    assert len(errors) == 1 and f"is in use by another {holder} (host " in errors[0], captured.err
+    assert "Traceback" not in captured.out + captured.err
+    _prepare(prepare_module)(module.parse_args(argv)).lease.release()  # released: the folder is free again

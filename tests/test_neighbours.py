@@ -32,6 +32,7 @@ from pipeline.embed import EmbedConfig, embed, embed_reference
 from pipeline.errors import InputError
 from pipeline.images import decode_batch, encode_image
 from pipeline.latents import SUCCESS_FILE, fixed_size_list, write_success
+from pipeline.lease import LEASE_DIR
 from pipeline.model import AutoencoderConfig, build_model
 from pipeline.neighbour_output import (
     CLUSTERS_FILE,
@@ -530,7 +531,7 @@ def test_report_shows_the_largest_clusters_with_hostile_ids_escaped(ray_local, t
     for name in hostile:
         assert str(escape(name)) in html
     written = {str(p.relative_to(report_dir)) for p in report_dir.rglob("*") if p.is_file()}
-    assert written == set(result["files"])
+    assert written == set(result["files"]) | {f"{LEASE_DIR}/00000000.json"}  # and the record of the report's lease
 
     # An unfinished neighbours output is refused before any work.
     os.remove(out / "_SUCCESS.json")

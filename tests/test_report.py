@@ -42,6 +42,7 @@ from pipeline.embed import EmbedConfig, embed, embed_reference
 from pipeline.errors import InputError
 from pipeline.images import encode_image
 from pipeline.latents import read_latents, write_success
+from pipeline.lease import LEASE_DIR
 from pipeline.report import (
     HIST_RATIO,
     ReportConfig,
@@ -57,6 +58,8 @@ from pipeline.thresholds import Calibration, threshold_from_calibration
 
 HOSTILE_IDS = ["../x", "<script>alert(1)</script>", "line1\nline2", "q\"uote's & <b>bold</b>"]
 HOSTILE_KIND = "<img src=x onerror=alert(3)>"
+
+LEASE_RECORD = f"{LEASE_DIR}/00000000.json"  # the first job's lease on a folder, kept released
 
 
 # ---------------------------------------------------------------- builders
@@ -434,7 +437,7 @@ def test_end_to_end_report_renders_in_chromium(ray_local, embedded, model_url, t
         for name in entry["images"].values():
             assert Image.open(out / name).size == (32, 32)
     files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
-    assert files == set(summary["files"])
+    assert files == set(summary["files"]) | {LEASE_RECORD}  # the report's files, and the record of its lease
     assert {"index.html", "summary.json", "top_anomalies.parquet", "histogram_mse.png", "roc_pr.png",
             "interpolation.png"} <= files
 
@@ -460,7 +463,7 @@ def test_report_written_to_s3(ray_local, s3_bucket, embedded, model_url):
     again = _summary(out)
     assert again["counts"] == summary["counts"] and again["counts"]["rows"] == 122
     written = sorted(p[len(f"{s3_bucket[5:]}/reports/r1/"):] for p in fs.find(f"{s3_bucket[5:]}/reports/r1"))
-    assert written == again["files"]
+    assert written == sorted([*again["files"], LEASE_RECORD])
     html = storage.read_text(f"{out}/index.html")
     sources = re.findall(r'<img[^>]* src="([^"]+)"', html)
     assert len(sources) == 3 * 4 + 2 and all(storage.exists(f"{out}/{s}") for s in sources)  # galleries, histogram, ROC/PR
@@ -505,7 +508,7 @@ def test_hostile_ids_stay_text_and_write_only_inside_the_report(ray_local, model
     created = {p for p in tmp_path.rglob("*") if p.is_file()} - before
     print("files written:", sorted(str(p.relative_to(out)) for p in created))
     assert all(out in p.parents for p in created), [str(p) for p in created if out not in p.parents]
-    assert {str(p.relative_to(out)) for p in created} == set(summary["files"])
+    assert {str(p.relative_to(out)) for p in created} == set(summary["files"]) | {LEASE_RECORD}
     allowed = re.compile(r"^(images/(worst|typical)-\d{4}-(original|reconstruction|error)\.png|[a-z_]+\.(png|json|html"
                          r"|parquet))$")
     assert all(allowed.match(name) for name in summary["files"]), summary["files"]

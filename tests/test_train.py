@@ -17,15 +17,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from jobs import train as train_job
 from pipeline.checkpoint import load_checkpoint
 from pipeline.errors import InputError
-from pipeline.images import decode_batch
+from pipeline.images import decode_batch, encode_image
 from pipeline.model import AutoencoderConfig, build_model
 from pipeline.sampling import split_of
 from pipeline.scores import DEFAULT_SCORE, FUSED_FROM, names_needing
 from pipeline.scoring import mse_per_image
+from pipeline.synth import synthetic_image, write_synthetic_corpus
 from pipeline.thresholds import Calibration
-from pipeline.synth import write_synthetic_corpus
 from pipeline.train import METRICS_FILE, TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,6 +172,34 @@ def test_data_where_no_image_decodes_is_refused_before_training(tmp_path):
                    tmp_path / "data" / "part-0.parquet")
     with pytest.raises(InputError, match="none of the first 3 images .* decode"):
         train(TrainConfig(data_url=str(tmp_path / "data"), out_url=str(tmp_path / "run")))
+
+
+@pytest.mark.ray
+def test_an_epoch_without_one_decodable_training_image_fails_the_job_without_a_traceback(ray_local, tmp_path,
+                                                                                          capsys):
+    # The images that decode all fall in the held-out split (by id hash), so the preflight passes but the
+    # training split has none: the job ends with exit 1 and a summary, and exports no model.
+    ids = [f"row-{i:03d}" for i in range(40)]
+    held_out = split_of(ids, 0.5)
+    good = [i for i, v in zip(ids, held_out) if v][:4]
+    junk = [i for i, v in zip(ids, held_out) if not v][:8]
+    images = [encode_image(synthetic_image(n, 0, 32, 3)) for n in range(len(good))] + [b"not an image"] * len(junk)
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.table({"id": good + junk, "image": pa.array(images, pa.binary())}),
+                   tmp_path / "data" / "part-0.parquet")
+    out = tmp_path / "run"
+    code = train_job.main(["--data", str(tmp_path / "data"), "--out", str(out), "--image-size", "32",
+                           "--latent-dim", "16", "--base-width", "8", "--epochs", "2", "--batch-size", "4",
+                           "--val-fraction", "0.5", "--workers", "1"])
+    captured = capsys.readouterr()
+    assert code == 1, captured.out[-3000:] + captured.err[-3000:]
+    assert json.loads(captured.out.strip().splitlines()[-1]) == {"epoch": 1, "train_images": 0,
+                                                                  "decode_failures": len(junk)}
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: no training image decoded in epoch 1 ({len(junk)} rows failed to decode): check "
+                      f"column 'image' of {tmp_path / 'data'}; no model was exported"]
+    assert "Traceback" not in captured.out + captured.err
+    assert not (out / "model").exists()
 
 
 def test_resuming_with_other_settings_is_refused(tmp_path, corpus):

@@ -39,7 +39,7 @@ from pipeline.latents import (
     metadata_of,
     require_finished,
 )
-from pipeline.lease import LEASE_DIR, Lease
+from pipeline.lease import LEASE_DIR, Lease, run_prepared
 from pipeline.neighbour_output import (
     CHECKPOINT_DIR,
     CLUSTERS_FILE,
@@ -482,6 +482,4 @@ def run(plan: NeighboursPlan) -> NeighboursSummary:
 
 def neighbours(cfg: NeighboursConfig) -> NeighboursSummary:
     """Run the neighbours job described by `cfg` on the connected Ray cluster."""
-    plan = prepare(cfg)
-    with plan.lease:
-        return run(plan)
+    return run_prepared(prepare, run, cfg)

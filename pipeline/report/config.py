@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.errors import InputError
 from pipeline.latents import latent_files, metadata_of, require_finished
+from pipeline.lease import Lease
 from pipeline.neighbour_output import read_run
 from pipeline.report.metrics import Threshold, report_threshold
 from pipeline.report.scan import LatentColumns
@@ -210,12 +211,17 @@ class Inputs:
     threshold: Threshold | None  # None for contamination, which needs the scores first
     shards: ShardList | None  # the --data image shards
     notes: list[str]
+    lease: Lease  # this job's hold on --out; the caller releases it (`report` does)
     partial: str | None = None  # "partial: N of M rows ..." when the latent dataset is unfinished
     neighbours: dict[str, Any] | None = None  # the neighbours output's _neighbours.json
 
 
 def check_inputs(cfg: ReportConfig) -> Inputs:
-    """Every refusal that needs no pass over the data: footers, configs and checkpoint metadata only, no Ray."""
+    """Every refusal that needs no pass over the data: footers, configs and checkpoint metadata only, no Ray.
+
+    Then, before the first write, it takes the output folder's lease: a second report into the same
+    folder refuses rather than mixing its images and pages in.
+    """
     notes: list[str] = []
     storage.check_apart({"--latents": cfg.latents_url, "--data": cfg.data_url, "--neighbours": cfg.neighbours_url},
                         {"--out": cfg.out_url})
@@ -240,4 +246,4 @@ def check_inputs(cfg: ReportConfig) -> Inputs:
         notes.append(f"--model's weights ({model_sha[:12]}) are not those the latents were made with "
                      f"({expected_sha[:12]}): calibration, reconstructions and recomputed mse come from --model")
     return Inputs(cfg=cfg, info=info, calibration=calibration, threshold=threshold, shards=shards, notes=notes,
-                  partial=partial, neighbours=neighbours)
+                  partial=partial, neighbours=neighbours, lease=Lease.acquire(cfg.out_url, "report job"))

@@ -1,4 +1,5 @@
-"""`report(cfg)` = `run(check_inputs(cfg))`: the report job as named steps, on the connected Ray cluster.
+"""`report(cfg)` = `run(check_inputs(cfg))` (holding --out's lease): the report job as named steps, on the
+connected Ray cluster.
 
 scan scores -> resolve the threshold -> scan flags -> assemble the summary -> figures ->
 galleries -> interpolation strip -> write the folder. Every check that needs no pass over
@@ -13,6 +14,7 @@ from dataclasses import replace
 from functools import reduce
 from typing import Any
 
+from pipeline.lease import run_prepared
 from pipeline.report.config import Inputs, LatentInfo, ReportConfig, check_inputs
 from pipeline.report.duplicates import near_duplicates_section
 from pipeline.report.figures import histogram_figure, roc_pr_figure
@@ -129,7 +131,7 @@ def _near_duplicates(cfg: ReportConfig, inputs: Inputs, files: dict[str, bytes],
 
 def report(cfg: ReportConfig) -> dict[str, Any]:
     """Make the report `cfg` describes on the connected Ray cluster; returns summary.json's content."""
-    return run(check_inputs(cfg))
+    return run_prepared(check_inputs, run, cfg)
 
 
 def run(inputs: Inputs) -> dict[str, Any]:
@@ -152,5 +154,6 @@ def run(inputs: Inputs) -> dict[str, Any]:
     summary["seconds"] = time.perf_counter() - started
     summary = json_clean(summary)
     print(f"report: writing {len(files) + 2} files to {cfg.out_url}", flush=True)
+    inputs.lease.check()
     write_report(cfg.out_url, files, summary, render_html(summary))
     return summary
