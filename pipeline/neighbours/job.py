@@ -353,7 +353,8 @@ def _threshold(plan: NeighboursPlan, record: dict[str, Any]) -> dict[str, Any]:
                                         cfg.max_false_positive_rate, cfg.positive_quantile, cfg.augmentation)
         print(f"neighbours: duplicate threshold {threshold['value']:.4g} ({threshold['rule']}): recall "
               f"{threshold['recall_on_positives']:.3f} on copies, false-positive rate "
-              f"{threshold['false_positive_rate_on_negatives']:.4f} on other images", flush=True)
+              f"{threshold['false_positive_rate_on_negatives']:.4f} on other images; "
+              f"{threshold['copies_failed']} copies failed", flush=True)
     record["threshold"] = threshold
     _write_record(cfg, record)
     return threshold
