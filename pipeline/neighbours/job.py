@@ -36,7 +36,7 @@ from pipeline.errors import InputError, JobFailed
 from pipeline.latents import (
     check_model_fits,
     latents_from_batch,
-    metadata_of,
+    recorded_metadata,
     require_finished,
 )
 from pipeline.lease import LEASE_DIR, Lease
@@ -250,10 +250,7 @@ def _latent_shape(latents: ShardList) -> tuple[int, str, dict[str, Any]]:
     latent_type = schema.field("latent").type
     if not pa.types.is_fixed_size_list(latent_type):
         raise InputError(f"column 'latent' of {latents.url} has type {latent_type}, expected a fixed-size list")
-    try:
-        metadata = metadata_of(schema) or {}
-    except ValueError:
-        metadata = {}
+    metadata = recorded_metadata(schema, latents.url)
     return latent_type.list_size, np.dtype(latent_type.value_type.to_pandas_dtype()).name, metadata
 
 
