@@ -6,6 +6,7 @@ import json
 import socket
 import threading
 import time
+import types
 
 import pytest
 
@@ -70,11 +71,21 @@ def test_a_killed_holder_frees_the_folder_when_stale_or_when_its_process_is_gone
     Lease.acquire(folder, "third job").release()
 
 
-def test_the_heartbeat_keeps_a_long_job_holding_the_folder(folder):
-    lease = Lease.acquire(folder, "long job", heartbeat_seconds=0.2)
-    time.sleep(1.5)
+def test_the_heartbeat_keeps_a_long_job_holding_the_folder(folder, monkeypatch):
+    # The lease's clock is the test's: the job "runs" 100 s, longer than stale_seconds, however
+    # slowly this machine schedules the heartbeat thread.
+    from pipeline import lease as lease_module
+
+    clock = types.SimpleNamespace(time=lambda: 1_000.0)
+    monkeypatch.setattr(lease_module, "time", clock)
+    lease = Lease.acquire(folder, "long job", heartbeat_seconds=0.05)
+    clock.time = lambda: 1_100.0
+    record_url = storage.join(folder, LEASE_DIR, f"{lease.generation:08d}.json")
+    while json.loads(storage.read_text(record_url))["heartbeat"] != 1_100.0:  # the next beat lands
+        assert lease._thread.is_alive()
+        time.sleep(0.01)
     with pytest.raises(LeaseHeld, match="long job"):
-        Lease.acquire(folder, "impatient job", stale_seconds=1.0)  # older than 1 s but for the heartbeat
+        Lease.acquire(folder, "impatient job", stale_seconds=60)  # started 100 s ago: stale but for the heartbeat
     lease.check()
     lease.release()
     lease.release()  # idempotent
@@ -149,7 +160,7 @@ def test_a_heartbeat_that_keeps_failing_says_why_and_fails_the_job(tmp_path, mon
         raise ConnectionResetError(f"connection reset writing {url}")
 
     monkeypatch.setattr(storage, "write_text", unreachable)
-    lease._thread.join(timeout=30)  # the heartbeat gives up on its own after 3 failures in a row
+    lease._thread.join(timeout=300)  # the heartbeat gives up on its own after 3 failures in a row
     assert not lease._thread.is_alive()
     assert lease.failed_beats == 3
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
