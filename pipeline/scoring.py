@@ -371,6 +371,10 @@ def psnr(mse: float | np.ndarray | torch.Tensor) -> float | np.ndarray:
 MAX_CONTAMINATION = 0.5  # a mixture whose upper component weighs more is not "normal bulk + anomalies"
 _BULK = statistics.NormalDist()
 _MAD_TO_SD = 1.4826
+# The least spread a calibration takes (log units for scores fitted on their log: a 0.1%
+# change of the score). A held-out split whose scores are (nearly) all equal shows no spread
+# to measure; without a floor its z-scores and thresholds would hinge on float rounding.
+MIN_SPREAD = 1e-3
 
 
 def fit_normal_bulk(values: np.ndarray) -> tuple[float, float, float]:
@@ -383,8 +387,8 @@ def fit_normal_bulk(values: np.ndarray) -> tuple[float, float, float]:
     if values.size < 3:
         raise InputError(f"a calibration needs at least 3 held-out values, got {values.size}")
     location, scale = float(values.mean()), float(values.std())
-    if values.size < 20 or scale <= 1e-12:  # too few for a mixture to be told from noise
-        return location, max(scale, 1e-12), 0.0
+    if values.size < 20 or scale <= MIN_SPREAD:  # too few for a mixture to be told from noise
+        return location, max(scale, MIN_SPREAD), 0.0
     column = values[:, None]
     one = GaussianMixture(1, random_state=0).fit(column)
     two = GaussianMixture(2, n_init=3, random_state=0).fit(column)
@@ -394,7 +398,7 @@ def fit_normal_bulk(values: np.ndarray) -> tuple[float, float, float]:
     bulk, tail = (0, 1) if means[0] < means[1] else (1, 0)
     if weights[tail] > MAX_CONTAMINATION:
         return location, scale, 0.0
-    return float(means[bulk]), max(float(sds[bulk]), 1e-12), float(weights[tail])
+    return float(means[bulk]), max(float(sds[bulk]), MIN_SPREAD), float(weights[tail])
 
 
 @dataclass(frozen=True)
@@ -422,7 +426,7 @@ class ScoreCalibration:
         spread = _MAD_TO_SD * float(np.median(np.abs(fitted - median)))
         grid = np.quantile(values, np.linspace(0.0, 1.0, CALIBRATION_GRID + 1))
         return cls(int(values.size), log, location, scale, contamination, median,
-                   spread if spread > 1e-12 else scale, tuple(float(v) for v in grid))
+                   spread if spread > MIN_SPREAD else scale, tuple(float(v) for v in grid))
 
     def quantile(self, q: float) -> float:
         """The q-quantile of the normal bulk, in the score's own units."""
