@@ -271,10 +271,11 @@ def test_the_neighbour_score_equals_brute_force_and_leaves_an_image_itself_out()
     assert (bank.distances(torch.from_numpy(vectors[:10])).numpy() < got[:10]).all(), "without ids it finds itself"
 
 
-def test_a_thin_scratch_hidden_from_mse_is_ranked_above_every_normal_image_by_the_local_score():
+def test_most_thin_scratches_hidden_from_mse_are_ranked_above_every_normal_image_by_the_local_score():
     """A tiny model trained briefly on normal images; scratches (1-2 px lines) barely move the
     whole-image mean error, so mse ranks many of them among the normals; the map pooled over its
-    worst cells (err_top) puts them above every normal image."""
+    worst cells (err_top) puts most of them above every normal image, not all: here 11 of the
+    13 that mse hides (and 28 of all 30 scratches; longer training does not reach all of them)."""
     from pipeline.model import AutoencoderConfig, build_model
     from pipeline.synth import synthetic_image
 
@@ -294,4 +295,4 @@ def test_a_thin_scratch_hidden_from_mse_is_ranked_above_every_normal_image_by_th
     hidden = scratch_scores["mse"] < normal_scores["mse"].max()  # mse ranks these among the normals
     assert int(hidden.sum()) >= 6, "the scratches should be hard for mse"
     above = scratch_scores["err_top"][hidden] > normal_scores["err_top"].max()
-    assert float(above.float().mean()) >= 0.7, (int(above.sum()), int(hidden.sum()))
+    assert float(above.float().mean()) >= 0.75, (int(above.sum()), int(hidden.sum()))
