@@ -1,11 +1,14 @@
-"""Shared bits of the benchmark scripts: the machine's description and Markdown tables."""
+"""Shared bits of the benchmark scripts: the machine's description, Markdown tables, and the
+raw results each one commits under docs/bench-results/ (docs/BENCHMARKS.md's tables name them)."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
 import subprocess
+from pathlib import Path
 
 import torch
 
@@ -21,6 +24,19 @@ def scored_rows(scorer, pixels, batch_size: int = 256) -> dict:
         for name, values in scorer.rows(to_input(torch.from_numpy(pixels[start:start + batch_size]))).items():
             parts.setdefault(name, []).append(values)
     return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "docs" / "bench-results"
+
+
+def write_results(name: str, results: dict) -> Path:
+    """Write a bench's raw results (small JSON, with the machine) to docs/bench-results/<name>.json,
+    to be committed beside the table made from them."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **results}, indent=1, default=str) + "\n")
+    print(f"raw results: {path}", flush=True)
+    return path
 
 
 def machine() -> str:

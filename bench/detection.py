@@ -11,7 +11,8 @@ run at 128 px, and one with the structure-aware loss (--loss ssim_l1).
 Each run is what the pipeline does, in one process: the train job's defaults (TrainConfig:
 model, epochs, batch, AdamW, cosine schedule, the corruptions and loss of pipeline.train) in a
 bare loop on the training split (split_of, 5% held out by id hash, anomalies included: no
-labels are used anywhere before scoring); then the exported model's calibration exactly as
+labels are used anywhere before scoring), keeping the epoch the train job would export (the
+lowest held-out mse), not the last; then the exported model's calibration exactly as
 train's calibrate_export makes it (`calibrate_with_bank`: the held-out split calibrates every
 score, the training split is the neighbour bank); then every image of the corpus scored by
 `ImageScorer`, the code the embed job runs (its Ray pipeline equals this loop row for row:
@@ -71,15 +72,18 @@ def corpus(n: int, size: int, fraction: float, seed: int) -> tuple[list[str], np
     return [f"synth-{i:08d}" for i in range(n)], pixels, kinds
 
 
-def train_model(pixels: np.ndarray, cfg, log):
+def train_model(pixels: np.ndarray, val_pixels: np.ndarray, cfg, log):
     """pipeline.train's loop on one worker, without Ray: same model, optimiser, schedule,
-    corruptions and loss, from the same TrainConfig."""
+    corruptions and loss, from the same TrainConfig; (the model of the epoch the train job
+    exports: the lowest held-out mse, that epoch)."""
+    import copy
+
     import torch
 
     from pipeline.corruptions import corrupt
     from pipeline.inference import to_input
     from pipeline.model import build_model
-    from pipeline.scoring import training_loss
+    from pipeline.scoring import mse_per_image, training_loss
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model).to(memory_format=torch.channels_last)
@@ -87,6 +91,8 @@ def train_model(pixels: np.ndarray, cfg, log):
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
     data = torch.from_numpy(pixels)
     order_seed = torch.Generator().manual_seed(cfg.seed)
+    held_out = to_input(torch.from_numpy(val_pixels))
+    best = (float("inf"), 0, None)
     started = time.perf_counter()
     for epoch in range(cfg.epochs):
         model.train()
@@ -104,8 +110,15 @@ def train_model(pixels: np.ndarray, cfg, log):
             optimizer.step()
             total += float(loss.detach()) * len(x)
         scheduler.step()
-        log(f"epoch {epoch + 1}/{cfg.epochs} loss {total / len(data):.5f} ({time.perf_counter() - started:.0f}s)")
-    return model.eval()
+        model.eval()
+        with torch.inference_mode():
+            val_mse = float(torch.cat([mse_per_image(x, model(x)["x_hat"]) for x in held_out.split(256)]).mean())
+        if val_mse < best[0]:
+            best = (val_mse, epoch + 1, copy.deepcopy(model.state_dict()))
+        log(f"epoch {epoch + 1}/{cfg.epochs} loss {total / len(data):.5f} val_mse {val_mse:.5f} "
+            f"({time.perf_counter() - started:.0f}s)")
+    model.load_state_dict(best[2])
+    return model.eval(), best[1]
 
 
 def score_corpus(model, ids: list[str], pixels: np.ndarray, held_out: np.ndarray, trained: int | None = None,
@@ -179,17 +192,19 @@ def run_one(key: str, n: int, out: Path) -> dict:
     log(f"{n} images, {int((kinds != '').sum())} anomalies; training on {int((~held_out).sum())}")
     weights = out / "models" / f"{key}.pt"  # kept, so that a change of scoring reruns in minutes
     if weights.exists():
+        saved = torch.load(weights, weights_only=True)
         model = build_model(cfg.model)
-        model.load_state_dict(torch.load(weights, weights_only=True))
+        model.load_state_dict(saved["state_dict"])
         model.eval()
+        exported_epoch = saved["epoch"]
     else:
-        model = train_model(pixels[~held_out], cfg, log)
+        model, exported_epoch = train_model(pixels[~held_out], pixels[held_out], cfg, log)
         weights.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), weights)
+        torch.save({"state_dict": model.state_dict(), "epoch": exported_epoch}, weights)
     train_seconds = time.perf_counter() - started
     calibration, scores = score_corpus(model, ids, pixels, held_out)
     result = {"key": key, "seed": seed, "contamination": fraction, "variant": variant, "image_size": size,
-              "images": n, "params": count_parameters(model), "epochs": cfg.epochs,
+              "images": n, "params": count_parameters(model), "epochs": cfg.epochs, "exported_epoch": exported_epoch,
               "train_seconds": train_seconds, "default_score": calibration.default_score,
               "estimated_contamination": {name: c.contamination for name, c in calibration.scores.items()},
               "scores": {name: score_metrics(values, kinds, calibration.threshold(name, DEFAULT_Q))
@@ -227,7 +242,8 @@ def run_digits(out: Path, epochs: int = 40, batch_size: int = 16, base_width: in
         train = np.random.default_rng(digit).choice(normal, size=int(round(0.7 * len(normal))), replace=False)
         cfg = TrainConfig(data_url="-", out_url="-", model=model_config, epochs=epochs, batch_size=batch_size,
                           seed=digit)
-        model = train_model(pixels[train], cfg, lambda message: None)
+        val = split_of([ids[i] for i in train], cfg.val_fraction)  # the train job's own held-out split
+        model, _ = train_model(pixels[train[~val]], pixels[train[val]], cfg, lambda message: None)
         evaluated = np.ones(len(target), dtype=bool)
         evaluated[train] = False
         order = np.concatenate([train, np.flatnonzero(evaluated)])  # training images first
@@ -356,7 +372,9 @@ def main(argv: list[str] | None = None) -> int:
         digits = digits_future.result() if digits_future else None
     text = markdown(runs, digits, args.n, args.seeds)
     (out / "detection.md").write_text(text)
-    (out / "detection.json").write_text(json.dumps({"runs": runs, "digits": digits}, indent=1))
+    from bench.common import write_results
+
+    write_results("detection", {"argv": sys.argv[1:] if argv is None else argv, "runs": runs, "digits": digits})
     print(text)
     return 0
 

@@ -178,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     digits = run_digits(args.digits_epochs, args.digits_width, args.digits_latent, args.digits_batch)
     text = markdown(digits)
     (out / "anomaly.md").write_text(text)
-    (out / "anomaly.json").write_text(json.dumps({"digits": digits}, indent=2, default=str))
+    from bench.common import write_results
+
+    write_results("digits", {"digits": digits})
     print(text)
     return 0
 

@@ -36,7 +36,7 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.common import machine, scored_rows, table  # noqa: E402
+from bench.common import machine, scored_rows, table, write_results  # noqa: E402
 
 SCORES = "all"  # embed --scores: the recorded numbers are with every score
 
@@ -219,6 +219,7 @@ def main() -> None:
     print(table(["images", "path", "runs", "seconds (each run)", "median s", "images/s", "ratio to bare"],
                 table_rows))
     if args.skip_5n:
+        write_results("embed_throughput", {"images": n, "batch_size": args.batch_size, "seconds": runs})
         return
     # What the pipeline costs beyond the bare loop's work, at both sizes: a fixed start-up shows as
     # a gap that stays put while N grows five-fold; a slower per-image rate as one that grows with N.
@@ -237,6 +238,8 @@ def main() -> None:
         ["5N", 5 * n, big["seconds"], big["peak_pss_mib"]],
     ]))
     print(f"\npeak memory ratio 5N / N: {big['peak_pss_mib'] / small['peak_pss_mib']:.2f}")
+    write_results("embed_throughput", {"images": n, "batch_size": args.batch_size, "seconds": runs,
+                                       "seconds_5n": runs5, "memory_n": small, "memory_5n": big})
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine, table  # noqa: E402
+from bench.common import machine, table, write_results  # noqa: E402
 from pipeline.model import AutoencoderConfig, build_model, count_parameters, fuse_for_inference  # noqa: E402
 
 
@@ -67,6 +67,9 @@ def main() -> None:
                          f"{achieved / matmul:.0%}"])
     print(f"Machine: {machine()}; {threads} torch threads; float32 matmul 1024^3: {matmul:.1f} GFLOP/s\n")
     print(table(["model", "parameters", "GFLOPs/image", "images/s", "GFLOP/s", "of matmul"], rows))
+    write_results("model", {"torch_threads": threads, "matmul_gflops": matmul,
+                            "columns": ["model", "parameters", "GFLOPs/image", "images/s", "GFLOP/s", "of matmul"],
+                            "rows": rows})
 
 
 if __name__ == "__main__":

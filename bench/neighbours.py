@@ -14,7 +14,7 @@ queries) in a fresh process, which reports its build time, index bytes and peak 
 driver needs; after loading the index: what a search actor holds), then
 searches --queries rows of the corpus (k = 11, the job's k + 1) for queries/s. recall@10 is
 measured against exact search (faiss IndexFlatL2) on 1,000 sampled rows, the row itself left
-out. Writes bench-output/neighbours.json and prints the Markdown table.
+out. Writes docs/bench-results/neighbours.json and prints the Markdown table.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine, table  # noqa: E402
+from bench.common import machine, table, write_results  # noqa: E402
 from pipeline import storage  # noqa: E402
 from pipeline.latents import SUCCESS_FILE, fixed_size_list  # noqa: E402
 
@@ -160,7 +160,7 @@ def main() -> None:
             result["data"] = "real latents" if real else "random vectors"
             results.append(result)
             print(json.dumps(result), flush=True)
-    (OUT / "results.json").write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
+    write_results("neighbours", {"results": results})
     print(f"\nMachine: {machine()}\n")
     print(table(["rows", "data", "index", "build s", "index MiB", "nprobe", "queries/s", "recall@10",
                  "peak RSS building MiB", "peak RSS loaded MiB"],

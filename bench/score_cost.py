@@ -23,7 +23,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.common import machine, table  # noqa: E402
+from bench.common import machine, table, write_results  # noqa: E402
 
 
 def parts(batch_size: int, image_size: int):
@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\nAll scoring against the forward pass: "
           + ", ".join(f"{total[t] / results[t]['forward pass (the baseline)']:.0%} at {t} thread{'s' * (t > 1)}"
                       for t in results))
+    write_results("score_cost", {"argv": argv if argv is not None else sys.argv[1:], "batch_size": args.batch_size,
+                                 "image_size": args.image_size, "repeats": args.repeats,
+                                 "seconds_per_batch": {str(t): r for t, r in results.items()}})
     return 0
 
 

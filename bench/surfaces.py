@@ -158,7 +158,7 @@ def run_one(surface: str, seed: int, settings: dict, out: Path, variant: str = "
         model.load_state_dict(torch.load(weights, weights_only=True))
         model.eval()
     else:
-        model = train_model(pixels[:n_train][~held_out], cfg, log)
+        model, _ = train_model(pixels[:n_train][~held_out], pixels[:n_train][held_out], cfg, log)
         weights.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), weights)
     train_seconds = time.perf_counter() - started

@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.common import machine, table  # noqa: E402
+from bench.common import machine, table, write_results  # noqa: E402
 from pipeline.images import decode_batch  # noqa: E402
 from pipeline.model import AutoencoderConfig, build_model, count_parameters  # noqa: E402
 from pipeline.sampling import split_of  # noqa: E402
@@ -204,7 +204,8 @@ def main() -> None:
         rows.append([name, f"{count_parameters(build_model(cfg.model)):,}", gflops(cfg), r["val_mse"],
                      f"{psnr(r['val_mse']):.2f}", r["images_per_s"]])
     print(table(["model", "parameters", "GFLOPs/image", "val MSE", "val PSNR (dB)", "train images/s"], rows))
-    print("\n" + json.dumps({"runs": runs, "ray_plain": plain_ray}))
+    write_results("train_throughput", {"images": args.images, "epochs": args.epochs, "batch_size": args.batch_size,
+                                       "runs": runs, "ray_plain": plain_ray})
 
 
 if __name__ == "__main__":

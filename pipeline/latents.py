@@ -183,6 +183,17 @@ def metadata_of(schema: pa.Schema) -> dict[str, Any] | None:
     return value
 
 
+def recorded_metadata(schema: pa.Schema, url: str) -> dict[str, Any]:
+    """`metadata_of` the latents under `url`, {} when absent; InputError naming the URL and cause
+    when it is there but unreadable: the checks that read it (the weights' SHA-256 against the
+    model's) must not be skipped without a word."""
+    try:
+        return metadata_of(schema) or {}
+    except ValueError as e:
+        raise InputError(f"the latents under {url} carry unreadable metadata ({e}), so they cannot be checked "
+                         "against the model that made them: rerun the embed job into a fresh folder") from e
+
+
 def check_model_fits(latents_url: str, model_meta: dict[str, Any], model_url: str) -> None:
     """Refuse a model whose decoder does not match the latents: another latent size, or other weights."""
     schema = latent_dataset(latents_url).schema
@@ -195,10 +206,7 @@ def check_model_fits(latents_url: str, model_meta: dict[str, Any], model_url: st
     if dim is not None and dim != model_meta["model"]["latent_dim"]:
         raise InputError(f"the latents have {dim} dimensions but the model at {model_url} has "
                          f"latent_dim {model_meta['model']['latent_dim']}")
-    try:
-        recorded = metadata_of(schema) or {}
-    except ValueError:
-        recorded = {}
+    recorded = recorded_metadata(schema, latents_url)
     sha, model_sha = recorded.get("weights_sha256"), model_meta.get("weights_sha256")
     if sha and model_sha and sha != model_sha:
         raise InputError(f"the latents under {latents_url} were made by another model (weights {sha[:12]}, "

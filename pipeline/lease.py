@@ -17,7 +17,14 @@ since when.
 While it holds the lease, a thread rewrites the holder's record every `HEARTBEAT_SECONDS`.
 If it ever finds a newer generation (it was taken for dead, say after a long network
 stall), the lease is lost: `check()` raises `JobFailed`, and jobs call it before they mark
-their output finished. `release()` marks the record released (and stops the heartbeat).
+their output finished. A beat that fails is printed as a warning with its cause; after
+`MAX_FAILED_BEATS` in a row (half of `STALE_SECONDS` at the defaults: past that another job
+may soon take the folder for free) the heartbeat gives up and `check()` fails the job,
+naming the last cause. `release()` marks the record released (and stops the heartbeat).
+
+A record is read in one request (`storage.read_bytes`): a reader that opened it and then
+read it in a second, conditional request would fail whenever a heartbeat replaced it in
+between.
 
 Every stage that writes an output folder takes the lease in its `prepare`, before its first
 write, and puts it in its plan (the stages are listed in `jobs.cli`); `run_prepared` runs the
@@ -31,6 +38,7 @@ import json
 import os
 import posixpath
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -44,6 +52,7 @@ from pipeline.errors import InputError, JobFailed
 LEASE_DIR = "_lease"
 HEARTBEAT_SECONDS = 5.0
 STALE_SECONDS = 60.0
+MAX_FAILED_BEATS = 6
 
 
 class LeaseHeld(InputError):
@@ -106,6 +115,8 @@ class Lease:
     def __init__(self, folder_url: str, generation: int, record: dict[str, Any], heartbeat_seconds: float):
         self.folder_url, self.generation, self.record = folder_url, generation, record
         self.lost = False
+        self.failed_beats = 0  # all beats that failed while this lease was held
+        self.gave_up: str | None = None  # why the heartbeat stopped trying, once it did
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, args=(heartbeat_seconds,), name="lease", daemon=True)
         self._thread.start()
@@ -133,6 +144,7 @@ class Lease:
         return storage.exists(_record_url(self.folder_url, self.generation + 1))
 
     def _beat(self, seconds: float) -> None:
+        in_a_row = 0
         while not self._stop.wait(seconds):
             try:
                 if self._taken_over():
@@ -140,11 +152,24 @@ class Lease:
                     return
                 self.record["heartbeat"] = time.time()
                 storage.write_text(_record_url(self.folder_url, self.generation), json.dumps(self.record))
-            except Exception:  # noqa: BLE001 - a storage hiccup: the next beat tries again, well within STALE_SECONDS
-                continue
+                in_a_row = 0
+            except Exception as error:  # noqa: BLE001 - counted and printed; the job fails in check() if it persists
+                self.failed_beats += 1
+                in_a_row += 1
+                cause = f"{type(error).__name__}: {error}"
+                print(f"warning: the lease heartbeat on {self.folder_url} failed ({in_a_row} in a row, "
+                      f"giving up at {MAX_FAILED_BEATS}): {cause}", file=sys.stderr, flush=True)
+                if in_a_row >= MAX_FAILED_BEATS:
+                    self.gave_up = cause
+                    return
 
     def check(self) -> None:
-        """JobFailed if another job took the folder over while this one ran (it was taken for dead)."""
+        """JobFailed if another job took the folder over while this one ran (it was taken for dead),
+        or if the heartbeat gave up (another job may take the folder for free any moment)."""
+        if self.gave_up is not None:
+            raise JobFailed(f"the lease heartbeat on {self.folder_url} failed {MAX_FAILED_BEATS} times in a row "
+                            f"(last: {self.gave_up}); another job could take the folder over, so this one stops "
+                            "before marking its output finished: fix the storage, then rerun (it resumes)")
         if self.lost or self._taken_over():
             self.lost = True
             raise JobFailed(f"the lease on {self.folder_url} was taken over by another job while this one ran "

@@ -226,9 +226,10 @@ def create_exclusive(url: str, data: bytes) -> bool:
 
 
 def read_bytes(url: str) -> bytes:
+    # One GET, not open-then-read: s3fs's file reads are conditional on the ETag it saw at
+    # open, so a file replaced in between (a lease heartbeat, say) would fail the read.
     fs, path = filesystem(url)
-    with fs.open(path, "rb") as f:
-        return f.read()
+    return fs.cat_file(path)
 
 
 def read_text(url: str) -> str:

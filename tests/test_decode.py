@@ -207,6 +207,22 @@ def test_refusals_before_any_work(latents, model_url, tmp_path):
         select_rows(latents, ids=["synth-00000001"], sample=3)
 
 
+def test_latents_with_unreadable_metadata_are_refused_not_taken_for_unchecked(latents, model_url, tmp_path):
+    from pipeline.checkpoint import read_checkpoint_meta
+    from pipeline.latents import METADATA_KEY, check_model_fits
+    from pipeline.neighbours import NeighboursConfig, prepare
+
+    table = pq.read_table(storage.list_files(latents)[0])
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    pq.write_table(table.replace_schema_metadata({**table.schema.metadata, METADATA_KEY: b"{not json"}),
+                   broken / "part-00000.parquet")
+    with pytest.raises(InputError, match=f"the latents under {broken} carry unreadable metadata .*not valid JSON"):
+        check_model_fits(str(broken), read_checkpoint_meta(model_url), model_url)
+    with pytest.raises(InputError, match=f"the latents under {broken} carry unreadable metadata"):
+        prepare(NeighboursConfig(latents_url=str(broken), out_url=str(tmp_path / "n"), duplicate_threshold="value:0.5"))
+
+
 def test_only_null_latents_selected_writes_no_shards_but_counts_them(latents, model_url, tmp_path):
     out = tmp_path / "none"
     summary = decode(DecodeConfig(latents_url=latents, model_url=model_url, out_url=str(out), ids=BAD_IDS))

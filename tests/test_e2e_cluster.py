@@ -76,7 +76,10 @@ def test_ingest_train_embed_report_as_four_submitted_jobs(head, tmp_path):
     summary = json.loads((report / "summary.json").read_text())
     assert summary["counts"]["rows"] == 120 and summary["counts"]["error_rows"] == 0
     assert (report / "index.html").exists()
-    assert 0.0 <= summary["metrics"]["auroc"] <= 1.0
+    # The default (fused) score must rank the planted anomalies above the normal images well beyond
+    # chance even after 2 epochs: a one-off replay of this run without Ray (bench/detection.py's
+    # train_model and score_corpus, training seeds 0-2) gave fused AUROC 0.83-0.96.
+    assert summary["metrics"]["auroc"] >= 0.75
 
 
 @pytest.mark.timeout(600)

@@ -6,6 +6,7 @@ import json
 import socket
 import threading
 import time
+import types
 
 import pytest
 
@@ -70,13 +71,102 @@ def test_a_killed_holder_frees_the_folder_when_stale_or_when_its_process_is_gone
     Lease.acquire(folder, "third job").release()
 
 
-def test_the_heartbeat_keeps_a_long_job_holding_the_folder(folder):
-    lease = Lease.acquire(folder, "long job", heartbeat_seconds=0.2)
-    time.sleep(1.5)
+def test_the_heartbeat_keeps_a_long_job_holding_the_folder(folder, monkeypatch):
+    # The lease's clock is the test's: the job "runs" 100 s, longer than stale_seconds, however
+    # slowly this machine schedules the heartbeat thread.
+    from pipeline import lease as lease_module
+
+    clock = types.SimpleNamespace(time=lambda: 1_000.0)
+    monkeypatch.setattr(lease_module, "time", clock)
+    lease = Lease.acquire(folder, "long job", heartbeat_seconds=0.05)
+    clock.time = lambda: 1_100.0
+    record_url = storage.join(folder, LEASE_DIR, f"{lease.generation:08d}.json")
+    while json.loads(storage.read_text(record_url))["heartbeat"] != 1_100.0:  # the next beat lands
+        assert lease._thread.is_alive()
+        time.sleep(0.01)
     with pytest.raises(LeaseHeld, match="long job"):
-        Lease.acquire(folder, "impatient job", stale_seconds=1.0)  # older than 1 s but for the heartbeat
+        Lease.acquire(folder, "impatient job", stale_seconds=60)  # started 100 s ago: stale but for the heartbeat
     lease.check()
     lease.release()
     lease.release()  # idempotent
     history = storage.list_files(storage.join(folder, LEASE_DIR), suffix=".json")
     assert len(history) <= 2, "older records are cleaned up as generations pass"
+
+
+class _RewrittenBetweenOpenAndRead:
+    """An fsspec filesystem in front of the real one: each file opened for reading is
+    rewritten (`rewrite(path)`, a PUT) after the open and before the first read, exactly
+    the moment a holder's heartbeat can land while another job reads the record."""
+
+    def __init__(self, fs, rewrite):
+        self._fs, self._rewrite = fs, rewrite
+
+    def __getattr__(self, name):
+        return getattr(self._fs, name)
+
+    def open(self, path, mode="rb", **kwargs):
+        f = self._fs.open(path, mode, **kwargs)
+        if "r" in mode:
+            self._rewrite(path)
+        return f
+
+
+def test_a_record_rewritten_while_another_job_reads_it_still_says_the_folder_is_held(s3_bucket, monkeypatch):
+    import boto3
+    from s3fs.utils import FileExpired
+
+    folder = f"{s3_bucket}/out"
+    holder = Lease.acquire(folder, "long job", heartbeat_seconds=60)
+    client = boto3.client("s3")
+    rewrites = []
+
+    def heartbeat(path: str) -> None:  # the holder's next beat: the same record, a newer time
+        bucket, key = path.split("/", 1)
+        holder.record["heartbeat"] = time.time()
+        client.put_object(Bucket=bucket, Key=key, Body=json.dumps(holder.record).encode())
+        rewrites.append(key)
+
+    real_filesystem = storage.filesystem
+
+    def wrapped_filesystem(url: str):
+        fs, path = real_filesystem(url)
+        return _RewrittenBetweenOpenAndRead(fs, heartbeat), path
+
+    monkeypatch.setattr(storage, "filesystem", wrapped_filesystem)
+    record_url = storage.join(folder, LEASE_DIR, f"{holder.generation:08d}.json")
+
+    # The wrapper does force the race: an open-then-read of the record fails on S3...
+    fs, path = storage.filesystem(record_url)
+    with pytest.raises(FileExpired):
+        with fs.open(path, "rb") as f:
+            f.read()
+    assert rewrites, "the record was rewritten between open and read"
+
+    # ...and a second job reading the same record, however it is rewritten, is told who holds it.
+    with pytest.raises(LeaseHeld, match="in use by another long job"):
+        Lease.acquire(folder, "second job")
+    assert json.loads(storage.read_text(record_url))["owner"] == holder.record["owner"]
+    monkeypatch.undo()
+    holder.release()
+
+
+def test_a_heartbeat_that_keeps_failing_says_why_and_fails_the_job(tmp_path, monkeypatch, capsys):
+    from pipeline import lease as lease_module
+
+    monkeypatch.setattr(lease_module, "MAX_FAILED_BEATS", 3)
+    lease = Lease.acquire(str(tmp_path / "out"), "long job", heartbeat_seconds=0.05)
+
+    def unreachable(url: str, text: str) -> None:
+        raise ConnectionResetError(f"connection reset writing {url}")
+
+    monkeypatch.setattr(storage, "write_text", unreachable)
+    lease._thread.join(timeout=300)  # the heartbeat gives up on its own after 3 failures in a row
+    assert not lease._thread.is_alive()
+    assert lease.failed_beats == 3
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 3
+    assert all("lease heartbeat" in w and "ConnectionResetError: connection reset writing" in w for w in warnings)
+    with pytest.raises(JobFailed, match="failed 3 times in a row .*ConnectionResetError"):
+        lease.check()
+    monkeypatch.undo()
+    lease.release()

@@ -29,7 +29,7 @@ from PIL import Image
 from pipeline import storage
 from pipeline.checkpoint import save_checkpoint
 from pipeline.embed import EmbedConfig, embed, embed_reference
-from pipeline.errors import InputError
+from pipeline.errors import InputError, JobFailed
 from pipeline.images import decode_batch, encode_image
 from pipeline.latents import SUCCESS_FILE, fixed_size_list, write_success
 from pipeline.lease import LEASE_DIR
@@ -233,6 +233,7 @@ def test_planted_near_duplicates_are_the_clusters_found(planted, planted_run):
     assert threshold["value"] == summary.threshold and threshold["negatives"] == threshold["positives"] == ORIGINALS
     assert threshold["false_positive_rate_on_negatives"] <= 0.001
     assert 0 < threshold["recall_on_positives"] <= 1
+    assert threshold["copies_failed"] == 0 and threshold["copy_failure"] is None
     assert record["summary"]["clusters"] == summary.clusters == len(by_cluster)
 
 
@@ -336,6 +337,34 @@ def test_rows_without_a_latent_get_one_row_each_with_the_reason(tmp_path):
 
 
 # ---------------------------------------------------------------- threshold and clusters
+
+
+def test_calibration_copies_that_fail_are_counted_and_too_many_stop_it(tiny_model, tmp_path, monkeypatch):
+    from pipeline.neighbours import calibrate
+    from pipeline.shards import Columns, ShardList
+
+    ids = [f"img-{i:02d}" for i in range(40)]
+    write_shard(str(tmp_path / "data" / "part-00000.parquet"),
+                pa.table({"id": ids, "image": [encode_image(synthetic_image(i, 3, 32, 3)) for i in range(40)]}))
+    data, columns = ShardList.under(str(tmp_path / "data")), Columns(id="id", image="image")
+    real_copy = calibrate.augmented_copy
+    unlucky = set()
+
+    def broken_copy(image: bytes, rng, augmentation):
+        if len(unlucky) < failing or image in unlucky:
+            unlucky.add(image)
+            raise ValueError("a bug in augmented_copy")
+        return real_copy(image, rng, augmentation)
+
+    monkeypatch.setattr(calibrate, "augmented_copy", broken_copy)
+    failing = 1  # 1 of 40: counted, with its cause, and the calibration goes on
+    record = calibrate.calibrate_threshold(tiny_model, data, columns, 40, seed=0, latent_dtype="float16")
+    assert (record["copies_failed"], record["images_used"]) == (1, 39)
+    assert record["copy_failure"] == "ValueError: a bug in augmented_copy"
+    unlucky.clear()
+    failing = 40  # every copy: the job stops, naming the cause, instead of calibrating on nothing
+    with pytest.raises(JobFailed, match=r"no calibration copy could be made of 40 of the 40 .*a bug in augmented_copy"):
+        calibrate.calibrate_threshold(tiny_model, data, columns, 40, seed=0, latent_dtype="float16")
 
 
 def test_threshold_rule_takes_the_lower_of_the_two_limits():

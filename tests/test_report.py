@@ -337,6 +337,10 @@ def test_threshold_policies_resolve_from_their_sources(model_url, tmp_path):
     assert named.value == pytest.approx(threshold_from_calibration(calibration, 0.9))
     with pytest.raises(InputError, match="needs the model's calibration"):
         report_threshold("quantile:0.9", empty, True, None, recorded)
+    # A named model that cannot be read is named, with the cause, not taken for "no calibration".
+    (tmp_path / "broken").mkdir()
+    with pytest.raises(InputError, match=f"the model {tmp_path / 'broken'} named in the latent metadata cannot be read"):
+        report_threshold("quantile:0.9", empty, True, None, {**recorded, "model": str(tmp_path / "broken")})
     assert report_threshold("value:0.5", empty, True, None, None).estimated_contamination is None
     for bad in ("quantile:1.5", "contamination:-0.1", "value:abc", "median", "value:nan"):
         with pytest.raises(InputError, match="threshold|contamination|quantile"):

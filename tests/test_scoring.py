@@ -153,6 +153,29 @@ def test_a_two_humped_split_is_not_read_as_mostly_anomalies():
     assert contamination == pytest.approx(0.1, abs=0.02)
 
 
+def test_a_split_whose_scores_are_all_equal_gives_a_floored_spread_not_a_collapsed_one():
+    """MAD = 0 (a held-out split of identical images, say): the spread is MIN_SPREAD, so an image
+    1% above the constant is about 10 spreads out and the 0.99 threshold is a hair above it,
+    instead of z-scores of 1e10 that float rounding alone could reach."""
+    from pipeline.scoring import MIN_SPREAD
+
+    constant = np.full(500, 0.004)
+    calibration = ScoreCalibration.fit(constant)
+    assert (calibration.spread, calibration.scale, calibration.contamination) == (MIN_SPREAD, MIN_SPREAD, 0.0)
+    assert calibration.standardise(np.array([0.004]))[0] == pytest.approx(0.0, abs=1e-9)
+    assert calibration.standardise(np.array([0.004 * 1.01]))[0] == pytest.approx(np.log(1.01) / MIN_SPREAD)
+    assert 0.004 < calibration.quantile(0.99) < 0.004 * 1.003
+    # More than half equal (MAD = 0) but the rest spread: the spread is the fitted scale, not the floor.
+    half = np.concatenate([np.full(300, 0.004), _lognormal(200, seed=5)])
+    calibration = ScoreCalibration.fit(half)
+    assert calibration.spread == calibration.scale > 0.1
+    # The fused score of such a split stays finite and ordered.
+    fused = calibrate({"mse": constant, "gms_top": _lognormal(500, seed=6)}, default_score="fused",
+                      fused_from=("mse", "gms_top"))
+    z = fused.fuse({"mse": np.array([0.004, 0.0041]), "gms_top": np.array([0.004, 0.004])})
+    assert np.isfinite(z).all() and z[1] == pytest.approx(np.log(0.0041 / 0.004) / MIN_SPREAD, rel=1e-6)
+
+
 def test_quantile_thresholds_come_from_the_calibration_and_its_score():
     errors = _lognormal(2000, seed=3)
     calibration = calibrate({"mse": errors, "gms_top": errors * 10}, default_score="gms_top").to_dict()
@@ -252,10 +275,11 @@ def test_the_neighbour_score_equals_brute_force_and_leaves_an_image_itself_out()
     assert (bank.distances(torch.from_numpy(vectors[:10])).numpy() < got[:10]).all(), "without ids it finds itself"
 
 
-def test_a_thin_scratch_hidden_from_mse_is_ranked_above_every_normal_image_by_the_local_score():
+def test_most_thin_scratches_hidden_from_mse_are_ranked_above_every_normal_image_by_the_local_score():
     """A tiny model trained briefly on normal images; scratches (1-2 px lines) barely move the
     whole-image mean error, so mse ranks many of them among the normals; the map pooled over its
-    worst cells (err_top) puts them above every normal image."""
+    worst cells (err_top) puts most of them above every normal image, not all: here 11 of the
+    13 that mse hides (and 28 of all 30 scratches; longer training does not reach all of them)."""
     from pipeline.model import AutoencoderConfig, build_model
     from pipeline.synth import synthetic_image
 
@@ -275,4 +299,4 @@ def test_a_thin_scratch_hidden_from_mse_is_ranked_above_every_normal_image_by_th
     hidden = scratch_scores["mse"] < normal_scores["mse"].max()  # mse ranks these among the normals
     assert int(hidden.sum()) >= 6, "the scratches should be hard for mse"
     above = scratch_scores["err_top"][hidden] > normal_scores["err_top"].max()
-    assert float(above.float().mean()) >= 0.7, (int(above.sum()), int(hidden.sum()))
+    assert float(above.float().mean()) >= 0.75, (int(above.sum()), int(hidden.sum()))

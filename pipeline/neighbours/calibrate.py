@@ -14,7 +14,9 @@ latents are (int8 or float16 round trip), so the distances are those the index s
 The threshold is the largest distance whose false-positive rate on the negatives is at most
 `max_false_positive_rate` (0.1%), or the `positive_quantile` (99th percentile) of the
 positives if that is lower; the record keeps the value, which rule set it, and the recall on
-positives and false-positive rate on negatives it gives.
+positives and false-positive rate on negatives it gives. A copy that cannot be made of an
+image the embed job decodes is counted (`copies_failed`, the first cause in `copy_failure`);
+past `MAX_COPY_FAILURE_SHARE` of the images the calibration stops with `JobFailed`.
 
 Limits: negatives among N sampled images are farther apart than an image and its nearest
 neighbour in the whole corpus, so the rate on the corpus is higher than on the sample; and if
@@ -31,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, JobFailed
 from pipeline.images import (
     DEFAULT_MAX_PIXELS,
     RESAMPLE,
@@ -44,6 +46,7 @@ from pipeline.sampling import sample_keys
 from pipeline.shards import Columns, ShardList
 
 MIN_IMAGES = 20  # fewer usable pairs than this give no meaningful rate
+MAX_COPY_FAILURE_SHARE = 0.05  # of the decodable images whose copy failed, beyond which calibration stops
 ENCODE_BATCH = 64
 
 
@@ -72,7 +75,7 @@ def sample_images(shards: ShardList, columns: Columns, n: int, seed: int) -> lis
 def augmented_copy(data: bytes, rng: np.random.Generator, augmentation: Augmentation = Augmentation()) -> bytes:
     """A near-duplicate of an encoded image: resized down and up, cropped and resized back, JPEG re-encoded.
 
-    Raises (any exception) when the original cannot be opened; the caller skips that image.
+    Raises (any exception) when the original cannot be opened; the caller counts that image.
     """
     from PIL import Image, ImageOps
 
@@ -151,16 +154,24 @@ def calibrate_threshold(model_url: str, shards: ShardList, columns: Columns, ima
 
     sample = sample_images(shards, columns, images, seed)
     keys = sample_keys([i for i, _ in sample], seed)
-    originals, copies, failed = [], [], 0
+    originals, copies, causes = [data for _, data in sample], [], {}
     for (row_id, data), key in zip(sample, keys):
         try:
             copies.append(augmented_copy(data, np.random.default_rng(int(key)), augmentation))
-        except Exception:  # noqa: BLE001 - an image the codec refuses has no latent either: skip it
-            failed += 1
-            continue
-        originals.append(data)
+        except Exception as error:  # noqa: BLE001 - kept with its cause; counted below if the original decodes
+            copies.append(None)
+            causes[row_id] = f"{type(error).__name__}: {error}"
     ok, _, z = encode_images(model_url, [*originals, *copies], latent_dtype)
     n = len(originals)
+    # An image the embed job's decoder refuses has no latent either, so its failed copy is no
+    # loss; a copy that failed for an image it accepts points at a bug (or an unusual corpus).
+    copy_failures = [(row_id, causes[row_id]) for (row_id, _), decoded in zip(sample, ok[:n])
+                     if decoded and row_id in causes]
+    if copy_failures and len(copy_failures) > MAX_COPY_FAILURE_SHARE * int(ok[:n].sum()):
+        row_id, cause = copy_failures[0]
+        raise JobFailed(f"no calibration copy could be made of {len(copy_failures)} of the {int(ok[:n].sum())} "
+                        f"decodable calibration images (first: id {row_id!r}, {cause}); give "
+                        "--duplicate-threshold value:X instead, or report this as a bug")
     pair_ok = ok[:n] & ok[n:]
     z_orig, z_copy = z[:n][pair_ok], z[n:][pair_ok]
     if len(z_orig) < MIN_IMAGES:
@@ -173,5 +184,6 @@ def calibrate_threshold(model_url: str, shards: ShardList, columns: Columns, ima
     negatives = np.sqrt(np.maximum(np.where(own, squared[:, 1], squared[:, 0]), 0))
     record = choose_threshold(positives, negatives, max_false_positive_rate, positive_quantile)
     record.update(images_sampled=len(sample), images_used=int(len(z_orig)), images_skipped=len(sample) - len(z_orig),
+                  copies_failed=len(copy_failures), copy_failure=copy_failures[0][1] if copy_failures else None,
                   seed=seed, latent_dtype=latent_dtype, augmentation=asdict(augmentation))
     return record

@@ -36,7 +36,7 @@ from pipeline.errors import InputError, JobFailed
 from pipeline.latents import (
     check_model_fits,
     latents_from_batch,
-    metadata_of,
+    recorded_metadata,
     require_finished,
 )
 from pipeline.lease import LEASE_DIR, Lease, run_prepared
@@ -251,10 +251,7 @@ def _latent_shape(latents: ShardList) -> tuple[int, str, dict[str, Any]]:
     latent_type = schema.field("latent").type
     if not pa.types.is_fixed_size_list(latent_type):
         raise InputError(f"column 'latent' of {latents.url} has type {latent_type}, expected a fixed-size list")
-    try:
-        metadata = metadata_of(schema) or {}
-    except ValueError:
-        metadata = {}
+    metadata = recorded_metadata(schema, latents.url)
     return latent_type.list_size, np.dtype(latent_type.value_type.to_pandas_dtype()).name, metadata
 
 
@@ -355,7 +352,8 @@ def _threshold(plan: NeighboursPlan, record: dict[str, Any]) -> dict[str, Any]:
                                         cfg.max_false_positive_rate, cfg.positive_quantile, cfg.augmentation)
         print(f"neighbours: duplicate threshold {threshold['value']:.4g} ({threshold['rule']}): recall "
               f"{threshold['recall_on_positives']:.3f} on copies, false-positive rate "
-              f"{threshold['false_positive_rate_on_negatives']:.4f} on other images", flush=True)
+              f"{threshold['false_positive_rate_on_negatives']:.4f} on other images; "
+              f"{threshold['copies_failed']} copies failed", flush=True)
     record["threshold"] = threshold
     _write_record(cfg, record)
     return threshold

@@ -98,15 +98,18 @@ def _calibrated_quantile(spec: str, q: float, calibration: dict[str, Any] | None
 
 
 def _calibration_of(model_url: str | None) -> dict[str, Any] | None:
-    """The calibration of the model the latent metadata names, if it can be read."""
+    """The calibration of the model the latent metadata names (None if it names none or the model
+    has none); InputError naming the model and the cause when it cannot be read."""
     from pipeline.checkpoint import read_checkpoint_meta
 
     if not model_url:
         return None
     try:
         return (read_checkpoint_meta(model_url).get("training") or {}).get("calibration")
-    except (OSError, ValueError):  # ValueError: pipeline.checkpoint's CheckpointError among others
-        return None
+    except (OSError, ValueError) as e:  # ValueError: pipeline.checkpoint's CheckpointError among others
+        raise InputError(f"the model {model_url} named in the latent metadata cannot be read for its calibration "
+                         f"({type(e).__name__}: {e}); pass --model, or use --threshold contamination:X or value:X"
+                         ) from e
 
 
 def score_summary(stats: ScoreStats, sample: np.ndarray, exact: bool) -> dict[str, Any]:
