@@ -12,7 +12,8 @@ frozen config) and `main(argv)`, which is `run_job(...)`:
    of `RAY_ADDRESS` / `ray job submit`, or reuses one this process already has), with Ray's
    INFO chatter kept off the console unless `--verbose` (`pipeline.console`);
 5. `run(prepared)`, and print its summary as one JSON line; a `JobFailed` (the job ran but
-   broke a promise, e.g. rows in != rows out) prints the summary and `error: ...`, exit 1.
+   broke a promise, e.g. rows in != rows out) prints the summary and `error: ...`, exit 1;
+   so does a storage request that failed on every attempt (`storage.StorageFailed`).
 
 Anything else that escapes is a bug in this project and keeps its traceback.
 """
@@ -26,6 +27,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pipeline import storage
 from pipeline.console import filtered_stderr, verbose_requested
 from pipeline.errors import InputError, JobFailed
 
@@ -125,6 +127,14 @@ def _run(name: str, argv: Sequence[str] | None, parse_args: Callable[[Sequence[s
         if e.summary is not None:
             print(json.dumps(as_dict(e.summary), default=str), flush=True)
         print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    except Exception as e:
+        # A storage request that failed on every attempt (`pipeline.storage`), here or in a Ray
+        # worker: the job failed as JobFailed does, naming the URL; anything else is a bug.
+        failed = storage.failed_storage_request(e)
+        if failed is None:
+            raise
+        print(f"error: {failed}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     finally:
         lease = getattr(prepared, "lease", None)  # a job that holds its output folder lets it go

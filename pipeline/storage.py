@@ -8,13 +8,20 @@ workers that unpickle it reach the same server.
 
 Writes are atomic: `atomic_write` writes a temporary sibling and renames (local) or uploads
 in one PUT (object stores), so a reader never sees a half-written file under its final name.
+
+Object-store faults (503 SlowDown, 500 InternalError, reset connections, timeouts) are retried
+by botocore, configured here rather than by a loop of our own: `S3_ATTEMPTS` attempts per
+request at most, each failed one logged with its URL (logger `pipeline.storage`). A request
+that still fails raises `StorageFailed` naming the URL; the job runner ends the job with it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import posixpath
+import re
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -28,12 +35,85 @@ from pipeline.errors import InputError
 PARQUET_SUFFIX = ".parquet"
 TAR_SUFFIX = ".tar"
 
+log = logging.getLogger(__name__)
+
+# Attempts per S3 request (the first and its retries). botocore's "legacy" mode, not
+# "standard": standard stops retrying once its retry quota (a token bucket shared by the
+# client) runs dry, which a storm of throttling on a busy job empties. Legacy backs off
+# 2^n x a random second: at most about 15 s of waiting in all before a request fails for good.
+S3_ATTEMPTS = 5
+
+
+class _S3Config(dict):
+    """botocore `Config` arguments for s3fs (`config_kwargs`). A class of this module, not a
+    plain dict, so that a Ray worker unpickling an s3fs filesystem imports this module, and
+    with it the retry hook below, before the filesystem makes its first session."""
+
+
+S3_CONFIG = _S3Config(retries={"mode": "legacy", "total_max_attempts": S3_ATTEMPTS})
+
+
+class StorageFailed(OSError):
+    """A storage request that failed on every attempt; the message names its URL."""
+
+
+_FAILED_LINE = re.compile(r"storage request failed after \d+ attempts: .*")
+
+
+def _note_failed_attempt(attempts: int, request_dict: dict, response=None, caught_exception=None,
+                         **_: Any) -> None:
+    """botocore's `needs-retry` event for every S3 request: log a failed attempt with its URL,
+    and raise `StorageFailed` once the last attempt failed too (the retry handler that runs
+    beside this one decides the retry itself; errors a caller handles, 4xx, pass by)."""
+    if caught_exception is not None:
+        cause = f"{type(caught_exception).__name__}: {caught_exception}"
+    else:
+        status = (response[0].status_code if response else 0) or 0
+        if status < 500:
+            return
+        error = (response[1] or {}).get("Error", {}) if len(response) > 1 else {}
+        cause = f"{status} {error.get('Code', '')} {error.get('Message', '')}".strip()
+    where = f"{request_dict.get('method', '?')} {request_dict.get('url', '?')}"
+    if attempts >= S3_ATTEMPTS:
+        raise StorageFailed(f"storage request failed after {attempts} attempts: {where}: {cause}")
+    log.warning("storage request failed (attempt %d of %d, retrying): %s: %s", attempts, S3_ATTEMPTS, where, cause)
+
+
+def _hook_s3_retries() -> None:
+    # Every botocore session registers the built-in handlers when it is made, in this process
+    # or a Ray worker that imports this module: s3fs's sessions included, with no session of ours.
+    from botocore import handlers
+
+    spec = ("needs-retry.s3", _note_failed_attempt, handlers.REGISTER_LAST)
+    if spec not in handlers.BUILTIN_HANDLERS:
+        handlers.BUILTIN_HANDLERS.append(spec)
+
+
+_hook_s3_retries()
+
+
+def failed_storage_request(error: BaseException) -> str | None:
+    """The message of the `StorageFailed` behind `error` (raised here, or in a Ray task or
+    worker and re-raised by Ray, which may keep only its text in its own message), or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, StorageFailed):
+            return str(error)
+        found = _FAILED_LINE.search(str(error))
+        if found:
+            return found.group(0)
+        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
+    return None
+
 
 def _storage_options(url: str) -> dict:
     if url.startswith(("s3://", "s3a://")):
+        options = {"config_kwargs": S3_CONFIG}
         endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL")
         if endpoint:
-            return {"endpoint_url": endpoint}
+            options["endpoint_url"] = endpoint
+        return options
     return {}
 
 
