@@ -13,7 +13,7 @@ frozen config) and `main(argv)`, which is `run_job(...)`:
    INFO chatter kept off the console unless `--verbose` (`pipeline.console`);
 5. `run(prepared)`, and print its summary as one JSON line; a `JobFailed` (the job ran but
    broke a promise, e.g. rows in != rows out) prints the summary and `error: ...`, exit 1;
-   so does a storage request that failed on every attempt (`storage.StorageFailed`).
+   so does storage that failed: a request on every attempt, or a full disk (`storage.storage_failure`).
 
 Anything else that escapes is a bug in this project and keeps its traceback.
 """
@@ -129,9 +129,9 @@ def _run(name: str, argv: Sequence[str] | None, parse_args: Callable[[Sequence[s
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     except Exception as e:
-        # A storage request that failed on every attempt (`pipeline.storage`), here or in a Ray
-        # worker: the job failed as JobFailed does, naming the URL; anything else is a bug.
-        failed = storage.failed_storage_request(e)
+        # Storage that failed (a request on every attempt, naming its URL; a full disk), here or
+        # in a Ray worker: the job failed as JobFailed does; anything else is a bug.
+        failed = storage.storage_failure(e)
         if failed is None:
             raise
         print(f"error: {failed}", file=sys.stderr, flush=True)

@@ -12,12 +12,14 @@ in one PUT (object stores), so a reader never sees a half-written file under its
 Object-store faults (503 SlowDown, 500 InternalError, reset connections, timeouts) are retried
 by botocore, configured here rather than by a loop of our own: `S3_ATTEMPTS` attempts per
 request at most, each failed one logged with its URL (logger `pipeline.storage`). A request
-that still fails raises `StorageFailed` naming the URL; the job runner ends the job with it.
+that still fails raises `StorageFailed` naming the URL; the job runner ends the job with it,
+as it does on a full disk (`storage_failure`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import posixpath
@@ -58,6 +60,8 @@ class StorageFailed(OSError):
 
 
 _FAILED_LINE = re.compile(r"storage request failed after \d+ attempts: .*")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
 
 
 def _note_failed_attempt(attempts: int, request_dict: dict, response=None, caught_exception=None,
@@ -92,17 +96,24 @@ def _hook_s3_retries() -> None:
 _hook_s3_retries()
 
 
-def failed_storage_request(error: BaseException) -> str | None:
-    """The message of the `StorageFailed` behind `error` (raised here, or in a Ray task or
-    worker and re-raised by Ray, which may keep only its text in its own message), or None."""
+def storage_failure(error: BaseException) -> str | None:
+    """What a user needs to know when `error` is the storage failing, not the project: a
+    request that failed on every attempt (`StorageFailed`, naming its URL) or a full disk; else
+    None. Looks through the chain of causes, and through Ray's wrapping of an error raised in a
+    task or worker, which may keep only its text."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, StorageFailed):
             return str(error)
-        found = _FAILED_LINE.search(str(error))
+        text = str(error)
+        found = _FAILED_LINE.search(text)
         if found:
             return found.group(0)
+        if getattr(error, "errno", None) in _DISK_FULL or any(mark in text for mark in _DISK_FULL_TEXT):
+            where = f" writing {error.filename}" if getattr(error, "filename", None) else ""
+            return (f"no space left on the device{where}: free some space and run the same command again "
+                    f"(what was finished is kept; nothing is published as finished before all of it is)")
         error = getattr(error, "cause", None) or error.__cause__ or error.__context__
     return None
 
