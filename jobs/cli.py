@@ -139,6 +139,20 @@ def _run(name: str, argv: Sequence[str] | None, parse_args: Callable[[Sequence[s
     finally:
         lease = getattr(prepared, "lease", None)  # a job that holds its output folder lets it go
         if lease is not None:
-            lease.release()
+            _release(lease)
     print(json.dumps(as_dict(summary), default=str), flush=True)
     return EXIT_OK
+
+
+def _release(lease: Any) -> None:
+    """Let the output folder go. Storage that fails here (the disk that just filled up) leaves
+    the record unreleased, which the next job takes for a dead holder's (`pipeline.lease`):
+    said in a warning, so the job's own error stays the last word."""
+    try:
+        lease.release()
+    except Exception as e:
+        failed = storage.storage_failure(e)
+        if failed is None:
+            raise
+        print(f"warning: the output folder was not marked free ({failed}); the next job takes it once this one "
+              f"has ended (from another host: once its heartbeat is stale)", file=sys.stderr, flush=True)

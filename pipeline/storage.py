@@ -13,7 +13,11 @@ Object-store faults (503 SlowDown, 500 InternalError, reset connections, timeout
 by botocore, configured here rather than by a loop of our own: `S3_ATTEMPTS` attempts per
 request at most, each failed one logged with its URL (logger `pipeline.storage`). A request
 that still fails raises `StorageFailed` naming the URL; the job runner ends the job with it,
-as it does on a full disk (`storage_failure`).
+as it does on a full disk (`storage_failure`). The other layers add no retries of their own
+on top: s3fs retries throttling and connection errors again after botocore gives up, but
+`StorageFailed` is not among the errors it retries; pyarrow and Ray (Data and Train) reach S3
+through this s3fs filesystem (`arrow_filesystem`), not pyarrow's own S3 client, and Ray Data's
+`retried_io_errors` and `write_file_retry_on_errors` match only that client's messages.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ stages = [
     (embed, ["--data", data, "--model", root + "/run/model", "--out", root + "/latents",
              "--batch-size", "40", "--rows-per-file", "40", "--actors", "1"]),
     (neighbours, ["--latents", root + "/latents", "--out", root + "/neighbours", "--k", "3",
-                  "--calibration-images", "20"]),
+                  "--model", root + "/run/model", "--data", data, "--calibration-images", "20"]),
     (decode, ["--latents", root + "/latents", "--model", root + "/run/model", "--out", root + "/decoded",
               "--rows-per-file", "40", "--actors", "1"]),
     (report, ["--latents", root + "/latents", "--out", root + "/report", "--model", root + "/run/model",
@@ -93,9 +93,9 @@ def _tail(done: subprocess.CompletedProcess) -> str:
     return done.stdout[-3000:] + done.stderr[-3000:]
 
 
-def _last_error(done: subprocess.CompletedProcess) -> str:
+def _first_error(done: subprocess.CompletedProcess) -> str:
     lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    return lines[-1] if lines else ""
+    return lines[0] if lines else ""
 
 
 # --- storage faults through the proxy --------------------------------------------------------
@@ -152,7 +152,7 @@ def failing_for_good(bucket: str, upstream: str, workdir: Path, n: int = 200) ->
     with FaultProxy(upstream, fail_for_good=lambda method, path: method == "PUT" and path.startswith(prefix)
                     and path.endswith(".parquet")) as proxy:
         failed = run(embed_command(data, model, out), job_env(proxy.url))
-    after_failure = {"exit": failed.returncode, "error": _last_error(failed), "traceback": "Traceback" in failed.stderr,
+    after_failure = {"exit": failed.returncode, "error": _first_error(failed), "traceback": "Traceback" in failed.stderr,
                      "rows": rows_written(out), "finished": storage.exists(f"{out}/_SUCCESS.json")}
     done = run(embed_command(data, model, out), job_env())
     assert done.returncode == 0, _tail(done)
@@ -172,7 +172,7 @@ def disk_full(disk: Path, workdir: Path, n: int = 1000, room: int = 64 * 1024) -
     stat = os.statvfs(disk)
     ballast.write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - room))
     full = run(embed_command(data, model, str(out)), job_env())
-    after_failure = {"exit": full.returncode, "error": _last_error(full), "traceback": "Traceback" in full.stderr,
+    after_failure = {"exit": full.returncode, "error": _first_error(full), "traceback": "Traceback" in full.stderr,
                      "finished": (out / "_SUCCESS.json").exists()}
     ballast.unlink()
     done = run(embed_command(data, model, str(out)), job_env())
