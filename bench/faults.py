@@ -58,18 +58,26 @@ def _tmpfs(where: Path) -> Path:
     return where
 
 
+def _attempt(name: str, scenario, *args) -> list[dict]:
+    """The scenario's records, or one record saying how it failed (the table shows it)."""
+    try:
+        found = scenario(*args)
+    except Exception as e:  # noqa: BLE001 - recorded with its cause, and the table says FAILED
+        return [{"fault": name, "stage": "?", "failed": f"{type(e).__name__}: {str(e)[-2000:]}"}]
+    return found if isinstance(found, list) else [found]
+
+
 def run_all(work: Path) -> list[dict]:
-    rows: list[dict] = []
-    rows += scenarios.storm_through_every_stage(_bucket(), S3)
-    rows.append(scenarios.killed_in_a_storm(_bucket(), S3, work / "killed"))
-    rows.append(scenarios.failing_for_good(_bucket(), S3, work / "for-good"))
+    rows = _attempt("S3 storm", scenarios.storm_through_every_stage, _bucket(), S3)
+    rows += _attempt("S3 storm, then SIGKILL", scenarios.killed_in_a_storm, _bucket(), S3, work / "killed")
+    rows += _attempt("S3 PUT failing for good", scenarios.failing_for_good, _bucket(), S3, work / "for-good")
     disk = _tmpfs(work / "small-disk")
     try:
-        rows.append(scenarios.disk_full(disk, work / "disk-full"))
+        rows += _attempt("disk full", scenarios.disk_full, disk, work / "disk-full")
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=True)
-    rows.append(scenarios.node_dies_mid_embed(work / "node-embed"))
-    rows.append(scenarios.node_dies_mid_training(work / "node-train"))
+    rows += _attempt("node removed (embed)", scenarios.node_dies_mid_embed, work / "node-embed")
+    rows += _attempt("node removed (train)", scenarios.node_dies_mid_training, work / "node-train")
     return rows
 
 
@@ -83,8 +91,9 @@ def markdown(rows: list[dict]) -> str:
         return f"epochs {row['epochs']}" if "epochs" in row else f"{row['rows_in'] - row['rows_seen']} unseen"
 
     return table(["fault", "stage", "rows in", "rows out", "reruns", "finished", "nothing lost"],
-                 [[r["fault"], r["stage"], r["rows_in"], out(r), r["reruns"], "yes" if r["finished"] else "NO",
-                   lost(r)] for r in rows])
+                 [[r["fault"], r["stage"], "", "", "", "FAILED", r["failed"].splitlines()[0][:120]] if "failed" in r
+                  else [r["fault"], r["stage"], r["rows_in"], out(r), r["reruns"], "yes" if r["finished"] else "NO",
+                        lost(r)] for r in rows])
 
 
 def main() -> None:
