@@ -108,12 +108,12 @@ def storage_failure(error: BaseException) -> str | None:
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, StorageFailed):
-            return str(error)
         text = str(error)
-        found = _FAILED_LINE.search(text)
+        found = _FAILED_LINE.search(text)  # Ray's re-raised error is one too, its text a traceback
         if found:
             return found.group(0)
+        if isinstance(error, StorageFailed):
+            return text
         if getattr(error, "errno", None) in _DISK_FULL or any(mark in text for mark in _DISK_FULL_TEXT):
             where = f" writing {error.filename}" if getattr(error, "filename", None) else ""
             return (f"no space left on the device{where}: free some space and run the same command again "
@@ -158,6 +158,9 @@ def join(url: str, *parts: str) -> str:
 
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
+    # Asked afresh, as a listing is: s3fs would answer from a listing of the parent cached
+    # earlier in this process, before another process (a job, a Ray worker) wrote the file.
+    fs.invalidate_cache(path)
     return fs.exists(path)
 
 

@@ -47,7 +47,7 @@ stages = [
     (decode, ["--latents", root + "/latents", "--model", root + "/run/model", "--out", root + "/decoded",
               "--rows-per-file", "40", "--actors", "1"]),
     (report, ["--latents", root + "/latents", "--out", root + "/report", "--model", root + "/run/model",
-              "--top-k", "100000", "--typical-k", "0", "--threshold", "contamination:0.05"]),
+              "--top-k", "1000", "--typical-k", "0", "--threshold", "contamination:0.05"]),
 ]
 for stage, argv in stages:
     status = stage.main(argv)
