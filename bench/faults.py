@@ -1,6 +1,7 @@
 """Faults survived: every fault scenario of the test suite, run once more and recorded.
 
-    python bench/faults.py            # about 10 minutes on 2 cores; needs root for the tmpfs
+    python bench/faults.py            # every scenario; needs root for the tmpfs
+    python bench/faults.py --only for-good,disk-full,node-embed
 
 Runs the scenarios of tests/fault_scenarios.py (the ones tests/test_faults.py and
 tests/test_node_faults.py assert on) against a real S3 API (moto's server on 127.0.0.1) behind
@@ -58,26 +59,39 @@ def _tmpfs(where: Path) -> Path:
     return where
 
 
-def _attempt(name: str, scenario, *args) -> list[dict]:
+def _attempt(name: str, scenario, work: Path) -> list[dict]:
     """The scenario's records, or one record saying how it failed (the table shows it)."""
     try:
-        found = scenario(*args)
+        found = scenario(work)
     except Exception as e:  # noqa: BLE001 - recorded with its cause, and the table says FAILED
         return [{"fault": name, "stage": "?", "failed": f"{type(e).__name__}: {str(e)[-2000:]}"}]
     return found if isinstance(found, list) else [found]
 
 
-def run_all(work: Path) -> list[dict]:
-    rows = _attempt("S3 storm", scenarios.storm_through_every_stage, _bucket(), S3)
-    rows += _attempt("S3 storm, then SIGKILL", scenarios.killed_in_a_storm, _bucket(), S3, work / "killed")
-    rows += _attempt("S3 PUT failing for good", scenarios.failing_for_good, _bucket(), S3, work / "for-good")
+def _disk_full(work: Path) -> dict:
     disk = _tmpfs(work / "small-disk")
     try:
-        rows += _attempt("disk full", scenarios.disk_full, disk, work / "disk-full")
+        return scenarios.disk_full(disk, work)
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=True)
-    rows += _attempt("node removed (embed)", scenarios.node_dies_mid_embed, work / "node-embed")
-    rows += _attempt("node removed (train)", scenarios.node_dies_mid_training, work / "node-train")
+
+
+SCENARIOS = {  # name: (what the table calls it, how to run it in a fresh folder)
+    "storm": ("S3 storm", lambda work: scenarios.storm_through_every_stage(_bucket(), S3)),
+    "killed": ("S3 storm, then SIGKILL", lambda work: scenarios.killed_in_a_storm(_bucket(), S3, work)),
+    "for-good": ("S3 PUT failing for good", lambda work: scenarios.failing_for_good(_bucket(), S3, work)),
+    "disk-full": ("disk full", _disk_full),
+    "node-embed": ("node removed (embed)", scenarios.node_dies_mid_embed),
+    "node-train": ("node removed (train)", scenarios.node_dies_mid_training),
+}
+
+
+def run_all(work: Path, names: list[str]) -> list[dict]:
+    rows: list[dict] = []
+    for name in names:
+        title, scenario = SCENARIOS[name]
+        (work / name).mkdir()
+        rows += _attempt(title, scenario, work / name)
     return rows
 
 
@@ -99,7 +113,12 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(REPO / "docs" / "bench-results" / "faults.json"), help="raw results")
+    p.add_argument("--only", default=",".join(SCENARIOS), help="scenarios to run, comma-separated (default: all)")
     args = p.parse_args()
+    names = [n for n in args.only.split(",") if n]
+    unknown = set(names) - set(SCENARIOS)
+    if unknown:
+        p.error(f"unknown scenarios {sorted(unknown)}; known: {', '.join(SCENARIOS)}")
     from moto.server import ThreadedMotoServer
 
     port = int(S3.rsplit(":", 1)[1])
@@ -108,11 +127,11 @@ def main() -> None:
     started = time.time()
     try:
         with tempfile.TemporaryDirectory(prefix="bench-faults-") as work:
-            rows = run_all(Path(work))
+            rows = run_all(Path(work), names)
     finally:
         server.stop()
     result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - started),
-              "storm": Storm().to_dict(), "s3_attempts": __import__("pipeline.storage").storage.S3_ATTEMPTS,
+              "scenarios": names, "storm": Storm().to_dict(), "s3_attempts": __import__("pipeline.storage").storage.S3_ATTEMPTS,
               "records": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
