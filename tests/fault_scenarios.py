@@ -257,7 +257,10 @@ def node_dies_mid_training(workdir: Path, n: int = 200, epochs: int = 3) -> dict
 
     data, out = str(workdir / "shards"), workdir / "run"
     write_synthetic_corpus(data, n=n, image_size=32, rows_per_shard=50)
+    # One CPU per worker, named: sized from the cluster, a worker would ask for 3 of its 4 CPUs,
+    # more than any of its 2-CPU nodes has, and wait for ever (see the report of issue 26).
     cfg = TrainConfig(data_url=data, out_url=str(out), workers=1, epochs=epochs, batch_size=16, val_fraction=0.2,
+                      cpus_per_worker=1.0,
                       model=AutoencoderConfig(image_size=32, latent_dim=16, base_width=8))
     snapshot = out / "checkpoints" / "checkpoint_manager_snapshot.json"
     reruns, first_error, removed = _run_while_a_node_dies(
