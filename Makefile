@@ -23,7 +23,7 @@ test: venv
 
 # Everything that needs no Ray cluster or external service: seconds, for iteration.
 test-fast: venv
-	$(PY) -m pytest -m "not ray and not slow"
+	$(PY) -m pytest -m "not ray and not slow and not faults"
 
 demo: venv
 	$(VENV)/bin/squeeze demo --out demo-output

@@ -17,7 +17,8 @@ frozen config) and `main(argv)`, which is `run_job(...)`:
    of `RAY_ADDRESS` / `ray job submit`, or reuses one this process already has), with Ray's
    INFO chatter kept off the console unless `--verbose` (`pipeline.console`);
 5. `run(prepared)`, and print its summary as one JSON line; a `JobFailed` (the job ran but
-   broke a promise, e.g. rows in != rows out) prints the summary and `error: ...`, exit 1.
+   broke a promise, e.g. rows in != rows out) prints the summary and `error: ...`, exit 1;
+   so does storage that failed: a request on every attempt, or a full disk (`storage.storage_failure`).
 
 Anything else that escapes is a bug in this project and keeps its traceback.
 """
@@ -31,6 +32,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pipeline import storage
 from pipeline.console import filtered_stderr, verbose_requested
 from pipeline.errors import InputError, JobFailed
 from pipeline.lease import run_prepared
@@ -133,5 +135,14 @@ def _run(name: str, argv: Sequence[str] | None, parse_args: Callable[[Sequence[s
             print(json.dumps(as_dict(e.summary), default=str), flush=True)
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_FAILED
+    except Exception as e:
+        # Storage that failed (a request on every attempt, naming its URL; a full disk), here or
+        # in a Ray worker: the job failed as JobFailed does; anything else is a bug.
+        failed = storage.storage_failure(e)
+        if failed is None:
+            raise
+        print(f"error: {failed}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
     print(json.dumps(as_dict(summary), default=str), flush=True)
     return EXIT_OK
+

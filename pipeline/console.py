@@ -55,12 +55,18 @@ KNOWN_HARMLESS = tuple(re.compile(p) for p in (
     # Ray Train's autoscaling request timing out on a busy machine; Ray's own text calls it
     # "safe to ignore" (it is retried), and its traceback follows it.
     r"Failed to send resource request for train-",
+    # Ray Data reporting, with its traceback, the error a task raised before it re-raises that
+    # error in the job: the job runner then names it (`error: ...`, a full disk, a storage
+    # request that failed for good) or prints its traceback (a bug). The log files keep both.
+    r"An exception was raised from a task of operator",
+    r"Exception occurred in Ray Data or Ray Core internal code", r"ERROR exceptions\.py:\d+ -- Full stack trace:",
 ))
 # Ray's housekeeping actors whose output is about themselves, never about the job: Ray
 # Train's placement-group cleaner logs tracebacks when the state API cannot pick one of
 # several local clusters, and goes on.
 QUIET_ACTORS = ("PlacementGroupCleaner",)
-_TRACEBACK_LINE = re.compile(r"^(Traceback \(most recent call last\):|\s|[\w.]+(Error|Exception|Exit)\b)")
+_TRACEBACK_LINE = re.compile(r"^(Traceback \(most recent call last\):|\s|$|During handling of the above exception"
+                             r"|The above exception was the direct cause|[\w.]*(Error|Exception|Exit|StopIteration)\b)")
 _VERBOSE_ENV = ("RAY_LOGGING_LEVEL", "RAY_BACKEND_LOG_LEVEL", "RAY_DATA_LOGGING_CONFIG")
 _RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune")
 

@@ -199,7 +199,17 @@ class Lease:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.release()
+        """Let the folder go. Storage that fails here (the disk that just filled up) leaves the
+        record unreleased, which the next job takes for a dead holder's: said in a warning, so
+        the job's own error stays the last word."""
+        try:
+            self.release()
+        except Exception as e:
+            failed = storage.storage_failure(e)
+            if failed is None:
+                raise
+            print(f"warning: the output folder was not marked free ({failed}); the next job takes it once this one "
+                  f"has ended (from another host: once its heartbeat is stale)", file=sys.stderr, flush=True)
 
 
 Config = TypeVar("Config")

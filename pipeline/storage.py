@@ -8,13 +8,26 @@ workers that unpickle it reach the same server.
 
 Writes are atomic: `atomic_write` writes a temporary sibling and renames (local) or uploads
 in one PUT (object stores), so a reader never sees a half-written file under its final name.
+
+Object-store faults (503 SlowDown, 500 InternalError, reset connections, timeouts) are retried
+by botocore, configured here rather than by a loop of our own: `S3_ATTEMPTS` attempts per
+request at most, each failed one logged with its URL (logger `pipeline.storage`). A request
+that still fails raises `StorageFailed` naming the URL; the job runner ends the job with it,
+as it does on a full disk (`storage_failure`). The other layers add no retries of their own
+on top: s3fs retries throttling and connection errors again after botocore gives up, but
+`StorageFailed` is not among the errors it retries; pyarrow and Ray (Data and Train) reach S3
+through this s3fs filesystem (`arrow_filesystem`), not pyarrow's own S3 client, and Ray Data's
+`retried_io_errors` and `write_file_retry_on_errors` match only that client's messages.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 import posixpath
+import re
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -28,12 +41,94 @@ from pipeline.errors import InputError
 PARQUET_SUFFIX = ".parquet"
 TAR_SUFFIX = ".tar"
 
+log = logging.getLogger(__name__)
+
+# Attempts per S3 request (the first and its retries). botocore's "legacy" mode, not
+# "standard": standard stops retrying once its retry quota (a token bucket shared by the
+# client) runs dry, which a storm of throttling on a busy job empties. Legacy backs off
+# 2^n x a random second: at most about 15 s of waiting in all before a request fails for good.
+S3_ATTEMPTS = 5
+
+
+class _S3Config(dict):
+    """botocore `Config` arguments for s3fs (`config_kwargs`). A class of this module, not a
+    plain dict, so that a Ray worker unpickling an s3fs filesystem imports this module, and
+    with it the retry hook below, before the filesystem makes its first session."""
+
+
+S3_CONFIG = _S3Config(retries={"mode": "legacy", "total_max_attempts": S3_ATTEMPTS})
+
+
+class StorageFailed(OSError):
+    """A storage request that failed on every attempt; the message names its URL."""
+
+
+_FAILED_LINE = re.compile(r"storage request failed after \d+ attempts: .*")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
+
+
+def _note_failed_attempt(attempts: int, request_dict: dict, response=None, caught_exception=None,
+                         **_: Any) -> None:
+    """botocore's `needs-retry` event for every S3 request: log a failed attempt with its URL,
+    and raise `StorageFailed` once the last attempt failed too (the retry handler that runs
+    beside this one decides the retry itself; errors a caller handles, 4xx, pass by)."""
+    if caught_exception is not None:
+        cause = f"{type(caught_exception).__name__}: {caught_exception}"
+    else:
+        status = (response[0].status_code if response else 0) or 0
+        if status < 500:
+            return
+        error = (response[1] or {}).get("Error", {}) if len(response) > 1 else {}
+        cause = f"{status} {error.get('Code', '')} {error.get('Message', '')}".strip()
+    where = f"{request_dict.get('method', '?')} {request_dict.get('url', '?')}"
+    if attempts >= S3_ATTEMPTS:
+        raise StorageFailed(f"storage request failed after {attempts} attempts: {where}: {cause}")
+    log.warning("storage request failed (attempt %d of %d, retrying): %s: %s", attempts, S3_ATTEMPTS, where, cause)
+
+
+def _hook_s3_retries() -> None:
+    # Every botocore session registers the built-in handlers when it is made, in this process
+    # or a Ray worker that imports this module: s3fs's sessions included, with no session of ours.
+    from botocore import handlers
+
+    spec = ("needs-retry.s3", _note_failed_attempt, handlers.REGISTER_LAST)
+    if spec not in handlers.BUILTIN_HANDLERS:
+        handlers.BUILTIN_HANDLERS.append(spec)
+
+
+_hook_s3_retries()
+
+
+def storage_failure(error: BaseException) -> str | None:
+    """What a user needs to know when `error` is the storage failing, not the project: a
+    request that failed on every attempt (`StorageFailed`, naming its URL) or a full disk; else
+    None. Looks through the chain of causes, and through Ray's wrapping of an error raised in a
+    task or worker, which may keep only its text."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = str(error)
+        found = _FAILED_LINE.search(text)  # Ray's re-raised error is one too, its text a traceback
+        if found:
+            return found.group(0)
+        if isinstance(error, StorageFailed):
+            return text
+        if getattr(error, "errno", None) in _DISK_FULL or any(mark in text for mark in _DISK_FULL_TEXT):
+            where = f" writing {error.filename}" if getattr(error, "filename", None) else ""
+            return (f"no space left on the device{where}: free some space and run the same command again "
+                    f"(what was finished is kept; nothing is published as finished before all of it is)")
+        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
+    return None
+
 
 def _storage_options(url: str) -> dict:
     if url.startswith(("s3://", "s3a://")):
+        options = {"config_kwargs": S3_CONFIG}
         endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL")
         if endpoint:
-            return {"endpoint_url": endpoint}
+            options["endpoint_url"] = endpoint
+        return options
     return {}
 
 
@@ -63,6 +158,9 @@ def join(url: str, *parts: str) -> str:
 
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
+    # Asked afresh, as a listing is: s3fs would answer from a listing of the parent cached
+    # earlier in this process, before another process (a job, a Ray worker) wrote the file.
+    fs.invalidate_cache(path)
     return fs.exists(path)
 
 

@@ -133,11 +133,12 @@ def rows_written(out, prefix: str = "") -> int:
     from pipeline import storage
 
     rows = 0
+    fs, _ = storage.arrow_filesystem(str(out))  # an s3:// folder too, at the project's endpoint
     for f in storage.list_files(str(out)):
         if not posixpath.basename(f).startswith(prefix):
             continue
         try:
-            rows += pq.read_metadata(f).num_rows
+            rows += pq.read_metadata(storage.filesystem(f)[1], filesystem=fs).num_rows
         except (OSError, pa.ArrowInvalid):
             pass
     return rows
