@@ -9,7 +9,7 @@ Thresholds are given as specs (`parse_threshold`):
 - `value:X`: a fixed score.
 `resolve_threshold` turns a spec into the number a score is compared with (flag: score > value).
 
-NumPy only (scikit-learn for the mixture fit): the report imports it in its scan tasks, which
+NumPy only (scikit-learn for the mixture fit, SciPy for the tolerance factor): the report imports it in its scan tasks, which
 never load torch. The scores themselves are computed in `pipeline.scoring`.
 """
 
@@ -38,24 +38,59 @@ STREAMING_POLICIES = ("quantile", "value")
 # the training corpus. A real corpus holds anomalies (a few percent, unlabelled), so the
 # held-out split does too, and its plain 99th percentile sits among them. The calibration
 # therefore estimates the normal bulk alone, on the log of the score (errors are positive
-# and spread multiplicatively): one Gaussian, or two when the Bayesian information criterion
-# prefers them (the lower, heavier one is the normal bulk; the upper one the anomalies).
-# On a clean split BIC keeps one Gaussian, so the threshold stays where the plain fit puts it;
-# a mixture alone would split a clean bulk in two. `quantile:Q` is the Q-quantile of the bulk,
-# and the upper component's weight is the estimated contamination. (Other robust fits were
-# tried against it: an unrecorded note, no script.)
+# and spread multiplicatively):
+# - with MIXTURE_MIN or more values, one Gaussian, or two when the Bayesian information
+#   criterion prefers them (the lower, heavier one is the normal bulk; the upper one the
+#   anomalies). On a clean split BIC keeps one Gaussian; a mixture alone would split a clean
+#   bulk in two.
+# - with fewer, a mixture's split is mostly noise (bench/small_splits.py: too many normal
+#   images flagged on many small splits), so the bulk is what survives upper-tail clipping: start from the median and 1.4826 MAD, drop values more than CLIP_SIGMAS
+#   above the bulk's mean, refit mean and standard deviation, repeat until nothing changes.
+#   Anomalies are high scores, so only the upper tail is clipped.
+# The share of the split outside the bulk is the estimated contamination.
+#
+# `quantile:Q` is not the bulk's fitted Q-quantile itself but an upper confidence bound on it
+# (CONFIDENCE, from the bulk's size): a threshold fitted on 20 images is uncertain, and an
+# uncertain threshold that lands low flags many normal images while one that lands high only
+# misses a few anomalies. The bound is the one-sided normal tolerance factor (the noncentral t
+# quantile): it shrinks towards the plain quantile as the split grows (2.48 sigmas for the
+# 0.99-quantile of 250 values, against 2.33; 3.05 for 20 values).
 #
 # Scores are fused on a common scale: each one's robust z, (log score - median) / (1.4826 MAD)
-# of its held-out values, which anomalies in the split barely move.
+# of its held-out values, which anomalies in the split barely move. A collapsed spread (every
+# held-out value equal) falls back to the standard deviation, then to a floor of SPREAD_FLOOR
+# on the log scale, so that a z stays finite and a tiny change is not read as a huge one.
 
 MAX_CONTAMINATION = 0.5  # a mixture whose upper component weighs more is not "normal bulk + anomalies"
+MIXTURE_MIN = 200
+LEAVE_ONE_OUT_MAX = 1000  # held-out values up to which the fused calibration leaves each one out
+CLIP_SIGMAS = 3.5
+CONFIDENCE = 0.9  # of the upper bound that `quantile:Q` thresholds take
+SPREAD_FLOOR = 1e-3  # of a log score: a 0.1% change; of a z-scale score, a thousandth of a sigma
 _BULK = statistics.NormalDist()
 _MAD_TO_SD = 1.4826
 
 
+def _clipped_bulk(values: np.ndarray) -> tuple[float, float, float]:
+    """(location, scale, contamination) of what survives iterative upper-tail clipping."""
+    location = float(np.median(values))
+    scale = _MAD_TO_SD * float(np.median(np.abs(values - location))) or float(values.std())
+    kept = np.ones(values.size, dtype=bool)
+    for _ in range(50):
+        inside = values <= location + CLIP_SIGMAS * max(scale, 1e-12)
+        if inside.sum() < 3:
+            break
+        location, scale = float(values[inside].mean()), float(values[inside].std(ddof=1))
+        if np.array_equal(inside, kept):
+            break
+        kept = inside
+    return location, scale, 1.0 - float(kept.mean())
+
+
 def fit_normal_bulk(values: np.ndarray) -> tuple[float, float, float]:
-    """(location, scale, contamination) of the Gaussian bulk of `values`: one Gaussian, or the
-    lower of two when BIC prefers two and the upper one weighs at most MAX_CONTAMINATION."""
+    """(location, scale, contamination) of the Gaussian bulk of `values`: with MIXTURE_MIN or more
+    values, one Gaussian, or the lower of two when BIC prefers two and the upper one weighs at
+    most MAX_CONTAMINATION; with fewer, the upper-tail-clipped bulk."""
     from sklearn.mixture import GaussianMixture
 
     values = np.asarray(values, dtype=np.float64)
@@ -63,8 +98,10 @@ def fit_normal_bulk(values: np.ndarray) -> tuple[float, float, float]:
     if values.size < 3:
         raise InputError(f"a calibration needs at least 3 held-out values, got {values.size}")
     location, scale = float(values.mean()), float(values.std())
-    if values.size < 20 or scale <= 1e-12:  # too few for a mixture to be told from noise
-        return location, max(scale, 1e-12), 0.0
+    if scale <= 1e-12:  # every value the same
+        return location, 1e-12, 0.0
+    if values.size < MIXTURE_MIN:
+        return _clipped_bulk(values)
     column = values[:, None]
     one = GaussianMixture(1, random_state=0).fit(column)
     two = GaussianMixture(2, n_init=3, random_state=0).fit(column)
@@ -75,6 +112,24 @@ def fit_normal_bulk(values: np.ndarray) -> tuple[float, float, float]:
     if weights[tail] > MAX_CONTAMINATION:
         return location, scale, 0.0
     return float(means[bulk]), max(float(sds[bulk]), 1e-12), float(weights[tail])
+
+
+def tolerance_factor(n: int, q: float, confidence: float = CONFIDENCE) -> float:
+    """k such that mean + k * sd of n Gaussian values lies above the q-quantile with probability
+    `confidence` (the one-sided normal tolerance factor)."""
+    from scipy.stats import nct
+
+    n = max(int(n), 3)
+    z = _BULK.inv_cdf(q)
+    return float(nct.ppf(confidence, df=n - 1, nc=z * math.sqrt(n)) / math.sqrt(n))
+
+
+def robust_spread(values: np.ndarray, centre: float) -> float:
+    """1.4826 MAD about `centre`; the standard deviation when that collapses; never below SPREAD_FLOOR."""
+    spread = _MAD_TO_SD * float(np.median(np.abs(values - centre)))
+    if spread <= SPREAD_FLOOR:
+        spread = float(values.std())
+    return max(spread, SPREAD_FLOOR)
 
 
 @dataclass(frozen=True)
@@ -99,17 +154,32 @@ class ScoreCalibration:
         fitted = np.log(np.maximum(values, 1e-12)) if log else values
         location, scale, contamination = fit_normal_bulk(fitted)
         median = float(np.median(fitted))
-        spread = _MAD_TO_SD * float(np.median(np.abs(fitted - median)))
         grid = np.quantile(values, np.linspace(0.0, 1.0, CALIBRATION_GRID + 1))
         return cls(int(values.size), log, location, scale, contamination, median,
-                   spread if spread > 1e-12 else scale, tuple(float(v) for v in grid))
+                   robust_spread(fitted, median), tuple(float(v) for v in grid))
 
-    def quantile(self, q: float) -> float:
-        """The q-quantile of the normal bulk, in the score's own units."""
+    @property
+    def bulk_count(self) -> int:
+        """Held-out values the normal bulk was fitted on."""
+        return max(3, round(self.count * (1.0 - self.contamination)))
+
+    def _check(self, q: float) -> None:
         if not 0.0 < q < 1.0:
             raise InputError(f"quantile must be in (0, 1), got {q}")
-        value = self.location + _BULK.inv_cdf(q) * self.scale
+
+    def _units(self, value: float) -> float:
         return math.exp(value) if self.log else value
+
+    def estimate(self, q: float) -> float:
+        """The normal bulk's fitted q-quantile (the point estimate), in the score's own units."""
+        self._check(q)
+        return self._units(self.location + _BULK.inv_cdf(q) * self.scale)
+
+    def quantile(self, q: float, confidence: float = CONFIDENCE) -> float:
+        """The upper `confidence` bound on the normal bulk's q-quantile, in the score's own units:
+        what `quantile:Q` thresholds take."""
+        self._check(q)
+        return self._units(self.location + tolerance_factor(self.bulk_count, q, confidence) * self.scale)
 
     def standardise(self, values: np.ndarray) -> np.ndarray:
         """Each value's robust z: how many spreads above the held-out median it is."""
@@ -153,6 +223,28 @@ class Calibration:
         score says)."""
         return np.max(np.stack([self.get(name).standardise(values[name]) for name in self.fused_from]), axis=0)
 
+    def fuse_held_out(self, held_out: dict[str, np.ndarray]) -> np.ndarray:
+        """The fused score of each held-out image as an unseen image would get it: its parts
+        standardised by the median and spread of the other held-out values (leave one out). The
+        plain in-sample fuse reads a small split as tighter than it is, and its threshold too low.
+        Above LEAVE_ONE_OUT_MAX values the difference is negligible and the plain fuse is used."""
+        first = np.asarray(held_out[self.fused_from[0]])
+        if first.size > LEAVE_ONE_OUT_MAX:
+            return self.fuse(held_out)
+        parts = []
+        for name in self.fused_from:
+            calibration = self.get(name)
+            values = np.asarray(held_out[name], dtype=np.float64)
+            fitted = np.log(np.maximum(values, 1e-12)) if calibration.log else values
+            others = ~np.eye(fitted.size, dtype=bool)
+            z = np.empty(fitted.size)
+            for i in range(fitted.size):
+                rest = fitted[others[i]]
+                centre = float(np.median(rest))
+                z[i] = (fitted[i] - centre) / robust_spread(rest, centre)
+            parts.append(z)
+        return np.max(np.stack(parts), axis=0)
+
     def to_dict(self) -> dict[str, Any]:
         return {"format": 2, "default_score": self.default_score, "fused_from": list(self.fused_from),
                 "scores": {name: c.to_dict() for name, c in self.scores.items()},
@@ -175,7 +267,7 @@ def calibrate(held_out: dict[str, np.ndarray], default_score: str, fused_from: S
               for name, values in held_out.items()}
     partial = Calibration(scores, default_score if default_score in scores else "mse", tuple(fused_from))
     if fused_from:
-        scores["fused"] = ScoreCalibration.fit(partial.fuse(held_out), log=False)
+        scores["fused"] = ScoreCalibration.fit(partial.fuse_held_out(held_out), log=False)
     return Calibration(scores, default_score, tuple(fused_from))
 
 
