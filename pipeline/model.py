@@ -31,6 +31,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 ARCHITECTURES = ("fire", "plain")
 BlockFactory = Callable[[int, int], nn.Module]  # (in_channels, out_channels) -> block
+# The down stages whose maps local scores read: mid-level, as PatchCore takes ResNet's layers 2
+# and 3 (local enough to place a defect, deep enough to describe texture rather than pixels).
+FEATURE_STAGES = (2, 3)
 
 
 @dataclass(frozen=True)
@@ -203,11 +206,18 @@ class _Autoencoder(nn.Module):
             nn.Sigmoid(),
         )
 
-    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, C, S, S) in [0, 1] -> (z (B, latent_dim), stem output (B, base, S/2, S/2))."""
+    def _encode(self, x: torch.Tensor, keep: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """(B, C, S, S) in [0, 1] -> (z (B, latent_dim), stem output (B, base, S/2, S/2), the
+        outputs of the down stages numbered in `keep` (1: (B, w1, S/2, S/2), 2: (B, w2, S/4, S/4),
+        3: (B, w3, S/8, S/8)), before their pooling)."""
         stem = self.stem(torch.addcmul(-self.mean / self.std, x, 1.0 / self.std))  # (B, base, S/2, S/2)
-        h = self.to_bottleneck(self.down(stem))  # (B, bottleneck, S/16, S/16)
-        return self.to_latent(h.flatten(1)), stem  # (B, latent_dim)
+        h, kept = stem, []
+        for index, layer in enumerate(self.down):
+            h = layer(h)
+            if index % 2 == 0 and index // 2 + 1 in keep:  # a block, not a pooling
+                kept.append(h)
+        h = self.to_bottleneck(h)  # (B, bottleneck, S/16, S/16)
+        return self.to_latent(h.flatten(1)), stem, kept  # (B, latent_dim)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, S, S) in [0, 1] -> (B, latent_dim)."""
@@ -220,13 +230,18 @@ class _Autoencoder(nn.Module):
         h = self.up(self.from_bottleneck(h))  # (B, base, S/2, S/2)
         return self.head(h)  # (B, C, S, S)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        z, stem = self._encode(x)
+    def forward(self, x: torch.Tensor, features: bool = False) -> dict[str, torch.Tensor]:
+        """{"z", "x_hat", "stem_stats"}; with `features`, also "features": the second and third
+        down stages' maps [(B, w2, S/4, S/4), (B, w3, S/8, S/8)], what local (patch) scores compare."""
+        z, stem, kept = self._encode(x, FEATURE_STAGES if features else ())
         flat = stem.flatten(2)  # (B, base, S*S/4)
         mean = flat.mean(dim=2)
         # E[h^2] - E[h]^2 rather than torch.std: one pass, and several times faster on CPU.
         std = (flat.pow(2).mean(dim=2) - mean * mean).clamp_min(0).sqrt()
-        return {"z": z, "x_hat": self.decode(z), "stem_stats": torch.cat([mean, std], dim=1)}
+        out = {"z": z, "x_hat": self.decode(z), "stem_stats": torch.cat([mean, std], dim=1)}
+        if features:
+            out["features"] = kept
+        return out
 
 
 class FireAutoencoder(_Autoencoder):

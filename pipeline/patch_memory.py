@@ -1,0 +1,158 @@
+"""Local feature memory: what normal looks like, patch by patch (PatchCore's idea, our own encoder).
+
+A reconstruction error says how badly the autoencoder redraws a place; it cannot say that a
+place it redraws well is unlike anything in the training images. A memory of the training
+images' local features can: every location of an image is described by the trained encoder's
+mid-level maps (`model(x, features=True)["features"]`, the second and third down stages), each
+averaged over its 3 x 3 neighbourhood so a description covers a small patch rather than a
+pixel, the coarser map upsampled onto the finer one, and the concatenation projected to
+`dim` numbers by a fixed random matrix (distances survive a random projection, and the
+memory and its search shrink with it).
+
+The memory bank holds such descriptions from training images, subsampled: a greedy coreset
+(each pick the candidate farthest from everything picked so far, so rare-but-normal patches
+are kept and the common ones are not kept many times over) or a uniform random sample.
+At scoring time each location's distance to its nearest bank entry is its anomaly value:
+a (B, h, w) map at a quarter of the model's input resolution, which the scores pool (and
+tiles assemble) like every other map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save as save_safetensors
+
+PATCH_DIM = 64  # numbers per patch description after the random projection
+SELECTION_DIM = 32  # the coreset's distances are taken after a further projection to this many
+SAMPLERS = ("coreset", "random")
+
+
+def patch_descriptions(features: list[torch.Tensor]) -> torch.Tensor:
+    """The encoder's stage maps [(B, C1, h, w), (B, C2, h/2, w/2), ...] -> (B, C1 + C2 + ..., h, w):
+    each averaged over 3 x 3 neighbours and brought to the finest map's resolution."""
+    size = features[0].shape[-2:]
+    parts = []
+    for stage in features:
+        smooth = torch.nn.functional.avg_pool2d(stage.float(), 3, stride=1, padding=1, count_include_pad=False)
+        if smooth.shape[-2:] != size:
+            smooth = torch.nn.functional.interpolate(smooth, size=size, mode="bilinear", align_corners=False)
+        parts.append(smooth)
+    return torch.cat(parts, dim=1)
+
+
+def random_projection(channels: int, dim: int = PATCH_DIM, seed: int = 0) -> np.ndarray:
+    """(channels, dim) Gaussian matrix scaled by 1 / sqrt(dim): distances kept in expectation."""
+    generator = np.random.default_rng(seed)
+    return (generator.standard_normal((channels, dim)) / np.sqrt(dim)).astype(np.float32)
+
+
+def project(descriptions: torch.Tensor, projection: np.ndarray) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h, w, dim): every location's description in the bank's space."""
+    matrix = torch.from_numpy(projection).to(descriptions.device)
+    return descriptions.permute(0, 2, 3, 1) @ matrix
+
+
+def greedy_coreset(candidates: np.ndarray, size: int, seed: int = 0, selection_dim: int = SELECTION_DIM) -> np.ndarray:
+    """Indices of `size` rows of `candidates` (N, D) chosen by greedy k-centre: each pick is the
+    row farthest from all rows picked so far. Distances are taken after a random projection to
+    `selection_dim` (PatchCore's speed-up); the rows kept are the full ones."""
+    n = len(candidates)
+    if size >= n:
+        return np.arange(n)
+    points = torch.from_numpy(candidates.astype(np.float32))
+    if points.shape[1] > selection_dim:
+        points = points @ torch.from_numpy(random_projection(points.shape[1], selection_dim, seed + 1))
+    squares = points.pow(2).sum(dim=1)
+    chosen = np.empty(size, dtype=np.int64)
+    chosen[0] = np.random.default_rng(seed).integers(n)
+    nearest = torch.full((n,), float("inf"))
+    for i in range(size):
+        if i:
+            chosen[i] = int(nearest.argmax())
+        latest = points[chosen[i]]
+        distance = squares - 2 * (points @ latest) + latest.pow(2).sum()  # (N,) squared distances
+        torch.minimum(nearest, distance, out=nearest)
+    return chosen
+
+
+def subsample(candidates: np.ndarray, size: int, sampler: str = "coreset", seed: int = 0) -> np.ndarray:
+    """`size` rows of `candidates` by the named sampler (SAMPLERS)."""
+    if sampler == "coreset":
+        index = greedy_coreset(candidates, size, seed)
+    elif sampler == "random":
+        index = np.random.default_rng(seed).permutation(len(candidates))[:size]
+    else:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    return candidates[np.sort(index)]
+
+
+@dataclass
+class PatchBank:
+    """Training patches in the projected space, and the projection that put them there."""
+
+    patches: np.ndarray  # (N, dim) float32
+    projection: np.ndarray  # (channels, dim) float32
+
+    def __post_init__(self) -> None:
+        self.patches = np.ascontiguousarray(self.patches, dtype=np.float32)
+        self.projection = np.ascontiguousarray(self.projection, dtype=np.float32)
+        if self.patches.ndim != 2 or self.patches.shape[1] != self.projection.shape[1] or not len(self.patches):
+            raise ValueError(f"a patch bank needs (N >= 1, {self.projection.shape[1]}) patches, "
+                             f"got {self.patches.shape}")
+        self._index = None
+
+    @property
+    def channels(self) -> int:
+        return self.projection.shape[0]
+
+    def _search(self):
+        if self._index is None:
+            import faiss
+
+            self._index = faiss.IndexFlatL2(self.patches.shape[1])
+            self._index.add(self.patches)
+        return self._index
+
+    def distance_map(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """The encoder's stage maps -> (B, h, w): every location's Euclidean distance to its
+        nearest bank patch."""
+        located = project(patch_descriptions(features), self.projection)  # (B, h, w, dim)
+        flat = np.ascontiguousarray(located.reshape(-1, located.shape[-1]).cpu().numpy(), dtype=np.float32)
+        squared, _ = self._search().search(flat, 1)
+        distances = torch.from_numpy(np.sqrt(np.maximum(squared[:, 0], 0.0)))
+        return distances.view(located.shape[:3]).to(located.device)
+
+    def to_bytes(self) -> bytes:
+        return save_safetensors({"patches": self.patches, "projection": self.projection})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> PatchBank:
+        tensors = load_safetensors(data)
+        return cls(tensors["patches"], tensors["projection"])
+
+
+def build_patch_bank(feature_batches, size: int, sampler: str = "coreset", dim: int = PATCH_DIM,
+                     candidates_per_batch: int = 4096, max_candidates: int = 200_000, seed: int = 0) -> PatchBank:
+    """A bank of `size` patches from an iterable of the encoder's stage maps (one list per batch
+    of training images): up to `candidates_per_batch` random locations of each batch are
+    candidates (at most `max_candidates` in all), then `sampler` keeps `size` of them."""
+    generator = np.random.default_rng(seed)
+    projection, pool, total = None, [], 0
+    for features in feature_batches:
+        descriptions = patch_descriptions(features)
+        if projection is None:
+            projection = random_projection(descriptions.shape[1], dim, seed)
+        located = project(descriptions, projection).reshape(-1, dim).cpu().numpy()
+        keep = generator.permutation(len(located))[:min(candidates_per_batch, max_candidates - total)]
+        pool.append(located[keep])
+        total += len(keep)
+        if total >= max_candidates:
+            break
+    if projection is None:
+        raise ValueError("no training images to build a patch bank from")
+    return PatchBank(subsample(np.concatenate(pool), size, sampler, seed), projection)
+
