@@ -29,7 +29,8 @@ from pipeline.train import PLACEMENT_STRATEGIES, TrainConfig
 
 D = {f.name: f.default for f in fields(TrainConfig)}
 M = AutoencoderConfig()
-MODEL_FIELDS = ("arch", "image_size", "channels", "latent_dim", "base_width", "squeeze_ratio", "pct_3x3")
+MODEL_FIELDS = ("arch", "image_size", "channels", "latent_dim", "base_width", "squeeze_ratio", "pct_3x3",
+                "defect_head")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--base-width", type=int, default=M.base_width, help="channels after the stem")
     model.add_argument("--squeeze-ratio", type=float, default=M.squeeze_ratio, help="Fire squeeze/expand ratio")
     model.add_argument("--pct-3x3", type=float, default=M.pct_3x3, help="share of 3x3 expand filters")
+    model.add_argument("--defect-head", action="store_true",
+                       help="also learn a defect map: a small Fire U-Net on (image, reconstruction) trained to find "
+                            "synthetic corruptions (implies --defect-aware); gives the defect_* scores")
     p.add_argument("--epochs", type=int, default=D["epochs"], help="total epochs (a resumed run stops here too)")
     p.add_argument("--batch-size", type=int, default=D["batch_size"], help="images per step per worker")
     p.add_argument("--lr", type=float, default=D["lr"], help="AdamW learning rate (cosine decay)")
@@ -67,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mse, or ssim_l1 (structure-aware: 0.85 (1 - SSIM) + 0.15 L1)")
     p.add_argument("--defect-aware", action="store_true",
                    help="learn to return the clean image from a copy with synthetic corruptions (texture blobs, "
-                        "moved patches, strokes), so that defects light up the error map")
+                        "moved patches, strokes, shaded regions), so that defects light up the error map")
     p.add_argument("--corruption-share", type=float, default=D["corruption_share"],
                    help="with --defect-aware: share of each batch that is corrupted")
     p.add_argument("--inject-crash", default=None, help=argparse.SUPPRESS)  # tests: marker file, crash once

@@ -11,7 +11,10 @@ texture: it only puts real content where it does not belong.
   with a random opacity (DRAEM draws its fills from a texture data set; the other images of
   the corpus are the texture source that every corpus has);
 - "patch": a rectangle of the image itself, moved elsewhere (CutPaste);
-- "stroke": a short, curved, few-pixel-wide stroke coloured from another image of the batch.
+- "stroke": a short, curved, few-pixel-wide stroke coloured from another image of the batch;
+- "shade": a Perlin-noise-shaped region of the image's own texture made darker or brighter
+  (towards black or white by a random share), the stain or glare a surface camera sees; the
+  texture stays, only its light changes.
 The kinds of `pipeline.synth` (the benchmark's anomalies) are never drawn here: the benchmark
 measures how training on these generalises to defects the model never saw.
 
@@ -25,7 +28,7 @@ import math
 
 import torch
 
-CORRUPTIONS = ("texture", "patch", "stroke")
+CORRUPTIONS = ("texture", "patch", "stroke", "shade")
 MAX_AREA = 0.4  # no corruption covers more than this share of an image
 PERLIN_SCALES = (2, 4, 8)  # Perlin grid cells per side: blobs from large to small
 
@@ -119,7 +122,19 @@ def strokes(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, 
     return x * (1 - mask[:, None]) + colour[..., None] * mask[:, None], mask
 
 
-_MAKERS = {"texture": texture_blobs, "patch": moved_patches, "stroke": strokes}
+def shaded_regions(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C, S, S) -> (corrupted, mask): a Perlin blob of the image pulled towards black or white."""
+    batch, _, size, _ = x.shape
+    cells = PERLIN_SCALES[int(torch.randint(len(PERLIN_SCALES), (1,), generator=generator, device=x.device))]
+    noise = perlin_noise(batch, size, cells, generator, x.device)
+    mask = _area_capped((noise > _uniform((batch, 1, 1), generator, x.device, 0.3, 0.55)).float())
+    towards = (_uniform((batch, 1, 1, 1), generator, x.device) < 0.5).float()  # 0: darker, 1: brighter
+    strength = _uniform((batch, 1, 1, 1), generator, x.device, 0.2, 0.6)
+    blend = mask[:, None] * strength
+    return x * (1 - blend) + towards * blend, mask
+
+
+_MAKERS = {"texture": texture_blobs, "patch": moved_patches, "stroke": strokes, "shade": shaded_regions}
 
 
 def corrupt(x: torch.Tensor, generator: torch.Generator, share: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:

@@ -53,6 +53,9 @@ class AutoencoderConfig:
     squeeze_ratio: float = 0.125
     pct_3x3: float = 0.5
     bottleneck_channels: int = 8
+    # A learned defect map (DRAEM's discriminative half): a small Fire U-Net on (input,
+    # reconstruction) that says where a defect is; trained on synthetic corruptions.
+    defect_head: bool = False
     # Per-channel normalisation applied inside the model; inputs stay in [0, 1].
     mean: tuple[float, ...] = field(default=())
     std: tuple[float, ...] = field(default=())
@@ -163,6 +166,36 @@ class FireDeconv(nn.Module):
         return self.act(self.norm(e))
 
 
+class DefectHead(nn.Module):
+    """Where is the defect: (B, 2C, S, S) input and reconstruction, side by side -> (B, S, S) logits.
+
+    A two-level U-Net of Fire modules (skips concatenated, as DRAEM's discriminative network
+    has them, at a fraction of its width): comparing the two images needs the full resolution
+    (a crack is 1-3 px wide), and deciding that a difference is a defect rather than the
+    autoencoder's usual blur needs some context.
+    """
+
+    def __init__(self, channels: int, width: int, squeeze_ratio: float, pct_3x3: float):
+        super().__init__()
+        w1, w2, w3 = width, 2 * width, 4 * width
+        self.inlet = _conv_bn_relu(2 * channels, w1, 3)  # (B, w1, S, S)
+        self.down1 = Fire(w1, w2, squeeze_ratio, pct_3x3)  # (B, w2, S/2, S/2) after pooling
+        self.down2 = Fire(w2, w3, squeeze_ratio, pct_3x3)  # (B, w3, S/4, S/4) after pooling
+        self.up2 = FireDeconv(w3, w2, squeeze_ratio, pct_3x3)  # (B, w2, S/2, S/2)
+        self.merge2 = Fire(2 * w2, w2, squeeze_ratio, pct_3x3)
+        self.up1 = FireDeconv(w2, w1, squeeze_ratio, pct_3x3)  # (B, w1, S, S)
+        self.merge1 = Fire(2 * w1, w1, squeeze_ratio, pct_3x3)
+        self.outlet = nn.Conv2d(w1, 1, 1)
+
+    def forward(self, pair: torch.Tensor) -> torch.Tensor:
+        a = self.inlet(pair)  # (B, w1, S, S)
+        b = self.down1(nn.functional.max_pool2d(a, 2))  # (B, w2, S/2, S/2)
+        c = self.down2(nn.functional.max_pool2d(b, 2))  # (B, w3, S/4, S/4)
+        b = self.merge2(torch.cat([self.up2(c), b], dim=1))  # (B, w2, S/2, S/2)
+        a = self.merge1(torch.cat([self.up1(b), a], dim=1))  # (B, w1, S, S)
+        return self.outlet(a)[:, 0]  # (B, S, S)
+
+
 class _Autoencoder(nn.Module):
     """Stem, three down stages, a flat latent, three up stages, and an output layer.
 
@@ -205,6 +238,8 @@ class _Autoencoder(nn.Module):
             nn.PixelShuffle(2),  # sub-pixel upsampling: the last conv runs at half resolution
             nn.Sigmoid(),
         )
+        self.defect = (DefectHead(c.channels, max(4, c.base_width // 2), c.squeeze_ratio, c.pct_3x3)
+                       if c.defect_head else None)
 
     def _encode(self, x: torch.Tensor, keep: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """(B, C, S, S) in [0, 1] -> (z (B, latent_dim), stem output (B, base, S/2, S/2), the
@@ -231,14 +266,17 @@ class _Autoencoder(nn.Module):
         return self.head(h)  # (B, C, S, S)
 
     def forward(self, x: torch.Tensor, features: bool = False) -> dict[str, torch.Tensor]:
-        """{"z", "x_hat", "stem_stats"}; with `features`, also "features": the second and third
-        down stages' maps [(B, w2, S/4, S/4), (B, w3, S/8, S/8)], what local (patch) scores compare."""
+        """{"z", "x_hat", "stem_stats"}; "defect_logits" (B, S, S) when the model has a defect head;
+        with `features`, also "features": the second and third down stages' maps
+        [(B, w2, S/4, S/4), (B, w3, S/8, S/8)], what local (patch) scores compare."""
         z, stem, kept = self._encode(x, FEATURE_STAGES if features else ())
         flat = stem.flatten(2)  # (B, base, S*S/4)
         mean = flat.mean(dim=2)
         # E[h^2] - E[h]^2 rather than torch.std: one pass, and several times faster on CPU.
         std = (flat.pow(2).mean(dim=2) - mean * mean).clamp_min(0).sqrt()
         out = {"z": z, "x_hat": self.decode(z), "stem_stats": torch.cat([mean, std], dim=1)}
+        if self.defect is not None:  # (B, S, S) logits: where the input differs from normal
+            out["defect_logits"] = self.defect(torch.cat([x, out["x_hat"]], dim=1))
         if features:
             out["features"] = kept
         return out

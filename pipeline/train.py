@@ -260,6 +260,18 @@ def _restore(cfg: TrainConfig, torch_threads: int) -> _Worker:
     return worker
 
 
+FOCAL_GAMMA = 2.0  # DRAEM's: most pixels are clean and easy; the loss dwells on the hard ones
+
+
+def defect_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, S, S) defect-head logits and corruption masks in [0, 1] -> the mean focal loss."""
+    logits = logits.float()
+    cross_entropy = torch.nn.functional.binary_cross_entropy_with_logits(logits, mask, reduction="none")
+    probability = torch.sigmoid(logits)
+    agreement = probability * mask + (1 - probability) * (1 - mask)  # p_t
+    return (cross_entropy * (1 - agreement).pow(FOCAL_GAMMA)).mean()
+
+
 def _train_one_epoch(w: _Worker, shard, epoch: int, on_images: Callable[[int], None]) -> dict[str, float]:
     """One pass over this worker's training shard; sums that the caller reduces over workers."""
     cfg = w.cfg
@@ -272,6 +284,7 @@ def _train_one_epoch(w: _Worker, shard, epoch: int, on_images: Callable[[int], N
         local_shuffle_seed=cfg.seed * 100_003 + epoch * 31 + w.rank, pin_memory=w.cuda,
     )
     corruptions = torch.Generator(device=w.device).manual_seed(cfg.seed * 100_003 + epoch * 31 + w.rank)
+    corrupting = cfg.defect_aware or cfg.model.defect_head
     for step, batch in enumerate(waiting(batches)):
         _maybe_crash(cfg, w.rank, w.world, epoch, step)
         ok = batch["ok"]
@@ -279,11 +292,15 @@ def _train_one_epoch(w: _Worker, shard, epoch: int, on_images: Callable[[int], N
         n_ok = int(ok.sum())
         # A batch with no decodable row still steps (with zero loss) so DDP's collectives line up.
         x = to_input(batch["pixels"][ok] if n_ok else batch["pixels"])
-        # Defect-aware: the model sees a corrupted copy and must return the clean image.
-        seen = corrupt(x, corruptions, cfg.corruption_share)[0] if cfg.defect_aware else x
+        # Defect-aware: the model sees a corrupted copy and must return the clean image; a defect
+        # head learns besides where the corruption is.
+        seen, where = corrupt(x, corruptions, cfg.corruption_share) if corrupting else (x, None)
         with w.autocast:
-            x_hat = w.model(seen)["x_hat"]
-        loss = training_loss(x, x_hat, cfg.loss).mean() * (1.0 if n_ok else 0.0)
+            out = w.model(seen)
+        loss = training_loss(x, out["x_hat"], cfg.loss).mean()
+        if "defect_logits" in out:
+            loss = loss + defect_loss(out["defect_logits"], where)
+        loss = loss * (1.0 if n_ok else 0.0)
         w.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         w.optimizer.step()

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pipeline import corruptions
-from pipeline.corruptions import CORRUPTIONS, MAX_AREA, corrupt, moved_patches, strokes, texture_blobs
+from pipeline.corruptions import CORRUPTIONS, MAX_AREA, corrupt, moved_patches, shaded_regions, strokes, texture_blobs
 from pipeline.synth import synthetic_image
 
 
@@ -78,6 +78,25 @@ def test_texture_blobs_blend_the_image_with_another_image_of_the_batch():
             assert float(values.max() - values.min()) < 1e-3
 
 
+def test_shaded_regions_keep_the_texture_and_only_move_its_light():
+    x = _batch(8)
+    out, mask = shaded_regions(x, torch.Generator().manual_seed(5))
+    inside = (mask > 0)[:, None].expand_as(x)
+    assert inside.any()
+    for i in range(x.shape[0]):
+        if not inside[i].any():
+            continue
+        before, after = x[i][inside[i]], out[i][inside[i]]
+        darker, brighter = bool((after <= before + 1e-6).all()), bool((after >= before - 1e-6).all())
+        assert darker != brighter, "a shade is darker or brighter, one of the two"
+        # after = before * (1 - s) + target * s: one straight line, so the texture's order survives.
+        target = 0.0 if darker else 1.0
+        share = (before - after) / (before - target).where((before - target).abs() > 1e-3, torch.ones(()))
+        kept = (before - target).abs() > 1e-3
+        assert float(share[kept].max() - share[kept].min()) < 1e-3
+        assert 0.2 - 1e-4 <= float(share[kept].mean()) <= 0.6 + 1e-4
+
+
 def test_the_corruption_code_shares_nothing_with_synth():
     source = Path(corruptions.__file__).read_text()
     imported = set()
@@ -87,7 +106,7 @@ def test_the_corruption_code_shares_nothing_with_synth():
         elif isinstance(node, ast.ImportFrom):
             imported.add(node.module or "")
     assert not any("synth" in name for name in imported), imported
-    assert set(CORRUPTIONS) == {"texture", "patch", "stroke"}
+    assert set(CORRUPTIONS) == {"texture", "patch", "stroke", "shade"}
     from pipeline.synth import ANOMALY_KINDS
 
     assert not set(CORRUPTIONS) & set(ANOMALY_KINDS)
