@@ -119,7 +119,8 @@ def scores_of(meta: dict[str, Any]) -> tuple[str, ...]:
     scores; the neighbour scores when it has a training bank; the fused score when its
     calibration says how to fuse."""
     calibration = (meta.get("training") or {}).get("calibration") or {}
-    return computable(bool(meta.get("bank_sha256")), calibration.get("fused_from", ()))
+    return computable(bool(meta.get("bank_sha256")), calibration.get("fused_from", ()),
+                      has_head=bool((meta.get("model") or {}).get("defect_head")))
 
 
 def load_bank(url: str, meta: dict[str, Any]) -> TrainingBank | None:

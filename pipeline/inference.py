@@ -42,7 +42,7 @@ class ImageScorer:
                  calibration: Calibration | None = None, scores: Sequence[str] | None = None):
         self.model, self.bank, self.calibration = model, bank, calibration
         fused_from = calibration.fused_from if calibration is not None else ()
-        available = computable(bank is not None, fused_from)
+        available = computable(bank is not None, fused_from, has_head=getattr(model, "defect", None) is not None)
         self.score_names = available if scores is None else with_inputs(scores, fused_from)
         unavailable = [name for name in self.score_names if name not in available]
         if unavailable:
@@ -54,7 +54,7 @@ class ImageScorer:
     def __call__(self, x: torch.Tensor, ids: Sequence[str] | None = None) -> dict[str, Any]:
         """(B, C, S, S) in [0, 1] (and the images' ids) -> {"z", "stem_stats", "scores": {name: (B,)}}."""
         out = self.model(x)
-        inputs = ScoreInputs(x, out["x_hat"], out["z"], out["stem_stats"], ids, self.bank)
+        inputs = ScoreInputs(x, out["x_hat"], out["z"], out["stem_stats"], ids, self.bank, out.get("defect_logits"))
         values = {name: score.float().cpu().numpy() for name, score in compute_scores(self._computed, inputs).items()}
         for name in self._of_scores:  # the fused score: its parts on the calibration's common scale
             values[name] = self.calibration.fuse(values).astype(np.float32)

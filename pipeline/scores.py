@@ -20,10 +20,11 @@ from pipeline.errors import InputError
 # What a score is computed from (`Score.needs`). Each is a set of inputs the scorer must have:
 # "reconstruction": the image and the model's reconstruction (every model);
 # "bank": the model's outputs against its training bank (models exported with one);
+# "head": the model's learned defect map (models trained with --defect-head);
 # "scores": other scores (the fused score: its parts, and the calibration that puts them on one scale).
 # Scores from encoder feature maps or a learned head add their own kind here and in the scorer.
-NEEDS = ("reconstruction", "bank", "scores")
-MAPS = ("err", "ssim", "gms")  # pipeline.scoring.ANOMALY_MAPS
+NEEDS = ("reconstruction", "bank", "head", "scores")
+MAPS = ("err", "ssim", "gms", "defect")  # pipeline.scoring's maps
 # "max" and "top" pool a map's grid (pipeline.scoring.POOLS); "mean" is a whole-image mean
 # with its own compute function.
 POOLS = ("max", "top", "mean")
@@ -70,6 +71,8 @@ SCORES: dict[str, Score] = {s.name: s for s in (
     Score("latent_knn", "bank", "mean distance of the latent to its 10 nearest training latents"),
     Score("stem_knn", "bank", "mean distance of the stem statistics to their 10 nearest training images'",
           fused=True),
+    Score("defect_max", "head", "peak of the learned defect map (the defect head's probability)", "defect", "max"),
+    Score("defect_top", "head", "mean of the worst 5% of the learned defect map's cells", "defect", "top"),
     Score("fused", "scores", "the largest robust z of the fused parts", log=False),
 )}
 
@@ -91,10 +94,11 @@ def names_needing(*needs: str) -> tuple[str, ...]:
     return tuple(name for name, s in SCORES.items() if s.needs in needs)
 
 
-def computable(has_bank: bool, fused_from: Sequence[str] = ()) -> tuple[str, ...]:
+def computable(has_bank: bool, fused_from: Sequence[str] = (), has_head: bool = False) -> tuple[str, ...]:
     """Every score a model can compute: from the reconstruction always, from its training bank when
-    it has one, the fused score when its calibration says how to fuse and every part is there."""
-    names = names_needing("reconstruction", *(("bank",) if has_bank else ()))
+    it has one, from its defect head when it has one, the fused score when its calibration says
+    how to fuse and every part is there."""
+    names = names_needing("reconstruction", *(("bank",) if has_bank else ()), *(("head",) if has_head else ()))
     fused = [name for name in names_needing("scores") if fused_from and set(fused_from) <= set(names)]
     return (*names, *fused)
 

@@ -217,10 +217,12 @@ class ScoreInputs:
 
     def __init__(self, x: torch.Tensor | None = None, x_hat: torch.Tensor | None = None,
                  z: torch.Tensor | None = None, stem_stats: torch.Tensor | None = None,
-                 ids: Sequence[str] | None = None, bank: TrainingBank | None = None):
+                 ids: Sequence[str] | None = None, bank: TrainingBank | None = None,
+                 defect_logits: torch.Tensor | None = None):
         self.x = None if x is None else x.float()
         self.x_hat = None if x_hat is None else x_hat.float()
         self.z, self.stem_stats, self.ids, self.bank = z, stem_stats, ids, bank
+        self.defect_logits = defect_logits  # (B, H, W) from a model with a defect head
         self._maps: dict[str, torch.Tensor] = {}
 
     @functools.cached_property
@@ -245,6 +247,8 @@ _MAKE_MAP: dict[str, Callable[[ScoreInputs], torch.Tensor]] = {
     "err": lambda s: _on_grid(s.squared, _grid_size(s.x)),
     "ssim": lambda s: _on_grid(1.0 - s.ssim.mean(dim=1), _grid_size(s.x)),
     "gms": lambda s: _gms_grid(s.x, s.x_hat, _grid_size(s.x)),
+    # The defect head's probability; a defect's cells pool like an error map's.
+    "defect": lambda s: _on_grid(torch.sigmoid(s.defect_logits.float()), _grid_size(s.x)),
 }
 
 

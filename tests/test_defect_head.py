@@ -8,10 +8,12 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from pipeline.checkpoint import load_checkpoint
+from pipeline.checkpoint import load_checkpoint, read_checkpoint_meta, scores_of
 from pipeline.corruptions import corrupt
+from pipeline.inference import ImageScorer, load_inference_model
 from pipeline.model import AutoencoderConfig, build_model, fuse_for_inference
 from pipeline.synth import synthetic_image, write_synthetic_corpus
+from pipeline.thresholds import Calibration
 from pipeline.train import TrainConfig, defect_loss, train
 
 HEADED = AutoencoderConfig(image_size=32, latent_dim=16, base_width=16, defect_head=True)
@@ -61,3 +63,13 @@ def test_the_head_learns_where_corruptions_are_through_the_train_job(ray_local, 
     assert exported.config.defect_head, "the exported config does not describe the head"
     learned = _pixel_auroc(exported.model, x)
     assert learned > max(0.75, untrained + 0.15), (untrained, learned)
+    # Its scores are the model's like any other: computed, calibrated and ranking corrupted images high.
+    assert {"defect_max", "defect_top"} <= set(scores_of(read_checkpoint_meta(result.model_url)))
+    assert {"defect_max", "defect_top"} <= set(exported.calibration["scores"])
+    model, checkpoint = load_inference_model(result.model_url)
+    scorer = ImageScorer(model, checkpoint.bank, Calibration.from_dict(checkpoint.calibration),
+                         scores=("defect_top",))
+    seen, mask = corrupt(x, torch.Generator().manual_seed(7), share=0.5)
+    corrupted = (mask.flatten(1).amax(dim=1) > 0).numpy()
+    values = scorer(seen)["scores"]["defect_top"]
+    assert float(roc_auc_score(corrupted, values)) > 0.8

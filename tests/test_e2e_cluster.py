@@ -14,7 +14,7 @@ from cluster_utils import REPO_ROOT, start_head, start_multinode_cluster, submit
 from pipeline.checkpoint import load_checkpoint
 from pipeline.images import encode_image
 from pipeline.latents import read_latents
-from pipeline.scores import SCORE_COLUMNS
+from pipeline.scores import FUSED_FROM, computable
 from pipeline.thresholds import Calibration
 from pipeline.synth import anomaly_plan, synthetic_image
 
@@ -68,7 +68,7 @@ def test_ingest_train_embed_report_as_four_submitted_jobs(head, tmp_path):
     model = load_checkpoint(str(run / "model"))
     calibration = Calibration.from_dict(model.calibration)
     assert model.training["epoch"] >= 1 and calibration.default_score == "fused"
-    assert set(calibration.scores) == set(SCORE_COLUMNS) and calibration.get("mse").count > 0
+    assert set(calibration.scores) == set(computable(True, FUSED_FROM)) and calibration.get("mse").count > 0
     assert model.bank is not None and len(model.bank.ids) > 0
     table = read_latents(str(latents))
     assert sorted(table.column("id").to_pylist()) == sorted(ids)

@@ -18,7 +18,9 @@ from pipeline import storage
 from pipeline.embed import EmbedConfig, Embedder, embed, embed_reference
 from pipeline.errors import InputError
 from pipeline.latents import METADATA_KEY, dequantize_latents, read_latents
-from pipeline.scores import SCORE_COLUMNS
+from pipeline.scores import FUSED_FROM, SCORE_COLUMNS, computable
+
+BANKED = computable(True, FUSED_FROM)  # what a model with a training bank and no defect head computes
 from pipeline.resources import (
     CPU_BATCH_SIZE,
     GPU_BATCH_SIZE,
@@ -79,16 +81,16 @@ def test_ray_job_equals_the_plain_reference_row_for_row(ray_local, corpus, model
         assert row["error"] == ref["error"] and row["label"] == ref["label"]
         if ref["error"] is None:
             np.testing.assert_allclose(row["latent"], ref["latent"], atol=1e-5)
-            for name in SCORE_COLUMNS:
+            for name in BANKED:
                 assert row[name] == pytest.approx(ref[name], rel=1e-4, abs=1e-6), name
             assert row["is_anomaly"] == ref["is_anomaly"]
     # Every score is a column, the neighbour and fused ones too (the model has a training bank).
-    assert set(SCORE_COLUMNS) <= set(got.column_names)
+    assert set(BANKED) <= set(got.column_names)
     # Bad rows: a reason each, null latent and scores, and the job went on.
     for bad in BAD_ROWS:
         row = ray_rows[bad]
         assert row["error"] and row["latent"] is None and row["is_anomaly"] is None
-        assert all(row[name] is None for name in SCORE_COLUMNS)
+        assert all(row[name] is None for name in BANKED)
     assert len({ray_rows[b]["error"] for b in BAD_ROWS}) == 3, "each kind of bad input has its own reason"
     assert summary.flagged_rows == sum(bool(r["is_anomaly"]) for r in ray_rows.values())
     # The threshold is the calibration's 0.99 quantile, and every file records the model.
@@ -140,7 +142,7 @@ def test_scores_default_to_the_flag_score_and_mse_and_all_needs_no_retraining(co
     tables = {scores: embed_reference(EmbedConfig(**base, score="fused", scores=scores), 1.0)
               for scores in (None, "all", "gms_top,fused")}
     assert _score_columns(tables[None]) == ("mse", "ssim_top", "stem_knn", "fused")
-    assert _score_columns(tables["all"]) == SCORE_COLUMNS
+    assert _score_columns(tables["all"]) == BANKED
     assert _score_columns(tables["gms_top,fused"]) == ("mse", "ssim_top", "gms_top", "stem_knn", "fused")
     every = tables["all"].to_pydict()
     for scores, table in tables.items():

@@ -27,7 +27,9 @@ def test_every_registered_score_has_a_way_to_be_computed():
     assert FUSED_FROM == ("mse", "ssim_top", "stem_knn") and DEFAULT_SCORE == "fused"
     assert computable(has_bank=False) == ("mse", "ssim_error", "err_max", "err_top", "ssim_max", "ssim_top",
                                           "gms_max", "gms_top")
-    assert computable(has_bank=True, fused_from=FUSED_FROM) == SCORE_COLUMNS
+    assert computable(has_bank=True, fused_from=FUSED_FROM, has_head=True) == SCORE_COLUMNS
+    assert "defect_top" not in computable(has_bank=True, fused_from=FUSED_FROM), "defect scores need the head"
+    assert computable(has_bank=False, has_head=True)[-2:] == ("defect_max", "defect_top")
     assert computable(has_bank=False, fused_from=FUSED_FROM)[-1] == "gms_top", "fused needs stem_knn"
 
 
@@ -35,6 +37,7 @@ def test_the_map_shown_for_a_score_comes_from_the_registry():
     assert [map_for_score(s) for s in ("mse", "ssim_error", "gms_top", "latent_knn")] == ["err", "ssim", "gms", "err"]
     assert map_for_score("fused", FUSED_FROM) == "err"
     assert map_for_score("fused", ("stem_knn", "gms_max")) == "gms"
+    assert map_for_score("defect_top") == "defect"
 
 
 def test_scores_parses_default_all_and_lists():
@@ -76,7 +79,7 @@ def test_image_scorer_computes_only_what_is_asked_with_the_same_values(tiny_mode
     x = torch.from_numpy(rng.random((4, 3, 32, 32), dtype=np.float32))
     ids = ["a", "b", "c", "d"]
     full = ImageScorer(model, checkpoint.bank, calibration)(x, ids)["scores"]
-    assert tuple(full) == SCORE_COLUMNS
+    assert tuple(full) == computable(True, FUSED_FROM)  # every score of a banked model without a defect head
     only = ImageScorer(model, checkpoint.bank, calibration, ["gms_max"])(x, ids)["scores"]
     assert tuple(only) == ("gms_max",)
     fused = ImageScorer(model, checkpoint.bank, calibration, ["fused"])(x, ids)["scores"]

@@ -44,15 +44,17 @@ def _reconstruct(model, pixels: dict[str, np.ndarray], map_name: str,
     import torch
 
     from pipeline.inference import to_input, to_pixels
-    from pipeline.scoring import ANOMALY_MAPS, mse_per_image, upsample
+    from pipeline.scoring import ScoreInputs, mse_per_image, upsample
 
     ids, out = list(pixels), {}
     with torch.inference_mode():
         for start in range(0, len(ids), RECONSTRUCT_BATCH):
             chunk = ids[start:start + RECONSTRUCT_BATCH]
             x = to_input(torch.from_numpy(np.stack([pixels[i] for i in chunk])))  # (B, C, S, S)
-            x_hat = model(x)["x_hat"]
-            errors = upsample(ANOMALY_MAPS[map_name](x, x_hat), tuple(x.shape[-2:])).numpy()
+            result = model(x)
+            x_hat = result["x_hat"]
+            maps = ScoreInputs(x, x_hat, defect_logits=result.get("defect_logits")).map(map_name)
+            errors = upsample(maps, tuple(x.shape[-2:])).numpy()
             mse, images = mse_per_image(x, x_hat).numpy(), to_pixels(x_hat)
             for n, i in enumerate(chunk):
                 out[i] = (images[n], errors[n], float(mse[n]))
