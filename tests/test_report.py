@@ -54,7 +54,7 @@ from pipeline.report import (
 )
 from pipeline.shards import write_shard
 from pipeline.synth import synthetic_image, write_synthetic_corpus
-from pipeline.thresholds import Calibration, threshold_from_calibration
+from pipeline.thresholds import CONFIDENCE, Calibration, threshold_from_calibration
 
 HOSTILE_IDS = ["../x", "<script>alert(1)</script>", "line1\nline2", "q\"uote's & <b>bold</b>"]
 HOSTILE_KIND = "<img src=x onerror=alert(3)>"
@@ -342,6 +342,8 @@ def test_threshold_policies_resolve_from_their_sources(model_url, tmp_path):
     with pytest.raises(InputError, match=f"the model {tmp_path / 'broken'} named in the latent metadata cannot be read"):
         report_threshold("quantile:0.9", empty, True, None, {**recorded, "model": str(tmp_path / "broken")})
     assert report_threshold("value:0.5", empty, True, None, None).estimated_contamination is None
+    assert report_threshold("value:0.5", empty, True, None, None).uncertainty is None
+    assert from_model.uncertainty["point_estimate"] < from_model.value
     for bad in ("quantile:1.5", "contamination:-0.1", "value:abc", "median", "value:nan"):
         with pytest.raises(InputError, match="threshold|contamination|quantile"):
             report_threshold(bad, empty, True, None, None)
@@ -426,6 +428,12 @@ def test_end_to_end_report_renders_in_chromium(ray_local, embedded, model_url, t
     assert summary["threshold"]["value"] == pytest.approx(threshold_from_calibration(calibration, 0.99))
     contamination = Calibration.from_dict(calibration).get("mse").contamination
     assert summary["threshold"]["estimated_contamination"] == contamination
+    # The threshold states its uncertainty: an upper bound above the bulk's fitted quantile.
+    fitted = Calibration.from_dict(calibration).get("mse")
+    uncertainty = summary["threshold"]["uncertainty"]
+    assert uncertainty["held_out"] == fitted.count and uncertainty["confidence"] == CONFIDENCE
+    assert uncertainty["point_estimate"] == pytest.approx(fitted.estimate(0.99))
+    assert uncertainty["point_estimate"] < summary["threshold"]["value"]
     assert summary["counts"]["rows"] == 122 and summary["counts"]["error_rows"] == 2
     latents = read_latents(embedded.out_url, columns=["id", "mse", "label"]).to_pylist()
     scored = sorted((r for r in latents if r["mse"] is not None), key=lambda r: (-r["mse"], r["id"]))

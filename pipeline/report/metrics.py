@@ -15,7 +15,7 @@ import numpy as np
 
 from pipeline.errors import InputError
 from pipeline.report.sketch import HIST_RATIO, sketch_quantile
-from pipeline.thresholds import Calibration, ThresholdSpec, parse_threshold, resolve_threshold
+from pipeline.thresholds import CONFIDENCE, Calibration, ThresholdSpec, parse_threshold, resolve_threshold
 
 if TYPE_CHECKING:
     from pipeline.report.scan import ScorePartial, ScoreStats
@@ -33,6 +33,9 @@ class Threshold:
     # the share of the model's held-out split its calibration read as anomalies (quantile
     # policy with a reachable calibration only)
     estimated_contamination: float | None = None
+    # how sure the quantile is (same cases): held-out images, how many formed the normal bulk,
+    # the confidence of the upper bound the threshold is, and the bulk's fitted quantile itself
+    uncertainty: dict[str, float] | None = None
 
 
 def report_threshold(spec: str, totals: ScorePartial | None, exact: bool, calibration: dict[str, Any] | None,
@@ -45,7 +48,8 @@ def report_threshold(spec: str, totals: ScorePartial | None, exact: bool, calibr
         value, source = _contamination(parsed, totals, exact)
         return Threshold(spec, parsed.policy, parsed.parameter, value, source)
     value, source, used = _calibrated_quantile(spec, parsed.parameter, calibration, metadata, score)
-    return Threshold(spec, parsed.policy, parsed.parameter, value, source, estimated_contamination(used, score))
+    return Threshold(spec, parsed.policy, parsed.parameter, value, source, estimated_contamination(used, score),
+                     threshold_uncertainty(used, score, parsed.parameter))
 
 
 def estimated_contamination(calibration: dict[str, Any] | None, score: str) -> float | None:
@@ -54,6 +58,18 @@ def estimated_contamination(calibration: dict[str, Any] | None, score: str) -> f
         return None
     scores = Calibration.from_dict(calibration).scores
     return scores[score].contamination if score in scores else None
+
+
+def threshold_uncertainty(calibration: dict[str, Any] | None, score: str, q: float) -> dict[str, float] | None:
+    """What a `quantile:q` threshold on `score` rests on: {held_out, bulk, confidence, point_estimate}."""
+    if not calibration:
+        return None
+    scores = Calibration.from_dict(calibration).scores
+    if score not in scores:
+        return None
+    fitted = scores[score]
+    return {"held_out": fitted.count, "bulk": fitted.bulk_count, "confidence": CONFIDENCE,
+            "point_estimate": fitted.estimate(q)}
 
 
 def _contamination(parsed: ThresholdSpec, totals: ScorePartial, exact: bool) -> tuple[float, str]:
