@@ -58,15 +58,15 @@ STREAMING_POLICIES = ("quantile", "value")
 #
 # Scores are fused on a common scale: each one's robust z, (log score - median) / (1.4826 MAD)
 # of its held-out values, which anomalies in the split barely move. A collapsed spread (every
-# held-out value equal) falls back to the standard deviation, then to a floor of SPREAD_FLOOR
-# on the log scale, so that a z stays finite and a tiny change is not read as a huge one.
+# held-out value equal) falls back to the bulk's fitted scale, and neither is ever below
+# MIN_SPREAD, so that a z stays finite and a tiny change is not read as a huge one.
 
 MAX_CONTAMINATION = 0.5  # a mixture whose upper component weighs more is not "normal bulk + anomalies"
 MIXTURE_MIN = 200
 LEAVE_ONE_OUT_MAX = 1000  # held-out values up to which the fused calibration leaves each one out
 CLIP_SIGMAS = 3.5
 CONFIDENCE = 0.9  # of the upper bound that `quantile:Q` thresholds take
-SPREAD_FLOOR = 1e-3  # of a log score: a 0.1% change; of a z-scale score, a thousandth of a sigma
+MIN_SPREAD = 1e-3  # of a log score: a 0.1% change; of a z-scale score, a thousandth of a sigma
 _BULK = statistics.NormalDist()
 _MAD_TO_SD = 1.4826
 
@@ -84,7 +84,7 @@ def _clipped_bulk(values: np.ndarray) -> tuple[float, float, float]:
         if np.array_equal(inside, kept):
             break
         kept = inside
-    return location, scale, 1.0 - float(kept.mean())
+    return location, max(scale, MIN_SPREAD), 1.0 - float(kept.mean())
 
 
 def fit_normal_bulk(values: np.ndarray) -> tuple[float, float, float]:
@@ -98,8 +98,8 @@ def fit_normal_bulk(values: np.ndarray) -> tuple[float, float, float]:
     if values.size < 3:
         raise InputError(f"a calibration needs at least 3 held-out values, got {values.size}")
     location, scale = float(values.mean()), float(values.std())
-    if scale <= 1e-12:  # every value the same
-        return location, 1e-12, 0.0
+    if scale <= MIN_SPREAD:  # every value (nearly) the same
+        return location, MIN_SPREAD, 0.0
     if values.size < MIXTURE_MIN:
         return _clipped_bulk(values)
     column = values[:, None]
@@ -111,7 +111,7 @@ def fit_normal_bulk(values: np.ndarray) -> tuple[float, float, float]:
     bulk, tail = (0, 1) if means[0] < means[1] else (1, 0)
     if weights[tail] > MAX_CONTAMINATION:
         return location, scale, 0.0
-    return float(means[bulk]), max(float(sds[bulk]), 1e-12), float(weights[tail])
+    return float(means[bulk]), max(float(sds[bulk]), MIN_SPREAD), float(weights[tail])
 
 
 def tolerance_factor(n: int, q: float, confidence: float = CONFIDENCE) -> float:
@@ -124,12 +124,13 @@ def tolerance_factor(n: int, q: float, confidence: float = CONFIDENCE) -> float:
     return float(nct.ppf(confidence, df=n - 1, nc=z * math.sqrt(n)) / math.sqrt(n))
 
 
-def robust_spread(values: np.ndarray, centre: float) -> float:
-    """1.4826 MAD about `centre`; the standard deviation when that collapses; never below SPREAD_FLOOR."""
+def robust_spread(values: np.ndarray, centre: float, fallback: float | None = None) -> float:
+    """1.4826 MAD about `centre`; when that collapses (over half the values equal), `fallback`
+    (the bulk's fitted scale) or the standard deviation; never below MIN_SPREAD."""
     spread = _MAD_TO_SD * float(np.median(np.abs(values - centre)))
-    if spread <= SPREAD_FLOOR:
-        spread = float(values.std())
-    return max(spread, SPREAD_FLOOR)
+    if spread <= MIN_SPREAD:
+        spread = float(values.std()) if fallback is None else fallback
+    return max(spread, MIN_SPREAD)
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,7 @@ class ScoreCalibration:
         median = float(np.median(fitted))
         grid = np.quantile(values, np.linspace(0.0, 1.0, CALIBRATION_GRID + 1))
         return cls(int(values.size), log, location, scale, contamination, median,
-                   robust_spread(fitted, median), tuple(float(v) for v in grid))
+                   robust_spread(fitted, median, scale), tuple(float(v) for v in grid))
 
     @property
     def bulk_count(self) -> int:

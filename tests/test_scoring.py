@@ -157,7 +157,7 @@ def test_a_split_whose_scores_are_all_equal_gives_a_floored_spread_not_a_collaps
     """MAD = 0 (a held-out split of identical images, say): the spread is MIN_SPREAD, so an image
     1% above the constant is about 10 spreads out and the 0.99 threshold is a hair above it,
     instead of z-scores of 1e10 that float rounding alone could reach."""
-    from pipeline.scoring import MIN_SPREAD
+    from pipeline.thresholds import MIN_SPREAD
 
     constant = np.full(500, 0.004)
     calibration = ScoreCalibration.fit(constant)

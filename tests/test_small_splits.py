@@ -72,7 +72,7 @@ def test_equal_held_out_scores_give_finite_z_and_a_threshold_just_above_them():
     calibration = calibrate(values, default_score="fused", fused_from=("mse", "stem_knn"))
     z = calibration.fuse({"mse": np.array([0.0101]), "stem_knn": np.array([2.0])})
     assert np.isfinite(z).all() and float(z[0]) < 20  # a 1% rise in mse is ~10 floors, not 1e9 spreads
-    assert calibration.threshold("mse", 0.99) == pytest.approx(0.01, rel=1e-6)
+    assert 0.01 < calibration.threshold("mse", 0.99) < 0.01 * 1.004  # a hair above the constant
 
 
 def test_the_fused_calibration_reads_each_held_out_image_as_unseen():
