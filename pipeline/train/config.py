@@ -1,0 +1,122 @@
+"""What a training run is: its settings (`TrainConfig`), its result, its plan, and the names of
+what it writes in the run folder."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pipeline.errors import InputError
+from pipeline.images import DEFAULT_RESIZE, RESIZE_POLICIES
+from pipeline.lease import Lease
+from pipeline.model import AutoencoderConfig
+from pipeline.scoring import TRAINING_LOSSES
+from pipeline.shards import Columns, ShardList
+
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS_DIR = "checkpoints"
+MODEL_DIR = "model"
+TRAIN_STATE_FILE = "train_state.pt"
+PREFLIGHT_ROWS = 256
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD")
+
+# Settings that must not change between a run and its resumption.
+RESUME_KEYS = ("model", "val_fraction", "id_column", "image_column", "resize", "loss", "defect_aware",
+               "corruption_share", "data_fingerprint")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on; validated when built (InputError)."""
+
+    data_url: str
+    out_url: str
+    model: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    val_fraction: float = 0.05
+    seed: int = 0
+    workers: int = 1
+    gpu: bool = False
+    cpus_per_worker: float | None = None
+    amp: bool = True
+    placement_strategy: str = "PACK"
+    keep_checkpoints: int = 2
+    max_failures: int = 2
+    id_column: str = "id"
+    image_column: str = "image"
+    resize: str = DEFAULT_RESIZE
+    loss: str = "mse"  # "mse", or "ssim_l1": 0.85 (1 - SSIM) + 0.15 L1, structure-aware (AE-SSIM)
+    defect_aware: bool = False  # learn to return the clean image from a corrupted copy (pipeline.corruptions)
+    corruption_share: float = 0.5  # with defect_aware: the share of each batch that is corrupted
+    data_fingerprint: str = ""
+    inject_crash: str | None = field(default=None, repr=False)  # tests only: marker file path
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):  # from to_dict(), e.g. on a Ray Train worker
+            try:
+                object.__setattr__(self, "model", AutoencoderConfig.from_dict(self.model))
+            except (TypeError, ValueError) as e:
+                raise InputError(str(e)) from e
+        problems = []
+        for name in ("epochs", "batch_size", "workers", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            problems.append(f"lr must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            problems.append(f"weight_decay must not be negative, got {self.weight_decay}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            problems.append(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.max_failures < 0:
+            problems.append(f"max_failures must not be negative, got {self.max_failures}")
+        if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
+            problems.append(f"cpus_per_worker must be positive, got {self.cpus_per_worker}")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            problems.append(f"placement_strategy must be one of {PLACEMENT_STRATEGIES}, got {self.placement_strategy!r}")
+        if self.resize not in RESIZE_POLICIES:
+            problems.append(f"resize must be one of {RESIZE_POLICIES}, got {self.resize!r}")
+        if self.loss not in TRAINING_LOSSES:
+            problems.append(f"loss must be one of {TRAINING_LOSSES}, got {self.loss!r}")
+        if not 0.0 < self.corruption_share <= 1.0:
+            problems.append(f"corruption_share must be in (0, 1], got {self.corruption_share}")
+        if problems:
+            raise InputError("invalid training settings: " + "; ".join(problems))
+
+    @property
+    def columns(self) -> Columns:
+        return Columns(id=self.id_column, image=self.image_column)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values (the model config as a dict); `TrainConfig(**d)` rebuilds it."""
+        return {k: v for k, v in asdict(self).items() if k != "inject_crash"}
+
+
+@dataclass
+class TrainResult:
+    model_url: str
+    best_epoch: int
+    history: list[dict[str, Any]]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        return {"model_url": self.model_url, "best_epoch": self.best_epoch, "epochs": len(self.history),
+                "val_mse": last.get("val_mse"), "val_psnr": last.get("val_psnr"), "seconds": round(self.seconds, 1)}
+
+
+# ---------------------------------------------------------------- worker side
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """What `prepare` found: the config (with the data's fingerprint), the shards and their rows."""
+
+    cfg: TrainConfig
+    shards: ShardList
+    rows: int
+    lease: Lease  # this job's hold on the run folder; the caller releases it (`train` does)

@@ -1,0 +1,266 @@
+"""The worker side of training: what each Ray Train worker runs, epoch by epoch (model and optimiser
+restored from the last checkpoint, one pass over its data shard, validation, a checkpoint)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import storage
+from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.corruptions import corrupt
+from pipeline.inference import to_input
+from pipeline.model import build_model
+from pipeline.scoring import mse_per_image, psnr, training_loss
+from pipeline.thresholds import calibration_from_errors
+from pipeline.train.config import METRICS_FILE, TRAIN_STATE_FILE, TrainConfig
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def _all_gather_objects(value: Any) -> list[Any]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        parts: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, value)
+        return parts
+    return [value]
+
+
+def _average_buffers(net: torch.nn.Module) -> None:
+    """Average BatchNorm running statistics over the workers.
+
+    DDP keeps each worker's running stats from its own last batches; averaging them before
+    validation makes every worker evaluate, and rank 0 save, one and the same model.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    world = torch.distributed.get_world_size()
+    for buffer in net.buffers():
+        if buffer.is_floating_point():
+            torch.distributed.all_reduce(buffer)
+            buffer.div_(world)
+
+
+def _maybe_crash(cfg: TrainConfig, rank: int, world: int, epoch: int, step: int) -> None:
+    """Tests only: the last worker dies once, mid-epoch, after the first checkpoint exists."""
+    if cfg.inject_crash and rank == world - 1 and epoch == 1 and step == 1 and not os.path.exists(cfg.inject_crash):
+        with open(cfg.inject_crash, "w") as f:
+            f.write(f"crashed rank {rank} epoch {epoch} step {step}\n")
+        print(f"[inject-crash] rank {rank} exits mid-epoch {epoch + 1}", flush=True)
+        os._exit(1)
+
+
+class _WaitClock:
+    """Wraps a batch iterator and adds up the time spent waiting for each next batch: an epoch
+    whose wait is a large share of its time is input-bound (decoding cannot keep up)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __call__(self, batches):
+        iterator = iter(batches)
+        while True:
+            started = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                self.seconds += time.perf_counter() - started
+            yield batch
+
+
+@dataclass
+class _Worker:
+    """One Ray Train worker's state: who it is, its model and optimiser, and what is done."""
+
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    model: torch.nn.Module  # DDP-wrapped when world > 1
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    autocast: Any
+    start_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def net(self) -> torch.nn.Module:
+        return getattr(self.model, "module", self.model)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def _restore(cfg: TrainConfig, torch_threads: int) -> _Worker:
+    """Build the model and optimiser, and load the latest checkpoint when the run is resumed."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(torch_threads)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model)
+    history, train_state = [], None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            restored = load_checkpoint(d)
+            model.load_state_dict(restored.model.state_dict())
+            history = restored.training.get("history", [])
+            train_state = torch.load(os.path.join(d, TRAIN_STATE_FILE), weights_only=True)
+        torch.set_rng_state(train_state["torch_rng"])
+    model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))  # device; DDP if world > 1
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
+    if train_state:
+        optimizer.load_state_dict(train_state["optimizer"])
+        scheduler.load_state_dict(train_state["scheduler"])
+    worker = _Worker(cfg=cfg, rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=device, model=model,
+                     optimizer=optimizer, scheduler=scheduler,
+                     autocast=torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.amp),
+                     start_epoch=int(train_state["epoch"]) + 1 if train_state else 0, history=history)
+    return worker
+
+
+FOCAL_GAMMA = 2.0  # DRAEM's: most pixels are clean and easy; the loss dwells on the hard ones
+
+
+def defect_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, S, S) defect-head logits and corruption masks in [0, 1] -> the mean focal loss."""
+    logits = logits.float()
+    cross_entropy = torch.nn.functional.binary_cross_entropy_with_logits(logits, mask, reduction="none")
+    probability = torch.sigmoid(logits)
+    agreement = probability * mask + (1 - probability) * (1 - mask)  # p_t
+    return (cross_entropy * (1 - agreement).pow(FOCAL_GAMMA)).mean()
+
+
+def _train_one_epoch(w: _Worker, shard, epoch: int, on_images: Callable[[int], None]) -> dict[str, float]:
+    """One pass over this worker's training shard; sums that the caller reduces over workers."""
+    cfg = w.cfg
+    w.model.train()
+    started = time.perf_counter()
+    loss_sum = images = failed = 0.0
+    waiting = _WaitClock()
+    batches = shard.iter_torch_batches(
+        batch_size=cfg.batch_size, local_shuffle_buffer_size=4 * cfg.batch_size,
+        local_shuffle_seed=cfg.seed * 100_003 + epoch * 31 + w.rank, pin_memory=w.cuda,
+    )
+    corruptions = torch.Generator(device=w.device).manual_seed(cfg.seed * 100_003 + epoch * 31 + w.rank)
+    corrupting = cfg.defect_aware or cfg.model.defect_head
+    for step, batch in enumerate(waiting(batches)):
+        _maybe_crash(cfg, w.rank, w.world, epoch, step)
+        ok = batch["ok"]
+        failed += float((~ok).sum())
+        n_ok = int(ok.sum())
+        # A batch with no decodable row still steps (with zero loss) so DDP's collectives line up.
+        x = to_input(batch["pixels"][ok] if n_ok else batch["pixels"])
+        # Defect-aware: the model sees a corrupted copy and must return the clean image; a defect
+        # head learns besides where the corruption is.
+        seen, where = corrupt(x, corruptions, cfg.corruption_share) if corrupting else (x, None)
+        with w.autocast:
+            out = w.model(seen)
+        loss = training_loss(x, out["x_hat"], cfg.loss).mean()
+        if "defect_logits" in out:
+            loss = loss + defect_loss(out["defect_logits"], where)
+        loss = loss * (1.0 if n_ok else 0.0)
+        w.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        w.optimizer.step()
+        loss_sum += float(loss.detach()) * n_ok
+        images += n_ok
+        on_images(n_ok)
+    w.scheduler.step()
+    return {"loss_sum": loss_sum, "images": images, "failed": failed, "data_wait": waiting.seconds,
+            "train_seconds": time.perf_counter() - started}
+
+
+def _validate(w: _Worker, shard) -> tuple[np.ndarray, float]:
+    """Per-image errors of the held-out split, gathered from every worker, and rows that failed to decode."""
+    _average_buffers(w.net)
+    w.model.eval()
+    errors, failed = [], 0.0
+    with torch.inference_mode(), w.autocast:
+        for batch in shard.iter_torch_batches(batch_size=w.cfg.batch_size * 2, pin_memory=w.cuda):
+            ok = batch["ok"]
+            failed += float((~ok).sum())
+            if ok.any():
+                x = to_input(batch["pixels"][ok])
+                errors.append(mse_per_image(x, w.net(x)["x_hat"]).float().cpu().numpy())
+    mine = np.concatenate(errors) if errors else np.zeros(0, np.float32)
+    return np.concatenate(_all_gather_objects(mine)), failed
+
+
+def _epoch_metrics(w: _Worker, epoch: int, sums: dict[str, float], errors: np.ndarray, val_failed: float,
+                   started: float) -> dict[str, Any]:
+    loss_sum, images, failed, val_failed, data_wait = _all_reduce_sum(
+        [sums["loss_sum"], sums["images"], sums["failed"], val_failed, sums["data_wait"]], w.device)
+    if images == 0:  # every rank has the same sums: all stop at this epoch (train_loop), the driver fails the job
+        return {"epoch": epoch + 1, "train_images": 0, "decode_failures": int(failed + val_failed)}
+    val_mse = float(errors.mean()) if errors.size else math.nan
+    return {
+        "epoch": epoch + 1, "epochs": w.cfg.epochs,
+        "train_loss": loss_sum / images, "val_mse": val_mse, "val_psnr": psnr(val_mse) if errors.size else math.nan,
+        "train_images": int(images), "val_images": int(errors.size), "decode_failures": int(failed + val_failed),
+        "images_per_s": images / sums["train_seconds"], "train_seconds": sums["train_seconds"],
+        "data_wait_seconds": data_wait / w.world, "epoch_seconds": time.perf_counter() - started,
+        "lr": w.scheduler.get_last_lr()[0],
+    }
+
+
+def _save(w: _Worker, epoch: int, metrics: dict[str, Any], errors: np.ndarray, facts: dict[str, Any]) -> None:
+    """Report the epoch to Ray Train with a checkpoint (rank 0 writes it), then the metrics file."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as d:
+        reported = None
+        if w.rank == 0:
+            save_checkpoint(d, w.net, training={**facts, "epoch": epoch + 1, "metrics": metrics,
+                                                "history": w.history, "calibration": calibration_from_errors(errors)})
+            torch.save({"epoch": epoch, "optimizer": w.optimizer.state_dict(), "scheduler": w.scheduler.state_dict(),
+                        "torch_rng": torch.get_rng_state()}, os.path.join(d, TRAIN_STATE_FILE))
+            reported = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=reported, checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
+    if w.rank == 0:  # the driver prints each epoch's line from this file, once (EpochLines)
+        storage.write_text(storage.join(w.cfg.out_url, METRICS_FILE), "".join(json.dumps(m) + "\n" for m in w.history))
+
+
+def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
+    """Runs on every Ray Train worker: restore, then per epoch train / validate / save.
+
+    Returns (rather than raises, which Ray Train would retry) the metrics of an epoch in which
+    not one training image decoded; None when every epoch ran.
+    """
+    import ray
+    import ray.train
+
+    cfg = TrainConfig(**loop_config["config"])
+    w = _restore(cfg, loop_config["torch_threads"])
+    facts = {**loop_config["facts"], "worker_nodes": _all_gather_objects(ray.get_runtime_context().get_node_id())}
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    for epoch in range(w.start_epoch, cfg.epochs):
+        started = time.perf_counter()
+        sums = _train_one_epoch(w, train_shard, epoch, loop_config["on_images"])
+        errors, val_failed = _validate(w, val_shard)
+        metrics = _epoch_metrics(w, epoch, sums, errors, val_failed, started)
+        if not metrics["train_images"]:
+            return metrics
+        w.history = [*w.history, metrics]
+        _save(w, epoch, metrics, errors, facts)
