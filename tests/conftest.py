@@ -14,13 +14,13 @@ import uuid
 import pytest
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-S3_PORT = _free_port()
+# The S3 server's port is chosen now, at import, because Ray workers inherit the endpoint from
+# the environment; the server starts only when a test needs it. Until then the port stays bound
+# here: a port merely noted as free was taken by one of Ray's own processes in between, and
+# moto's server thread then died on the bind while `start()` waited for it for ever.
+_S3_PORT_HOLDER = socket.socket()
+_S3_PORT_HOLDER.bind(("127.0.0.1", 0))
+S3_PORT = _S3_PORT_HOLDER.getsockname()[1]
 os.environ.update(
     AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}",
     AWS_ACCESS_KEY_ID="testing",
@@ -50,6 +50,7 @@ def s3_server():
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    _S3_PORT_HOLDER.close()  # let go of the port at the last moment, for the server to bind
     server.start()
     yield os.environ["AWS_ENDPOINT_URL"]
     server.stop()
