@@ -21,7 +21,6 @@ docs/BENCHMARKS.md and writes it to <out>/anomaly.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
