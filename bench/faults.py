@@ -1,7 +1,7 @@
 """Faults survived: every fault scenario of the test suite, run once more and recorded.
 
     python bench/faults.py            # every scenario; needs root for the tmpfs
-    python bench/faults.py --only for-good,disk-full,node-embed
+    python bench/faults.py --only for-good,disk-full,node-embed,killed-decode
 
 Runs the scenarios of tests/fault_scenarios.py (the ones tests/test_faults.py and
 tests/test_node_faults.py assert on) against a real S3 API (moto's server on 127.0.0.1) behind
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -59,12 +60,12 @@ def _tmpfs(where: Path) -> Path:
     return where
 
 
-def _attempt(name: str, scenario, work: Path) -> list[dict]:
+def _attempt(name: str, stage: str, scenario, work: Path) -> list[dict]:
     """The scenario's records, or one record saying how it failed (the table shows it)."""
     try:
         found = scenario(work)
     except Exception as e:  # noqa: BLE001 - recorded with its cause, and the table says FAILED
-        return [{"fault": name, "stage": "?", "failed": f"{type(e).__name__}: {str(e)[-2000:]}"}]
+        return [{"fault": name, "stage": stage, "failed": f"{type(e).__name__}: {str(e)[-2000:]}"}]
     return found if isinstance(found, list) else [found]
 
 
@@ -78,7 +79,9 @@ def _disk_full(work: Path) -> dict:
 
 SCENARIOS = {  # name: (what the table calls it, how to run it in a fresh folder)
     "storm": ("S3 storm", lambda work: scenarios.storm_through_every_stage(_bucket(), S3)),
-    "killed": ("S3 storm, then SIGKILL", lambda work: scenarios.killed_in_a_storm(_bucket(), S3, work)),
+    **{f"killed-{stage}": ("S3 storm, then SIGKILL part way",
+                           lambda work, stage=stage: scenarios.killed_in_a_storm(stage, _bucket(), S3, work))
+       for stage in scenarios.KILLED_STAGES},
     "for-good": ("S3 PUT failing for good", lambda work: scenarios.failing_for_good(_bucket(), S3, work)),
     "disk-full": ("disk full", _disk_full),
     "node-embed": ("node removed (embed)", scenarios.node_dies_mid_embed),
@@ -91,7 +94,7 @@ def run_all(work: Path, names: list[str]) -> list[dict]:
     for name in names:
         title, scenario = SCENARIOS[name]
         (work / name).mkdir()
-        rows += _attempt(title, scenario, work / name)
+        rows += _attempt(title, name.removeprefix("killed-"), scenario, work / name)
     return rows
 
 
@@ -122,6 +125,7 @@ def main() -> None:
     from moto.server import ThreadedMotoServer
 
     port = int(S3.rsplit(":", 1)[1])
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     started = time.time()

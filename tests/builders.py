@@ -144,23 +144,28 @@ def rows_written(out, prefix: str = "") -> int:
     return rows
 
 
-def kill_part_way(cmd: list[str], cwd, env: dict, out, rows: int, timeout: float = 300,
-                  prefix: str = "") -> set[str]:
-    """Start `cmd` in its own session, SIGKILL the whole group once `out` holds `rows` rows (in
-    the files named `prefix`*, see rows_written); returns the files written by then."""
+def kill_when(cmd: list[str], cwd, env: dict, ready, timeout: float = 300) -> None:
+    """Start `cmd` in its own session and SIGKILL the whole group once `ready()` holds."""
     import os
     import signal
     import subprocess
     import time
 
-    from pipeline import storage
-
     job = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)
     deadline = time.time() + timeout
-    while time.time() < deadline and job.poll() is None and rows_written(out, prefix) < rows:
+    while time.time() < deadline and job.poll() is None and not ready():
         time.sleep(0.1)
     assert job.poll() is None, "the job ended before it could be killed"
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
+
+
+def kill_part_way(cmd: list[str], cwd, env: dict, out, rows: int, timeout: float = 300,
+                  prefix: str = "") -> set[str]:
+    """Start `cmd` in its own session, SIGKILL the whole group once `out` holds `rows` rows (in
+    the files named `prefix`*, see rows_written); returns the files written by then."""
+    from pipeline import storage
+
+    kill_when(cmd, cwd, env, lambda: rows_written(out, prefix) >= rows, timeout)
     return set(storage.list_files(str(out)))

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
-from builders import kill_part_way, make_tiny_model, rows_written
+from builders import kill_when, make_tiny_model, rows_written
 from faults import FaultProxy, Storm
 
 from pipeline import storage
@@ -127,20 +127,81 @@ def storm_through_every_stage(bucket: str, upstream: str, n: int = 240, seed: in
     ]
 
 
-def killed_in_a_storm(bucket: str, upstream: str, workdir: Path, n: int = 1000, seed: int = 7) -> dict:
-    """embed from S3 to S3 through a storm, SIGKILLed part way, then the same command again."""
-    data, out = f"{bucket}/shards", f"{bucket}/latents"
+KILLED_STAGES = ("train", "embed", "neighbours", "decode", "report")
+
+
+def _stage_command(stage: str, data: str, model: str, latents: str, out: str, n: int) -> list[str]:
+    """`python -m jobs.<stage>` as a user runs it, reading `data` (train, embed) or `latents`."""
+    tiny = ["--image-size", "32", "--latent-dim", "16", "--base-width", "8"]
+    argv = {
+        "train": ["--data", data, "--out", out, "--epochs", "3", "--batch-size", "16", "--val-fraction", "0.2",
+                  "--workers", "1", *tiny],
+        "embed": embed_command(data, model, out)[3:],
+        "neighbours": ["--latents", latents, "--out", out, "--k", "3", "--model", model, "--data", data,
+                       "--calibration-images", "20", "--rows-per-file", "50"],
+        "decode": ["--latents", latents, "--model", model, "--out", out, "--rows-per-file", "50", "--actors", "1"],
+        "report": ["--latents", latents, "--out", out, "--model", model, "--top-k", str(n), "--typical-k", "0",
+                   "--threshold", "contamination:0.05"],
+    }[stage]
+    return [sys.executable, "-m", f"jobs.{stage}", *argv]
+
+
+def _part_way(stage: str, out: str, n: int):
+    """When `stage`, writing `out`, is part way: a third of its rows written; for train, epoch 1's
+    checkpoint registered; for report (which writes at its end), its lease held for 2 s."""
+    if stage == "train":
+        snapshot = f"{out}/checkpoints/checkpoint_manager_snapshot.json"
+        return lambda: storage.exists(snapshot) and "epoch-0001" in storage.read_text(snapshot)
+    if stage == "report":
+        since: list[float] = []
+
+        def held_a_while() -> bool:
+            if not since and storage.exists(f"{out}/_lease"):
+                since.append(time.time())
+            return bool(since) and time.time() - since[0] > 2
+
+        return held_a_while
+    prefix = "" if stage == "embed" else "part-"
+    return lambda: rows_written(out, prefix) >= n * 3 // 10
+
+
+def _stage_record(fault: str, stage: str, ids: list[str], out: str, reruns: int, **more) -> dict:
+    """The record of `stage`'s finished (or not) output folder `out`."""
+    if stage == "train":
+        history = [json.loads(line) for line in storage.read_text(f"{out}/{METRICS_FILE}").splitlines()]
+        return record(fault, stage, ids, None, storage.exists(f"{out}/model/config.json"), reruns,
+                      epochs=[m["epoch"] for m in history],
+                      rows_seen=history[-1]["train_images"] + history[-1]["val_images"], **more)
+    if stage == "report":
+        fs, _ = storage.arrow_filesystem(out)
+        top = pq.read_table(storage.filesystem(f"{out}/top_anomalies.parquet")[1], filesystem=fs)
+        summary = json.loads(storage.read_text(f"{out}/summary.json"))
+        return record(fault, stage, ids, top.column("id").to_pylist(), summary["partial"] is None, reruns, **more)
+    marker = {"embed": "_SUCCESS.json", "neighbours": "_SUCCESS.json", "decode": "_decode.json"}[stage]
+    return record(fault, stage, ids, ids_of(out, prefix="" if stage == "embed" else "part-"),
+                  storage.exists(f"{out}/{marker}"), reruns, **more)
+
+
+def killed_in_a_storm(stage: str, bucket: str, upstream: str, workdir: Path, n: int = 1000, seed: int = 7) -> dict:
+    """`stage` from S3 to S3 through a storm, SIGKILLed part way, then the same command again.
+    Its inputs (shards, a model, latents) are written beforehand, outside the storm."""
+    data, latents, out = f"{bucket}/shards", f"{bucket}/latents", f"{bucket}/{stage}-out"
     write_synthetic_corpus(data, n=n, image_size=32, rows_per_shard=100)
     model = make_tiny_model(str(workdir / "model"))
+    if stage in ("neighbours", "decode", "report"):
+        made = run(embed_command(data, model, latents), job_env())
+        assert made.returncode == 0, _tail(made)
+    cmd = _stage_command(stage, data, model, latents, out, n)
     with FaultProxy(upstream, Storm(seed=seed)) as proxy:
-        kill_part_way(embed_command(data, model, out), REPO, job_env(proxy.url), out, rows=n * 3 // 10)
-        rows_at_kill, finished_at_kill = rows_written(out), storage.exists(f"{out}/_SUCCESS.json")
-        faults_at_kill = proxy.faults()
-        done = run(embed_command(data, model, out), job_env(proxy.url))
+        kill_when(cmd, REPO, job_env(proxy.url), _part_way(stage, out, n), timeout=JOB_TIMEOUT_S)
+        at_kill = {"rows": rows_written(out, "" if stage == "embed" else "part-"), "faults": proxy.faults(),
+                   "finished": any(storage.exists(f"{out}/{name}") for name in
+                                   ("_SUCCESS.json", "_decode.json", "summary.json", "model/config.json"))}
+        done = run(cmd, job_env(proxy.url))
     assert done.returncode == 0, _tail(done)
-    return record("S3 storm, then SIGKILL part way", "embed", ids_of(data), ids_of(out, prefix=""),
-                  storage.exists(f"{out}/_SUCCESS.json"), 1, rows_at_kill=rows_at_kill,
-                  finished_at_kill=finished_at_kill, faults_at_kill=faults_at_kill, faults=proxy.faults())
+    return _stage_record("S3 storm, then SIGKILL part way", stage, ids_of(data), out, 1, rows_at_kill=at_kill["rows"],
+                         finished_at_kill=at_kill["finished"], faults_at_kill=at_kill["faults"],
+                         faults=proxy.faults())
 
 
 def failing_for_good(bucket: str, upstream: str, workdir: Path, n: int = 200) -> dict:

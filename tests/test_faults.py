@@ -58,7 +58,7 @@ def test_every_stage_finishes_exactly_once_through_a_storage_fault_storm(s3_buck
 @pytest.mark.faults
 @pytest.mark.timeout(900)
 def test_an_embed_killed_in_a_fault_storm_resumes_exactly_once(s3_bucket, tmp_path):
-    row = scenarios.killed_in_a_storm(s3_bucket, os.environ["AWS_ENDPOINT_URL"], tmp_path)
+    row = scenarios.killed_in_a_storm("embed", s3_bucket, os.environ["AWS_ENDPOINT_URL"], tmp_path)
     assert 300 <= row["rows_at_kill"] < row["rows_in"] and not row["finished_at_kill"], row
     assert row["faults_at_kill"]["slowdown"] + row["faults_at_kill"]["reset"] > 0, row
     _exactly_once(row)
