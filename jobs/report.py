@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--neighbours", dest="neighbours_url", default=None,
                    help="a neighbours output (jobs.neighbours --out): adds the near-duplicate clusters")
     p.add_argument("--max-exact-rows", type=int, default=D["max_exact_rows"],
-                   help="above this many rows, quantiles come from a log histogram and metrics from a sample")
+                   help="above this many rows, quantiles come from a histogram and metrics from a sample")
     p.add_argument("--allow-partial", action="store_true",
                    help="report on a latent dataset whose embed job never finished (the report says so at the top)")
     return p

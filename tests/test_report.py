@@ -280,7 +280,7 @@ def test_metrics_counts_and_quantiles_equal_the_reference(ray_local, known, tmp_
     # and still exact counts and confusion matrix.
     sampled = report(ReportConfig(latents_url=latents, out_url=str(tmp_path / "s"), threshold=f"value:{threshold}",
                                   max_exact_rows=150))
-    assert sampled["scores"]["quantile_method"] == "log-histogram"
+    assert sampled["scores"]["quantile_method"] == "histogram"
     assert sampled["metrics"]["sampled"] and 60 < sampled["metrics"]["rows_used"] < 240
     assert sampled["metrics"]["at_threshold"] == m["at_threshold"]
     assert sampled["threshold"]["flagged_rows"] == summary["threshold"]["flagged_rows"]
@@ -301,6 +301,42 @@ def test_sketch_quantiles_stay_within_the_stated_factor():
         rank = q * (len(values) - 1)
         lower, upper = ordered[math.floor(rank)], ordered[math.ceil(rank)]
         assert min(lower, 1e-9) / HIST_RATIO <= value <= max(upper, 1e-9) * HIST_RATIO, (q, value, lower, upper)
+
+
+def test_sketch_quantiles_of_a_z_score_hold_below_zero_and_above_two():
+    """`fused` is a z-score: most rows near or below 0, anomalies far above 2. Its quantiles
+    read off the sketch stay within the stated factor on both sides of zero."""
+    rng = np.random.default_rng(2)
+    values = np.concatenate([rng.normal(0.0, 1.0, 19_000), rng.uniform(3.0, 400.0, 1_000)])
+    counts = histogram_counts(values)
+    assert counts[0] == counts[-1] == 0  # nothing folded into under- or overflow
+    ordered = np.sort(values)
+    for q in (0.0, 0.01, 0.3, 0.5, 0.9, 0.95, 0.99, 1.0):
+        value = sketch_quantile(counts, q, ordered[0], ordered[-1])
+        rank = q * (len(values) - 1)
+        lower, upper = ordered[math.floor(rank)], ordered[math.ceil(rank)]
+        band = [bound * factor for bound in (lower, upper) for factor in (HIST_RATIO, 1 / HIST_RATIO)]
+        assert min(band) - 1e-6 <= value <= max(band) + 1e-6, (q, value, lower, upper)
+
+
+def test_histogram_bars_are_symlog_for_scores_around_zero_and_log_for_positive_ones():
+    from pipeline.report.figures import histogram_figure
+    from pipeline.report.sketch import histogram_bars
+
+    rng = np.random.default_rng(3)
+    z = np.concatenate([rng.normal(0.0, 1.0, 950), rng.uniform(3.0, 60.0, 50)])
+    bars = histogram_bars(histogram_counts(z), {1: histogram_counts(z[950:])})
+    assert bars["scale"] == "symlog" and 1.5 < bars["linthresh"] < 2.5
+    assert sum(bars["counts"]) == 1000 and sum(bars["counts_label_1"]) == 50
+    edges = np.asarray(bars["edges"])
+    assert np.all(np.diff(edges) > 0) and edges[0] <= z.min() and edges[-1] >= z.max()
+    # Neither squeezed into a few bars (a linear axis to 60) nor piled into the first one (the
+    # log sketch before, where every score <= 1e-9 landed): the bulk spreads over many bars.
+    assert max(bars["counts"]) < 0.08 * len(z) and sum(c > 5 for c in bars["counts"]) >= 20, bars["counts"]
+    positive = histogram_bars(histogram_counts(rng.lognormal(-6, 1.5, 1000)))
+    assert positive["scale"] == "log" and positive["edges"][0] > 0 and sum(positive["counts"]) == 1000
+    png = histogram_figure(bars, "fused (symlog scale)", threshold=2.5)
+    assert png.startswith(b"\x89PNG")
 
 
 @pytest.mark.ray

@@ -4,7 +4,7 @@ Reads a latent dataset (the embed job's output) with Ray Data in two streaming p
 its small score columns; each Ray task reduces one block to a small partial and the driver
 merges the partials, so no step ever holds the dataset:
 
-1. scores: counts, error reasons, log-spaced histograms of every score column, per-shard and
+1. scores: counts, error reasons, symmetric-log histograms of every score column, per-shard and
    per-kind sums of the report's score (--score), the top-K rows by it, and the score/label arrays the exact quantiles and
    the label metrics use (every row up to `max_exact_rows`; above that a uniform sample
    chosen by a hash of the id, and quantiles come from the histogram).
@@ -19,7 +19,7 @@ original | reconstruction | anomaly map (the map the report's score pools).
 The files, along those steps:
     config.py     ReportConfig and `check_inputs`: every refusal before any pass (InputError)
     scan.py       the two Ray Data passes and their typed partials (`from_block`, `combine`)
-    sketch.py     the log-histogram sketch behind quantiles above max_exact_rows and the histograms
+    sketch.py     the histogram sketch behind quantiles above max_exact_rows and the histograms
     metrics.py    the threshold, score summaries and label metrics
     summary.py    summary.json's sections
     figures.py    histograms and ROC / PR curves (matplotlib)
@@ -31,9 +31,10 @@ The files, along those steps:
 
 Precision: counts, sums, flags, means and the confusion matrix are exact at any size. With at
 most `max_exact_rows` scored rows, quantiles (numpy's linear interpolation) and the label
-metrics are exact too. Above it, quantiles come from a histogram of HIST_BINS log-spaced bins
-over [1e-9, 2]: a reported quantile is within a factor HIST_RATIO (relative error < 0.53%)
-of an order statistic next to its rank, and values below 1e-9 read as at most 1e-9; AUROC,
+metrics are exact too. Above it, quantiles come from a histogram of HIST_BINS bins, log-spaced
+on both sides of zero over [-1e4, 1e4] (sketch.py): a reported quantile is within a factor
+HIST_RATIO (relative error < 0.74%) of an order statistic next to its rank when |score| >= 1e-6,
+within about 1e-9 of it nearer zero, and outside [-1e4, 1e4] it reads as the exact extreme; AUROC,
 AP and best F1 then come from the hash sample of about `max_exact_rows` rows.
 
 Thresholds (flag rule: score > threshold, the same as the embed job's is_anomaly when the
@@ -68,8 +69,8 @@ summary.json keys:
     score                     the score the report ranks, thresholds and plots by (--score, default: the
                               one the embed job flagged by, from the latents' metadata; else mse)
     scores                    {<every score column>: {count, min, max, mean, quantiles {"0.5": ...}},
-                               quantile_method "exact"|"log-histogram", quantile_relative_error}
-    histogram                 {score, edges, counts, [counts_label_0, counts_label_1]}
+                               quantile_method "exact"|"histogram", quantile_relative_error}
+    histogram                 {score, edges, counts, scale ("log"|"symlog"), [linthresh], [counts_label_0, counts_label_1]}
     threshold                 {spec, policy, parameter, value, source, score, rule "<score> > value",
                                flagged_rows, flagged_share, estimated_contamination (the share
                                of the model's held-out split its calibration read as anomalies;

@@ -31,8 +31,8 @@ def _png(fig) -> bytes:
 
 
 def histogram_figure(bars: dict[str, list], xlabel: str, threshold: float | None) -> bytes:
-    """A log-x histogram of `bars` (sketch.histogram_bars; split by label when they are), the
-    threshold marked."""
+    """A histogram of `bars` (sketch.histogram_bars; split by label when they are) on the x axis
+    scale they name (log, or symlog for scores around zero), the threshold marked."""
     edges, counts = np.asarray(bars["edges"]), np.asarray(bars["counts"])
     fig = _figure()
     ax = fig.add_subplot()
@@ -44,11 +44,16 @@ def histogram_figure(bars: dict[str, list], xlabel: str, threshold: float | None
         ax.stairs(counts, edges, color="black", linewidth=0.8, label="all scored rows")
     else:
         ax.stairs(counts, edges, fill=True, color="tab:blue", alpha=0.7, label="scored rows")
-    if threshold is not None and math.isfinite(threshold) and threshold > 0:
+    log = bars.get("scale", "log") == "log"
+    if threshold is not None and math.isfinite(threshold) and (threshold > 0 or not log):
         ax.axvline(threshold, color="tab:orange", linestyle="--", linewidth=1.5, label=f"threshold {threshold:.4g}")
         lo, hi = min(edges[0], threshold), max(edges[-1], threshold)
-        ax.set_xlim(lo / 1.2, hi * 1.2)
-    ax.set_xscale("log")
+        if log:
+            ax.set_xlim(lo / 1.2, hi * 1.2)
+    if log:
+        ax.set_xscale("log")
+    else:
+        ax.set_xscale("symlog", linthresh=bars["linthresh"])
     ax.set_xlabel(xlabel)
     ax.set_ylabel("images")
     ax.legend(fontsize=8)

@@ -49,7 +49,7 @@ def _scan_scores(cfg: ReportConfig, info: LatentInfo, exact: bool) -> tuple[Scan
     fraction = 1.0 if exact else cfg.max_exact_rows / info.rows
     plan = ScanPlan(**info.latent_columns(), top_k=cfg.top_k, sample_fraction=fraction)
     print(f"report: pass 1/2 (scores) over {info.rows:,} rows in {len(info.paths)} file(s) of {cfg.latents_url}"
-          f"{'' if exact else f'; quantiles from a log histogram, metrics on a {fraction:.3g} sample'}", flush=True)
+          f"{'' if exact else f'; quantiles from a histogram, metrics on a {fraction:.3g} sample'}", flush=True)
     return plan, reduce(ScorePartial.combine, run_pass(info, plan, scan_scores, "pass 1/2"), ScorePartial())
 
 
@@ -79,7 +79,7 @@ def _scan(cfg: ReportConfig, inputs: Inputs) -> Findings:
 def _figures(found: Findings, summary: dict[str, Any]) -> dict[str, bytes]:
     """The histograms, and the ROC / PR curves when the labels hold both classes."""
     score = found.scores.score
-    files = {histogram_file(score): histogram_figure(summary["histogram"], f"{score} (log scale)",
+    files = {histogram_file(score): histogram_figure(summary["histogram"], f"{score} ({summary['histogram']['scale']} scale)",
                                                      found.threshold.value)}
     if "metrics" in summary and summary["metrics"]["auroc"] is not None:
         labels, values = found.scores.sample.labelled(score)

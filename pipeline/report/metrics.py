@@ -80,7 +80,7 @@ def _contamination(parsed: ThresholdSpec, totals: ScorePartial, exact: bool) -> 
         return math.inf, "no scored rows"
     if not exact:
         value = sketch_quantile(stats.histogram, 1.0 - share, stats.lowest, stats.highest)
-        return value, (f"the {1 - share:g}-quantile of this corpus's {totals.score} (log-histogram, within "
+        return value, (f"the {1 - share:g}-quantile of this corpus's {totals.score} (histogram, within "
                        f"{(HIST_RATIO - 1) * 100:.2f}%)")
     value = resolve_threshold(parsed, scores=totals.sample.column(totals.score))
     return value, f"the top {share:g} share ({int(round(share * n)):,} of {n:,} scored rows)"

@@ -5,7 +5,7 @@ Each Ray task reduces one block (a pyarrow table) to a small typed partial
 one-row table (`pack` / `unpack`, the form `map_batches` can return), and the driver merges
 the partials as they arrive (`combine`), so no step ever holds the dataset.
 
-1. scores (`ScorePartial`): counts, error reasons, log histograms of every score column,
+1. scores (`ScorePartial`): counts, error reasons, histograms of every score column,
    per-shard and per-kind sums of the report's score, the top-K rows by it, and the
    score/label sample the exact quantiles and the label metrics use (every scored row, or a
    uniform id-hash sample).
@@ -146,7 +146,7 @@ def _smallest(keys: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
 
 @dataclass
 class ScoreStats:
-    """Count, sum, min, max and log histogram of one score's finite values."""
+    """Count, sum, min, max and histogram of one score's finite values."""
 
     count: int = 0
     total: float = 0.0

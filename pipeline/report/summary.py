@@ -69,7 +69,7 @@ def scores_section(scores: ScorePartial, exact: bool) -> dict[str, Any]:
     """Every score column's count, range, mean and quantiles."""
     section: dict[str, Any] = {name: score_summary(stats, scores.sample.column(name), exact)
                                for name, stats in scores.stats.items()}
-    section["quantile_method"] = "exact" if exact else "log-histogram"
+    section["quantile_method"] = "exact" if exact else "histogram"
     section["quantile_relative_error"] = 0.0 if exact else HIST_RATIO - 1
     return section
 
