@@ -43,12 +43,14 @@ from pipeline.images import RESIZE_POLICIES, decode_batch
 from pipeline.inference import ImageScorer, load_inference_model, to_input
 from pipeline.latents import (
     CHECKPOINT_DIR,
+    DEFAULT_LATENT_DTYPE,
     LATENT_DTYPES,
     METADATA_KEY,
     RUN_FILE,
     SUCCESS_FILE,
     fixed_size_list,
     latent_files,
+    latent_write_options,
     quantize_latents,
     write_success,
 )
@@ -86,7 +88,7 @@ class Embedder:
     calibration's default score); `scores` is `--scores` (None: what `score` reads, and mse).
     """
 
-    def __init__(self, model_url: str, latent_dtype: str = "float32", threshold: float = math.inf,
+    def __init__(self, model_url: str, latent_dtype: str = DEFAULT_LATENT_DTYPE, threshold: float = math.inf,
                  passthrough: Sequence[str] = (), device: str | None = None, torch_threads: int | None = None,
                  metadata: dict[str, Any] | None = None, on_rows: Callable[[int], None] | None = None,
                  score: str | None = None, scores: str | None = None):
@@ -151,7 +153,7 @@ class EmbedConfig:
     data_url: str
     model_url: str
     out_url: str
-    latent_dtype: str = "float32"
+    latent_dtype: str = DEFAULT_LATENT_DTYPE
     threshold: str = "quantile:0.99"
     score: str | None = None  # the score that sets is_anomaly; None: the model's default (its calibration's)
     scores: str | None = None  # --scores: "all", or names; None: what `score` reads, and mse (`prepare` lists them)
@@ -346,6 +348,7 @@ def _pipeline(plan: EmbedPlan, resources: ResourcePlan, out_fs, out_path: str, o
         compute=ActorPoolStrategy(size=resources.actors), num_cpus=resources.cpus_per_actor,
         num_gpus=resources.gpus_per_actor)
     ds.write_parquet(out_path, filesystem=out_fs, min_rows_per_file=min(cfg.rows_per_file, plan.rows_in),
+                     **latent_write_options(cfg.latent_dtype, cfg.keep),
                      ray_remote_args={"num_cpus": resources.task_cpus})  # write_parquet has no num_cpus=
 
 

@@ -30,6 +30,9 @@ from pipeline.errors import InputError
 
 METADATA_KEY = b"squeeze"
 LATENT_DTYPES = ("float32", "float16", "int8")
+# int8 (a per-row scale beside it): a fifth of float32 + snappy's bytes per row, with the same
+# reconstructions and neighbours (bench/latent_storage.py); float32 stays a --latent-dtype away.
+DEFAULT_LATENT_DTYPE = "int8"
 LATENT_COLUMNS = ("id", "latent", "latent_scale")
 RUN_FILE = "_embed.json"
 SUCCESS_FILE = "_SUCCESS.json"
@@ -51,6 +54,18 @@ def quantize_latents(z: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray 
         scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
         return np.clip(np.rint(z / scale[:, None]), -127, 127).astype(np.int8), scale
     raise ValueError(f"latent dtype must be one of {LATENT_DTYPES}, got {dtype!r}")
+
+
+def latent_write_options(latent_dtype: str, passthrough: Sequence[str] = ()) -> dict[str, Any]:
+    """pyarrow Parquet writer options of a latent dataset's files.
+
+    zstd for every column. Dictionary encoding only where values repeat: the error reasons,
+    the passed-through columns and an int8 latent; never the ids, a float latent or the float
+    scores, whose values almost never repeat (a dictionary there is overhead until pyarrow gives
+    it up at 1 MiB). bench/latent_storage.py measures each choice.
+    """
+    dictionary = ["error", *passthrough, *(["latent.list.element"] if latent_dtype == "int8" else [])]
+    return {"compression": "zstd", "use_dictionary": dictionary}
 
 
 def dequantize_latents(latent: np.ndarray, scale: np.ndarray | None) -> np.ndarray:

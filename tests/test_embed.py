@@ -100,7 +100,16 @@ def test_ray_job_equals_the_plain_reference_row_for_row(ray_local, corpus, model
     for f in files:
         meta = json.loads(pq.read_metadata(f).metadata[METADATA_KEY])
         assert meta["model"] == model_url and len(meta["weights_sha256"]) == 64
-    assert got.schema.field("latent").type == pa.list_(pa.float32(), 16)
+    # The default storage: int8 latents with a float32 scale, zstd, a dictionary only where values
+    # repeat (the int8 latent), not for the float scores (latent_write_options).
+    latent = got.schema.field("latent").type
+    assert (latent.value_type, latent.list_size) == (pa.int8(), 16)
+    assert got.schema.field("latent_scale").type == pa.float32()
+    group = pq.ParquetFile(files[0]).metadata.row_group(0)
+    chunks = {group.column(i).path_in_schema: group.column(i) for i in range(group.num_columns)}
+    assert {c.compression for c in chunks.values()} == {"ZSTD"}
+    assert "RLE_DICTIONARY" not in chunks["mse"].encodings
+    assert "RLE_DICTIONARY" in chunks["latent.list.element"].encodings
 
     # A rerun of a finished job does nothing and duplicates nothing.
     again = embed(cfg)
@@ -318,4 +327,4 @@ def test_output_folder_of_another_model_is_refused(corpus, model_url, tmp_path):
     with pytest.raises(InputError, match="holds results of another model"):
         embed(EmbedConfig(data_url=corpus, model_url=other, out_url=out))
     with pytest.raises(InputError, match="other settings .*latent_dtype"):
-        embed(EmbedConfig(data_url=corpus, model_url=model_url, out_url=out, latent_dtype="int8"))
+        embed(EmbedConfig(data_url=corpus, model_url=model_url, out_url=out, latent_dtype="float32"))

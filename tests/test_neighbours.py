@@ -533,7 +533,10 @@ def test_report_shows_the_largest_clusters_with_hostile_ids_escaped(ray_local, t
     images = [encode_image(p) for p in (pictures[0], pictures[0], pictures[1], pictures[1], *pictures[2:])]
     data = tmp_path / "shards"
     write_shard(str(data / "part-00000.parquet"), pa.table({"id": ids, "image": pa.array(images, pa.binary())}))
-    table = embed_reference(EmbedConfig(data_url=str(data), model_url=tiny_model, out_url=""), 1.0)
+    # float32: the untrained tiny model maps every picture to nearly one latent, and int8's rounding
+    # would bring distinct pictures within this test's 1e-4 of each other.
+    table = embed_reference(EmbedConfig(data_url=str(data), model_url=tiny_model, out_url="", latent_dtype="float32"),
+                            1.0)
     latents = tmp_path / "latents"
     latents.mkdir()
     pq.write_table(table, latents / "part-0.parquet")
