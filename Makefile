@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # wheel of it lies on disk, and the project's own `torch==2.13.0` pin is then satisfied.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv test test-fast demo bench clean
+.PHONY: venv test test-fast test-faults demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,13 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Everything but the fault storms (`make test-faults`; .ci/run runs both).
 test: venv
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not faults"
+
+# Storage storms, kills in a storm, a full disk, nodes removed mid-job: minutes each.
+test-faults: venv
+	$(PY) -m pytest -m faults
 
 # Everything that needs no Ray cluster or external service: seconds, for iteration.
 test-fast: venv

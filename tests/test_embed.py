@@ -248,6 +248,7 @@ def test_compact_latents_stay_within_the_stated_error(model_url, dtype, stated_e
     np.testing.assert_array_equal(compact.column("mse").to_numpy(), exact.column("mse").to_numpy())
 
 
+@pytest.mark.faults  # a kill or a crash mid-job: `make test-faults`
 @pytest.mark.ray
 @pytest.mark.slow
 def test_exactly_once_after_sigkill_and_rerun(tmp_path):

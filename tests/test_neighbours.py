@@ -465,6 +465,7 @@ def _neighbour_rows(out: str) -> dict[str, tuple]:
             for r in table.to_pylist()}
 
 
+@pytest.mark.faults  # a kill or a crash mid-job: `make test-faults`
 @pytest.mark.ray
 @pytest.mark.slow
 def test_killed_once_then_rerun_gives_the_uninterrupted_output(ray_local, tmp_path):

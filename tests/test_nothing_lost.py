@@ -122,6 +122,7 @@ def test_a_double_submit_ends_with_one_row_per_id(tmp_path):
     assert len(ids) == len(set(ids)) == 1200
 
 
+@pytest.mark.faults  # a kill or a crash mid-job: `make test-faults`
 @pytest.mark.ray
 @pytest.mark.slow
 def test_killed_three_times_then_finished_exactly_once_and_refused_while_unfinished(tmp_path, capsys):

@@ -118,6 +118,7 @@ def test_the_structure_aware_loss_and_defect_aware_training_learn_through_the_tr
     assert load_checkpoint(aware.model_url).weights_sha256 != load_checkpoint(plain.model_url).weights_sha256
 
 
+@pytest.mark.faults  # a kill or a crash mid-job: `make test-faults`
 @pytest.mark.ray
 def test_a_worker_crash_mid_epoch_is_survived(ray_local, corpus, tmp_path):
     marker = tmp_path / "crashed"
@@ -137,6 +138,7 @@ def test_same_seed_gives_identical_weights(ray_local, corpus, tmp_path):
     assert runs[0].training["seed"] == 7
 
 
+@pytest.mark.faults  # a kill or a crash mid-job: `make test-faults`
 @pytest.mark.ray
 @pytest.mark.slow
 def test_rerun_after_sigkill_resumes_and_stops_at_the_requested_epochs(corpus, tmp_path):

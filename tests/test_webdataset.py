@@ -191,6 +191,7 @@ def test_tar_shards_on_s3(ray_local, s3_bucket, tar_data, tiny_model, tmp_path):
     assert (ingested["rows"], ingested["rejected"]) == (N - 2, 2)
 
 
+@pytest.mark.faults  # a kill or a crash mid-job: `make test-faults`
 @pytest.mark.ray
 @pytest.mark.slow
 def test_train_embed_killed_and_resumed_report_on_tar_shards(tmp_path):
