@@ -79,7 +79,7 @@ def embed_rows(model_url: str, rows: int) -> tuple[pa.Table, np.ndarray]:
     from pipeline.embed import Embedder
     from pipeline.synth import synthetic_image
 
-    embedder = Embedder(model_url, device="cpu")
+    embedder = Embedder(model_url, latent_dtype="float32", device="cpu")  # the unrounded latent
     pixels = np.stack([synthetic_image(i, 0, 64, 3) for i in range(rows)])
     parts = [embedder({"id": np.array([f"img-{i:07d}" for i in range(start, min(rows, start + 500))]),
                        "pixels": pixels[start:start + 500],

@@ -78,7 +78,7 @@ def real_latents(n: int, train_steps: int) -> np.ndarray:
         optimizer.step()
     model.eval()
     save_checkpoint(str(OUT / "model"), model, training={"preprocessing": {"resize": "pad"}})
-    embedder = Embedder(str(OUT / "model"), device="cpu", torch_threads=1)
+    embedder = Embedder(str(OUT / "model"), latent_dtype="float32", device="cpu", torch_threads=1)
     chunks = []
     for start in range(0, n, 1000):
         pixels = np.stack([synthetic_image(i, 0, 64, 3) for i in range(start, min(n, start + 1000))])
