@@ -107,17 +107,35 @@ def markdown(rows: list[dict]) -> str:
             return f"{row['lost']} lost, {row['duplicates']} duplicated"
         return f"epochs {row['epochs']}" if "epochs" in row else f"{row['rows_in'] - row['rows_seen']} unseen"
 
-    return table(["fault", "stage", "rows in", "rows out", "reruns", "finished", "nothing lost"],
-                 [[r["fault"], r["stage"], "", "", "", "FAILED", r["failed"].splitlines()[0][:120]] if "failed" in r
-                  else [r["fault"], r["stage"], r["rows_in"], out(r), r["reruns"], "yes" if r["finished"] else "NO",
-                        lost(r)] for r in rows])
+    def first_run(row):
+        """What the first run left: where it was killed, how it failed, or that it finished."""
+        if "rows_at_kill" in row:
+            where = {"train": "epoch 1 checkpointed", "report": "2 s into its lease"}.get(
+                row["stage"], f"{row['rows_at_kill']} rows written")
+            return f"killed: {where}, {'finished' if row['finished_at_kill'] else 'unfinished'}"
+        if "after_failure" in row:
+            failure = row["after_failure"]
+            return (f"exit {failure['exit']}, {'a traceback' if failure['traceback'] else 'no traceback'}, "
+                    f"{'finished' if failure['finished'] else 'unfinished'}: `{failure['error'][:60]}...`")
+        if row.get("first_error"):
+            return f"failed: {row['first_error'][:60]}"
+        return "finished"
+
+    return table(["fault", "stage", "rows in", "first run", "reruns", "rows out", "finished", "nothing lost"],
+                 [[r["fault"], r["stage"], "", "", "", "", "FAILED", r["failed"].splitlines()[0][:120]] if "failed" in r
+                  else [r["fault"], r["stage"], r["rows_in"], first_run(r), r["reruns"], out(r),
+                        "yes" if r["finished"] else "NO", lost(r)] for r in rows])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(REPO / "docs" / "bench-results" / "faults.json"), help="raw results")
     p.add_argument("--only", default=",".join(SCENARIOS), help="scenarios to run, comma-separated (default: all)")
+    p.add_argument("--table", action="store_true", help="print the table of the raw results in --out, run nothing")
     args = p.parse_args()
+    if args.table:
+        print(markdown(json.loads(Path(args.out).read_text())["records"]))
+        return
     names = [n for n in args.only.split(",") if n]
     unknown = set(names) - set(SCENARIOS)
     if unknown:
