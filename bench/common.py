@@ -26,6 +26,32 @@ def scored_rows(scorer, pixels, batch_size: int = 256) -> dict:
     return {name: np.concatenate(values) for name, values in parts.items()}
 
 
+def briefly_trained_model(folder: str, steps: int) -> str:
+    """A default-shape Fire model (64 px RGB, latent 128) trained `steps` steps of 64 on 2,000
+    synthetic images (seed 99, apart from the images benches embed), saved under `folder`."""
+    import numpy as np
+
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.model import AutoencoderConfig, build_model
+    from pipeline.scoring import mse_per_image
+    from pipeline.synth import synthetic_image
+
+    torch.manual_seed(0)
+    model = build_model(AutoencoderConfig())
+    x = torch.from_numpy(np.stack([synthetic_image(i, 99, 64, 3) for i in range(2000)])).permute(0, 3, 1, 2)
+    x = x.float() / 255
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        batch = x[torch.randint(0, len(x), (64,))]
+        loss = mse_per_image(batch, model(batch)["x_hat"]).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    save_checkpoint(folder, model, training={"preprocessing": {"resize": "pad"}})
+    return folder
+
+
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "docs" / "bench-results"
 
 

@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import table, write_results  # noqa: E402
+from bench.common import briefly_trained_model, table, write_results  # noqa: E402
 from pipeline.latents import (  # noqa: E402
     LATENT_DTYPES,
     dequantize_latents,
@@ -50,28 +50,6 @@ WRITERS = {  # name: (pyarrow.parquet.write_table options, or None: the embed jo
     "zstd, dictionary": {"compression": "zstd"},
     "the embed job's (latent_write_options)": None,
 }
-
-
-def train_model(folder: Path, steps: int) -> str:
-    from pipeline.checkpoint import save_checkpoint
-    from pipeline.model import AutoencoderConfig, build_model
-    from pipeline.scoring import mse_per_image
-    from pipeline.synth import synthetic_image
-
-    torch.manual_seed(0)
-    model = build_model(AutoencoderConfig())
-    x = torch.from_numpy(np.stack([synthetic_image(i, 99, 64, 3) for i in range(2000)])).permute(0, 3, 1, 2)
-    x = x.float() / 255
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        batch = x[torch.randint(0, len(x), (64,))]
-        loss = mse_per_image(batch, model(batch)["x_hat"]).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    save_checkpoint(str(folder / "model"), model, training={"preprocessing": {"resize": "pad"}})
-    return str(folder / "model")
 
 
 def embed_rows(model_url: str, rows: int) -> tuple[pa.Table, np.ndarray]:
@@ -146,7 +124,7 @@ def main() -> None:
     started = time.time()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    model_url = train_model(work, args.train_steps)
+    model_url = briefly_trained_model(str(work / "model"), args.train_steps)
     base, pixels = embed_rows(model_url, args.rows)
     rng = np.random.default_rng(0)
     sample = rng.choice(args.rows, min(1000, args.rows), replace=False)

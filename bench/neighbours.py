@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine, table, write_results  # noqa: E402
+from bench.common import briefly_trained_model, machine, table, write_results  # noqa: E402
 from pipeline import storage  # noqa: E402
 from pipeline.latents import SUCCESS_FILE, fixed_size_list  # noqa: E402
 
@@ -58,26 +58,11 @@ def real_latents(n: int, train_steps: int) -> np.ndarray:
     """Latents of n synthetic 64x64 images from a default-shape Fire model briefly trained on others."""
     import torch
 
-    from pipeline.checkpoint import save_checkpoint
     from pipeline.embed import Embedder
-    from pipeline.model import AutoencoderConfig, build_model
-    from pipeline.scoring import mse_per_image
     from pipeline.synth import synthetic_image
 
     torch.set_num_threads(1)  # a shared 2-core machine: two threads spin against other work
-    torch.manual_seed(0)
-    model = build_model(AutoencoderConfig())  # 64x64x3, latent 128
-    x = torch.from_numpy(np.stack([synthetic_image(i, 99, 64, 3) for i in range(2000)])).permute(0, 3, 1, 2)
-    x = x.float() / 255
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(train_steps):
-        batch = x[torch.randint(0, len(x), (64,))]
-        loss = mse_per_image(batch, model(batch)["x_hat"]).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    save_checkpoint(str(OUT / "model"), model, training={"preprocessing": {"resize": "pad"}})
+    briefly_trained_model(str(OUT / "model"), train_steps)
     embedder = Embedder(str(OUT / "model"), latent_dtype="float32", device="cpu", torch_threads=1)
     chunks = []
     for start in range(0, n, 1000):
