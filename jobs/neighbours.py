@@ -9,8 +9,9 @@ On a cluster:
         --latents s3://bucket/latents/r1 --out s3://bucket/neighbours/r1 \\
         --model s3://bucket/runs/r1/model --data s3://bucket/shards
 
-The duplicate threshold is calibrated with --model and --data (copies of sampled images:
-resized, cropped, JPEG re-encoded, against the nearest other image), or given with
+The duplicate threshold is calibrated with --model and --data (copies of sampled images, each
+cropped, rescaled, JPEG re-encoded, framed or watermarked, against the nearest other image;
+_neighbours.json gives the recall on each kind of edit), or given with
 --duplicate-threshold value:X. Output: index.faiss + index.json, part-*.parquet (id,
 neighbour_ids, distances, error), duplicates/pairs.parquet and duplicates/clusters.parquet,
 _neighbours.json, and _SUCCESS.json last. Exactly once: rerunning the same command after an
@@ -26,6 +27,7 @@ from dataclasses import fields
 
 from jobs.cli import arguments, parser, run_job
 from pipeline.neighbours import job
+from pipeline.neighbours.edits import EDIT_KINDS
 from pipeline.neighbours.index import INDEX_KINDS
 from pipeline.neighbours.job import SEARCH_BATCH_SIZE, NeighboursConfig
 
@@ -43,6 +45,10 @@ def _range(kind):
     return parse
 
 
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = parser("neighbours", __doc__)
     p.add_argument("--latents", dest="latents_url", required=True,
@@ -56,17 +62,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duplicate-threshold", default=D["duplicate_threshold"],
                    help="'calibrate' (needs --model and --data) or value:X, a Euclidean distance between latents")
     p.add_argument("--calibration-images", type=int, default=D["calibration_images"],
-                   help="images sampled (by id hash) from --data, each with one augmented copy")
+                   help="images sampled (by id hash) from --data, each with one edited copy")
     p.add_argument("--max-false-positive-rate", type=float, default=D["max_false_positive_rate"],
                    help="the calibrated threshold admits at most this share of distinct-image pairs")
     p.add_argument("--positive-quantile", type=float, default=D["positive_quantile"],
                    help="the threshold is never above this quantile of the copies' distances")
-    p.add_argument("--calibration-resize", type=_range(float), default=D["calibration_resize"], metavar="LOW,HIGH",
-                   help="calibration copies are scaled down by a factor in this range and back up")
+    p.add_argument("--calibration-edits", type=_names, default=D["calibration_edits"], metavar="KIND,...",
+                   help=f"the edits calibration copies get, one per copy, from {', '.join(EDIT_KINDS)} "
+                        f"(default: {','.join(D['calibration_edits'])}; flip is opt-in)")
     p.add_argument("--calibration-crop", type=_range(float), default=D["calibration_crop"], metavar="LOW,HIGH",
-                   help="calibration copies lose this share of width and height, resized back")
+                   help="crop copies lose this share of width and of height")
+    p.add_argument("--calibration-rescale", type=_range(float), default=D["calibration_rescale"], metavar="LOW,HIGH",
+                   help="rescale copies are stored at this factor of the original size")
     p.add_argument("--calibration-quality", type=_range(int), default=D["calibration_quality"], metavar="LOW,HIGH",
-                   help="calibration copies are JPEG re-encoded at a quality in this range")
+                   help="jpeg copies are re-encoded at a quality in this range")
+    p.add_argument("--calibration-border", type=_range(float), default=D["calibration_border"], metavar="LOW,HIGH",
+                   help="border copies get a frame or letterbox bars, each this share of the side")
+    p.add_argument("--calibration-overlay", type=_range(float), default=D["calibration_overlay"], metavar="LOW,HIGH",
+                   help="overlay copies get a watermark box with text over this share of the area")
     p.add_argument("--seed", type=int, default=D["seed"], help="seed of the calibration sample and its copies")
     p.add_argument("--index", choices=INDEX_KINDS, default=D["index"],
                    help="index kind; auto: flat (exact) up to --flat-max-rows rows, IVF-PQ above")

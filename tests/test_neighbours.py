@@ -53,6 +53,7 @@ from pipeline.neighbours import (
     prepare,
     query,
 )
+from pipeline.neighbours.edits import DEFAULT_EDITS
 from pipeline.scoring import mse_per_image
 from pipeline.thresholds import calibration_from_errors
 from pipeline.shards import write_shard
@@ -185,10 +186,11 @@ def planted_run(planted, ray_local):
     """The real embed job, then the real neighbours job with a calibrated threshold."""
     root = planted["root"]
     embed(EmbedConfig(data_url=planted["corpus"], model_url=planted["model"], out_url=str(root / "latents")))
-    # Calibrated on copies as light as the planted ones: the default 5-10% crops move this model's
-    # latents as far as a different image does (the record's recall on them is about 0.5).
+    # Calibrated on edits like the planted ones: the default crops of up to 15%, borders and
+    # overlays move this model's latents as far as a different image does.
     cfg = NeighboursConfig(latents_url=str(root / "latents"), out_url=str(root / "neighbours"), k=5,
-                           model_url=planted["model"], data_url=planted["originals"], calibration_crop=(0.0, 0.02))
+                           model_url=planted["model"], data_url=planted["originals"],
+                           calibration_edits=("crop", "rescale", "jpeg"), calibration_crop=(0.0, 0.02))
     return cfg, neighbours(cfg)
 
 
@@ -234,6 +236,8 @@ def test_planted_near_duplicates_are_the_clusters_found(planted, planted_run):
     assert threshold["false_positive_rate_on_negatives"] <= 0.001
     assert 0 < threshold["recall_on_positives"] <= 1
     assert threshold["copies_failed"] == 0 and threshold["copy_failure"] is None
+    by_edit = threshold["recall_by_edit"]
+    assert set(by_edit) == {"crop", "rescale", "jpeg"} and sum(e["copies"] for e in by_edit.values()) == ORIGINALS
     assert record["summary"]["clusters"] == summary.clusters == len(by_cluster)
 
 
@@ -271,6 +275,22 @@ def test_query_by_image_and_by_id(planted, planted_run, tmp_path, capsys):
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert lines[0]["query"] == str(image_file) and lines[0]["ids"][0] == copy_id
     assert lines[-1]["queries"] == 1
+
+
+@pytest.mark.ray
+def test_the_report_states_the_recall_on_each_kind_of_edit(planted, planted_run, tmp_path):
+    from jobs.report import main as report_main
+    from pipeline.report.html import number
+
+    cfg, _ = planted_run
+    by_edit = json.loads(storage.read_text(storage.join(cfg.out_url, RUN_FILE)))["threshold"]["recall_by_edit"]
+    assert report_main(["--latents", str(planted["root"] / "latents"), "--out", str(tmp_path / "report"),
+                        "--neighbours", cfg.out_url]) == 0
+    section = json.loads((tmp_path / "report" / "summary.json").read_text())["near_duplicates"]
+    assert section["recall_by_edit"] == {kind: got["recall"] for kind, got in by_edit.items()}
+    html = (tmp_path / "report" / "index.html").read_text()
+    stated = ", ".join(f"{kind} {number(recall, 2)}" for kind, recall in section["recall_by_edit"].items())
+    assert f"recall by edit: {stated}" in html
 
 
 # ---------------------------------------------------------------- the index
@@ -347,23 +367,27 @@ def test_calibration_copies_that_fail_are_counted_and_too_many_stop_it(tiny_mode
     write_shard(str(tmp_path / "data" / "part-00000.parquet"),
                 pa.table({"id": ids, "image": [encode_image(synthetic_image(i, 3, 32, 3)) for i in range(40)]}))
     data, columns = ShardList.under(str(tmp_path / "data")), Columns(id="id", image="image")
-    real_copy = calibrate.augmented_copy
+    real_copy = calibrate.edited_copy
     unlucky = set()
 
-    def broken_copy(image: bytes, rng, augmentation):
+    def broken_copy(image: bytes, kind, rng, edits):
         if len(unlucky) < failing or image in unlucky:
             unlucky.add(image)
-            raise ValueError("a bug in augmented_copy")
-        return real_copy(image, rng, augmentation)
+            raise ValueError("a bug in edited_copy")
+        return real_copy(image, kind, rng, edits)
 
-    monkeypatch.setattr(calibrate, "augmented_copy", broken_copy)
+    monkeypatch.setattr(calibrate, "edited_copy", broken_copy)
     failing = 1  # 1 of 40: counted, with its cause, and the calibration goes on
     record = calibrate.calibrate_threshold(tiny_model, data, columns, 40, seed=0, latent_dtype="float16")
     assert (record["copies_failed"], record["images_used"]) == (1, 39)
-    assert record["copy_failure"] == "ValueError: a bug in augmented_copy"
+    assert record["copy_failure"] == "ValueError: a bug in edited_copy"
+    # Every default edit kind is measured on its share of the copies made, each with its recall.
+    by_edit = record["recall_by_edit"]
+    assert list(by_edit) == list(DEFAULT_EDITS) and sum(e["copies"] for e in by_edit.values()) == 39
+    assert all(e["copies"] >= 7 and 0 <= e["recall"] <= 1 for e in by_edit.values())
     unlucky.clear()
     failing = 40  # every copy: the job stops, naming the cause, instead of calibrating on nothing
-    with pytest.raises(JobFailed, match=r"no calibration copy could be made of 40 of the 40 .*a bug in augmented_copy"):
+    with pytest.raises(JobFailed, match=r"no calibration copy could be made of 40 of the 40 .*a bug in edited_copy"):
         calibrate.calibrate_threshold(tiny_model, data, columns, 40, seed=0, latent_dtype="float16")
 
 

@@ -8,18 +8,16 @@ pipeline/neighbour_output.py (the core module the report reads them through).
 
 The files, along those steps:
     index.py      choose, build (streaming), save, load and search the index
-    calibrate.py  the duplicate threshold from images and augmented copies of them
+    edits.py      the edits that make a near-duplicate (crop, rescale, JPEG, border, overlay, flip)
+    calibrate.py  the duplicate threshold from images and edited copies of them
     clusters.py   pairs under the threshold, connected components, keepers
     job.py        NeighboursConfig, `prepare` (every check, no Ray) and `run`; the mapper
                   `NeighbourSearch`
     query.py      `query(...)` and the `jobs.query` entry point's config
 """
 
-from pipeline.neighbours.calibrate import (
-    augmented_copy,
-    calibrate_threshold,
-    choose_threshold,
-)
+from pipeline.neighbours.calibrate import calibrate_threshold, choose_threshold
+from pipeline.neighbours.edits import EDIT_KINDS, Edits, edited_copy
 from pipeline.neighbours.clusters import clusters, duplicate_pairs
 from pipeline.neighbours.index import (
     FLAT_MAX_ROWS,
@@ -40,6 +38,6 @@ from pipeline.neighbours.query import QueryConfig, query, run_query
 
 __all__ = [
     "FLAT_MAX_ROWS", "LoadedIndex", "NeighbourSearch", "NeighboursConfig", "NeighboursPlan", "NeighboursSummary",
-    "QueryConfig", "augmented_copy", "build_index", "calibrate_threshold", "choose_threshold", "clusters",
+    "QueryConfig", "EDIT_KINDS", "Edits", "edited_copy", "build_index", "calibrate_threshold", "choose_threshold", "clusters",
     "duplicate_pairs", "neighbours", "plan_index", "prepare", "query", "run", "run_query",
 ]

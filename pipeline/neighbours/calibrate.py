@@ -2,21 +2,21 @@
 
 From the image shards (`--data`, normally the model's training data; any format embed reads)
 an id-hash sample of up to N images is drawn (the N smallest keyed hashes of the id for the seed: the same images on
-every run, whatever the file layout). Each gets one augmented copy, deterministic per seed
-and id: resized down by 0.5-0.8 and back up, cropped by 5-10% of each side and resized back,
-JPEG re-encoded at quality 60-90 — what a crawl's near-duplicates go through (`Augmentation`;
-each range is a flag, for corpora whose duplicates are lighter or heavier). Originals and
-copies are decoded as the embed job decodes them, encoded by the model, and stored as the
-latents are (int8 or float16 round trip), so the distances are those the index sees.
+every run, whatever the file layout). Each gets one edited copy, deterministic per seed and
+id, made by one edit kind (edits.py: crop, rescale, JPEG, border, overlay, and flip when
+asked for); the kinds take turns along the sample's hash order, so each has a near-equal share.
+Originals and copies are decoded as the embed job decodes them, encoded by the model, and
+stored as the latents are (int8 or float16 round trip), so the distances are those the index sees.
 
 - positives: each original to its own copy;
 - negatives: each original to its nearest other original.
 The threshold is the largest distance whose false-positive rate on the negatives is at most
 `max_false_positive_rate` (0.1%), or the `positive_quantile` (99th percentile) of the
 positives if that is lower; the record keeps the value, which rule set it, and the recall on
-positives and false-positive rate on negatives it gives. A copy that cannot be made of an
-image the embed job decodes is counted (`copies_failed`, the first cause in `copy_failure`);
-past `MAX_COPY_FAILURE_SHARE` of the images the calibration stops with `JobFailed`.
+positives and false-positive rate on negatives it gives, in all and for each edit kind
+(`recall_by_edit`: what the threshold catches of crops, rescales, ...). A copy that cannot be
+made of an image the embed job decodes is counted (`copies_failed`, the first cause in
+`copy_failure`); past `MAX_COPY_FAILURE_SHARE` of the images the calibration stops with `JobFailed`.
 
 Limits: negatives among N sampled images are farther apart than an image and its nearest
 neighbour in the whole corpus, so the rate on the corpus is higher than on the sample; and if
@@ -26,22 +26,16 @@ the sample itself holds near-duplicates they read as negatives and pull the thre
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 
 from pipeline.errors import InputError, JobFailed
-from pipeline.images import (
-    DEFAULT_MAX_PIXELS,
-    RESAMPLE,
-    SUPPORTED_FORMATS,
-    decode_batch,
-    encode_image,
-)
+from pipeline.images import decode_batch
 from pipeline.latents import dequantize_latents, quantize_latents
+from pipeline.neighbours.edits import Edits, edited_copy
 from pipeline.sampling import sample_keys
 from pipeline.shards import Columns, ShardList
 
@@ -50,49 +44,9 @@ MAX_COPY_FAILURE_SHARE = 0.05  # of the decodable images whose copy failed, beyo
 ENCODE_BATCH = 64
 
 
-@dataclass(frozen=True)
-class Augmentation:
-    """How a calibration copy is made, each a (low, high) range drawn uniformly per image."""
-
-    resize: tuple[float, float] = (0.5, 0.8)  # scale down by, then back up
-    crop: tuple[float, float] = (0.05, 0.10)  # share of width and height cut, then resized back
-    quality: tuple[int, int] = (60, 90)  # JPEG quality
-
-    def __post_init__(self) -> None:
-        for name, (low, high), (least, most) in (("resize", self.resize, (0.05, 1.0)),
-                                                 ("crop", self.crop, (0.0, 0.5)),
-                                                 ("quality", self.quality, (1, 100))):
-            if not least <= low <= high <= most:
-                raise InputError(f"calibration {name} must be LOW,HIGH with {least} <= LOW <= HIGH <= {most}, "
-                                 f"got {low},{high}")
-
-
 def sample_images(shards: ShardList, columns: Columns, n: int, seed: int) -> list[tuple[str, bytes | None]]:
     """(id, image bytes) of the seed's id-hash sample of `n` rows, in id order, from any format (its reader)."""
     return shards.reader(columns).sample(n, seed)
-
-
-def augmented_copy(data: bytes, rng: np.random.Generator, augmentation: Augmentation = Augmentation()) -> bytes:
-    """A near-duplicate of an encoded image: resized down and up, cropped and resized back, JPEG re-encoded.
-
-    Raises (any exception) when the original cannot be opened; the caller counts that image.
-    """
-    from PIL import Image, ImageOps
-
-    with Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS) as opened:
-        if opened.size[0] * opened.size[1] > DEFAULT_MAX_PIXELS:
-            raise ValueError("too many pixels")
-        image = ImageOps.exif_transpose(opened).convert("RGB")
-    width, height = image.size
-    scale = rng.uniform(*augmentation.resize)
-    image = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), RESAMPLE)
-    image = image.resize((width, height), RESAMPLE)
-    crop = rng.uniform(*augmentation.crop)
-    cut_w, cut_h = round(width * crop), round(height * crop)
-    left, top = int(rng.integers(0, cut_w + 1)), int(rng.integers(0, cut_h + 1))
-    image = image.crop((left, top, left + width - cut_w, top + height - cut_h)).resize((width, height), RESAMPLE)
-    low, high = augmentation.quality
-    return encode_image(np.asarray(image), "jpeg", quality=int(rng.integers(low, high + 1)))
 
 
 def encode_images(model_url: str, images: Sequence[bytes | None], latent_dtype: str,
@@ -142,22 +96,45 @@ def choose_threshold(positives: np.ndarray, negatives: np.ndarray, max_false_pos
     }
 
 
+def edit_kinds(keys: Sequence[int], kinds: Sequence[str]) -> list[str]:
+    """The edit kind of each sampled image: the kinds in turn along the keys' order (near-equal
+    shares, the same on every run of the same sample)."""
+    order = np.argsort(np.asarray(keys, dtype=np.uint64), kind="stable")
+    assigned = [""] * len(keys)
+    for rank, position in enumerate(order.tolist()):
+        assigned[position] = kinds[rank % len(kinds)]
+    return assigned
+
+
+def recall_by_edit(positives: np.ndarray, kinds: np.ndarray, names: Sequence[str], threshold: float,
+                   ) -> dict[str, dict[str, Any]]:
+    """{kind: copies, the share within `threshold` of their original, the median distance}, in `names`' order."""
+    out = {}
+    for name in names:
+        mine = positives[kinds == name]
+        out[name] = {"copies": int(len(mine)),
+                     "recall": float(np.mean(mine <= threshold)) if len(mine) else None,
+                     "median_distance": float(np.median(mine)) if len(mine) else None}
+    return out
+
+
 def _quantiles(values: np.ndarray) -> dict[str, float]:
     return {f"{q:g}": float(np.quantile(values, q)) for q in (0.0, 0.01, 0.1, 0.5, 0.9, 0.99, 1.0)}
 
 
 def calibrate_threshold(model_url: str, shards: ShardList, columns: Columns, images: int, seed: int,
                         latent_dtype: str, max_false_positive_rate: float = 0.001,
-                        positive_quantile: float = 0.99, augmentation: Augmentation = Augmentation()) -> dict[str, Any]:
+                        positive_quantile: float = 0.99, edits: Edits = Edits()) -> dict[str, Any]:
     """Sample, copy, encode, measure, choose: the threshold record (`choose_threshold`) with its inputs."""
     import faiss
 
     sample = sample_images(shards, columns, images, seed)
     keys = sample_keys([i for i, _ in sample], seed)
     originals, copies, causes = [data for _, data in sample], [], {}
-    for (row_id, data), key in zip(sample, keys):
+    kinds = edit_kinds(keys, edits.kinds)
+    for (row_id, data), key, kind in zip(sample, keys, kinds):
         try:
-            copies.append(augmented_copy(data, np.random.default_rng(int(key)), augmentation))
+            copies.append(edited_copy(data, kind, np.random.default_rng(int(key)), edits))
         except Exception as error:  # noqa: BLE001 - kept with its cause; counted below if the original decodes
             copies.append(None)
             causes[row_id] = f"{type(error).__name__}: {error}"
@@ -183,7 +160,8 @@ def calibrate_threshold(model_url: str, shards: ShardList, columns: Columns, ima
     own = rows[:, 0] == np.arange(len(z_orig))  # identical originals may come back in either order
     negatives = np.sqrt(np.maximum(np.where(own, squared[:, 1], squared[:, 0]), 0))
     record = choose_threshold(positives, negatives, max_false_positive_rate, positive_quantile)
+    record["recall_by_edit"] = recall_by_edit(positives, np.asarray(kinds)[pair_ok], edits.kinds, record["value"])
     record.update(images_sampled=len(sample), images_used=int(len(z_orig)), images_skipped=len(sample) - len(z_orig),
                   copies_failed=len(copy_failures), copy_failure=copy_failures[0][1] if copy_failures else None,
-                  seed=seed, latent_dtype=latent_dtype, augmentation=asdict(augmentation))
+                  seed=seed, latent_dtype=latent_dtype, edits=asdict(edits))
     return record

@@ -52,8 +52,9 @@ from pipeline.neighbour_output import (
     neighbour_files,
     table_bytes,
 )
-from pipeline.neighbours.calibrate import MIN_IMAGES, Augmentation, calibrate_threshold
+from pipeline.neighbours.calibrate import MIN_IMAGES, calibrate_threshold
 from pipeline.neighbours.clusters import cluster_summary, clusters, duplicate_pairs
+from pipeline.neighbours.edits import Edits
 from pipeline.neighbours.index import (
     FLAT_MAX_ROWS,
     INDEX_KINDS,
@@ -79,8 +80,13 @@ SEARCH_BATCH_SIZE = 1024  # faiss searches a batch of queries at once (BLAS for 
 MAX_K = 1000
 # Settings that decide the output's content: a rerun into the same folder must match them.
 OUTPUT_KEYS = ("latents_url", "k", "model_url", "data_url", "duplicate_threshold", "calibration_images",
-               "max_false_positive_rate", "positive_quantile", "calibration_resize", "calibration_crop",
-               "calibration_quality", "seed", "index", "flat_max_rows", "target_recall", "id_column", "image_column")
+               "max_false_positive_rate", "positive_quantile", "calibration_edits", "calibration_crop",
+               "calibration_rescale", "calibration_quality", "calibration_border", "calibration_overlay", "seed", "index", "flat_max_rows", "target_recall", "id_column", "image_column")
+
+# NeighboursConfig's field -> Edits' field: the calibration copies' edits.
+CALIBRATION_EDIT_FIELDS = {"calibration_edits": "kinds", "calibration_crop": "crop", "calibration_rescale": "rescale",
+                           "calibration_quality": "quality", "calibration_border": "border",
+                           "calibration_overlay": "overlay"}
 
 
 class NeighbourSearch:
@@ -131,9 +137,12 @@ class NeighboursConfig:
     calibration_images: int = 512
     max_false_positive_rate: float = 0.001
     positive_quantile: float = 0.99
-    calibration_resize: tuple[float, float] = Augmentation.resize
-    calibration_crop: tuple[float, float] = Augmentation.crop
-    calibration_quality: tuple[int, int] = Augmentation.quality
+    calibration_edits: tuple[str, ...] = Edits.kinds  # edits.py: each copy gets one of these
+    calibration_crop: tuple[float, float] = Edits.crop
+    calibration_rescale: tuple[float, float] = Edits.rescale
+    calibration_quality: tuple[int, int] = Edits.quality
+    calibration_border: tuple[float, float] = Edits.border
+    calibration_overlay: tuple[float, float] = Edits.overlay
     seed: int = 0
     index: str = "auto"
     flat_max_rows: int = FLAT_MAX_ROWS
@@ -147,9 +156,9 @@ class NeighboursConfig:
     rows_per_file: int = 20_000
 
     def __post_init__(self) -> None:
-        for name in ("calibration_resize", "calibration_crop", "calibration_quality"):
+        for name in CALIBRATION_EDIT_FIELDS:
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        self.augmentation  # noqa: B018 - validates the ranges
+        self.edits  # noqa: B018 - validates the kinds and ranges
         problems = []
         if not 1 <= self.k <= MAX_K:
             problems.append(f"k must be from 1 to {MAX_K}, got {self.k}")
@@ -191,9 +200,9 @@ class NeighboursConfig:
         return value
 
     @property
-    def augmentation(self) -> Augmentation:
-        return Augmentation(resize=self.calibration_resize, crop=self.calibration_crop,
-                            quality=self.calibration_quality)
+    def edits(self) -> Edits:
+        """The calibration copies' edits."""
+        return Edits(**{field: getattr(self, name) for name, field in CALIBRATION_EDIT_FIELDS.items()})
 
     def output_settings(self) -> dict[str, Any]:
         """The settings that decide the output, as JSON reads them back (tuples as lists)."""
@@ -349,11 +358,14 @@ def _threshold(plan: NeighboursPlan, record: dict[str, Any]) -> dict[str, Any]:
               f"{cfg.data_url} and a copy of each", flush=True)
         threshold = calibrate_threshold(cfg.model_url, plan.data, _calibration_columns(cfg, plan.data),
                                         cfg.calibration_images, cfg.seed, plan.latent_dtype,
-                                        cfg.max_false_positive_rate, cfg.positive_quantile, cfg.augmentation)
+                                        cfg.max_false_positive_rate, cfg.positive_quantile, cfg.edits)
         print(f"neighbours: duplicate threshold {threshold['value']:.4g} ({threshold['rule']}): recall "
               f"{threshold['recall_on_positives']:.3f} on copies, false-positive rate "
               f"{threshold['false_positive_rate_on_negatives']:.4f} on other images; "
               f"{threshold['copies_failed']} copies failed", flush=True)
+        print("neighbours: recall by edit: " + ", ".join(
+            f"{kind} {got['recall']:.2f}" for kind, got in threshold["recall_by_edit"].items() if got["copies"]),
+            flush=True)
     record["threshold"] = threshold
     _write_record(cfg, record)
     return threshold

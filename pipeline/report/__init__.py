@@ -95,7 +95,8 @@ summary.json keys:
                               one the report's score pools)
     interpolation             {id_a, id_b, steps, image} or null
     near_duplicates           null without --neighbours; else {url, threshold, threshold_rule,
-                              recall_on_copies, false_positive_rate, rows, pairs, clusters,
+                              recall_on_copies, recall_by_edit {kind: recall}, false_positive_rate,
+                              rows, pairs, clusters,
                               rows_in_clusters, rows_to_drop, largest: [{cluster, size, keeper,
                               shown, image, members [{id, keeper, mse}]}]} (up to 10 clusters)
     files                     every file the report wrote, relative to the output folder

@@ -63,6 +63,8 @@ def near_duplicates_section(neighbours_url: str, record: dict[str, Any], shards:
         files[cluster["image"]] = encode_image(_strip([decoded.get(m["id"]) for m in shown]))
     return {"url": neighbours_url, "threshold": threshold.get("value"), "threshold_rule": threshold.get("rule"),
             "recall_on_copies": threshold.get("recall_on_positives"),
+            "recall_by_edit": {kind: got["recall"] for kind, got in (threshold.get("recall_by_edit") or {}).items()
+                               if got.get("copies")},
             "false_positive_rate": threshold.get("false_positive_rate_on_negatives"),
             "rows": summary.get("rows_in"), "pairs": summary.get("pairs"), "clusters": summary.get("clusters"),
             "rows_in_clusters": summary.get("rows_in_clusters"), "rows_to_drop": summary.get("rows_to_drop"),
