@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "moved patches, strokes, shaded regions), so that defects light up the error map")
     p.add_argument("--corruption-share", type=float, default=D["corruption_share"],
                    help="with --defect-aware: share of each batch that is corrupted")
+    p.add_argument("--invariance", type=float, default=D["invariance"], metavar="W",
+                   help="weight of a contrastive term that maps each image and an edited view of it (a crop, "
+                        "rescale, frame, box or noise) close together, so that near-duplicates share a latent "
+                        "for the neighbours stage; 0 (the default) is off. Costs reconstruction quality: see "
+                        "docs/BENCHMARKS.md#near-duplicates")
     p.add_argument("--inject-crash", default=None, help=argparse.SUPPRESS)  # tests: marker file, crash once
     return p
 

@@ -136,6 +136,13 @@ def test_same_seed_gives_identical_weights(ray_local, corpus, tmp_path):
         runs.append(load_checkpoint(train(cfg).model_url))
     assert runs[0].weights_sha256 == runs[1].weights_sha256
     assert runs[0].training["seed"] == 7
+    # --invariance reaches the training step: the same seeded run with it learns other weights, and
+    # the checkpoint records the weight.
+    invariant = TrainConfig(data_url=corpus, out_url=str(tmp_path / "invariant"), workers=1, epochs=1, seed=7,
+                            invariance=0.5, **SMALL)
+    trained = load_checkpoint(train(invariant).model_url)
+    assert trained.weights_sha256 != runs[0].weights_sha256 and trained.training["invariance"] == 0.5
+    assert math.isfinite(_metrics(invariant.out_url)[0]["train_loss"])
 
 
 @pytest.mark.faults  # a kill or a crash mid-job: `make test-faults`
@@ -221,6 +228,8 @@ def test_resuming_with_other_settings_is_refused(tmp_path, corpus):
         train(replace(cfg, model=replace(TINY, image_size=64)))
     with pytest.raises(InputError, match=r"arch: 'fire' -> 'plain'"):
         train(replace(cfg, model=replace(TINY, arch="plain")))
+    with pytest.raises(InputError, match=r"invariance: 0.0 -> 0.1"):
+        train(replace(cfg, invariance=0.1))
 
 
 @pytest.mark.ray

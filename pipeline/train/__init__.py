@@ -14,6 +14,10 @@ run from `RunConfig(name, storage_path)`), and ends after the requested epochs.
 
 The job is two steps: `prepare` checks the data and the run folder without Ray (the shard
 prefix is listed once), `run` trains on the connected cluster. `train` does both.
+
+Modules: config (TrainConfig, the run folder's files), loop (the workers' epochs), job (the
+driver), export (the best epoch with its calibration and bank), invariance (`--invariance`:
+edited training views and the contrastive term that makes near-duplicates share a latent).
 """
 
 from pipeline.train.config import (

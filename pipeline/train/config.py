@@ -3,6 +3,7 @@ what it writes in the run folder."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,7 +25,7 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD")
 
 # Settings that must not change between a run and its resumption.
 RESUME_KEYS = ("model", "val_fraction", "id_column", "image_column", "resize", "loss", "defect_aware",
-               "corruption_share", "data_fingerprint")
+               "corruption_share", "invariance", "data_fingerprint")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class TrainConfig:
     loss: str = "mse"  # "mse", or "ssim_l1": 0.85 (1 - SSIM) + 0.15 L1, structure-aware (AE-SSIM)
     defect_aware: bool = False  # learn to return the clean image from a corrupted copy (pipeline.corruptions)
     corruption_share: float = 0.5  # with defect_aware: the share of each batch that is corrupted
+    invariance: float = 0.0  # weight of the contrastive term for edit-invariant latents (train/invariance.py); 0: off
     data_fingerprint: str = ""
     inject_crash: str | None = field(default=None, repr=False)  # tests only: marker file path
 
@@ -84,6 +86,8 @@ class TrainConfig:
             problems.append(f"loss must be one of {TRAINING_LOSSES}, got {self.loss!r}")
         if not 0.0 < self.corruption_share <= 1.0:
             problems.append(f"corruption_share must be in (0, 1], got {self.corruption_share}")
+        if not (self.invariance >= 0 and math.isfinite(self.invariance)):
+            problems.append(f"invariance must be a finite weight >= 0, got {self.invariance}")
         if problems:
             raise InputError("invalid training settings: " + "; ".join(problems))
 

@@ -143,6 +143,7 @@ def run(plan: TrainPlan) -> TrainResult:
           f"{cfg.epochs} epochs -> {cfg.out_url}", flush=True)
     facts = {"data": cfg.data_url, "data_fingerprint": cfg.data_fingerprint, "rows": plan.rows,
              "epochs": cfg.epochs, "seed": cfg.seed, "workers": cfg.workers, "val_fraction": cfg.val_fraction,
+             "invariance": cfg.invariance,  # > 0: latents trained to survive near-duplicate edits
              "preprocessing": {"resize": cfg.resize, "id_column": cfg.id_column, "image_column": cfg.image_column}}
     fs, root = storage.arrow_filesystem(cfg.out_url)
     epochs = EpochLines(cfg.out_url)

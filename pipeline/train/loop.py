@@ -23,6 +23,7 @@ from pipeline.model import build_model
 from pipeline.scoring import mse_per_image, psnr, training_loss
 from pipeline.thresholds import calibration_from_errors
 from pipeline.train.config import METRICS_FILE, TRAIN_STATE_FILE, TrainConfig
+from pipeline.train.invariance import invariance_loss, training_views
 
 
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -165,6 +166,7 @@ def _train_one_epoch(w: _Worker, shard, epoch: int, on_images: Callable[[int], N
     )
     corruptions = torch.Generator(device=w.device).manual_seed(cfg.seed * 100_003 + epoch * 31 + w.rank)
     corrupting = cfg.defect_aware or cfg.model.defect_head
+    viewing = torch.Generator(device=w.device).manual_seed(cfg.seed * 100_019 + epoch * 37 + w.rank)
     for step, batch in enumerate(waiting(batches)):
         _maybe_crash(cfg, w.rank, w.world, epoch, step)
         ok = batch["ok"]
@@ -175,11 +177,17 @@ def _train_one_epoch(w: _Worker, shard, epoch: int, on_images: Callable[[int], N
         # Defect-aware: the model sees a corrupted copy and must return the clean image; a defect
         # head learns besides where the corruption is.
         seen, where = corrupt(x, corruptions, cfg.corruption_share) if corrupting else (x, None)
+        # Invariance: an edited view of each image rides in the same forward pass (one call, as
+        # DDP wants), and a contrastive term ties each image's latent to its own view's.
+        views = training_views(x, viewing) if cfg.invariance else seen[:0]
         with w.autocast:
-            out = w.model(seen)
-        loss = training_loss(x, out["x_hat"], cfg.loss).mean()
+            out = w.model(torch.cat([seen, views]) if len(views) else seen)
+        n = len(seen)
+        loss = training_loss(x, out["x_hat"][:n], cfg.loss).mean()
         if "defect_logits" in out:
-            loss = loss + defect_loss(out["defect_logits"], where)
+            loss = loss + defect_loss(out["defect_logits"][:n], where)
+        if len(views):
+            loss = loss + cfg.invariance * invariance_loss(out["z"][:n], out["z"][n:])
         loss = loss * (1.0 if n_ok else 0.0)
         w.optimizer.zero_grad(set_to_none=True)
         loss.backward()
