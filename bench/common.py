@@ -26,9 +26,11 @@ def scored_rows(scorer, pixels, batch_size: int = 256) -> dict:
     return {name: np.concatenate(values) for name, values in parts.items()}
 
 
-def briefly_trained_model(folder: str, steps: int) -> str:
-    """A default-shape Fire model (64 px RGB, latent 128) trained `steps` steps of 64 on 2,000
-    synthetic images (seed 99, apart from the images benches embed), saved under `folder`."""
+def briefly_trained_model(folder: str, steps: int, pixels=None, extra_loss=None) -> str:
+    """A default-shape Fire model (64 px RGB, latent 128) trained `steps` steps of 64 on `pixels`
+    ((N, 64, 64, 3) uint8; by default 2,000 synthetic images of seed 99, apart from the images
+    benches embed), saved under `folder`. `extra_loss(model, batch, out)` adds a term to the
+    reconstruction loss (a bench's candidate training objective)."""
     import numpy as np
 
     from pipeline.checkpoint import save_checkpoint
@@ -38,12 +40,16 @@ def briefly_trained_model(folder: str, steps: int) -> str:
 
     torch.manual_seed(0)
     model = build_model(AutoencoderConfig())
-    x = torch.from_numpy(np.stack([synthetic_image(i, 99, 64, 3) for i in range(2000)])).permute(0, 3, 1, 2)
-    x = x.float() / 255
+    if pixels is None:
+        pixels = np.stack([synthetic_image(i, 99, 64, 3) for i in range(2000)])
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(steps):
         batch = x[torch.randint(0, len(x), (64,))]
-        loss = mse_per_image(batch, model(batch)["x_hat"]).mean()
+        out = model(batch)
+        loss = mse_per_image(batch, out["x_hat"]).mean()
+        if extra_loss is not None:
+            loss = loss + extra_loss(model, batch, out)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
