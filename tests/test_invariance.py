@@ -95,16 +95,20 @@ def test_trained_for_invariance_edited_copies_land_nearer_their_original_than_ot
 
 
 @pytest.mark.ray
-def test_query_by_image_finds_the_original_of_each_edited_copy(ray_local, tmp_path):
-    """The real chain with a model trained for invariance: embed the originals, run the neighbours
-    job (threshold calibrated on the default edits), then ask the index for each edited copy."""
+def test_planted_copies_are_clustered_with_their_original_and_query_by_image_finds_it(ray_local, tmp_path):
+    """The real chain with a model trained for invariance: embed a corpus of originals and planted
+    copies (cropped, rescaled, framed), run the neighbours job (threshold calibrated on the
+    originals with the default edits), then ask the index for other edited copies. The synthetic
+    originals share one palette (red-green gradients, stripes, a box): distinct images with
+    similar colours, which must stay apart."""
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     from pipeline.checkpoint import save_checkpoint
     from pipeline.embed import EmbedConfig, embed
+    from pipeline.neighbour_output import CLUSTERS_FILE
     from pipeline.neighbours import NeighboursConfig, neighbours, query
     from pipeline.shards import write_shard
-
     from pipeline.thresholds import calibration_from_errors
 
     threads = torch.get_num_threads()
@@ -120,19 +124,38 @@ def test_query_by_image_finds_the_original_of_each_edited_copy(ray_local, tmp_pa
                                                               "preprocessing": {"resize": "pad"}, "invariance": 0.1})
     originals = [encode_image(synthetic_image(i, 23, 64, 3)) for i in range(60)]
     ids = [f"orig-{i:02d}" for i in range(60)]
+    # Frames of 5% here: this small model (latent 32, 250 steps) brings 10% frames nearer their
+    # original than any other image (the queries below include them) but often not under the one
+    # calibrated distance, the nearest pair among 60 originals; bench/duplicates.py measures 10%
+    # frames with the default-shape model.
+    planted = {"crop": Edits(crop=(0.1, 0.1)), "rescale": Edits(rescale=(0.5, 0.5)), "border": Edits(border=(0.05, 0.05))}
+    copies = {f"copy-{i:02d}-{kind}": (ids[i], edited_copy(originals[i], kind, np.random.default_rng(i), edits))
+              for i in range(30) for kind, edits in [list(planted.items())[i % 3]]}
     write_shard(str(tmp_path / "data" / "part-00000.parquet"), pa.table({"id": ids, "image": originals}))
-    embed(EmbedConfig(data_url=str(tmp_path / "data"), model_url=str(tmp_path / "model"),
+    write_shard(str(tmp_path / "corpus" / "part-00000.parquet"),
+                pa.table({"id": ids + list(copies), "image": originals + [data for _, data in copies.values()]}))
+    embed(EmbedConfig(data_url=str(tmp_path / "corpus"), model_url=str(tmp_path / "model"),
                       out_url=str(tmp_path / "latents")))
     neighbours(NeighboursConfig(latents_url=str(tmp_path / "latents"), out_url=str(tmp_path / "nn"), k=3,
                                 model_url=str(tmp_path / "model"), data_url=str(tmp_path / "data")))
+    cluster_of = {row["id"]: row["cluster"] for row in pq.read_table(tmp_path / "nn" / CLUSTERS_FILE).to_pylist()}
+    together = [cluster_of.get(copy_id) is not None and cluster_of.get(copy_id) == cluster_of.get(original)
+                for copy_id, (original, _) in copies.items()]
+    print(f"planted copies clustered with their original: {sum(together)} of {len(together)}",
+          {kind: sum(t for t, c in zip(together, copies) if c.endswith(kind)) for kind in planted})
+    assert np.mean(together) >= 0.9
+    merged = [c for c in set(cluster_of.values()) if sum(cluster_of.get(i) == c for i in ids) > 1]
+    assert merged == []  # no cluster holds two distinct originals
+
     kinds = ("crop", "rescale", "jpeg", "border", "overlay")
-    copies = [edited_copy(data, kinds[i % 5], np.random.default_rng(i),
-                          Edits(crop=(0.1, 0.1), rescale=(0.5, 0.5), quality=(50, 50), border=(0.1, 0.1),
-                                overlay=(0.1, 0.1)))
-              for i, data in enumerate(originals)]
-    answers = query(str(tmp_path / "nn"), str(tmp_path / "model"), images=copies, k=1)
-    found = [answer["ids"][0] == own for answer, own in zip(answers, ids)]
-    print(f"originals found first: {sum(found)} of {len(found)}")
+    queries = [edited_copy(data, kinds[i % 5], np.random.default_rng(100 + i),
+                           Edits(crop=(0.1, 0.1), rescale=(0.5, 0.5), quality=(50, 50), border=(0.1, 0.1),
+                                 overlay=(0.1, 0.1)))
+               for i, data in enumerate(originals)]
+    answers = query(str(tmp_path / "nn"), str(tmp_path / "model"), images=queries, k=1)
+    group = {copy_id: original for copy_id, (original, _) in copies.items()} | {i: i for i in ids}
+    found = [group[answer["ids"][0]] == own for answer, own in zip(answers, ids)]
+    print(f"originals (or their planted copy) found first: {sum(found)} of {len(found)}")
     assert np.mean(found) >= 0.95
     for kind in kinds:  # every kind of edit, not only the easy ones
         assert np.mean(found[kinds.index(kind)::5]) >= 0.9, kind
