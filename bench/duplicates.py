@@ -59,7 +59,12 @@ from bench.common import RESULTS_DIR, briefly_trained_model, machine, table, wri
 from pipeline.images import decode_batch, encode_image  # noqa: E402
 from pipeline.inference import load_inference_model, to_input  # noqa: E402
 from pipeline.latents import dequantize_latents, quantize_latents  # noqa: E402
-from pipeline.neighbours.calibrate import choose_threshold, edit_kinds, recall_by_edit  # noqa: E402
+from pipeline.neighbours.calibrate import (  # noqa: E402
+    choose_threshold,
+    edit_kinds,
+    nearest_other_distances,
+    recall_by_edit,
+)
 from pipeline.neighbours.edits import DEFAULT_EDITS, Edits, edited_copy  # noqa: E402
 from pipeline.sampling import sample_keys  # noqa: E402
 from pipeline.synth import synthetic_image  # noqa: E402
@@ -208,8 +213,6 @@ def describe(model, images: list[bytes], name: str) -> tuple[np.ndarray, np.ndar
 
 def calibrate(model, images: list[bytes], name: str, seed: int = 0) -> dict:
     """The neighbours job's calibration (its copies, kinds and rule) with this descriptor."""
-    import faiss
-
     ids = [f"c{i}" for i in range(len(images))]
     keys = sample_keys(ids, seed)
     kinds = edit_kinds(keys, DEFAULT_EDITS)
@@ -217,9 +220,7 @@ def calibrate(model, images: list[bytes], name: str, seed: int = 0) -> dict:
     _, d_orig = describe(model, images, name)
     _, d_copy = describe(model, copies, name)
     positives = np.linalg.norm(d_orig - d_copy, axis=1)
-    squared, rows = faiss.knn(d_orig, d_orig, 2)
-    own = rows[:, 0] == np.arange(len(d_orig))
-    negatives = np.sqrt(np.maximum(np.where(own, squared[:, 1], squared[:, 0]), 0))
+    negatives = nearest_other_distances(d_orig)
     record = choose_threshold(positives, negatives, 0.001, 0.99)
     record["recall_by_edit"] = recall_by_edit(positives, np.array(kinds), DEFAULT_EDITS, record["value"])
     return record

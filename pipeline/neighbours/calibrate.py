@@ -96,6 +96,15 @@ def choose_threshold(positives: np.ndarray, negatives: np.ndarray, max_false_pos
     }
 
 
+def nearest_other_distances(z: np.ndarray) -> np.ndarray:
+    """(N,) Euclidean distance from each row of (N, D) float32 `z` to its nearest other row: the negatives."""
+    import faiss
+
+    squared, rows = faiss.knn(z, z, 2)
+    own = rows[:, 0] == np.arange(len(z))  # identical rows may come back in either order
+    return np.sqrt(np.maximum(np.where(own, squared[:, 1], squared[:, 0]), 0))
+
+
 def edit_kinds(keys: Sequence[int], kinds: Sequence[str]) -> list[str]:
     """The edit kind of each sampled image: the kinds in turn along the keys' order (near-equal
     shares, the same on every run of the same sample)."""
@@ -126,8 +135,6 @@ def calibrate_threshold(model_url: str, shards: ShardList, columns: Columns, ima
                         latent_dtype: str, max_false_positive_rate: float = 0.001,
                         positive_quantile: float = 0.99, edits: Edits = Edits()) -> dict[str, Any]:
     """Sample, copy, encode, measure, choose: the threshold record (`choose_threshold`) with its inputs."""
-    import faiss
-
     sample = sample_images(shards, columns, images, seed)
     keys = sample_keys([i for i, _ in sample], seed)
     originals, copies, causes = [data for _, data in sample], [], {}
@@ -156,9 +163,7 @@ def calibrate_threshold(model_url: str, shards: ShardList, columns: Columns, ima
                          f"decoded and copied (at least {MIN_IMAGES} are needed); give --duplicate-threshold "
                          "value:X instead")
     positives = np.linalg.norm(z_orig - z_copy, axis=1)
-    squared, rows = faiss.knn(z_orig, z_orig, 2)
-    own = rows[:, 0] == np.arange(len(z_orig))  # identical originals may come back in either order
-    negatives = np.sqrt(np.maximum(np.where(own, squared[:, 1], squared[:, 0]), 0))
+    negatives = nearest_other_distances(z_orig)
     record = choose_threshold(positives, negatives, max_false_positive_rate, positive_quantile)
     record["recall_by_edit"] = recall_by_edit(positives, np.asarray(kinds)[pair_ok], edits.kinds, record["value"])
     record.update(images_sampled=len(sample), images_used=int(len(z_orig)), images_skipped=len(sample) - len(z_orig),

@@ -179,14 +179,14 @@ def _train_one_epoch(w: _Worker, shard, epoch: int, on_images: Callable[[int], N
         seen, where = corrupt(x, corruptions, cfg.corruption_share) if corrupting else (x, None)
         # Invariance: an edited view of each image rides in the same forward pass (one call, as
         # DDP wants), and a contrastive term ties each image's latent to its own view's.
-        views = training_views(x, viewing) if cfg.invariance else seen[:0]
+        views = training_views(x, viewing) if cfg.invariance else None
         with w.autocast:
-            out = w.model(torch.cat([seen, views]) if len(views) else seen)
+            out = w.model(seen if views is None else torch.cat([seen, views]))
         n = len(seen)
         loss = training_loss(x, out["x_hat"][:n], cfg.loss).mean()
         if "defect_logits" in out:
             loss = loss + defect_loss(out["defect_logits"][:n], where)
-        if len(views):
+        if views is not None:
             loss = loss + cfg.invariance * invariance_loss(out["z"][:n], out["z"][n:])
         loss = loss * (1.0 if n_ok else 0.0)
         w.optimizer.zero_grad(set_to_none=True)
