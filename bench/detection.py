@@ -2,6 +2,7 @@
 
     python bench/detection.py                       # everything: about an hour on 2 cores
     python bench/detection.py --seeds 1 --jobs 1    # a quicker look
+    python bench/detection.py --variants plain invariance --extra --no-digits --results detection-invariance
 
 Synthetic corpus (pipeline.synth, its five anomaly kinds exactly as the demo makes them; seeds
 other than the demo's 0): N images at 64 px with 5% and with 10% anomalies, each seed and
@@ -55,7 +56,8 @@ sys.path.insert(0, str(REPO))
 ANOMALY_KINDS = ("scratch", "blot", "noise", "colour_shift", "foreign_object")
 IDEAL_FPR = 0.01
 DEFAULT_Q = 0.99
-VARIANTS = {"plain": {}, "defect-aware": {"defect_aware": True}, "ssim-l1": {"loss": "ssim_l1"}}
+VARIANTS = {"plain": {}, "defect-aware": {"defect_aware": True}, "ssim-l1": {"loss": "ssim_l1"},
+            "invariance": {"invariance": 0.05}}  # train --invariance 0.05: edit-invariant latents (issue 25)
 
 
 # ---------------------------------------------------------------- one run
@@ -73,17 +75,17 @@ def corpus(n: int, size: int, fraction: float, seed: int) -> tuple[list[str], np
 
 
 def train_model(pixels: np.ndarray, val_pixels: np.ndarray, cfg, log):
-    """pipeline.train's loop on one worker, without Ray: same model, optimiser, schedule,
-    corruptions and loss, from the same TrainConfig; (the model of the epoch the train job
-    exports: the lowest held-out mse, that epoch)."""
+    """pipeline.train's loop on one worker, without Ray: same model, optimiser, schedule and
+    batch loss (`batch_loss`: corruptions, views, loss terms), from the same TrainConfig; (the
+    model of the epoch the train job exports: the lowest held-out mse, that epoch)."""
     import copy
 
     import torch
 
-    from pipeline.corruptions import corrupt
     from pipeline.inference import to_input
     from pipeline.model import build_model
-    from pipeline.scoring import mse_per_image, training_loss
+    from pipeline.scoring import mse_per_image
+    from pipeline.train.loop import batch_loss
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model).to(memory_format=torch.channels_last)
@@ -97,14 +99,14 @@ def train_model(pixels: np.ndarray, val_pixels: np.ndarray, cfg, log):
     for epoch in range(cfg.epochs):
         model.train()
         corruptions = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 31)
+        viewing = torch.Generator().manual_seed(cfg.seed * 100_019 + epoch * 37)
         order = torch.randperm(len(data), generator=order_seed)
         total = 0.0
         for start in range(0, len(data), cfg.batch_size):
             x = to_input(data[order[start:start + cfg.batch_size]])
             if len(x) < 2:  # BatchNorm needs two images
                 continue
-            seen = corrupt(x, corruptions, cfg.corruption_share)[0] if cfg.defect_aware else x
-            loss = training_loss(x, model(seen)["x_hat"], cfg.loss).mean()
+            loss = batch_loss(model, x, cfg, corruptions, viewing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -122,7 +124,7 @@ def train_model(pixels: np.ndarray, val_pixels: np.ndarray, cfg, log):
 
 
 def score_corpus(model, ids: list[str], pixels: np.ndarray, held_out: np.ndarray, trained: int | None = None,
-                 batch_size: int = 256):
+                 batch_size: int = 256, precision: str = "float32"):
     """(calibration, {score: (N,)}) as train's calibrate_export and the embed job make them. The
     first `trained` rows (default all) are the training corpus: `held_out` among them calibrates,
     the rest is the neighbour bank; rows after them are only scored."""
@@ -133,7 +135,7 @@ def score_corpus(model, ids: list[str], pixels: np.ndarray, held_out: np.ndarray
     from pipeline.model import fuse_for_inference
     from pipeline.scoring import calibrate_with_bank
 
-    scorer = ImageScorer(fuse_for_inference(model).to(memory_format=torch.channels_last))
+    scorer = ImageScorer(fuse_for_inference(model).to(memory_format=torch.channels_last), precision=precision)
     rows = scored_rows(scorer, pixels, batch_size)
     trained = len(ids) if trained is None else trained
     calibration, bank = calibrate_with_bank(ids[:trained], held_out[:trained],
@@ -166,7 +168,7 @@ def score_metrics(values: np.ndarray, kinds: np.ndarray, threshold: float, kind_
             "ideal_recall": {k: float((values[kinds == k] > ideal).mean()) for k in present}}
 
 
-def run_one(key: str, n: int, out: Path) -> dict:
+def run_one(key: str, n: int, out: Path, precision: str = "float32") -> dict:
     """One (seed, contamination, training variant, image size) run; cached as JSON."""
     import torch
 
@@ -202,8 +204,8 @@ def run_one(key: str, n: int, out: Path) -> dict:
         weights.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"state_dict": model.state_dict(), "epoch": exported_epoch}, weights)
     train_seconds = time.perf_counter() - started
-    calibration, scores = score_corpus(model, ids, pixels, held_out)
-    result = {"key": key, "seed": seed, "contamination": fraction, "variant": variant, "image_size": size,
+    calibration, scores = score_corpus(model, ids, pixels, held_out, precision=precision)
+    result = {"key": key, "precision": precision, "seed": seed, "contamination": fraction, "variant": variant, "image_size": size,
               "images": n, "params": count_parameters(model), "epochs": cfg.epochs, "exported_epoch": exported_epoch,
               "train_seconds": train_seconds, "default_score": calibration.default_score,
               "estimated_contamination": {name: c.contamination for name, c in calibration.scores.items()},
@@ -311,7 +313,7 @@ def markdown(runs: list[dict], digits: dict | None, n: int, seeds: list[int]) ->
                      + " | ".join(_kinds_cell(group, default, "recall"))
                      + f" | {ideal_min:.2f} | {_mean(x['auroc'] for x in s):.3f} |")
     lines += ["", "### Every score, 64 px", ""]
-    for variant in ("plain", "defect-aware"):
+    for variant in VARIANTS:
         for fraction in sorted({r["contamination"] for r in runs}):
             group = groups.get((64, variant, fraction))
             if not group:
@@ -359,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra", nargs="*", default=["s1_c0.05_plain_p128", "s1_c0.05_ssim-l1_p64"],
                    help="more runs, as s<seed>_c<share>_<variant>_p<size>")
     p.add_argument("--no-digits", action="store_true", help="skip the digits part")
+    p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+                   help="the scoring forward pass's (ImageScorer); training is float32 either way")
+    p.add_argument("--results", default="detection",
+                   help="name of the raw results, docs/bench-results/<name>.json (a partial run gets its own)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at once, one thread each")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -367,14 +373,14 @@ def main(argv: list[str] | None = None) -> int:
     keys += [k for k in args.extra if k not in keys]
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
         digits_future = None if args.no_digits else pool.submit(run_digits, out)
-        futures = [pool.submit(run_one, key, args.n, out) for key in keys]
+        futures = [pool.submit(run_one, key, args.n, out, args.precision) for key in keys]
         runs = [f.result() for f in futures]
         digits = digits_future.result() if digits_future else None
     text = markdown(runs, digits, args.n, args.seeds)
     (out / "detection.md").write_text(text)
     from bench.common import write_results
 
-    write_results("detection", {"argv": sys.argv[1:] if argv is None else argv, "runs": runs, "digits": digits})
+    write_results(args.results, {"argv": sys.argv[1:] if argv is None else argv, "runs": runs, "digits": digits})
     print(text)
     return 0
 

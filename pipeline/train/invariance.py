@@ -23,12 +23,12 @@ VIEW_KINDS = 5  # crop, rescale, frame, box, noise
 
 
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:
-    return low + (high - low) * float(torch.rand((), generator=generator, device=generator.device))
+    return low + (high - low) * float(torch.rand((), generator=generator))
 
 
 def _integer(generator: torch.Generator, high: int) -> int:
     """Uniform in [0, high)."""
-    return int(torch.randint(high, (), generator=generator, device=generator.device))
+    return int(torch.randint(high, (), generator=generator))
 
 
 def _resized(image: torch.Tensor, side: int) -> torch.Tensor:
@@ -36,8 +36,12 @@ def _resized(image: torch.Tensor, side: int) -> torch.Tensor:
 
 
 def training_views(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """(B, C, S, S) in [0, 1] -> one edited view of each image, the same shape, drawn from `generator`
-    (on x's device)."""
+    """(B, C, S, S) in [0, 1] -> one edited view of each image, the same shape, drawn from `generator`.
+
+    `generator` is a CPU generator whatever x's device: every draw is read back as a Python
+    number, and on a GPU generator each read would wait for the device."""
+    if generator.device.type != "cpu":
+        raise ValueError(f"training_views draws from a CPU generator, got one on {generator.device}")
     side = x.shape[-1]
     views = x.clone()
     for b in range(len(x)):
@@ -58,12 +62,12 @@ def training_views(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
             width = min(side, max(1, round((area * _uniform(generator, 1.0, 4.0)) ** 0.5)))
             height = min(side, max(1, round(area / width)))
             top, left = _integer(generator, side - height + 1), _integer(generator, side - width + 1)
-            colour = torch.rand(x.shape[1], 1, 1, generator=generator, device=generator.device).to(x.dtype)
+            colour = torch.rand(x.shape[1], 1, 1, generator=generator).to(x.device, x.dtype)
             alpha = _uniform(generator, 0.5, 1.0)
             box = views[b, :, top:top + height, left:left + width]
             views[b, :, top:top + height, left:left + width] = (1 - alpha) * box + alpha * colour
         else:  # Gaussian noise of up to 0.04, as coarse quantisation leaves
-            noise = torch.randn(image.shape[1:], generator=generator, device=generator.device).to(x.dtype)
+            noise = torch.randn(image.shape[1:], generator=generator).to(x.device, x.dtype)
             views[b] = (image[0] + _uniform(generator, 0.0, 0.04) * noise).clamp(0, 1)
     return views
 

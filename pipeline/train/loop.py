@@ -3,6 +3,7 @@ restored from the last checkpoint, one pass over its data shard, validation, a c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -153,6 +154,29 @@ def defect_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (cross_entropy * (1 - agreement).pow(FOCAL_GAMMA)).mean()
 
 
+def batch_loss(model: torch.nn.Module, x: torch.Tensor, cfg: TrainConfig, corruptions: torch.Generator,
+               viewing: torch.Generator, autocast: Any = contextlib.nullcontext()) -> torch.Tensor:
+    """The training loss of one batch `x` ((B, C, S, S) in [0, 1]) as `cfg` asks for it: the
+    reconstruction loss, the defect head's, and the invariance term. The train job's step and the
+    benches' bare loops both call this, so they train the same thing."""
+    # Defect-aware: the model sees a corrupted copy and must return the clean image; a defect
+    # head learns besides where the corruption is.
+    corrupting = cfg.defect_aware or cfg.model.defect_head
+    seen, where = corrupt(x, corruptions, cfg.corruption_share) if corrupting else (x, None)
+    # Invariance: an edited view of each image rides in the same forward pass (one call, as
+    # DDP wants), and a contrastive term ties each image's latent to its own view's.
+    views = training_views(x, viewing) if cfg.invariance else None
+    with autocast:
+        out = model(seen if views is None else torch.cat([seen, views]))
+    n = len(seen)
+    loss = training_loss(x, out["x_hat"][:n], cfg.loss).mean()
+    if "defect_logits" in out:
+        loss = loss + defect_loss(out["defect_logits"][:n], where)
+    if views is not None:
+        loss = loss + cfg.invariance * invariance_loss(out["z"][:n], out["z"][n:])
+    return loss
+
+
 def _train_one_epoch(w: _Worker, shard, epoch: int, on_images: Callable[[int], None]) -> dict[str, float]:
     """One pass over this worker's training shard; sums that the caller reduces over workers."""
     cfg = w.cfg
@@ -165,8 +189,8 @@ def _train_one_epoch(w: _Worker, shard, epoch: int, on_images: Callable[[int], N
         local_shuffle_seed=cfg.seed * 100_003 + epoch * 31 + w.rank, pin_memory=w.cuda,
     )
     corruptions = torch.Generator(device=w.device).manual_seed(cfg.seed * 100_003 + epoch * 31 + w.rank)
-    corrupting = cfg.defect_aware or cfg.model.defect_head
-    viewing = torch.Generator(device=w.device).manual_seed(cfg.seed * 100_019 + epoch * 37 + w.rank)
+    # The views' sizes and places are drawn on the CPU: a draw on a GPU generator would wait for the device.
+    viewing = torch.Generator().manual_seed(cfg.seed * 100_019 + epoch * 37 + w.rank)
     for step, batch in enumerate(waiting(batches)):
         _maybe_crash(cfg, w.rank, w.world, epoch, step)
         ok = batch["ok"]
@@ -174,20 +198,7 @@ def _train_one_epoch(w: _Worker, shard, epoch: int, on_images: Callable[[int], N
         n_ok = int(ok.sum())
         # A batch with no decodable row still steps (with zero loss) so DDP's collectives line up.
         x = to_input(batch["pixels"][ok] if n_ok else batch["pixels"])
-        # Defect-aware: the model sees a corrupted copy and must return the clean image; a defect
-        # head learns besides where the corruption is.
-        seen, where = corrupt(x, corruptions, cfg.corruption_share) if corrupting else (x, None)
-        # Invariance: an edited view of each image rides in the same forward pass (one call, as
-        # DDP wants), and a contrastive term ties each image's latent to its own view's.
-        views = training_views(x, viewing) if cfg.invariance else None
-        with w.autocast:
-            out = w.model(seen if views is None else torch.cat([seen, views]))
-        n = len(seen)
-        loss = training_loss(x, out["x_hat"][:n], cfg.loss).mean()
-        if "defect_logits" in out:
-            loss = loss + defect_loss(out["defect_logits"][:n], where)
-        if views is not None:
-            loss = loss + cfg.invariance * invariance_loss(out["z"][:n], out["z"][n:])
+        loss = batch_loss(w.model, x, cfg, corruptions, viewing, w.autocast)
         loss = loss * (1.0 if n_ok else 0.0)
         w.optimizer.zero_grad(set_to_none=True)
         loss.backward()
