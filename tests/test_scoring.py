@@ -13,6 +13,7 @@ from pipeline.scores import names_needing
 from pipeline.scoring import (
     ANOMALY_MAPS,
     TOP_SHARE,
+    _grid_ssim,
     NeighbourBank,
     mse_per_image,
     pool_max,
@@ -247,15 +248,40 @@ def test_pooled_scores_equal_a_numpy_reference():
     np.testing.assert_allclose(pool_top(maps, 0.2).numpy(), np.sort(flat, axis=1)[:, -120:].mean(axis=1), rtol=1e-6)
 
 
-def test_reconstruction_scores_keep_mse_and_ssim_error_as_they_were():
+def test_reconstruction_scores_keep_mse_and_read_ssim_error_off_the_grid_ssim():
     rng = np.random.default_rng(6)
-    x = torch.from_numpy(rng.random((2, 3, 32, 40), dtype=np.float32))
+    x = torch.from_numpy(rng.random((2, 3, 64, 80), dtype=np.float32))
     x_hat = (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
     scores = reconstruction_scores(x, x_hat)
     assert tuple(scores) == RECONSTRUCTION_SCORES
     np.testing.assert_allclose(scores["mse"].numpy(), mse_per_image(x, x_hat).numpy(), rtol=1e-6)
-    np.testing.assert_allclose(scores["ssim_error"].numpy(), ssim_error_per_image(x, x_hat).numpy(), atol=1e-6)
+    grid = _grid_ssim(x, x_hat, (32, 40))[..., 3:-3, 3:-3]  # the cells where SSIM's 5-pixel radius fits
+    np.testing.assert_allclose(scores["ssim_error"].numpy(), 1 - grid.flatten(1).mean(dim=1).numpy(), atol=1e-6)
     assert all(v.shape == (2,) and bool((v >= 0).all()) for v in scores.values())
+    # Noisier reconstructions read as worse, on the whole image and at the worst cells.
+    noisier = reconstruction_scores(x, (x + 0.15 * torch.randn_like(x)).clamp(0, 1))
+    assert (noisier["ssim_error"] > scores["ssim_error"]).all() and (noisier["ssim_top"] > scores["ssim_top"]).all()
+
+
+def test_the_grid_ssim_at_one_pixel_a_cell_is_scikit_images_ssim_map(pair):
+    x, x_hat = pair  # 32 x 40 px: the map grid is the pixels
+    got = _grid_ssim(torch.from_numpy(x), torch.from_numpy(x_hat), (32, 40)).numpy()
+    inner = 5  # where the 11-pixel window fits, away from how each treats the border
+    for a, b, mine in zip(x, x_hat, got):
+        _, expected = structural_similarity(a, b, channel_axis=0, gaussian_weights=True, sigma=1.5,
+                                            use_sample_covariance=False, data_range=1.0, full=True)
+        np.testing.assert_allclose(mine[inner:-inner, inner:-inner], expected.mean(axis=0)[inner:-inner, inner:-inner],
+                                   atol=1e-4)
+
+
+def test_the_grid_ssim_sees_texture_finer_than_a_cell():
+    """A cell's variance comes from its pixels: a reconstruction that flattens a fine checkerboard
+    into its mean reads as dissimilar, though the two images' cell means are equal."""
+    checker = (torch.arange(64)[:, None] + torch.arange(64)[None, :]) % 2
+    x = checker.float().expand(1, 3, 64, 64) * 0.5 + 0.25
+    flat = torch.full_like(x, 0.5)
+    assert float(_grid_ssim(x, flat, (32, 32)).mean()) < 0.1
+    assert float(_grid_ssim(x, x, (32, 32)).mean()) == pytest.approx(1.0, abs=1e-4)
 
 
 def test_the_neighbour_score_equals_brute_force_and_leaves_an_image_itself_out():
