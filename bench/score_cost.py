@@ -5,11 +5,14 @@
 The embed job runs the folded model on a batch and then scores it (pipeline.inference's
 ImageScorer): the reconstruction scores from the image and its reconstruction, the
 neighbour scores against the training bank, the fused score from the calibration. This
-times each part on the same batch (random 64 px images: the cost does not depend on the
-pixels) in one process, at one torch thread and at all cores, as the median of `--repeats`
-runs after a warm-up, and gives it as a share of the forward pass measured in the same run.
-The bank is full size (BANK_CAP entries, the most a model keeps), which is the worst case
-for the neighbour scores.
+times, on the same batch (random 64 px images: the cost does not depend on the pixels), in
+one process, at one torch thread and at all cores, as the median of `--repeats` interleaved
+runs after a warm-up: the forward pass in float32 and in bfloat16; the default scores (what
+`embed` computes without `--scores`: fused, its parts and mse) and every score together, as
+`pipeline.scoring.compute_scores` makes them (shared maps made once); and each score alone.
+Shares are of the float32 forward pass measured in the same run; the summary lines also give
+them against the bfloat16 one. The bank is full size (BANK_CAP entries, the most a model
+keeps), the worst case for the neighbour scores.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ def parts(batch_size: int, image_size: int):
     import torch
 
     from pipeline import scoring
-    from pipeline.scores import DEFAULT_SCORE, FUSED_FROM
+    from pipeline.scores import DEFAULT_SCORE, FUSED_FROM, computable, parse_scores
     from pipeline.thresholds import calibrate
     from pipeline.model import AutoencoderConfig, build_model, fuse_for_inference
 
@@ -51,16 +54,29 @@ def parts(batch_size: int, image_size: int):
     held_out.update({name: v.numpy() for name, v in bank.scores(z, stem, None).items()})
     calibration = calibrate(held_out, DEFAULT_SCORE, FUSED_FROM)
     query_ids = [f"query-{i}" for i in range(batch_size)]
+
+    def bfloat16():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(x)
+
+    def scored(names):
+        inputs = scoring.ScoreInputs(x, x_hat, z, stem, query_ids, bank)
+        values = scoring.compute_scores([n for n in names if n != "fused"], inputs)
+        if "fused" in names:
+            calibration.fuse({name: v.numpy() for name, v in values.items()})
+        return values
+
+    available = computable(True, FUSED_FROM)  # a banked model without a defect head
+    default = parse_scores(None, available)  # what embed computes unless told: fused, its parts, mse
+    every = parse_scores("all", available)
+    one = {name: (lambda name=name: scored([name])) for name in every if name != "fused"}
     return {
-        "forward pass (the baseline)": lambda: model(x),
-        "every reconstruction score": lambda: scoring.reconstruction_scores(x, x_hat),
-        "  mse": lambda: scoring.mse_per_image(x, x_hat),
-        "  ssim_error (exact RGB SSIM)": lambda: scoring.ssim_error_per_image(x, x_hat),
-        "  err map, max and top": lambda: (scoring.pool_top(m := scoring.error_map(x, x_hat)), scoring.pool_max(m)),
-        "  ssim map, max and top": lambda: (scoring.pool_top(m := scoring.ssim_map(x, x_hat)), scoring.pool_max(m)),
-        "  gms map, max and top": lambda: (scoring.pool_top(m := scoring.gms_map(x, x_hat)), scoring.pool_max(m)),
-        f"neighbour scores ({scoring.BANK_CAP:,}-entry bank)": lambda: bank.scores(z, stem, query_ids),
-        "fused score": lambda: calibration.fuse(held_out),
+        "forward pass, float32 (the baseline)": lambda: model(x),
+        "forward pass, bfloat16 (--precision auto here)": bfloat16,
+        f"default scores ({', '.join(default)})": lambda: scored(default),
+        "every score (--scores all)": lambda: scored(every),
+        **{f"  {name}": step for name, step in one.items()},
+        "  fused (from its parts' values)": lambda: calibration.fuse(held_out),
     }
 
 
@@ -92,21 +108,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=15)
     args = p.parse_args(argv)
     cores = os.cpu_count() or 1
+    base = "forward pass, float32 (the baseline)"
     columns = ["step", *[f"ms/batch, {t} thread{'s' * (t > 1)}" for t in sorted({1, cores})],
                *[f"share of forward, {t} thread{'s' * (t > 1)}" for t in sorted({1, cores})]]
     results = {t: measure(t, args.batch_size, args.image_size, args.repeats) for t in sorted({1, cores})}
     rows = []
     for name in results[1]:
         rows.append([name, *[1000 * results[t][name] for t in results],
-                     *[f"{results[t][name] / results[t]['forward pass (the baseline)']:.0%}" for t in results]])
+                     *[f"{results[t][name] / results[t][base]:.0%}" for t in results]])
     print(f"Machine: {machine()}\n")
     print(f"Batch {args.batch_size} images of {args.image_size} px; median of {args.repeats} runs.\n")
     print(table(columns, rows))
-    total = {t: sum(r[n] for n in r if not n.startswith("  ") and not n.startswith("forward")) for t, r in
-             results.items()}
-    print("\nAll scoring against the forward pass: "
-          + ", ".join(f"{total[t] / results[t]['forward pass (the baseline)']:.0%} at {t} thread{'s' * (t > 1)}"
-                      for t in results))
+    for name in results[1]:
+        if name.startswith(("default", "every")):
+            print(f"\n{name}: " + ", ".join(
+                f"{results[t][name] / results[t][base]:.0%} of the float32 forward pass and "
+                f"{results[t][name] / results[t]['forward pass, bfloat16 (--precision auto here)']:.0%} of the "
+                f"bfloat16 one at {t} thread{'s' * (t > 1)}" for t in results))
     write_results("score_cost", {"argv": argv if argv is not None else sys.argv[1:], "batch_size": args.batch_size,
                                  "image_size": args.image_size, "repeats": args.repeats,
                                  "seconds_per_batch": {str(t): r for t, r in results.items()}})

@@ -140,12 +140,24 @@ def map_stride(side: int) -> int:
     return max(1, round(side / MAP_CELLS))
 
 
+def _cell_means(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, *size): the mean over each cell. Where square cells tile the image
+    exactly, as sums of strided slices (rows first, whose runs are contiguous): several times
+    faster on a CPU than adaptive pooling, which does the rest."""
+    (height, width), (rows, columns) = maps.shape[-2:], size
+    k = height // rows
+    if (height, width) == (k * rows, k * columns):
+        by_rows = sum(maps[..., i::k, :] for i in range(k))
+        return sum(by_rows[..., i::k] for i in range(k)).mul_(1.0 / (k * k))
+    return torch.nn.functional.adaptive_avg_pool2d(maps, size)
+
+
 def _resample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, h, w) -> (B, *size): cell means when finer, bilinear when coarser."""
     if tuple(maps.shape[-2:]) == size:
         return maps
     if maps.shape[-2] >= size[0]:
-        return torch.nn.functional.adaptive_avg_pool2d(maps[:, None], size)[:, 0]
+        return _cell_means(maps[:, None], size)[:, 0]
     return torch.nn.functional.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
@@ -186,11 +198,13 @@ def _grid_ssim(x: torch.Tensor, x_hat: torch.Tensor, size: tuple[int, int]) -> t
     (at the border the window is cut and renormalised, see `blur`). On a 64 px image the
     formula runs on a quarter of the pixels of the exact per-pixel SSIM.
     """
-    x, x_hat = x.float(), x_hat.float()
+    # Plain NCHW: the cell sums run several times faster on it than on the model's channels_last.
+    # Each statistic goes to the grid on its own, so no (B, 5C, H, W) buffer is ever filled.
+    x, x_hat = x.float().contiguous(), x_hat.float().contiguous()
     channels = x.shape[1]
-    stats = torch.cat([x, x_hat, x * x, x_hat * x_hat, x * x_hat], dim=1)  # (B, 5C, H, W)
-    if tuple(stats.shape[-2:]) != size:
-        stats = torch.nn.functional.adaptive_avg_pool2d(stats, size)
+    stats = torch.empty((x.shape[0], 5 * channels, *size), dtype=torch.float32, device=x.device)
+    for i, plane in enumerate((x, x_hat, x * x, x_hat * x_hat, x * x_hat)):
+        stats[:, i * channels:(i + 1) * channels] = _cell_means(plane, size) if plane.shape[-2:] != size else plane
     cell = x.shape[-1] / size[1]  # pixels per cell
     sigma = max(SSIM_SIGMA / cell, 0.5)
     mu_a, mu_b, aa, bb, ab = blur(stats, sigma, SSIM_WINDOW // 2 if cell == 1 else None).split(channels, dim=1)
