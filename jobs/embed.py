@@ -23,6 +23,7 @@ from jobs.inputs import PASSTHROUGH_HELP, add_actor_flags, add_column_flags
 from pipeline import embed
 from pipeline.embed import EmbedConfig
 from pipeline.images import RESIZE_POLICIES
+from pipeline.inference import PRECISIONS
 from pipeline.latents import LATENT_DTYPES
 from pipeline.scores import ALL, SCORE_COLUMNS
 
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                         + ", ".join(SCORE_COLUMNS) + " (a score's inputs come with it: fused brings its parts; "
                         "default: the --score and what it reads, plus mse; the SSIM and GMS maps are most of the "
                         "cost, and are made only when a chosen score reads them)")
+    p.add_argument("--precision", choices=PRECISIONS, default=D["precision"],
+                   help="the forward pass's: bfloat16 runs the convolutions in bfloat16 (scores and latents stay "
+                        "float32); auto takes it where the CPU or GPU computes bfloat16 natively, float32 elsewhere")
     p.add_argument("--passthrough", type=csv, default=(), help=PASSTHROUGH_HELP)
     add_column_flags(p, D["id_column"], D["image_column"])
     p.add_argument("--resize", choices=RESIZE_POLICIES, default=None,

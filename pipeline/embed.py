@@ -40,7 +40,7 @@ from pipeline.checkpoint import read_checkpoint_meta, scores_of
 from pipeline.datasets import decode_rows, read_shards
 from pipeline.errors import InputError, JobFailed
 from pipeline.images import RESIZE_POLICIES, decode_batch
-from pipeline.inference import ImageScorer, load_inference_model, to_input
+from pipeline.inference import PRECISIONS, ImageScorer, load_inference_model, to_input
 from pipeline.latents import (
     CHECKPOINT_DIR,
     DEFAULT_LATENT_DTYPE,
@@ -91,7 +91,7 @@ class Embedder:
     def __init__(self, model_url: str, latent_dtype: str = DEFAULT_LATENT_DTYPE, threshold: float = math.inf,
                  passthrough: Sequence[str] = (), device: str | None = None, torch_threads: int | None = None,
                  metadata: dict[str, Any] | None = None, on_rows: Callable[[int], None] | None = None,
-                 score: str | None = None, scores: str | None = None):
+                 score: str | None = None, scores: str | None = None, precision: str = "auto"):
         if latent_dtype not in LATENT_DTYPES:
             raise ValueError(f"latent dtype must be one of {LATENT_DTYPES}, got {latent_dtype!r}")
         if torch_threads:
@@ -102,13 +102,13 @@ class Embedder:
         self.score = score or (calibration.default_score if calibration else "mse")
         fused_from = calibration.fused_from if calibration else ()
         wanted = parse_scores(scores, computable(checkpoint.bank is not None, fused_from, has_head=checkpoint.config.defect_head), self.score, fused_from)
-        self.scorer = ImageScorer(model, checkpoint.bank, calibration, wanted)
+        self.scorer = ImageScorer(model, checkpoint.bank, calibration, wanted, precision)
         self.config = checkpoint.config
         self.latent_dtype = latent_dtype
         self.threshold = threshold
         self.passthrough = list(passthrough)
         meta = {**(metadata or {"model": model_url, "weights_sha256": checkpoint.weights_sha256}),
-                "scores": list(self.scorer.score_names)}
+                "scores": list(self.scorer.score_names), "precision": self.scorer.precision}
         self.metadata = {METADATA_KEY: json.dumps(meta, sort_keys=True).encode()}
         self.on_rows = on_rows  # progress: told the rows of each finished batch
 
@@ -157,6 +157,7 @@ class EmbedConfig:
     threshold: str = "quantile:0.99"
     score: str | None = None  # the score that sets is_anomaly; None: the model's default (its calibration's)
     scores: str | None = None  # --scores: "all", or names; None: what `score` reads, and mse (`prepare` lists them)
+    precision: str = "auto"  # the forward pass's (pipeline.inference.PRECISIONS): auto = bfloat16 where native
     passthrough: tuple[str, ...] = ()
     id_column: str = "id"
     image_column: str = "image"
@@ -173,6 +174,8 @@ class EmbedConfig:
         problems = []
         if self.latent_dtype not in LATENT_DTYPES:
             problems.append(f"latent_dtype must be one of {LATENT_DTYPES}, got {self.latent_dtype!r}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.resize is not None and self.resize not in RESIZE_POLICIES:
             problems.append(f"resize must be one of {RESIZE_POLICIES}, got {self.resize!r}")
         problems += pool_setting_problems(self.batch_size, self.actors, self.torch_threads, self.rows_per_file)
@@ -344,7 +347,7 @@ def _pipeline(plan: EmbedPlan, resources: ResourcePlan, out_fs, out_path: str, o
             metadata={"model": cfg.model_url, "weights_sha256": cfg.model_sha256, "score": cfg.score,
                       "threshold": plan.threshold, "threshold_spec": cfg.threshold, "latent_dtype": cfg.latent_dtype,
                       "model_config": model_config},
-            on_rows=on_rows, score=cfg.score, scores=cfg.scores),
+            on_rows=on_rows, score=cfg.score, scores=cfg.scores, precision=cfg.precision),
         compute=ActorPoolStrategy(size=resources.actors), num_cpus=resources.cpus_per_actor,
         num_gpus=resources.gpus_per_actor)
     ds.write_parquet(out_path, filesystem=out_fs, min_rows_per_file=min(cfg.rows_per_file, plan.rows_in),
@@ -429,7 +432,8 @@ def embed_reference(cfg: EmbedConfig, threshold: float) -> pa.Table:
     model_config = meta["model"]
     resize = cfg.resize or (meta.get("training") or {}).get("preprocessing", {}).get("resize") or "pad"
     embedder = Embedder(cfg.model_url, cfg.latent_dtype, threshold, cfg.keep, device="cpu",
-                        torch_threads=cfg.torch_threads, score=cfg.score, scores=cfg.scores)
+                        torch_threads=cfg.torch_threads, score=cfg.score, scores=cfg.scores,
+                        precision=cfg.precision)
     shards = ShardList.under(cfg.data_url)
     wanted = list(dict.fromkeys([cfg.id_column, cfg.image_column, *cfg.keep]))
     batch_size = cfg.batch_size or CPU_BATCH_SIZE

@@ -4,10 +4,16 @@
 `LatentDecoder` and the report's interpolation strip: the checkpoint's model with BatchNorm
 folded into the convolutions and channels_last memory (the same outputs as the trained
 model to float rounding, so a decoded pixel may differ by one level).
+
+`ImageScorer` runs the forward pass at a `--precision`: float32, or bfloat16 (the convolutions
+and matrix products in bfloat16 under autocast; scores, statistics and latents stay float32).
+"auto" takes bfloat16 where the device computes it natively and float32 elsewhere
+(bench/forward_pass.py measures both, with reconstruction PSNR and detection beside them).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +34,29 @@ def load_inference_model(model_url: str, device: str | torch.device = "cpu") -> 
     return fuse_for_inference(checkpoint.model).to(memory_format=torch.channels_last), checkpoint
 
 
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def native_bfloat16(device: str | torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 in hardware: a CPU with AVX512-BF16 or AMX, a CUDA GPU
+    that supports it. Elsewhere bfloat16 is emulated, and slower than float32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return False
+
+
+def resolve_precision(precision: str, device: str | torch.device) -> str:
+    """"float32" or "bfloat16": what `precision` (one of PRECISIONS) means on `device`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bfloat16" if native_bfloat16(device) else "float32"
+    return precision
+
+
 class ImageScorer:
     """Images -> their latents, stem statistics and anomaly scores: what the embed job writes and
     what training calibrates, computed in one place.
@@ -35,12 +64,18 @@ class ImageScorer:
     `scores` names the scores to compute (None: every one the model can, `computable`: the
     reconstruction scores; the neighbour scores with a training bank; the fused score when the
     calibration says how to fuse). The scores a requested one reads (the fused score's parts) are
-    computed too; no map is made that no requested score reads.
+    computed too; no map is made that no requested score reads. `precision` is the forward
+    pass's (PRECISIONS; `resolve_precision` on the model's device).
     """
 
     def __init__(self, model: torch.nn.Module, bank: TrainingBank | None = None,
-                 calibration: Calibration | None = None, scores: Sequence[str] | None = None):
+                 calibration: Calibration | None = None, scores: Sequence[str] | None = None,
+                 precision: str = "float32"):
         self.model, self.bank, self.calibration = model, bank, calibration
+        device = next(model.parameters()).device
+        self.precision = resolve_precision(precision, device)
+        self._autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if self.precision == "bfloat16"
+                          else contextlib.nullcontext())
         fused_from = calibration.fused_from if calibration is not None else ()
         available = computable(bank is not None, fused_from, has_head=getattr(model, "defect", None) is not None)
         self.score_names = available if scores is None else with_inputs(scores, fused_from)
@@ -53,7 +88,8 @@ class ImageScorer:
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor, ids: Sequence[str] | None = None) -> dict[str, Any]:
         """(B, C, S, S) in [0, 1] (and the images' ids) -> {"z", "stem_stats", "scores": {name: (B,)}}."""
-        out = self.model(x)
+        with self._autocast:
+            out = self.model(x)
         inputs = ScoreInputs(x, out["x_hat"], out["z"], out["stem_stats"], ids, self.bank, out.get("defect_logits"))
         values = {name: score.float().cpu().numpy() for name, score in compute_scores(self._computed, inputs).items()}
         for name in self._of_scores:  # the fused score: its parts on the calibration's common scale

@@ -270,7 +270,7 @@ class _Autoencoder(nn.Module):
         with `features`, also "features": the second and third down stages' maps
         [(B, w2, S/4, S/4), (B, w3, S/8, S/8)], what local (patch) scores compare."""
         z, stem, kept = self._encode(x, FEATURE_STAGES if features else ())
-        flat = stem.flatten(2)  # (B, base, S*S/4)
+        flat = stem.flatten(2).float()  # (B, base, S*S/4); float32 under autocast too: E[h^2] - E[h]^2 cancels
         mean = flat.mean(dim=2)
         # E[h^2] - E[h]^2 rather than torch.std: one pass, and several times faster on CPU.
         std = (flat.pow(2).mean(dim=2) - mean * mean).clamp_min(0).sqrt()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline.errors import InputError
-from pipeline.inference import ImageScorer, load_inference_model
+from pipeline.inference import ImageScorer, load_inference_model, resolve_precision
 from pipeline.scores import (
     DEFAULT_SCORE,
     FUSED_FROM,
@@ -89,3 +89,34 @@ def test_image_scorer_computes_only_what_is_asked_with_the_same_values(tiny_mode
     with pytest.raises(ValueError, match="cannot compute"):
         ImageScorer(model, None, calibration, ["stem_knn"])
     assert load_checkpoint(tiny_model).bank is not None
+
+
+def test_a_bfloat16_forward_pass_scores_as_float32_does(tmp_path):
+    """The convolutions in bfloat16, everything after them in float32: each score moves by a
+    small share of its spread over the batch, the images rank alike, and the latents and
+    statistics come back as float32."""
+    from tests.builders import make_tiny_model
+
+    url = make_tiny_model(str(tmp_path / "model"), train_steps=60)
+    model, checkpoint = load_inference_model(url)
+    calibration = Calibration.from_dict(checkpoint.calibration)
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(rng.random((24, 3, 32, 32), dtype=np.float32))
+    x[:12] = x[:12] * 0.2 + 0.4  # half the batch low-contrast, so the scores spread
+    exact = ImageScorer(model, checkpoint.bank, calibration, precision="float32")(x)
+    half = ImageScorer(model, checkpoint.bank, calibration, precision="bfloat16")(x)
+    assert half["z"].dtype == np.float32 and half["stem_stats"].dtype == np.float32
+    np.testing.assert_allclose(half["z"], exact["z"], atol=0.05 * float(np.abs(exact["z"]).max()))
+    for name, values in exact["scores"].items():
+        spread = float(values.max() - values.min())
+        assert np.abs(half["scores"][name] - values).max() < 0.05 * spread, name
+        assert np.corrcoef(half["scores"][name], values)[0, 1] > 0.99, name
+
+
+def test_precisions_resolve_and_unknown_ones_are_refused():
+    assert resolve_precision("float32", "cpu") == "float32"
+    assert resolve_precision("bfloat16", "cpu") == "bfloat16"
+    native = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    assert resolve_precision("auto", "cpu") == ("bfloat16" if native else "float32")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("int4", "cpu")

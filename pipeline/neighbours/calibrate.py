@@ -49,15 +49,17 @@ def sample_images(shards: ShardList, columns: Columns, n: int, seed: int) -> lis
     return shards.reader(columns).sample(n, seed)
 
 
-def encode_images(model_url: str, images: Sequence[bytes | None], latent_dtype: str,
+def encode_images(model_url: str, images: Sequence[bytes | None], latent_dtype: str, precision: str = "float32",
                   ) -> tuple[np.ndarray, list[str | None], np.ndarray]:
     """(decoded ok (N,) bool, reasons, (N, D) latents) of encoded images, as the embed job would store
-    them (the model's size and resize policy; int8 / float16 round trip), dequantized."""
+    them (the model's size and resize policy, the forward pass's precision; int8 / float16 round
+    trip), dequantized."""
     import torch
 
-    from pipeline.inference import load_inference_model, to_input
+    from pipeline.inference import ImageScorer, load_inference_model, to_input
 
     model, checkpoint = load_inference_model(model_url)
+    encoder = ImageScorer(model, scores=(), precision=precision)  # the latents only, as embed made them
     config = checkpoint.config
     resize = (checkpoint.training.get("preprocessing") or {}).get("resize") or "pad"
     reasons: list[str | None] = []
@@ -67,7 +69,7 @@ def encode_images(model_url: str, images: Sequence[bytes | None], latent_dtype: 
             chunk = images[start:start + ENCODE_BATCH]
             pixels, chunk_reasons = decode_batch(chunk, config.image_size, config.channels, resize)
             reasons += chunk_reasons
-            z[start:start + len(chunk)] = model(to_input(torch.from_numpy(pixels)))["z"].float().numpy()
+            z[start:start + len(chunk)] = encoder(to_input(torch.from_numpy(pixels)))["z"]
     return np.array([r is None for r in reasons], bool), reasons, dequantize_latents(*quantize_latents(z, latent_dtype))
 
 
@@ -133,7 +135,8 @@ def _quantiles(values: np.ndarray) -> dict[str, float]:
 
 def calibrate_threshold(model_url: str, shards: ShardList, columns: Columns, images: int, seed: int,
                         latent_dtype: str, max_false_positive_rate: float = 0.001,
-                        positive_quantile: float = 0.99, edits: Edits = Edits()) -> dict[str, Any]:
+                        positive_quantile: float = 0.99, edits: Edits = Edits(), precision: str = "float32",
+                        ) -> dict[str, Any]:
     """Sample, copy, encode, measure, choose: the threshold record (`choose_threshold`) with its inputs."""
     sample = sample_images(shards, columns, images, seed)
     keys = sample_keys([i for i, _ in sample], seed)
@@ -145,7 +148,7 @@ def calibrate_threshold(model_url: str, shards: ShardList, columns: Columns, ima
         except Exception as error:  # noqa: BLE001 - kept with its cause; counted below if the original decodes
             copies.append(None)
             causes[row_id] = f"{type(error).__name__}: {error}"
-    ok, _, z = encode_images(model_url, [*originals, *copies], latent_dtype)
+    ok, _, z = encode_images(model_url, [*originals, *copies], latent_dtype, precision)
     n = len(originals)
     # An image the embed job's decoder refuses has no latent either, so its failed copy is no
     # loss; a copy that failed for an image it accepts points at a bug (or an unusual corpus).

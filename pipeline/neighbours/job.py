@@ -325,6 +325,8 @@ def prepare(cfg: NeighboursConfig) -> NeighboursPlan:
     index_plan = plan_index(rows, dim, cfg.index, cfg.flat_max_rows)
     record = {"latents_url": cfg.latents_url, "fingerprint": fingerprint(latents), "latent_rows": rows,
               "latent_dtype": dtype, "model_sha256": metadata.get("weights_sha256"), "model": metadata.get("model"),
+              # the embed job's forward pass: the calibration and queries encode images the same way
+              "precision": metadata.get("precision", "float32"),
               "partial": not completion.finished}
     check_output_folder(cfg, record, claim=False)  # refused before the lease: nothing written into another's folder
     lease = Lease.acquire(cfg.out_url, "neighbours job")
@@ -358,7 +360,8 @@ def _threshold(plan: NeighboursPlan, record: dict[str, Any]) -> dict[str, Any]:
               f"{cfg.data_url} and a copy of each", flush=True)
         threshold = calibrate_threshold(cfg.model_url, plan.data, _calibration_columns(cfg, plan.data),
                                         cfg.calibration_images, cfg.seed, plan.latent_dtype,
-                                        cfg.max_false_positive_rate, cfg.positive_quantile, cfg.edits)
+                                        cfg.max_false_positive_rate, cfg.positive_quantile, cfg.edits,
+                                        plan.latents_record["precision"])
         print(f"neighbours: duplicate threshold {threshold['value']:.4g} ({threshold['rule']}): recall "
               f"{threshold['recall_on_positives']:.3f} on copies, false-positive rate "
               f"{threshold['false_positive_rate_on_negatives']:.4f} on other images; "

@@ -58,7 +58,8 @@ def query(neighbours_url: str, model_url: str | None = None, images: Sequence[by
         raise InputError(f"{model_url} (weights {meta['weights_sha256'][:12]}) is not the model the indexed latents "
                          f"were made with (weights {expected[:12]}): its latents would not be comparable")
     labels = list(names) if names is not None else [f"image-{n}" for n in range(1, len(images) + 1)]
-    ok, reasons, z = encode_images(model_url, list(images), index.settings.get("latent_dtype", "float32"))
+    ok, reasons, z = encode_images(model_url, list(images), index.settings.get("latent_dtype", "float32"),
+                                   index.settings.get("precision", "float32"))
     found, distances = index.search(z[ok], k)
     answers, hit = [], iter(zip(found, distances))
     for label, good, reason in zip(labels, ok, reasons):

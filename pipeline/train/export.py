@@ -34,7 +34,9 @@ class CalibrationScorer:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         model, _ = load_inference_model(model_url)
-        self.scorer = ImageScorer(model)
+        # The embed job's default precision, so that the thresholds are taken on scores made as
+        # embed makes them.
+        self.scorer = ImageScorer(model, precision="auto")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.asarray(batch["ok"], dtype=bool)
