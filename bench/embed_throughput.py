@@ -3,8 +3,9 @@
     python bench/embed_throughput.py --images 20000      # prints Markdown tables
 
 Both do the same work on the same cores: read Parquet, decode PNG, encode + decode with the
-Fire model, compute every anomaly score (reconstruction maps, neighbours in a training bank,
-fused), write Parquet. The bare loop uses the very same
+Fire model, compute the anomaly scores `--scores` names (default: embed's default, the fused
+score, its parts and mse; `all`: every score), write Parquet (embed's defaults: int8 latents,
+zstd). The bare loop uses the very same
 `decode_batch` and `Embedder` in one process with all cores' torch threads, so the ratio
 measures what the distributed pipeline costs (or gains by overlapping decode, model and I/O).
 Each run is a fresh process, timed from the job's first step (imports done) to its last;
@@ -38,7 +39,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench.common import machine, scored_rows, table, write_results  # noqa: E402
 
-SCORES = "all"  # embed --scores: the recorded numbers are with every score
 
 
 def make_inputs(root: Path, n: int) -> tuple[str, str]:
@@ -77,7 +77,7 @@ def make_inputs(root: Path, n: int) -> tuple[str, str]:
     return str(data), str(model)
 
 
-def bare_loop(data: str, model: str, out: str, batch_size: int) -> dict:
+def bare_loop(data: str, model: str, out: str, batch_size: int, scores: str | None) -> dict:
     """The baseline: one process, no Ray, the same decode and Embedder code."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -85,10 +85,11 @@ def bare_loop(data: str, model: str, out: str, batch_size: int) -> dict:
     from pipeline import storage
     from pipeline.datasets import decode_rows
     from pipeline.embed import Embedder
+    from pipeline.latents import latent_write_options
     from pipeline.shards import Columns
 
     started = time.perf_counter()
-    embedder = Embedder(model, torch_threads=os.cpu_count(), scores=SCORES)
+    embedder = Embedder(model, torch_threads=os.cpu_count(), scores=scores)
     rows = 0
     os.makedirs(out, exist_ok=True)
     for i, shard in enumerate(storage.list_files(data)):
@@ -97,30 +98,36 @@ def bare_loop(data: str, model: str, out: str, batch_size: int) -> dict:
             plain = {name: batch.column(name).to_numpy(zero_copy_only=False) for name in ("id", "image")}
             tables.append(embedder(decode_rows(plain, Columns(), 64, 3)))
             rows += batch.num_rows
-        pq.write_table(pa.concat_tables(tables), f"{out}/part-{i:05d}.parquet")
-    return {"rows": rows, "seconds": time.perf_counter() - started}
+        pq.write_table(pa.concat_tables(tables), f"{out}/part-{i:05d}.parquet",
+                       **latent_write_options(embedder.latent_dtype))  # as the embed job writes
+    return {"rows": rows, "seconds": time.perf_counter() - started, "bytes": parquet_bytes(out)}
 
 
-def ray_job(data: str, model: str, out: str, batch_size: int) -> dict:
+def parquet_bytes(folder: str) -> int:
+    return sum(path.stat().st_size for path in Path(folder).rglob("*.parquet"))
+
+
+def ray_job(data: str, model: str, out: str, batch_size: int, scores: str | None) -> dict:
     import ray
 
     from pipeline.embed import EmbedConfig, embed
 
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    summary = embed(EmbedConfig(data_url=data, model_url=model, out_url=out, batch_size=batch_size, scores=SCORES))
+    summary = embed(EmbedConfig(data_url=data, model_url=model, out_url=out, batch_size=batch_size, scores=scores))
     ray.shutdown()
-    return {"rows": summary.rows_out, "seconds": summary.seconds}
+    return {"rows": summary.rows_out, "seconds": summary.seconds, "bytes": parquet_bytes(out)}
 
 
-def run_measured(mode: str, data: str, model: str, out: str, batch_size: int, sample_memory: bool) -> dict:
+def run_measured(mode: str, data: str, model: str, out: str, batch_size: int, sample_memory: bool,
+                 scores: str | None) -> dict:
     """Run one mode in a fresh process; with `sample_memory`, sample its process tree's PSS.
 
     Reading PSS (/proc/PID/smaps of every process) costs real CPU, more for Ray's many
     processes than for one: throughput runs therefore take no samples.
     """
     cmd = [sys.executable, __file__, "--child", mode, "--data", data, "--model", model, "--out", out,
-           "--batch-size", str(batch_size)]
+           "--batch-size", str(batch_size), *(["--scores", scores] if scores else [])]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
     peak = [0]
 
@@ -154,21 +161,23 @@ def run_measured(mode: str, data: str, model: str, out: str, batch_size: int, sa
 
 
 def alternate(modes: list[str], rounds: int, data: str, model: str, work: Path, n: int,
-              batch_size: int) -> dict[str, list[float]]:
+              batch_size: int, scores: str | None) -> tuple[dict[str, list[float]], dict[str, int]]:
     """Run the modes in turn, `rounds` times, each in a fresh process; seconds of every run.
 
     This machine's speed drifts by 20-30% over minutes (other tenants): alternating puts both
     sides under the same drift, and medians keep one slow spell from deciding the ratio.
     """
     seconds: dict[str, list[float]] = {mode: [] for mode in modes}
+    written: dict[str, int] = {}
     for _ in range(rounds):
         for mode in modes:
             out = work / f"out-{mode}-{n}-{time.monotonic_ns()}"
-            r = run_measured(mode, data, model, str(out), batch_size, sample_memory=False)
+            r = run_measured(mode, data, model, str(out), batch_size, sample_memory=False, scores=scores)
             assert r["rows"] == n, r
             seconds[mode].append(r["seconds"])
+            written[mode] = r["bytes"]
             print(f"  {mode} {n:,}: {r['seconds']:.1f} s", file=sys.stderr, flush=True)
-    return seconds
+    return seconds, written
 
 
 def main() -> None:
@@ -180,6 +189,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=CPU_BATCH_SIZE)
     p.add_argument("--work", default=None, help="folder for inputs and outputs (default: a temp dir)")
     p.add_argument("--skip-5n", action="store_true", help="only the throughput comparison at N")
+    p.add_argument("--scores", default=None, help="embed --scores (default: embed's default scores)")
     p.add_argument("--child", choices=["bare", "ray"], help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -187,7 +197,7 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         fn = bare_loop if args.child == "bare" else ray_job
-        print(json.dumps(fn(args.data, args.model, args.out, args.batch_size)), flush=True)
+        print(json.dumps(fn(args.data, args.model, args.out, args.batch_size, args.scores)), flush=True)
         return
 
     from bench import score_cost
@@ -198,7 +208,7 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-embed-"))
     n = args.images
     data, model = make_inputs(work, n)
-    runs = alternate(["bare", "ray"], args.rounds, data, model, work, n, args.batch_size)
+    runs, written = alternate(["bare", "ray"], args.rounds, data, model, work, n, args.batch_size, args.scores)
     table_rows = []
 
     def add(size: int, result: dict[str, list[float]]) -> None:
@@ -211,15 +221,19 @@ def main() -> None:
     add(n, runs)
     if not args.skip_5n:
         data5, _ = make_inputs(work, 5 * n)
-        runs5 = alternate(["bare", "ray"], 1, data5, model, work, 5 * n, args.batch_size)
+        runs5, _ = alternate(["bare", "ray"], 1, data5, model, work, 5 * n, args.batch_size, args.scores)
         add(5 * n, runs5)
     print(f"Machine: {machine()}\n")
     print(f"Batch {args.batch_size}; seconds of each run in the order they ran (bare and Ray alternating); "
           f"the ratio is of medians.\n")
     print(table(["images", "path", "runs", "seconds (each run)", "median s", "images/s", "ratio to bare"],
                 table_rows))
+    per_row = {mode: written[mode] / n for mode in written}
+    print(f"\nOutput bytes per row (Parquet files, every column): Ray job {per_row['ray']:.0f}, "
+          f"bare loop {per_row['bare']:.0f}; scores: {args.scores or 'embed default'}")
     if args.skip_5n:
-        write_results("embed_throughput", {"images": n, "batch_size": args.batch_size, "seconds": runs})
+        write_results("embed_throughput", {"images": n, "batch_size": args.batch_size, "scores": args.scores,
+                                           "seconds": runs, "bytes_per_row": per_row})
         return
     # What the pipeline costs beyond the bare loop's work, at both sizes: a fixed start-up shows as
     # a gap that stays put while N grows five-fold; a slower per-image rate as one that grows with N.
@@ -228,9 +242,9 @@ def main() -> None:
     print(f"\nRay job minus bare loop: {gap_n:+.1f} s at N, {gap_5n:+.1f} s at 5N")
 
     small = run_measured("ray", data, model, str(work / f"out-ray-mem-{n}-{time.monotonic_ns()}"), args.batch_size,
-                         sample_memory=True)
+                         sample_memory=True, scores=args.scores)
     big = run_measured("ray", data5, model, str(work / f"out-ray-mem-{5 * n}-{time.monotonic_ns()}"),
-                       args.batch_size, sample_memory=True)
+                       args.batch_size, sample_memory=True, scores=args.scores)
     assert small["rows"] == n and big["rows"] == 5 * n, (small, big)
     print()
     print(table(["Ray Data job (memory sampled)", "images", "seconds", "peak PSS (MiB)"], [
@@ -238,8 +252,9 @@ def main() -> None:
         ["5N", 5 * n, big["seconds"], big["peak_pss_mib"]],
     ]))
     print(f"\npeak memory ratio 5N / N: {big['peak_pss_mib'] / small['peak_pss_mib']:.2f}")
-    write_results("embed_throughput", {"images": n, "batch_size": args.batch_size, "seconds": runs,
-                                       "seconds_5n": runs5, "memory_n": small, "memory_5n": big})
+    write_results("embed_throughput", {"images": n, "batch_size": args.batch_size, "scores": args.scores,
+                                       "seconds": runs, "seconds_5n": runs5, "memory_n": small, "memory_5n": big,
+                                       "bytes_per_row": per_row})
 
 
 if __name__ == "__main__":

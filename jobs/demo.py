@@ -1,12 +1,14 @@
-"""The whole pipeline on an embedded local Ray: synth -> train -> embed -> report.
+"""The whole pipeline on an embedded local Ray: synth -> train -> embed -> neighbours -> report.
 
     make demo                                   # the same as:
     python -m jobs.demo --out demo-output
 
 Writes a synthetic corpus (64x64 images, a few percent labelled anomalies of five kinds),
 trains the Fire autoencoder on it with Ray Train, embeds and scores every image with Ray
-Data, and builds the anomaly report; then prints AUROC, flagged rows, images/s per stage
-and where the report is. Each stage's output is kept: running the demo again reuses what
+Data, finds each image's nearest neighbours and its near-duplicates (the threshold calibrated
+on edited copies of the corpus's own images), and builds the anomaly report with its
+near-duplicate section; then prints AUROC, flagged rows, near-duplicate clusters, images/s
+per stage and where the report is. Each stage's output is kept: running the demo again reuses what
 is done (a finished stage is skipped, an interrupted one resumes).
 """
 
@@ -33,7 +35,7 @@ class DemoConfig:
     out_url: str = "demo-output"
     images: int = 3000
     anomaly_fraction: float = 0.04
-    epochs: int = 8
+    epochs: int = 6
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -120,12 +122,25 @@ def embed_corpus(cfg: DemoConfig, shards: str, model: str, rates: dict[str, str]
     return summary
 
 
-def make_report(cfg: DemoConfig, shards: str, model: str, latents, rates: dict[str, str]) -> dict[str, Any]:
+def find_neighbours(cfg: DemoConfig, shards: str, model: str, latents, rates: dict[str, str]):
+    from pipeline.neighbour_output import SUCCESS_FILE
+    from pipeline.neighbours import NeighboursConfig, neighbours
+
+    out = cfg.folder("neighbours")
+    finished_before = storage.exists(storage.join(out, SUCCESS_FILE))
+    summary = neighbours(NeighboursConfig(latents_url=latents.out, out_url=out, model_url=model, data_url=shards,
+                                          seed=cfg.seed))
+    if not finished_before:
+        rates["neighbours"] = f"{summary.rows_per_s:,.0f} img/s"
+    return summary
+
+
+def make_report(cfg: DemoConfig, shards: str, model: str, latents, near, rates: dict[str, str]) -> dict[str, Any]:
     from pipeline.report import ReportConfig, report
 
     started = time.perf_counter()
     facts = report(ReportConfig(latents_url=latents.out, out_url=cfg.folder("report"), model_url=model,
-                                data_url=shards, label_column="label", top_k=24))
+                                data_url=shards, label_column="label", top_k=24, neighbours_url=near.out))
     rates["report"] = f"{latents.rows_out / (time.perf_counter() - started):,.0f} img/s"
     return facts
 
@@ -140,14 +155,16 @@ def flag_rates(by_kind: list[dict[str, Any]]) -> dict[str, float]:
 def run(cfg: DemoConfig) -> dict[str, Any]:
     """Every stage in turn; prints the summary a person reads and returns it for the JSON line."""
     rates: dict[str, str] = {}
-    stage("1/4 synthetic corpus")
+    stage("1/5 synthetic corpus")
     shards = make_corpus(cfg, rates)
-    stage("2/4 training (Ray Train)")
+    stage("2/5 training (Ray Train)")
     model, last = train_model(cfg, shards, rates)
-    stage("3/4 embedding and scoring (Ray Data)")
+    stage("3/5 embedding and scoring (Ray Data)")
     latents = embed_corpus(cfg, shards, model, rates)
-    stage("4/4 report")
-    facts = make_report(cfg, shards, model, latents, rates)
+    stage("4/5 nearest neighbours and near-duplicates (Ray Data, faiss)")
+    near = find_neighbours(cfg, shards, model, latents, rates)
+    stage("5/5 report")
+    facts = make_report(cfg, shards, model, latents, near, rates)
 
     stage("summary")
     metrics, threshold = facts.get("metrics") or {}, facts["threshold"]
@@ -162,11 +179,15 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
         print("flag rate    " + ", ".join(f"{kind} {rate:.1%}" for kind, rate in by_kind.items()))
     if metrics:
         print(f"AUROC        {metrics.get('auroc'):.3f}   average precision {metrics.get('average_precision'):.3f}")
+    print(f"duplicates   {near.clusters} near-duplicate clusters ({near.rows_in_clusters} images) within latent "
+          f"distance {near.threshold:.3g} ({near.threshold_source})")
     print("speed        " + (", ".join(f"{k} {v}" for k, v in rates.items()) if rates else "(all reused)"))
     print(f"report       {index}", flush=True)
     return {"rows_in": latents.rows_in, "rows_out": latents.rows_out, "flagged_rows": threshold["flagged_rows"],
             "score": threshold["score"], "threshold": threshold["value"], "flag_rate_by_kind": by_kind, "auroc": metrics.get("auroc"),
-            "average_precision": metrics.get("average_precision"), "rates": rates, "report": str(index)}
+            "average_precision": metrics.get("average_precision"), "near_duplicate_clusters": near.clusters,
+            "near_duplicate_recall_by_edit": (facts.get("near_duplicates") or {}).get("recall_by_edit"),
+            "rates": rates, "report": str(index)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

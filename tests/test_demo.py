@@ -38,3 +38,10 @@ def test_the_default_score_and_threshold_flag_few_normal_images_and_most_of_ever
     assert min(rates[kind] for kind in KINDS) >= 0.5, rates
     assert sum(rates[kind] for kind in KINDS) / len(KINDS) >= 0.8, rates
     assert result["auroc"] >= 0.95, result
+    # The neighbours stage ran with the calibration's edits, and the report carries its section.
+    from pipeline.neighbours import Edits
+
+    assert set(result["near_duplicate_recall_by_edit"]) == set(Edits.kinds), result
+    assert "duplicates   " in done.stdout
+    index = Path(result["report"]).read_text()
+    assert "Near-duplicates" in index and "recall by edit" in index
