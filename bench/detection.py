@@ -3,11 +3,13 @@
     python bench/detection.py                       # everything: about an hour on 2 cores
     python bench/detection.py --seeds 1 --jobs 1    # a quicker look
     python bench/detection.py --variants plain invariance --extra --no-digits --results detection-invariance
+    python bench/detection.py --table docs/bench-results/detection-after.json   # reprint recorded results
 
 Synthetic corpus (pipeline.synth, its five anomaly kinds exactly as the demo makes them; seeds
 other than the demo's 0): N images at 64 px with 5% and with 10% anomalies, each seed and
-contamination trained twice, with and without defect-aware training (--defect-aware). One more
-run at 128 px, and one with the structure-aware loss (--loss ssim_l1).
+contamination trained once per training variant (`--variants`, VARIANTS: plain, defect-aware
+(--defect-aware), invariance (--invariance 0.05), ssim-l1 (--loss
+ssim_l1)). One more run at 128 px, and one with the structure-aware loss.
 
 Each run is what the pipeline does, in one process: the train job's defaults (TrainConfig:
 model, epochs, batch, AdamW, cosine schedule, the corruptions and loss of pipeline.train) in a
@@ -56,8 +58,10 @@ sys.path.insert(0, str(REPO))
 ANOMALY_KINDS = ("scratch", "blot", "noise", "colour_shift", "foreign_object")
 IDEAL_FPR = 0.01
 DEFAULT_Q = 0.99
-VARIANTS = {"plain": {}, "defect-aware": {"defect_aware": True}, "ssim-l1": {"loss": "ssim_l1"},
-            "invariance": {"invariance": 0.05}}  # train --invariance 0.05: edit-invariant latents (issue 25)
+# Training variants: TrainConfig fields over its defaults, each named explicitly so that a change of
+# default does not change what a recorded variant means.
+VARIANTS = {"plain": {"invariance": 0.0}, "defect-aware": {"defect_aware": True, "invariance": 0.0},
+            "ssim-l1": {"loss": "ssim_l1", "invariance": 0.0}, "invariance": {"invariance": 0.05}}
 
 
 # ---------------------------------------------------------------- one run
@@ -294,7 +298,7 @@ def markdown(runs: list[dict], digits: dict | None, n: int, seeds: list[int]) ->
     lines = ["## Anomaly detection by score", "",
              f"`python bench/detection.py` — detection quality, not speed. Machine: {machine()}.", "",
              f"Synthetic corpora of {n:,} images (pipeline.synth, seeds {', '.join(map(str, seeds))}; the demo's "
-             "is 0), trained with the train job's defaults (10 epochs, a bare loop of pipeline.train's step), "
+             "is 0), trained as the train job trains (10 epochs, a bare loop of its batch loss; the training variant in each row), "
              "calibrated as the train job calibrates, every image scored as the embed job scores it. FPR: "
              "normal images flagged; recall per kind: scratch / blot / noise / colour_shift / foreign_object. "
              f"Means over the seeds (the lowest seed in brackets where it is more than 0.05 below). "
@@ -366,7 +370,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default="detection",
                    help="name of the raw results, docs/bench-results/<name>.json (a partial run gets its own)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at once, one thread each")
+    p.add_argument("--table", nargs="+", metavar="RESULTS", default=None,
+                   help="print the Markdown of raw results files (docs/bench-results/*.json) and exit")
     args = p.parse_args(argv)
+    if args.table:
+        for name in args.table:
+            saved = json.loads(Path(name).read_text())
+            seeds = sorted({r["seed"] for r in saved["runs"]})
+            print(f"<!-- {name} -->\n" + markdown(saved["runs"], saved.get("digits"), saved["runs"][0]["images"], seeds))
+        return 0
     out = Path(args.out)
     keys = [f"s{seed}_c{fraction:.2f}_{variant}_p64" for fraction in args.contamination for variant in args.variants
             for seed in args.seeds]

@@ -95,7 +95,7 @@ def test_trained_for_invariance_edited_copies_land_nearer_their_original_than_ot
 
 
 @pytest.mark.ray
-def test_planted_copies_are_clustered_with_their_original_and_query_by_image_finds_it(ray_local, tmp_path):
+def test_planted_copies_are_clustered_with_their_original_and_query_by_image_finds_it(ray_local, tmp_path, capsys):
     """The real chain with a model trained for invariance: embed a corpus of originals and planted
     copies (cropped, rescaled, framed), run the neighbours job (threshold calibrated on the
     originals with the default edits), then ask the index for other edited copies. The synthetic
@@ -138,6 +138,7 @@ def test_planted_copies_are_clustered_with_their_original_and_query_by_image_fin
                       out_url=str(tmp_path / "latents")))
     neighbours(NeighboursConfig(latents_url=str(tmp_path / "latents"), out_url=str(tmp_path / "nn"), k=3,
                                 model_url=str(tmp_path / "model"), data_url=str(tmp_path / "data")))
+    assert "trained without --invariance" not in capsys.readouterr().out  # this model was trained with it
     cluster_of = {row["id"]: row["cluster"] for row in pq.read_table(tmp_path / "nn" / CLUSTERS_FILE).to_pylist()}
     together = [cluster_of.get(copy_id) is not None and cluster_of.get(copy_id) == cluster_of.get(original)
                 for copy_id, (original, _) in copies.items()]

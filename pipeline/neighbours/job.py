@@ -307,6 +307,13 @@ def _calibration_data(cfg: NeighboursConfig) -> ShardList:
     return data
 
 
+NOT_INVARIANT_NOTE = (
+    "neighbours: note: this model was trained without --invariance, so crops, added borders and "
+    "watermarks move a latent about as far as a different image does and few of them will be called "
+    "duplicates (the calibration's recall by edit below shows how few); a model trained with "
+    "`train --invariance 0.05` finds them (docs/BENCHMARKS.md, Near-duplicates)")
+
+
 def prepare(cfg: NeighboursConfig) -> NeighboursPlan:
     """Every check that needs no Ray: the latents, the model and data for calibration, the output folder.
 
@@ -319,7 +326,10 @@ def prepare(cfg: NeighboursConfig) -> NeighboursPlan:
     completion = require_finished(cfg.latents_url, cfg.allow_partial)
     data = None
     if cfg.given_threshold is None:
-        check_model_fits(cfg.latents_url, read_checkpoint_meta(cfg.model_url), cfg.model_url)
+        meta = read_checkpoint_meta(cfg.model_url)
+        check_model_fits(cfg.latents_url, meta, cfg.model_url)
+        if not (meta.get("training") or {}).get("invariance"):
+            print(NOT_INVARIANT_NOTE, flush=True)
         data = _calibration_data(cfg)
     rows = latents.rows
     index_plan = plan_index(rows, dim, cfg.index, cfg.flat_max_rows)
