@@ -35,7 +35,7 @@ class DemoConfig:
     out_url: str = "demo-output"
     images: int = 3000
     anomaly_fraction: float = 0.04
-    epochs: int = 8
+    epochs: int = 6
     seed: int = 0
 
     def __post_init__(self) -> None:
