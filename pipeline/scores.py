@@ -63,7 +63,7 @@ def _map_scores(map_name: str, what: str, top_fused: bool = False) -> tuple[Scor
 # README's detection section explains (docs/BENCHMARKS.md, bench/detection.py).
 SCORES: dict[str, Score] = {s.name: s for s in (
     Score("mse", "reconstruction", "mean squared error over the image's pixels", "err", "mean", fused=True),
-    Score("ssim_error", "reconstruction", "1 - SSIM (Gaussian window 11, sigma 1.5) over the valid region",
+    Score("ssim_error", "reconstruction", "1 - the mean SSIM (window sigma 1.5 px) over the map grid's valid cells",
           "ssim", "mean"),
     *_map_scores("err", "squared error"),
     *_map_scores("ssim", "1 - SSIM", top_fused=True),
