@@ -57,6 +57,16 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
     return precision
 
 
+def forward_precision(precision: str, device: str | torch.device) -> contextlib.AbstractContextManager:
+    """The context a forward pass at `precision` (one of PRECISIONS) runs in on `device`: autocast
+    to bfloat16, or nothing for float32. Every inference forward pass goes through it, so a score
+    recomputed later (the report's galleries) matches the one the embed job wrote."""
+    device = torch.device(device)
+    if resolve_precision(precision, device) == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 class ImageScorer:
     """Images -> their latents, stem statistics and anomaly scores: what the embed job writes and
     what training calibrates, computed in one place.
@@ -74,8 +84,7 @@ class ImageScorer:
         self.model, self.bank, self.calibration = model, bank, calibration
         device = next(model.parameters()).device
         self.precision = resolve_precision(precision, device)
-        self._autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if self.precision == "bfloat16"
-                          else contextlib.nullcontext())
+        self._device = device
         fused_from = calibration.fused_from if calibration is not None else ()
         available = computable(bank is not None, fused_from, has_head=getattr(model, "defect", None) is not None)
         self.score_names = available if scores is None else with_inputs(scores, fused_from)
@@ -88,7 +97,7 @@ class ImageScorer:
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor, ids: Sequence[str] | None = None) -> dict[str, Any]:
         """(B, C, S, S) in [0, 1] (and the images' ids) -> {"z", "stem_stats", "scores": {name: (B,)}}."""
-        with self._autocast:
+        with forward_precision(self.precision, self._device):
             out = self.model(x)
         inputs = ScoreInputs(x, out["x_hat"], out["z"], out["stem_stats"], ids, self.bank, out.get("defect_logits"))
         values = {name: score.float().cpu().numpy() for name, score in compute_scores(self._computed, inputs).items()}

@@ -41,7 +41,7 @@ from pipeline.checkpoint import read_checkpoint_meta
 from pipeline.embed import EmbedConfig, embed, embed_reference
 from pipeline.errors import InputError
 from pipeline.images import encode_image
-from pipeline.latents import read_latents, write_success
+from pipeline.latents import metadata_of, read_latents, write_success
 from pipeline.lease import LEASE_DIR
 from pipeline.report import (
     HIST_RATIO,
@@ -52,6 +52,7 @@ from pipeline.report import (
     report_threshold,
     sketch_quantile,
 )
+from pipeline.report.galleries import build_galleries
 from pipeline.shards import write_shard
 from pipeline.synth import synthetic_image, write_synthetic_corpus
 from pipeline.thresholds import CONFIDENCE, Calibration, threshold_from_calibration
@@ -479,6 +480,8 @@ def test_end_to_end_report_renders_in_chromium(ray_local, embedded, model_url, t
                                                        "foreign_object"}
     worst, typical = summary["galleries"]["worst"], summary["galleries"]["typical"]
     assert len(worst) == 12 and len(typical) == 4
+    # Reconstructed at the embed job's precision ("auto" resolves per machine), which the latents record.
+    assert summary["galleries"]["precision"] == metadata_of(read_latents(embedded.out_url).schema)["precision"]
     for entry in worst + typical:
         # Fetched by id from the shards and reconstructed by the same model: the same score.
         assert entry["recomputed_mse"] == pytest.approx(entry["mse"], rel=1e-4, abs=1e-7)
@@ -499,6 +502,30 @@ def test_end_to_end_report_renders_in_chromium(ray_local, embedded, model_url, t
     assert "AUROC" in state["text"] and worst[0]["id"] in state["text"]
     shown = state["text"].split("estimated contamination", 1)[1].split("\n", 1)[0]
     assert f"{100 * contamination:.3g}% of the model's held-out images" in shown
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_gallery_scores_are_recomputed_at_the_precision_the_embed_job_ran(tiny_trained_model, precision):
+    """A gallery's recomputed_mse is the row's mse whichever precision embed ran at: on a machine
+    where "auto" picks bfloat16, a float32 recomputation would differ in the third digit."""
+    import torch
+
+    from pipeline.images import decode_batch
+    from pipeline.inference import ImageScorer, load_inference_model, to_input
+
+    ids = [f"img-{i}" for i in range(10)]
+    encoded = {i: encode_image(synthetic_image(n, 3, 32, 3)) for n, i in enumerate(ids)}
+    model, checkpoint = load_inference_model(tiny_trained_model)
+    pixels, _ = decode_batch([encoded[i] for i in ids], checkpoint.config.image_size, checkpoint.config.channels, "pad")
+    x = to_input(torch.from_numpy(np.stack(pixels)))
+    embedded = {p: ImageScorer(model, scores=("mse",), precision=p)(x)["scores"]["mse"]
+                for p in ("float32", "bfloat16")}
+    assert not np.allclose(embedded["float32"], embedded["bfloat16"], rtol=1e-5, atol=0), \
+        "bfloat16 gives float32's scores: the check below could not tell them apart"
+    entries, _, _, _ = build_galleries(tiny_trained_model, encoded, {"worst": [{"id": i} for i in ids]}, [], "mse",
+                                       precision)
+    recomputed = [entry["recomputed_mse"] for entry in entries["worst"]]
+    assert recomputed == pytest.approx(embedded[precision].tolist(), rel=1e-5, abs=1e-8)
 
 
 @pytest.mark.ray

@@ -88,11 +88,12 @@ summary.json keys:
     top_anomalies             [{rank, id, score, <every score>, label, anomaly_kind, shard, flagged}]
     typical_rows              [{rank, id, score, <every score>, label, anomaly_kind, shard}]: nearest the
                               median score
-    galleries                 {worst: [...], typical: [...], error_scale, map} or null when omitted;
-                              each entry {rank, id, score, <every score>, label, anomaly_kind,
+    galleries                 {worst: [...], typical: [...], error_scale, map, precision} or null when
+                              omitted; each entry {rank, id, score, <every score>, label, anomaly_kind,
                               recomputed_mse, images {original, reconstruction, error}, note};
                               map: the anomaly map the error images show (err, ssim or gms: the
-                              one the report's score pools)
+                              one the report's score pools); precision: the forward pass's, the
+                              one the latents record (so recomputed_mse is the row's mse)
     interpolation             {id_a, id_b, steps, image} or null
     near_duplicates           null without --neighbours; else {url, threshold, threshold_rule,
                               recall_on_copies, recall_by_edit {kind: recall}, false_positive_rate,

@@ -37,13 +37,14 @@ def _heat_map(error: np.ndarray, scale: float) -> np.ndarray:
     return (colours[..., :3] * 255).round().astype(np.uint8)
 
 
-def _reconstruct(model, pixels: dict[str, np.ndarray], map_name: str,
+def _reconstruct(model, pixels: dict[str, np.ndarray], map_name: str, precision: str,
                  ) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
     """{id: (S, S, C) uint8} -> {id: (reconstruction (S, S, C) uint8, anomaly map (S, S), mse)};
-    the map is drawn at the image's size from its grid (pipeline.scoring)."""
+    the map is drawn at the image's size from its grid (pipeline.scoring). The forward pass runs
+    at the embed job's `precision`, so each mse is the one the latents hold."""
     import torch
 
-    from pipeline.inference import to_input, to_pixels
+    from pipeline.inference import forward_precision, to_input, to_pixels
     from pipeline.scoring import ScoreInputs, mse_per_image, upsample
 
     ids, out = list(pixels), {}
@@ -51,8 +52,9 @@ def _reconstruct(model, pixels: dict[str, np.ndarray], map_name: str,
         for start in range(0, len(ids), RECONSTRUCT_BATCH):
             chunk = ids[start:start + RECONSTRUCT_BATCH]
             x = to_input(torch.from_numpy(np.stack([pixels[i] for i in chunk])))  # (B, C, S, S)
-            result = model(x)
-            x_hat = result["x_hat"]
+            with forward_precision(precision, "cpu"):
+                result = model(x)
+            x_hat = result["x_hat"].float()
             maps = ScoreInputs(x, x_hat, defect_logits=result.get("defect_logits")).map(map_name)
             errors = upsample(maps, tuple(x.shape[-2:])).numpy()
             mse, images = mse_per_image(x, x_hat).numpy(), to_pixels(x_hat)
@@ -93,13 +95,15 @@ def _entries(galleries: dict[str, list[dict]], decoded: dict[str, tuple[np.ndarr
 
 
 def build_galleries(model_url: str, images: dict[str, bytes | None], galleries: dict[str, list[dict]],
-                    notes: list[str], score: str) -> tuple[dict[str, list[dict]], dict[str, bytes], float, str]:
+                    notes: list[str], score: str, precision: str = "float32",
+                    ) -> tuple[dict[str, list[dict]], dict[str, bytes], float, str]:
     """Reconstruct each gallery row from its fetched image (`fetch_images`), with the heat map of
-    the map behind `score`; returns entries, {relative file name: PNG bytes}, the heat maps'
+    the map behind `score`, by the model as the embed job ran it (folded, at the latents'
+    recorded `precision`); returns entries, {relative file name: PNG bytes}, the heat maps'
     scale and the map's name."""
-    from pipeline.checkpoint import load_checkpoint
+    from pipeline.inference import load_inference_model
 
-    checkpoint = load_checkpoint(model_url)
+    model, checkpoint = load_inference_model(model_url)
     map_name = map_for_score(score, (checkpoint.calibration or {}).get("fused_from", ()))
     config = checkpoint.config
     resize = (checkpoint.training.get("preprocessing") or {}).get("resize") or "pad"
@@ -110,8 +114,8 @@ def build_galleries(model_url: str, images: dict[str, bytes | None], galleries: 
     present = [i for i in ids if i in images]
     pixels, reasons = decode_batch([images[i] for i in present], config.image_size, config.channels, resize)
     decoded = {i: (pixels[n], reasons[n]) for n, i in enumerate(present)}
-    reconstructed = _reconstruct(checkpoint.model, {i: p for i, (p, reason) in decoded.items() if reason is None},
-                                 map_name)
+    reconstructed = _reconstruct(model, {i: p for i, (p, reason) in decoded.items() if reason is None},
+                                 map_name, precision)
     scale = _error_scale(reconstructed)
     entries, files = _entries(galleries, decoded, reconstructed, scale)
     return entries, files, scale, map_name

@@ -97,18 +97,21 @@ def _fetch_originals(cfg: ReportConfig, inputs: Inputs, found: Findings) -> dict
     return fetch_images(inputs.shards, cfg.columns, ids)
 
 
-def _galleries(cfg: ReportConfig, originals: dict[str, bytes | None] | None, summary: dict[str, Any],
-               files: dict[str, bytes], notes: list[str]) -> dict[str, Any] | None:
+def _galleries(cfg: ReportConfig, info: LatentInfo, originals: dict[str, bytes | None] | None,
+               summary: dict[str, Any], files: dict[str, bytes], notes: list[str]) -> dict[str, Any] | None:
     """The worst and typical images reconstructed; None (and a note) without --model and --data."""
     if not (cfg.model_url and originals is not None):
         notes.append("galleries omitted: they need both --model (to reconstruct) and --data (the image shards)")
         return None
     worst = [{k: v for k, v in row.items() if k != "flagged"} for row in summary["top_anomalies"]]
+    # Reconstructed as the embed job ran the model: at the precision the latents record (files
+    # written before --precision existed were float32).
+    precision = (info.metadata or {}).get("precision", "float32")
     entries, images, scale, map_name = build_galleries(cfg.model_url, originals,
                                                        {"worst": worst, "typical": summary["typical_rows"]}, notes,
-                                                       summary["score"])
+                                                       summary["score"], precision)
     files.update(images)
-    return {**entries, "error_scale": scale, "map": map_name}
+    return {**entries, "error_scale": scale, "map": map_name, "precision": precision}
 
 
 def _interpolation(cfg: ReportConfig, files: dict[str, bytes]) -> dict[str, Any] | None:
@@ -143,7 +146,7 @@ def run(inputs: Inputs) -> dict[str, Any]:
     summary = assemble(cfg, found, notes, inputs.partial)
     files = _figures(found, summary)
     originals = _fetch_originals(cfg, inputs, found)
-    summary["galleries"] = _galleries(cfg, originals, summary, files, notes)
+    summary["galleries"] = _galleries(cfg, found.info, originals, summary, files, notes)
     summary["interpolation"] = _interpolation(cfg, files)
     summary["near_duplicates"] = _near_duplicates(cfg, inputs, files, notes)
     files["top_anomalies.parquet"] = top_anomalies_parquet(
