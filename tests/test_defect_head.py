@@ -55,7 +55,7 @@ def test_the_head_learns_where_corruptions_are_against_a_fixed_reconstruction():
     def blurred(x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
 
-    for _ in range(300):
+    for _ in range(700):
         x = images[torch.randint(0, len(images), (16,), generator=generator)]
         seen, mask = corrupt(x, generator, share=0.5)
         loss = defect_loss(head(torch.cat([seen, blurred(x)], dim=1)), mask)
