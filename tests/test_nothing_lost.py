@@ -102,7 +102,9 @@ def _embed_cmd(data: str, model: str, out: Path) -> list[str]:
 @pytest.mark.slow
 def test_a_double_submit_ends_with_one_row_per_id(tmp_path):
     data = str(tmp_path / "shards")
-    write_synthetic_corpus(data, n=1200, image_size=32, rows_per_shard=100)
+    # Enough rows that the first job still holds its lease when the second has imported and
+    # checked it, on a loaded machine too: with 1,200 the first could finish in that time.
+    write_synthetic_corpus(data, n=6000, image_size=32, rows_per_shard=500)
     model = make_tiny_model(str(tmp_path / "model"))
     out = tmp_path / "latents"
     env = {**os.environ, "RAY_ADDRESS": "local"}
@@ -119,7 +121,7 @@ def test_a_double_submit_ends_with_one_row_per_id(tmp_path):
     assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
     assert "is in use by another embed job" in second.stderr and "pid" in second.stderr
     ids = read_latents(str(out), columns=["id"]).column("id").to_pylist()
-    assert len(ids) == len(set(ids)) == 1200
+    assert len(ids) == len(set(ids)) == 6000
 
 
 @pytest.mark.faults  # a kill or a crash mid-job: `make test-faults`
