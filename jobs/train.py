@@ -24,6 +24,7 @@ from pipeline import train
 from pipeline.errors import InputError
 from pipeline.images import RESIZE_POLICIES
 from pipeline.model import ARCHITECTURES, AutoencoderConfig
+from pipeline.patch_memory import SAMPLERS
 from pipeline.scoring import TRAINING_LOSSES
 from pipeline.train import PLACEMENT_STRATEGIES, TrainConfig
 
@@ -79,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "rescale, frame, box or noise) close together, so that near-duplicates share a latent "
                         "for the neighbours stage; 0 (the default) is off. Costs reconstruction quality: see "
                         "docs/BENCHMARKS.md#near-duplicates")
+    p.add_argument("--patch-bank", type=int, default=D["patch_bank"], metavar="N",
+                   help="remember N local features of the training images (a patch memory, PatchCore's idea on "
+                        "this model's encoder) and give the patch_knn_* scores: each place's distance to its "
+                        "nearest training patch. 0 (the default) is off; costs embedding time, see "
+                        "docs/BENCHMARKS.md#real-surfaces")
+    p.add_argument("--patch-sampler", choices=SAMPLERS, default=D["patch_sampler"],
+                   help="how the N are chosen: coreset (greedy k-centre, keeps rare normal patches) or random")
     p.add_argument("--inject-crash", default=None, help=argparse.SUPPRESS)  # tests: marker file, crash once
     return p
 

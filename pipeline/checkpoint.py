@@ -29,10 +29,12 @@ from torch import nn
 from pipeline import storage
 from pipeline.errors import InputError
 from pipeline.model import AutoencoderConfig, build_model
+from pipeline.patch_memory import PatchBank
 from pipeline.scores import computable
 from pipeline.scoring import TrainingBank
 
 BANK_FILE = "training_bank.parquet"  # the training split's latents and stem statistics, by id
+PATCH_BANK_FILE = "patch_bank.safetensors"  # the memory of training patches (pipeline.patch_memory)
 FORMAT = "squeeze-autoencoder"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -52,10 +54,17 @@ class Checkpoint:
     url: str = ""
     weights_sha256: str = ""
     bank: TrainingBank | None = None  # for the neighbour scores; None in models made without one
+    patch_bank: PatchBank | None = None  # for the patch scores; None in models trained without --patch-bank
 
     @property
     def calibration(self) -> dict[str, Any]:
         return self.training.get("calibration") or {}
+
+    @property
+    def scores(self) -> tuple[str, ...]:
+        """Every score this model computes (`scores_of`, from what was loaded)."""
+        return computable(self.bank is not None, self.calibration.get("fused_from", ()),
+                          has_head=self.config.defect_head, has_patch_bank=self.patch_bank is not None)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -94,8 +103,9 @@ def _read_bank(data: bytes) -> TrainingBank:
 
 
 def save_checkpoint(url: str, model: nn.Module, training: dict[str, Any] | None = None,
-                    bank: TrainingBank | None = None) -> None:
-    """Write `model` (plain or DDP-wrapped), its config and, when given, its training bank to `url`."""
+                    bank: TrainingBank | None = None, patch_bank: PatchBank | None = None) -> None:
+    """Write `model` (plain or DDP-wrapped), its config and, when given, its training bank and
+    patch bank to `url`."""
     config: AutoencoderConfig = _unwrap(model).config
     weights = weights_bytes(model)
     meta = {
@@ -107,36 +117,58 @@ def save_checkpoint(url: str, model: nn.Module, training: dict[str, Any] | None 
     }
     # Weights (and bank) first: a config.json present means what it names is complete.
     storage.write_bytes(storage.join(url, WEIGHTS_FILE), weights)
-    if bank is not None:
-        data = _bank_bytes(bank)
-        storage.write_bytes(storage.join(url, BANK_FILE), data)
-        meta["bank_sha256"] = hashlib.sha256(data).hexdigest()
+    for key, name, data in (("bank_sha256", BANK_FILE, None if bank is None else _bank_bytes(bank)),
+                            ("patch_bank_sha256", PATCH_BANK_FILE, None if patch_bank is None else patch_bank.to_bytes())):
+        if data is not None:
+            storage.write_bytes(storage.join(url, name), data)
+            meta[key] = hashlib.sha256(data).hexdigest()
     storage.write_text(storage.join(url, CONFIG_FILE), json.dumps(meta, indent=2, sort_keys=True))
 
 
 def scores_of(meta: dict[str, Any]) -> tuple[str, ...]:
     """The scores a checkpoint's model computes (from its config alone): the reconstruction
-    scores; the neighbour scores when it has a training bank; the fused score when its
-    calibration says how to fuse."""
+    scores; the neighbour scores when it has a training bank; the defect scores with a defect
+    head; the patch scores with a patch bank; the fused score when its calibration says how to fuse."""
     calibration = (meta.get("training") or {}).get("calibration") or {}
     return computable(bool(meta.get("bank_sha256")), calibration.get("fused_from", ()),
-                      has_head=bool((meta.get("model") or {}).get("defect_head")))
+                      has_head=bool((meta.get("model") or {}).get("defect_head")),
+                      has_patch_bank=bool(meta.get("patch_bank_sha256")))
+
+
+def _digested_file(url: str, meta: dict[str, Any], key: str, name: str) -> bytes | None:
+    """The bytes of the checkpoint's file `name`, checked against the digest `meta[key]`; None
+    when the checkpoint names none."""
+    if not meta.get(key):
+        return None
+    file_url = storage.join(url, name)
+    if not storage.exists(file_url):
+        raise CheckpointError(f"{url}: {name} not found, though {CONFIG_FILE} names one")
+    data = storage.read_bytes(file_url)
+    if hashlib.sha256(data).hexdigest() != meta[key]:
+        raise CheckpointError(f"{file_url} does not match the digest in {CONFIG_FILE}: it was changed or truncated")
+    return data
 
 
 def load_bank(url: str, meta: dict[str, Any]) -> TrainingBank | None:
     """The checkpoint's training bank, checked against its digest; None when it has none."""
-    if not meta.get("bank_sha256"):
+    data = _digested_file(url, meta, "bank_sha256", BANK_FILE)
+    if data is None:
         return None
-    bank_url = storage.join(url, BANK_FILE)
-    if not storage.exists(bank_url):
-        raise CheckpointError(f"{url}: {BANK_FILE} not found, though {CONFIG_FILE} names one")
-    data = storage.read_bytes(bank_url)
-    if hashlib.sha256(data).hexdigest() != meta["bank_sha256"]:
-        raise CheckpointError(f"{bank_url} does not match the digest in {CONFIG_FILE}: it was changed or truncated")
     try:
         return _read_bank(data)
     except (pa.ArrowInvalid, KeyError, ValueError) as e:
-        raise CheckpointError(f"{bank_url} is not a readable training bank: {e}") from e
+        raise CheckpointError(f"{storage.join(url, BANK_FILE)} is not a readable training bank: {e}") from e
+
+
+def load_patch_bank(url: str, meta: dict[str, Any]) -> PatchBank | None:
+    """The checkpoint's patch bank, checked against its digest; None when it has none."""
+    data = _digested_file(url, meta, "patch_bank_sha256", PATCH_BANK_FILE)
+    if data is None:
+        return None
+    try:
+        return PatchBank.from_bytes(data)
+    except (SafetensorError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{storage.join(url, PATCH_BANK_FILE)} is not a readable patch bank: {e}") from e
 
 
 def read_checkpoint_meta(url: str) -> dict[str, Any]:
@@ -193,4 +225,4 @@ def load_checkpoint(url: str, device: str | torch.device = "cpu") -> Checkpoint:
     model.load_state_dict(state)
     model.to(device).eval()
     return Checkpoint(model=model, config=config, training=meta.get("training") or {}, url=url, weights_sha256=digest,
-                      bank=load_bank(url, meta))
+                      bank=load_bank(url, meta), patch_bank=load_patch_bank(url, meta))

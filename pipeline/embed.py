@@ -101,8 +101,8 @@ class Embedder:
         calibration = Calibration.from_dict(checkpoint.calibration) if checkpoint.calibration else None
         self.score = score or (calibration.default_score if calibration else "mse")
         fused_from = calibration.fused_from if calibration else ()
-        wanted = parse_scores(scores, computable(checkpoint.bank is not None, fused_from, has_head=checkpoint.config.defect_head), self.score, fused_from)
-        self.scorer = ImageScorer(model, checkpoint.bank, calibration, wanted, precision)
+        wanted = parse_scores(scores, checkpoint.scores, self.score, fused_from)
+        self.scorer = ImageScorer(model, checkpoint.bank, calibration, wanted, precision, checkpoint.patch_bank)
         self.config = checkpoint.config
         self.latent_dtype = latent_dtype
         self.threshold = threshold

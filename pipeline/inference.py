@@ -23,6 +23,7 @@ import torch
 from pipeline.checkpoint import Checkpoint, load_checkpoint, read_checkpoint_meta
 from pipeline.latents import check_model_fits, read_latent_rows
 from pipeline.model import fuse_for_inference
+from pipeline.patch_memory import PatchBank
 from pipeline.scores import SCORES, computable, with_inputs
 from pipeline.scoring import ScoreInputs, TrainingBank, compute_scores
 from pipeline.thresholds import Calibration
@@ -73,38 +74,48 @@ class ImageScorer:
 
     `scores` names the scores to compute (None: every one the model can, `computable`: the
     reconstruction scores; the neighbour scores with a training bank; the fused score when the
-    calibration says how to fuse). The scores a requested one reads (the fused score's parts) are
-    computed too; no map is made that no requested score reads. `precision` is the forward
-    pass's (PRECISIONS; `resolve_precision` on the model's device).
+    calibration says how to fuse; the patch scores with a `patch_bank`). The scores a requested
+    one reads (the fused score's parts) are computed too; no map is made that no requested score
+    reads, and the encoder's feature maps are kept only for the patch scores. `precision` is the
+    forward pass's (PRECISIONS; `resolve_precision` on the model's device).
     """
 
     def __init__(self, model: torch.nn.Module, bank: TrainingBank | None = None,
                  calibration: Calibration | None = None, scores: Sequence[str] | None = None,
-                 precision: str = "float32"):
-        self.model, self.bank, self.calibration = model, bank, calibration
+                 precision: str = "float32", patch_bank: PatchBank | None = None):
+        self.model, self.bank, self.calibration, self.patch_bank = model, bank, calibration, patch_bank
         device = next(model.parameters()).device
         self.precision = resolve_precision(precision, device)
         self._device = device
         fused_from = calibration.fused_from if calibration is not None else ()
-        available = computable(bank is not None, fused_from, has_head=getattr(model, "defect", None) is not None)
+        available = computable(bank is not None, fused_from, has_head=getattr(model, "defect", None) is not None,
+                               has_patch_bank=patch_bank is not None)
         self.score_names = available if scores is None else with_inputs(scores, fused_from)
         unavailable = [name for name in self.score_names if name not in available]
         if unavailable:
             raise ValueError(f"this model cannot compute {unavailable}; it computes {available}")
         self._of_scores = [name for name in self.score_names if SCORES[name].needs == "scores"]
         self._computed = [name for name in self.score_names if name not in self._of_scores]
+        self._needs_features = any(SCORES[name].needs == "patches" for name in self._computed)
 
     @torch.inference_mode()
-    def __call__(self, x: torch.Tensor, ids: Sequence[str] | None = None) -> dict[str, Any]:
-        """(B, C, S, S) in [0, 1] (and the images' ids) -> {"z", "stem_stats", "scores": {name: (B,)}}."""
+    def __call__(self, x: torch.Tensor, ids: Sequence[str] | None = None, features: bool = False) -> dict[str, Any]:
+        """(B, C, S, S) in [0, 1] (and the images' ids) -> {"z", "stem_stats", "scores": {name: (B,)}};
+        with `features`, also "features": the encoder's stage maps, float32 (what a patch bank is
+        built from)."""
         with forward_precision(self.precision, self._device):
-            out = self.model(x)
-        inputs = ScoreInputs(x, out["x_hat"], out["z"], out["stem_stats"], ids, self.bank, out.get("defect_logits"))
+            out = self.model(x, features=features or self._needs_features)
+        stages = [stage.float() for stage in out["features"]] if "features" in out else None
+        inputs = ScoreInputs(x, out["x_hat"], out["z"], out["stem_stats"], ids, self.bank, out.get("defect_logits"),
+                             stages, self.patch_bank)
         values = {name: score.float().cpu().numpy() for name, score in compute_scores(self._computed, inputs).items()}
         for name in self._of_scores:  # the fused score: its parts on the calibration's common scale
             values[name] = self.calibration.fuse(values).astype(np.float32)
-        return {"z": out["z"].float().cpu().numpy(), "stem_stats": out["stem_stats"].float().cpu().numpy(),
-                "scores": values}
+        result = {"z": out["z"].float().cpu().numpy(), "stem_stats": out["stem_stats"].float().cpu().numpy(),
+                  "scores": values}
+        if features:
+            result["features"] = stages
+        return result
 
 
     def rows(self, x: torch.Tensor, ids: Sequence[str] | None = None) -> dict[str, np.ndarray]:

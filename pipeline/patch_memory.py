@@ -122,7 +122,11 @@ class PatchBank:
         nearest bank patch."""
         located = project(patch_descriptions(features), self.projection)  # (B, h, w, dim)
         flat = np.ascontiguousarray(located.reshape(-1, located.shape[-1]).cpu().numpy(), dtype=np.float32)
-        squared, _ = self._search().search(flat, 1)
+        index = self._search()
+        import faiss
+
+        faiss.omp_set_num_threads(torch.get_num_threads())  # the caller's thread budget (an actor's share)
+        squared, _ = index.search(flat, 1)
         distances = torch.from_numpy(np.sqrt(np.maximum(squared[:, 0], 0.0)))
         return distances.view(located.shape[:3]).to(located.device)
 
@@ -135,6 +139,34 @@ class PatchBank:
         return cls(tensors["patches"], tensors["projection"])
 
 
+def feature_channels(model: torch.nn.Module, channels: int, image_size: int) -> int:
+    """How many numbers `patch_descriptions` gives per location for `model` (its stage widths)."""
+    with torch.inference_mode():
+        probe = torch.zeros(1, channels, image_size, image_size, device=next(model.parameters()).device)
+        return sum(stage.shape[1] for stage in model(probe, features=True)["features"])
+
+
+def candidate_patches(features: list[torch.Tensor], projection: np.ndarray, count: int,
+                      generator: np.random.Generator) -> np.ndarray:
+    """(B, min(count, h * w), dim) float32: that many distinct random locations of each image,
+    described and projected as the bank holds them."""
+    located = project(patch_descriptions(features), projection)  # (B, h, w, dim)
+    flat = located.reshape(located.shape[0], -1, located.shape[-1])
+    count = min(count, flat.shape[1])
+    picks = torch.from_numpy(np.stack([generator.permutation(flat.shape[1])[:count]
+                                       for _ in range(flat.shape[0])]))  # (B, count)
+    chosen = torch.gather(flat, 1, picks.to(flat.device)[..., None].expand(-1, -1, flat.shape[-1]))
+    return chosen.float().cpu().numpy()
+
+
+def bank_from_candidates(candidates: np.ndarray, projection: np.ndarray, size: int, sampler: str = "coreset",
+                         seed: int = 0) -> PatchBank:
+    """A bank of `size` of the (N, dim) candidate patches, chosen by `sampler`."""
+    if not len(candidates):
+        raise ValueError("no training images to build a patch bank from")
+    return PatchBank(subsample(candidates, size, sampler, seed), projection)
+
+
 def build_patch_bank(feature_batches, size: int, sampler: str = "coreset", dim: int = PATCH_DIM,
                      candidates_per_batch: int = 4096, max_candidates: int = 200_000, seed: int = 0) -> PatchBank:
     """A bank of `size` patches from an iterable of the encoder's stage maps (one list per batch
@@ -143,16 +175,14 @@ def build_patch_bank(feature_batches, size: int, sampler: str = "coreset", dim: 
     generator = np.random.default_rng(seed)
     projection, pool, total = None, [], 0
     for features in feature_batches:
-        descriptions = patch_descriptions(features)
         if projection is None:
-            projection = random_projection(descriptions.shape[1], dim, seed)
-        located = project(descriptions, projection).reshape(-1, dim).cpu().numpy()
-        keep = generator.permutation(len(located))[:min(candidates_per_batch, max_candidates - total)]
-        pool.append(located[keep])
-        total += len(keep)
+            projection = random_projection(sum(stage.shape[1] for stage in features), dim, seed)
+        per_image = -(-min(candidates_per_batch, max_candidates - total) // features[0].shape[0])
+        pool.append(candidate_patches(features, projection, per_image, generator).reshape(-1, dim))
+        total += len(pool[-1])
         if total >= max_candidates:
             break
     if projection is None:
         raise ValueError("no training images to build a patch bank from")
-    return PatchBank(subsample(np.concatenate(pool), size, sampler, seed), projection)
+    return bank_from_candidates(np.concatenate(pool)[:max_candidates], projection, size, sampler, seed)
 

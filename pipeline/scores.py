@@ -21,10 +21,11 @@ from pipeline.errors import InputError
 # "reconstruction": the image and the model's reconstruction (every model);
 # "bank": the model's outputs against its training bank (models exported with one);
 # "head": the model's learned defect map (models trained with --defect-head);
+# "patches": the encoder's mid-level feature maps against the model's patch bank, a memory of
+#   the training images' local features (models trained with --patch-bank; pipeline.patch_memory);
 # "scores": other scores (the fused score: its parts, and the calibration that puts them on one scale).
-# Scores from encoder feature maps or a learned head add their own kind here and in the scorer.
-NEEDS = ("reconstruction", "bank", "head", "scores")
-MAPS = ("err", "ssim", "gms", "defect")  # pipeline.scoring's maps
+NEEDS = ("reconstruction", "bank", "head", "patches", "scores")
+MAPS = ("err", "ssim", "gms", "defect", "patch")  # pipeline.scoring's maps
 # "max" and "top" pool a map's grid (pipeline.scoring.POOLS); "mean" is a whole-image mean
 # with its own compute function.
 POOLS = ("max", "top", "mean")
@@ -73,6 +74,10 @@ SCORES: dict[str, Score] = {s.name: s for s in (
           fused=True),
     Score("defect_max", "head", "peak of the learned defect map (the defect head's probability)", "defect", "max"),
     Score("defect_top", "head", "mean of the worst 5% of the learned defect map's cells", "defect", "top"),
+    Score("patch_knn_max", "patches", "peak of the map of each location's distance to its nearest training patch",
+          "patch", "max"),
+    Score("patch_knn_top", "patches", "mean of the worst 5% of the nearest-training-patch distance map's cells",
+          "patch", "top"),
     Score("fused", "scores", "the largest robust z of the fused parts", log=False),
 )}
 
@@ -94,11 +99,13 @@ def names_needing(*needs: str) -> tuple[str, ...]:
     return tuple(name for name, s in SCORES.items() if s.needs in needs)
 
 
-def computable(has_bank: bool, fused_from: Sequence[str] = (), has_head: bool = False) -> tuple[str, ...]:
-    """Every score a model can compute: from the reconstruction always, from its training bank when
-    it has one, from its defect head when it has one, the fused score when its calibration says
-    how to fuse and every part is there."""
-    names = names_needing("reconstruction", *(("bank",) if has_bank else ()), *(("head",) if has_head else ()))
+def computable(has_bank: bool, fused_from: Sequence[str] = (), has_head: bool = False,
+               has_patch_bank: bool = False) -> tuple[str, ...]:
+    """Every score a model can compute: from the reconstruction always, from its training bank,
+    defect head or patch bank when it has one, the fused score when its calibration says how to
+    fuse and every part is there."""
+    names = names_needing("reconstruction", *(("bank",) if has_bank else ()), *(("head",) if has_head else ()),
+                          *(("patches",) if has_patch_bank else ()))
     fused = [name for name in names_needing("scores") if fused_from and set(fused_from) <= set(names)]
     return (*names, *fused)
 

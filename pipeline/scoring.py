@@ -260,17 +260,21 @@ class ScoreInputs:
     cost of scoring).
 
     x, x_hat: (B, C, H, W) in [0, 1]; z, stem_stats: (B, D) model outputs, for the bank; ids: the
-    images' ids (the bank leaves each one's own entry out); bank: a `TrainingBank` or None.
+    images' ids (the bank leaves each one's own entry out); bank: a `TrainingBank` or None;
+    defect_logits: (B, H, W) from a model with a defect head; features: the encoder's stage maps
+    (`model(x, features=True)["features"]`) and patch_bank: a `PatchBank`, for the patch map.
     """
 
     def __init__(self, x: torch.Tensor | None = None, x_hat: torch.Tensor | None = None,
                  z: torch.Tensor | None = None, stem_stats: torch.Tensor | None = None,
                  ids: Sequence[str] | None = None, bank: TrainingBank | None = None,
-                 defect_logits: torch.Tensor | None = None):
+                 defect_logits: torch.Tensor | None = None, features: list[torch.Tensor] | None = None,
+                 patch_bank=None):
         self.x = None if x is None else x.float()
         self.x_hat = None if x_hat is None else x_hat.float()
         self.z, self.stem_stats, self.ids, self.bank = z, stem_stats, ids, bank
-        self.defect_logits = defect_logits  # (B, H, W) from a model with a defect head
+        self.defect_logits = defect_logits
+        self.features, self.patch_bank = features, patch_bank
         self._maps: dict[str, torch.Tensor] = {}
 
     @functools.cached_property
@@ -297,6 +301,8 @@ _MAKE_MAP: dict[str, Callable[[ScoreInputs], torch.Tensor]] = {
     "gms": lambda s: _gms_grid(s.x, s.x_hat, _grid_size(s.x)),
     # The defect head's probability; a defect's cells pool like an error map's.
     "defect": lambda s: _on_grid(torch.sigmoid(s.defect_logits.float()), _grid_size(s.x)),
+    # Each location's distance to its nearest training patch (a quarter of the input's resolution).
+    "patch": lambda s: _on_grid(s.patch_bank.distance_map(s.features), _grid_size(s.x)),
 }
 
 

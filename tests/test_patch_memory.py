@@ -73,3 +73,61 @@ def test_a_place_unlike_the_training_patches_is_the_farthest():
         distances = bank.distance_map(model(odd, features=True)["features"])[0]  # (16, 16)
     peak = divmod(int(distances.argmax()), 16)
     assert 9 <= peak[0] <= 14 and 9 <= peak[1] <= 14, f"the farthest patch is at {peak}, not over the square"
+
+
+@pytest.mark.ray
+def test_the_train_job_builds_a_patch_bank_that_survives_export_load_and_embedding(ray_local, tmp_path):
+    """--patch-bank N: the exported model carries N training patches under its digest, calibrated
+    patch scores for its held-out images, and the embed job computes them when asked."""
+    from jobs.train import parse_args
+    from pipeline.checkpoint import PATCH_BANK_FILE, CheckpointError, load_checkpoint, scores_of
+    from pipeline.checkpoint import read_checkpoint_meta
+    from pipeline.embed import EmbedConfig, embed
+    from pipeline.inference import ImageScorer, load_inference_model
+    from pipeline.latents import read_latents
+    from pipeline.synth import synthetic_image, write_synthetic_corpus
+    from pipeline.thresholds import Calibration
+    from pipeline.train import train
+    from pipeline.train.export import patch_projection
+
+    data = tmp_path / "shards"
+    write_synthetic_corpus(str(data), n=240, image_size=32, anomaly_fraction=0.0, seed=4, rows_per_shard=120)
+    cfg = parse_args(["--data", str(data), "--out", str(tmp_path / "run"), "--image-size", "32", "--latent-dim", "16",
+                      "--base-width", "8", "--epochs", "1", "--batch-size", "16", "--val-fraction", "0.1",
+                      "--patch-bank", "300", "--patch-sampler", "coreset"])
+    assert (cfg.patch_bank, cfg.patch_sampler) == (300, "coreset")
+    result = train(cfg)
+
+    exported = load_checkpoint(result.model_url)
+    assert exported.patch_bank is not None and exported.patch_bank.patches.shape == (300, 64)
+    # The bank is in the projection every scorer rebuilds from the model and the run's seed.
+    np.testing.assert_array_equal(exported.patch_bank.projection,
+                                  patch_projection(exported.model, exported.config, cfg.seed))
+    assert {"patch_knn_max", "patch_knn_top"} <= set(scores_of(read_checkpoint_meta(result.model_url)))
+    calibration = Calibration.from_dict(exported.calibration)
+    held_out = calibration.get("mse").count
+    assert calibration.get("patch_knn_max").count == calibration.get("patch_knn_top").count == held_out > 0
+
+    # A place unlike every training patch: a bright checkerboard pasted on a normal image.
+    model, checkpoint = load_inference_model(result.model_url)
+    scorer = ImageScorer(model, scores=("patch_knn_max",), patch_bank=checkpoint.patch_bank)
+    normal = torch.from_numpy(np.stack([synthetic_image(i, 9, 32, 3) for i in range(8)])).permute(0, 3, 1, 2) / 255
+    odd = normal.clone()
+    odd[..., 8:24, 8:24] = ((torch.arange(16)[:, None] + torch.arange(16)[None, :]) % 2).float()
+    normal_scores, odd_scores = (scorer(x.float())["scores"]["patch_knn_max"] for x in (normal, odd))
+    assert (odd_scores > normal_scores).all(), (odd_scores, normal_scores)
+
+    # The embed job: the default scores leave the patch scores out; --scores all computes them.
+    for scores, expect in ((None, False), ("all", True)):
+        out = str(tmp_path / f"latents-{scores}")
+        embed(EmbedConfig(data_url=str(data), model_url=result.model_url, out_url=out, scores=scores))
+        table = read_latents(out)
+        assert table.num_rows == 240 and ("patch_knn_top" in table.column_names) == expect
+        if expect:
+            assert np.isfinite(table.column("patch_knn_top").to_numpy()).all()
+
+    # Its digest guards it like the training bank.
+    bank_file = tmp_path / "run" / "model" / PATCH_BANK_FILE
+    bank_file.write_bytes(bank_file.read_bytes()[:-8])
+    with pytest.raises(CheckpointError, match="does not match the digest"):
+        load_checkpoint(result.model_url)

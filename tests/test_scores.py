@@ -27,9 +27,12 @@ def test_every_registered_score_has_a_way_to_be_computed():
     assert FUSED_FROM == ("mse", "ssim_top", "stem_knn") and DEFAULT_SCORE == "fused"
     assert computable(has_bank=False) == ("mse", "ssim_error", "err_max", "err_top", "ssim_max", "ssim_top",
                                           "gms_max", "gms_top")
-    assert computable(has_bank=True, fused_from=FUSED_FROM, has_head=True) == SCORE_COLUMNS
+    assert computable(has_bank=True, fused_from=FUSED_FROM, has_head=True, has_patch_bank=True) == SCORE_COLUMNS
     assert "defect_top" not in computable(has_bank=True, fused_from=FUSED_FROM), "defect scores need the head"
     assert computable(has_bank=False, has_head=True)[-2:] == ("defect_max", "defect_top")
+    assert "patch_knn_max" not in computable(has_bank=True, fused_from=FUSED_FROM, has_head=True), \
+        "patch scores need a patch bank"
+    assert computable(has_bank=False, has_patch_bank=True)[-2:] == ("patch_knn_max", "patch_knn_top")
     assert computable(has_bank=False, fused_from=FUSED_FROM)[-1] == "gms_top", "fused needs stem_knn"
 
 
@@ -38,6 +41,7 @@ def test_the_map_shown_for_a_score_comes_from_the_registry():
     assert map_for_score("fused", FUSED_FROM) == "err"
     assert map_for_score("fused", ("stem_knn", "gms_max")) == "gms"
     assert map_for_score("defect_top") == "defect"
+    assert map_for_score("patch_knn_max") == "patch"
 
 
 def test_scores_parses_default_all_and_lists():

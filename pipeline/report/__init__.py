@@ -91,7 +91,7 @@ summary.json keys:
     galleries                 {worst: [...], typical: [...], error_scale, map, precision} or null when
                               omitted; each entry {rank, id, score, <every score>, label, anomaly_kind,
                               recomputed_mse, images {original, reconstruction, error}, note};
-                              map: the anomaly map the error images show (err, ssim or gms: the
+                              map: the anomaly map the error images show (one of pipeline.scores.MAPS: the
                               one the report's score pools); precision: the forward pass's, the
                               one the latents record (so recomputed_mse is the row's mse)
     interpolation             {id_a, id_b, steps, image} or null

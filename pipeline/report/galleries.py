@@ -37,7 +37,7 @@ def _heat_map(error: np.ndarray, scale: float) -> np.ndarray:
     return (colours[..., :3] * 255).round().astype(np.uint8)
 
 
-def _reconstruct(model, pixels: dict[str, np.ndarray], map_name: str, precision: str,
+def _reconstruct(model, pixels: dict[str, np.ndarray], map_name: str, precision: str, patch_bank=None,
                  ) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
     """{id: (S, S, C) uint8} -> {id: (reconstruction (S, S, C) uint8, anomaly map (S, S), mse)};
     the map is drawn at the image's size from its grid (pipeline.scoring). The forward pass runs
@@ -53,9 +53,11 @@ def _reconstruct(model, pixels: dict[str, np.ndarray], map_name: str, precision:
             chunk = ids[start:start + RECONSTRUCT_BATCH]
             x = to_input(torch.from_numpy(np.stack([pixels[i] for i in chunk])))  # (B, C, S, S)
             with forward_precision(precision, "cpu"):
-                result = model(x)
+                result = model(x, features=map_name == "patch")
             x_hat = result["x_hat"].float()
-            maps = ScoreInputs(x, x_hat, defect_logits=result.get("defect_logits")).map(map_name)
+            features = [stage.float() for stage in result.get("features", ())]
+            maps = ScoreInputs(x, x_hat, defect_logits=result.get("defect_logits"), features=features,
+                               patch_bank=patch_bank).map(map_name)
             errors = upsample(maps, tuple(x.shape[-2:])).numpy()
             mse, images = mse_per_image(x, x_hat).numpy(), to_pixels(x_hat)
             for n, i in enumerate(chunk):
@@ -115,7 +117,7 @@ def build_galleries(model_url: str, images: dict[str, bytes | None], galleries: 
     pixels, reasons = decode_batch([images[i] for i in present], config.image_size, config.channels, resize)
     decoded = {i: (pixels[n], reasons[n]) for n, i in enumerate(present)}
     reconstructed = _reconstruct(model, {i: p for i, (p, reason) in decoded.items() if reason is None},
-                                 map_name, precision)
+                                 map_name, precision, checkpoint.patch_bank)
     scale = _error_scale(reconstructed)
     entries, files = _entries(galleries, decoded, reconstructed, scale)
     return entries, files, scale, map_name

@@ -11,6 +11,7 @@ from pipeline.errors import InputError
 from pipeline.images import DEFAULT_RESIZE, RESIZE_POLICIES
 from pipeline.lease import Lease
 from pipeline.model import AutoencoderConfig
+from pipeline.patch_memory import SAMPLERS
 from pipeline.scoring import TRAINING_LOSSES
 from pipeline.shards import Columns, ShardList
 
@@ -55,6 +56,8 @@ class TrainConfig:
     defect_aware: bool = False  # learn to return the clean image from a corrupted copy (pipeline.corruptions)
     corruption_share: float = 0.5  # with defect_aware: the share of each batch that is corrupted
     invariance: float = 0.0  # weight of the contrastive term for edit-invariant latents (train/invariance.py); 0: off
+    patch_bank: int = 0  # training patches the exported model remembers for the patch scores (pipeline.patch_memory); 0: none
+    patch_sampler: str = "coreset"  # how they are chosen from the candidates: one of patch_memory.SAMPLERS
     data_fingerprint: str = ""
     inject_crash: str | None = field(default=None, repr=False)  # tests only: marker file path
 
@@ -88,6 +91,10 @@ class TrainConfig:
             problems.append(f"corruption_share must be in (0, 1], got {self.corruption_share}")
         if not (self.invariance >= 0 and math.isfinite(self.invariance)):
             problems.append(f"invariance must be a finite weight >= 0, got {self.invariance}")
+        if self.patch_bank < 0:
+            problems.append(f"patch_bank must not be negative, got {self.patch_bank}")
+        if self.patch_sampler not in SAMPLERS:
+            problems.append(f"patch_sampler must be one of {SAMPLERS}, got {self.patch_sampler!r}")
         if problems:
             raise InputError("invalid training settings: " + "; ".join(problems))
 

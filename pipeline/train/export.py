@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import numpy as np
 import torch
@@ -12,8 +13,12 @@ import torch
 from pipeline import storage
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.datasets import decode_for_calibration, read_shards
+from pipeline.errors import InputError
 from pipeline.inference import ImageScorer, load_inference_model, to_input
+from pipeline.patch_memory import PATCH_DIM, PatchBank, bank_from_candidates, candidate_patches, feature_channels, \
+    random_projection
 from pipeline.resources import largest_node_cpus, plan_actor_pool
+from pipeline.scores import names_needing
 from pipeline.scoring import BANK_CAP, calibrate_with_bank
 from pipeline.shards import id_strings
 from pipeline.thresholds import Calibration
@@ -27,27 +32,73 @@ from pipeline.train.config import METRICS_FILE, MODEL_DIR, TrainConfig, TrainPla
 # neighbour scores are what an unseen normal image gets.
 
 
+# With --patch-bank N, a pass before that one gathers candidate patches from the same bank
+# sample (at most PATCH_CANDIDATES, spread evenly over its images), keeps N of them
+# (pipeline.patch_memory) and stores them with the model; the calibration pass then gives the
+# held-out images their patch scores against that memory.
+
+PATCH_CANDIDATES = 200_000  # candidate patches at most: 64 float32 numbers each, about 51 MB on the driver
+
+
+def _inputs(batch: dict[str, np.ndarray], keep: np.ndarray) -> torch.Tensor:
+    return to_input(torch.from_numpy(np.ascontiguousarray(batch["pixels"][keep])))
+
+
 class CalibrationScorer:
-    """Ray Data mapper: decoded calibration rows -> their latents, stem statistics and scores."""
+    """Ray Data mapper: decoded calibration rows -> their latents, stem statistics and scores
+    (the patch scores for the held-out rows only, NaN for the bank's: those are never read)."""
 
     def __init__(self, model_url: str, torch_threads: int | None = None):
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        model, _ = load_inference_model(model_url)
+        model, checkpoint = load_inference_model(model_url)
         # The embed job's default precision, so that the thresholds are taken on scores made as
         # embed makes them.
         self.scorer = ImageScorer(model, precision="auto")
+        self.patch_scorer = None if checkpoint.patch_bank is None else ImageScorer(
+            model, scores=names_needing("patches"), precision="auto", patch_bank=checkpoint.patch_bank)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.asarray(batch["ok"], dtype=bool)
-        rows = self.scorer.rows(to_input(torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))))
-        return {"id": batch["id"][ok], "val": batch["val"][ok], **rows}
+        x, val = _inputs(batch, ok), np.asarray(batch["val"][ok], dtype=bool)
+        rows = self.scorer.rows(x)
+        if self.patch_scorer is not None:
+            held_out = self.patch_scorer(x[torch.from_numpy(val)])["scores"] if val.any() else {}
+            for name in self.patch_scorer.score_names:
+                rows[name] = np.full(len(val), np.nan, np.float32)
+                rows[name][val] = held_out.get(name, [])
+        return {"id": batch["id"][ok], "val": val, **rows}
 
 
-def _calibration_rows(plan: TrainPlan, model_url: str) -> dict[str, np.ndarray]:
-    """Every held-out row's and the bank sample's latents, stem statistics and scores, on the driver."""
+class PatchCandidates:
+    """Ray Data mapper: decoded calibration rows -> {"patches": (n, dim)}, `per_image` random
+    locations of each training (bank sample) row, described as the patch bank holds them."""
+
+    def __init__(self, model_url: str, per_image: int, seed: int, torch_threads: int | None = None):
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        model, checkpoint = load_inference_model(model_url)
+        self.encoder = ImageScorer(model, scores=(), precision="auto")
+        self.projection = patch_projection(model, checkpoint.config, seed)
+        self.per_image, self.generator = per_image, np.random.default_rng(seed)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keep = np.asarray(batch["ok"], dtype=bool) & ~np.asarray(batch["val"], dtype=bool)
+        if not keep.any():
+            return {"patches": np.zeros((0, self.projection.shape[1]), np.float32)}
+        features = self.encoder(_inputs(batch, keep), features=True)["features"]
+        patches = candidate_patches(features, self.projection, self.per_image, self.generator)
+        return {"patches": patches.reshape(-1, patches.shape[-1])}
+
+
+def patch_projection(model: torch.nn.Module, config, seed: int) -> np.ndarray:
+    """The fixed random projection of a model's patch descriptions (the same on every actor)."""
+    return random_projection(feature_channels(model, config.channels, config.image_size), PATCH_DIM, seed)
+
+
+def _calibration_data(plan: TrainPlan):
+    """The decoded held-out rows and bank sample, and the actor pool to map them with."""
     import ray
-    from ray.data import ActorPoolStrategy
 
     cfg = plan.cfg
     training_rows = max(1.0, plan.rows * (1 - cfg.val_fraction))
@@ -57,9 +108,10 @@ def _calibration_rows(plan: TrainPlan, model_url: str) -> dict[str, np.ndarray]:
         fn_kwargs=dict(columns=cfg.columns, image_size=cfg.model.image_size, channels=cfg.model.channels,
                        resize=cfg.resize, val_fraction=cfg.val_fraction,
                        bank_fraction=min(1.0, BANK_CAP / training_rows)))
-    ds = ds.map_batches(CalibrationScorer, batch_format="numpy", batch_size=resources.batch_size,
-                        fn_constructor_kwargs=dict(model_url=model_url, torch_threads=resources.torch_threads),
-                        compute=ActorPoolStrategy(size=resources.actors), num_cpus=resources.cpus_per_actor)
+    return ds, resources, min(training_rows, BANK_CAP)
+
+
+def _collect(ds) -> dict[str, np.ndarray]:
     parts: dict[str, list[np.ndarray]] = {}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for name, values in batch.items():
@@ -67,14 +119,55 @@ def _calibration_rows(plan: TrainPlan, model_url: str) -> dict[str, np.ndarray]:
     return {name: np.concatenate(values) for name, values in parts.items()}
 
 
+def _calibration_rows(plan: TrainPlan, model_url: str) -> dict[str, np.ndarray]:
+    """Every held-out row's and the bank sample's latents, stem statistics and scores, on the driver."""
+    from ray.data import ActorPoolStrategy
+
+    ds, resources, _ = _calibration_data(plan)
+    ds = ds.map_batches(CalibrationScorer, batch_format="numpy", batch_size=resources.batch_size,
+                        fn_constructor_kwargs=dict(model_url=model_url, torch_threads=resources.torch_threads),
+                        compute=ActorPoolStrategy(size=resources.actors), num_cpus=resources.cpus_per_actor)
+    return _collect(ds)
+
+
+def build_export_patch_bank(plan: TrainPlan, model_url: str) -> PatchBank:
+    """--patch-bank N: candidate patches from the bank sample's images, N of them kept by
+    --patch-sampler; stored with the exported model."""
+    from ray.data import ActorPoolStrategy
+
+    cfg = plan.cfg
+    started = time.perf_counter()
+    ds, resources, bank_rows = _calibration_data(plan)
+    per_image = max(1, int(PATCH_CANDIDATES // max(bank_rows, 1)))
+    ds = ds.map_batches(PatchCandidates, batch_format="numpy", batch_size=resources.batch_size,
+                        fn_constructor_kwargs=dict(model_url=model_url, per_image=per_image, seed=cfg.seed,
+                                                   torch_threads=resources.torch_threads),
+                        compute=ActorPoolStrategy(size=resources.actors), num_cpus=resources.cpus_per_actor)
+    candidates = _collect(ds).get("patches", np.zeros((0, 1), np.float32))
+    if len(candidates) > PATCH_CANDIDATES:
+        candidates = candidates[np.random.default_rng(cfg.seed).permutation(len(candidates))[:PATCH_CANDIDATES]]
+    checkpoint = load_checkpoint(model_url)
+    projection = patch_projection(checkpoint.model, checkpoint.config, cfg.seed)
+    try:
+        patch_bank = bank_from_candidates(candidates, projection, cfg.patch_bank, cfg.patch_sampler, cfg.seed)
+    except ValueError as e:
+        raise InputError(f"--patch-bank: {e} (every training image failed to decode?)") from e
+    save_checkpoint(model_url, checkpoint.model, training=checkpoint.training, patch_bank=patch_bank)
+    print(f"patch bank: {len(patch_bank.patches):,} of {len(candidates):,} candidate patches ({cfg.patch_sampler}, "
+          f"{per_image} a training image), {time.perf_counter() - started:.0f}s", flush=True)
+    return patch_bank
+
+
 def calibrate_export(plan: TrainPlan, model_url: str) -> Calibration:
     """Score the held-out split and a bank sample with the exported model; store its training bank
-    and every score's calibration with it."""
+    (and with --patch-bank its patch bank) and every score's calibration with it."""
+    if plan.cfg.patch_bank:
+        build_export_patch_bank(plan, model_url)
     rows = _calibration_rows(plan, model_url)
     calibration, bank = calibrate_with_bank(id_strings(rows["id"]), rows["val"].astype(bool), rows)
     checkpoint = load_checkpoint(model_url)
     save_checkpoint(model_url, checkpoint.model, training={**checkpoint.training, "calibration": calibration.to_dict()},
-                    bank=bank)
+                    bank=bank, patch_bank=checkpoint.patch_bank)
     default = calibration.get(calibration.default_score)
     print(f"calibrated {len(calibration.scores)} scores on {default.count:,} held-out images, bank of "
           f"{len(bank.ids):,} training images; default score {calibration.default_score}, estimated "
