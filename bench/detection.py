@@ -127,11 +127,37 @@ def train_model(pixels: np.ndarray, val_pixels: np.ndarray, cfg, log):
     return model.eval(), best[1]
 
 
+def patch_bank_of(model, pixels: np.ndarray, size: int, sampler: str, seed: int, batch_size: int = 256,
+                  precision: str = "float32"):
+    """The patch bank `train --patch-bank size --patch-sampler sampler` stores with `model`, made
+    in process from its training images (N, S, S, C) as pipeline.train.export makes it: the same
+    candidates per image, projection and sampler."""
+    import torch
+
+    from pipeline.inference import ImageScorer, to_input
+    from pipeline.model import fuse_for_inference
+    from pipeline.patch_memory import bank_from_candidates, candidate_patches
+    from pipeline.train.export import PATCH_CANDIDATES, patch_projection
+
+    folded = fuse_for_inference(model).to(memory_format=torch.channels_last)
+    encoder = ImageScorer(folded, scores=(), precision=precision)
+    projection = patch_projection(folded, model.config, seed)
+    per_image, generator = max(1, PATCH_CANDIDATES // len(pixels)), np.random.default_rng(seed)
+    candidates = [candidate_patches(encoder(to_input(torch.from_numpy(pixels[start:start + batch_size])),
+                                            features=True)["features"], projection, per_image, generator)
+                  for start in range(0, len(pixels), batch_size)]
+    candidates = np.concatenate([c.reshape(-1, projection.shape[1]) for c in candidates])
+    if len(candidates) > PATCH_CANDIDATES:
+        candidates = candidates[np.random.default_rng(seed).permutation(len(candidates))[:PATCH_CANDIDATES]]
+    return bank_from_candidates(candidates, projection, size, sampler, seed)
+
+
 def score_corpus(model, ids: list[str], pixels: np.ndarray, held_out: np.ndarray, trained: int | None = None,
-                 batch_size: int = 256, precision: str = "float32"):
+                 batch_size: int = 256, precision: str = "float32", patch_bank=None):
     """(calibration, {score: (N,)}) as train's calibrate_export and the embed job make them. The
     first `trained` rows (default all) are the training corpus: `held_out` among them calibrates,
-    the rest is the neighbour bank; rows after them are only scored."""
+    the rest is the neighbour bank; rows after them are only scored. With a `patch_bank`
+    (`patch_bank_of`), the patch scores too."""
     import torch
 
     from bench.common import scored_rows
@@ -139,7 +165,8 @@ def score_corpus(model, ids: list[str], pixels: np.ndarray, held_out: np.ndarray
     from pipeline.model import fuse_for_inference
     from pipeline.scoring import calibrate_with_bank
 
-    scorer = ImageScorer(fuse_for_inference(model).to(memory_format=torch.channels_last), precision=precision)
+    scorer = ImageScorer(fuse_for_inference(model).to(memory_format=torch.channels_last), precision=precision,
+                         patch_bank=patch_bank)
     rows = scored_rows(scorer, pixels, batch_size)
     trained = len(ids) if trained is None else trained
     calibration, bank = calibrate_with_bank(ids[:trained], held_out[:trained],

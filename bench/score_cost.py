@@ -29,13 +29,19 @@ sys.path.insert(0, str(REPO))
 from bench.common import machine, table, write_results  # noqa: E402
 
 
+BASELINE = "forward pass, float32 (the baseline)"
+BFLOAT16 = "forward pass, bfloat16"
+
+
 def parts(batch_size: int, image_size: int):
     """{name: zero-argument callable} for the forward pass and every scoring step."""
     import numpy as np
     import torch
 
+    from bench.surfaces import PATCH_BANK
     from pipeline import scoring
-    from pipeline.scores import DEFAULT_SCORE, FUSED_FROM, computable, parse_scores
+    from pipeline.patch_memory import PATCH_DIM, PatchBank, random_projection
+    from pipeline.scores import DEFAULT_SCORE, FUSED_FROM, computable, names_needing, parse_scores
     from pipeline.thresholds import calibrate
     from pipeline.model import AutoencoderConfig, build_model, fuse_for_inference
 
@@ -66,17 +72,29 @@ def parts(batch_size: int, image_size: int):
             calibration.fuse({name: v.numpy() for name, v in values.items()})
         return values
 
-    available = computable(True, FUSED_FROM)  # a banked model without a defect head
+    # The patch scores (`train --patch-bank`): a bank of random patches of the size
+    # bench/surfaces.py measures, searched from the encoder's maps of the same batch.
+    features = [stage.float() for stage in model(x, features=True)["features"]]
+    channels = sum(stage.shape[1] for stage in features)
+    patch_bank = PatchBank(rng.normal(size=(PATCH_BANK, PATCH_DIM)).astype(np.float32),
+                           random_projection(channels, PATCH_DIM))
+
+    def patch_scores():
+        inputs = scoring.ScoreInputs(x, x_hat, features=features, patch_bank=patch_bank)
+        return scoring.compute_scores(names_needing("patches"), inputs)
+
+    available = computable(True, FUSED_FROM)  # a banked model without a defect head or patch bank
     default = parse_scores(None, available)  # what embed computes unless told: fused, its parts, mse
     every = parse_scores("all", available)
     one = {name: (lambda name=name: scored([name])) for name in every if name != "fused"}
     return {
-        "forward pass, float32 (the baseline)": lambda: model(x),
-        "forward pass, bfloat16 (--precision auto here)": bfloat16,
+        BASELINE: lambda: model(x),
+        BFLOAT16: bfloat16,
         f"default scores ({', '.join(default)})": lambda: scored(default),
         "every score (--scores all)": lambda: scored(every),
         **{f"  {name}": step for name, step in one.items()},
         "  fused (from its parts' values)": lambda: calibration.fuse(held_out),
+        f"patch scores (patch_knn_max and _top: one map), --patch-bank {PATCH_BANK:,}": patch_scores,
     }
 
 
@@ -99,6 +117,7 @@ def measure(threads: int, batch_size: int, image_size: int, repeats: int) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.inference import resolve_precision
     from pipeline.resources import CPU_BATCH_SIZE
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -106,9 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=CPU_BATCH_SIZE, help="images per batch (the embed job's CPU batch)")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--results", default="score_cost",
+                   help="name of the raw results file under docs/bench-results/ (without .json)")
     args = p.parse_args(argv)
     cores = os.cpu_count() or 1
-    base = "forward pass, float32 (the baseline)"
+    base = BASELINE
     columns = ["step", *[f"ms/batch, {t} thread{'s' * (t > 1)}" for t in sorted({1, cores})],
                *[f"share of forward, {t} thread{'s' * (t > 1)}" for t in sorted({1, cores})]]
     results = {t: measure(t, args.batch_size, args.image_size, args.repeats) for t in sorted({1, cores})}
@@ -117,15 +138,17 @@ def main(argv: list[str] | None = None) -> int:
         rows.append([name, *[1000 * results[t][name] for t in results],
                      *[f"{results[t][name] / results[t][base]:.0%}" for t in results]])
     print(f"Machine: {machine()}\n")
-    print(f"Batch {args.batch_size} images of {args.image_size} px; median of {args.repeats} runs.\n")
+    print(f"Batch {args.batch_size} images of {args.image_size} px; median of {args.repeats} runs; "
+          f"--precision auto runs {resolve_precision('auto', 'cpu')} on this machine.\n")
     print(table(columns, rows))
     for name in results[1]:
         if name.startswith(("default", "every")):
             print(f"\n{name}: " + ", ".join(
                 f"{results[t][name] / results[t][base]:.0%} of the float32 forward pass and "
-                f"{results[t][name] / results[t]['forward pass, bfloat16 (--precision auto here)']:.0%} of the "
+                f"{results[t][name] / results[t][BFLOAT16]:.0%} of the "
                 f"bfloat16 one at {t} thread{'s' * (t > 1)}" for t in results))
-    write_results("score_cost", {"argv": argv if argv is not None else sys.argv[1:], "batch_size": args.batch_size,
+    write_results(args.results, {"argv": argv if argv is not None else sys.argv[1:], "batch_size": args.batch_size,
+                                 "auto_precision": resolve_precision("auto", "cpu"),
                                  "image_size": args.image_size, "repeats": args.repeats,
                                  "seconds_per_batch": {str(t): r for t, r in results.items()}})
     return 0

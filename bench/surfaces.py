@@ -55,12 +55,17 @@ CROP_SIDES = (256, 512)
 RESULTS = REPO / "docs" / "bench-results" / "surfaces.json"
 DEFAULT_Q = 0.99
 TARGET_AUROC, TARGET_RECALL, TARGET_FPR = 0.95, 0.8, 0.02
-# Training variants, as in bench/detection.py. The learned defect head (issue 23, item 3) adds
-# its variants here once the pipeline has it: "head", trained on every corruption family, and
-# "head-without-<kind>" for the leave-one-kind-out run, trained without the corruption family
-# that resembles <kind> and scored on <kind> only; markdown() then needs a table for those runs.
-# None of it exists yet, so nothing here reports it.
-VARIANTS = {"plain": {}}
+# Training variants (TrainConfig settings), as in bench/detection.py. The patch variants train
+# exactly as "plain" does (they share its weights) and add the patch memory that
+# `train --patch-bank` exports, chosen by each sampler, so that the two samplers are compared
+# on the same models. The learned defect head (issue 23, item 3) adds its variants here once it
+# is measured: "head", trained on every corruption family, and "head-without-<kind>" for the
+# leave-one-kind-out run, scored on <kind> only.
+PATCH_BANK = 4096  # patches kept of about 120,000 candidates (475 crops x 256 places at 64 px)
+VARIANTS = {"plain": {},
+            "patch-coreset": {"patch_bank": PATCH_BANK, "patch_sampler": "coreset"},
+            "patch-random": {"patch_bank": PATCH_BANK, "patch_sampler": "random"}}
+TRAINED_AS = {"patch-coreset": "plain", "patch-random": "plain"}  # variants that reuse another's weights
 # Tiled models (issue 23, item 1): the working resolution and tile settings are parameters, so
 # that a run feeds images at --image-size and cuts them into --tile tiles once the pipeline can.
 TILED = False
@@ -128,7 +133,7 @@ def run_one(surface: str, seed: int, settings: dict, out: Path, variant: str = "
     """Train one model on one surface, calibrate it, score the unseen set; cached as JSON."""
     import torch
 
-    from bench.detection import score_corpus, score_metrics, train_model
+    from bench.detection import patch_bank_of, score_corpus, score_metrics, train_model
     from pipeline.model import AutoencoderConfig, build_model
     from pipeline.sampling import split_of
     from pipeline.train import TrainConfig
@@ -152,7 +157,7 @@ def run_one(surface: str, seed: int, settings: dict, out: Path, variant: str = "
                       **VARIANTS[variant])
     held_out = split_of(ids[:n_train], cfg.val_fraction)
     log(f"{len(pixels)} images ({time.perf_counter() - started:.0f}s); training on {int((~held_out).sum())}")
-    weights = out / "models" / f"{key}.pt"
+    weights = out / "models" / f"{run_key(surface, seed, settings, TRAINED_AS.get(variant, variant))}.pt"
     if weights.exists():
         model = build_model(cfg.model)
         model.load_state_dict(torch.load(weights, weights_only=True))
@@ -162,7 +167,13 @@ def run_one(surface: str, seed: int, settings: dict, out: Path, variant: str = "
         weights.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), weights)
     train_seconds = time.perf_counter() - started
-    calibration, scores = score_corpus(model, ids, pixels, held_out, trained=n_train)
+    patch_bank, patch_seconds = None, 0.0
+    if cfg.patch_bank:
+        training = np.flatnonzero(~held_out)
+        patch_bank = patch_bank_of(model, pixels[training], cfg.patch_bank, cfg.patch_sampler, seed)
+        patch_seconds = time.perf_counter() - started - train_seconds
+        log(f"patch bank of {len(patch_bank.patches)} ({cfg.patch_sampler}) in {patch_seconds:.0f}s")
+    calibration, scores = score_corpus(model, ids, pixels, held_out, trained=n_train, patch_bank=patch_bank)
     kinds, contrasts = kinds[n_train:], contrasts[n_train:]
     metrics = {}
     for name, values in scores.items():
@@ -174,7 +185,8 @@ def run_one(surface: str, seed: int, settings: dict, out: Path, variant: str = "
     result = {"key": key, "surface": surface, "seed": seed, "variant": variant, **settings,
               "channels": int(pixels.shape[-1]), "calibration_images": int(held_out.sum()),
               "scored_normal": int((kinds == "").sum()), "scored_anomalies": int((kinds != "").sum()),
-              "train_seconds": train_seconds, "default_score": calibration.default_score,
+              "train_seconds": train_seconds, "patch_bank_seconds": patch_seconds,
+              "default_score": calibration.default_score,
               "estimated_contamination": {name: c.contamination for name, c in calibration.scores.items()},
               "scores": metrics, "seconds": time.perf_counter() - started}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -203,8 +215,43 @@ def _meets(runs: list[dict], score: str) -> bool:
             and all(_mean(x["recall"][k] for x in s) >= TARGET_RECALL for k in KINDS))
 
 
+def _score_line(surface: str, label: str, group: list[dict], score: str, bold: bool = False) -> str:
+    s = [r["scores"][score] for r in group]
+    mark = "**" if bold else ""
+    return (f"| {surface} | {label}{mark}{score}{mark} | {_cell([x['auroc'] for x in s], 3)} | "
+            f"{_mean(x['fpr'] for x in s):.2%} | "
+            + " / ".join(f"{_mean(x['recall'][k] for x in s):.2f}" for k in KINDS) + " | "
+            + " / ".join(f"{_mean(x['ideal_recall'][k] for x in s):.2f}" for k in KINDS) + " |")
+
+
+def _variant_markdown(runs: list[dict]) -> list[str]:
+    """The scores only a variant has (the patch scores), by surface and variant."""
+    base = next((set(r["scores"]) for r in runs if r["variant"] == "plain"), set())
+    lines = ["", f"### The patch memory (`train --patch-bank {PATCH_BANK}`), coreset against random", "",
+             "The same models as above (the patch variants train exactly as plain does); only the bank differs.", "",
+             "| surface | variant: score | AUROC | FPR at default | recall at default: " + " / ".join(KINDS)
+             + " | ideal-1%-FPR recall: " + " / ".join(KINDS) + " |", "|---|---|---:|---:|---|---|"]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in runs:
+        if r["variant"] != "plain":
+            groups.setdefault((r["surface"], r["variant"]), []).append(r)
+    for (surface, variant), group in groups.items():
+        for score in group[0]["scores"]:
+            if score not in base:
+                lines.append(_score_line(surface, f"{variant}: ", group, score))
+    timing = {variant: _mean(r["patch_bank_seconds"] for (_, v), g in groups.items() if v == variant for r in g)
+              for variant in dict.fromkeys(v for _, v in groups)}
+    lines += ["", "Building the bank (candidates, then the sampler), mean seconds per run: "
+              + ", ".join(f"{variant} {seconds:.1f}" for variant, seconds in timing.items()) + "."]
+    return lines
+
+
 def markdown(runs: list[dict], settings: dict) -> str:
     from bench.common import machine
+
+    variants = list(dict.fromkeys(r["variant"] for r in runs))
+    others = [r for r in runs if r["variant"] != variants[0]]
+    runs = [r for r in runs if r["variant"] == variants[0]]
 
     by_surface: dict[str, list[dict]] = {}
     for r in runs:
@@ -253,21 +300,17 @@ def markdown(runs: list[dict], settings: dict) -> str:
               + " | ideal-1%-FPR recall: " + " / ".join(KINDS) + " |", "|---|---|---:|---:|---|---|"]
     for surface, group in by_surface.items():
         for score in group[0]["scores"]:
-            s = [r["scores"][score] for r in group]
-            bold = "**" if score == default else ""
-            lines.append(f"| {surface} | {bold}{score}{bold} | {_cell([x['auroc'] for x in s], 3)} | "
-                         f"{_mean(x['fpr'] for x in s):.2%} | "
-                         + " / ".join(f"{_mean(x['recall'][k] for x in s):.2f}" for k in KINDS) + " | "
-                         + " / ".join(f"{_mean(x['ideal_recall'][k] for x in s):.2f}" for k in KINDS) + " |")
+            lines.append(_score_line(surface, "", group, score, bold=score == default))
     best = {surface: max(group[0]["scores"], key=lambda n: _mean(r["scores"][n]["auroc"] for r in group))
             for surface, group in by_surface.items()}
-    lines += ["", "Best AUROC per surface: " + ", ".join(
+    lines += ["", f"Best AUROC per surface ({variants[0]}): " + ", ".join(
         f"{surface} `{name}` {_mean(r['scores'][name]['auroc'] for r in by_surface[surface]):.3f}"
-        for surface, name in best.items()) + ".", "",
-        "Not yet measurable: tiled models at full resolution, the local patch memory (`patch_knn_*`) and the "
-        "learned defect head (`defect_*`) with its leave-one-kind-out run are not in the pipeline yet "
-        "(issue 23, items 1-3); this table is the baseline they must beat. `--image-size` sets the working "
-        "resolution; `--tile` is refused until tiles exist.", ""]
+        for surface, name in best.items()) + "."]
+    if others:
+        lines += _variant_markdown([*runs, *others])
+    lines += ["", "Not yet measurable here: tiled models at full resolution (`--tile` is refused until the "
+              "jobs tile; `--image-size` sets the resolution the whole crop is resized to), and the learned "
+              "defect head (`defect_*`) with its leave-one-kind-out run (issue 23, items 1 and 3).", ""]
     return "\n".join(lines)
 
 
