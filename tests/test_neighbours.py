@@ -11,7 +11,6 @@ tiny models are too weak to separate a copy from a different image.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -53,7 +52,7 @@ from pipeline.neighbours import (
     prepare,
     query,
 )
-from pipeline.neighbours.edits import DEFAULT_EDITS
+from pipeline.neighbours.edits import DEFAULT_EDITS, Edits, edited_copy
 from pipeline.scoring import mse_per_image
 from pipeline.thresholds import calibration_from_errors
 from pipeline.shards import write_shard
@@ -68,19 +67,16 @@ DISTINCT = 3.0  # least pixel-space L2 (decoded at SIZE, [0, 1]) between two kep
 # ---------------------------------------------------------------- builders
 
 
-def near_copy(pixels: np.ndarray, rng: np.random.Generator) -> bytes:
-    """Resize down by 0.5-0.8 and back, crop up to 2% and resize back, JPEG quality 60-90."""
-    image = Image.fromarray(pixels)
-    w, h = image.size
-    scale = rng.uniform(0.5, 0.8)
-    image = image.resize((round(w * scale), round(h * scale)), Image.BILINEAR).resize((w, h), Image.BILINEAR)
-    cut = rng.uniform(0.0, 0.02)
-    cut_w, cut_h = round(w * cut), round(h * cut)
-    left, top = int(rng.integers(0, cut_w + 1)), int(rng.integers(0, cut_h + 1))
-    image = image.crop((left, top, left + w - cut_w, top + h - cut_h)).resize((w, h), Image.BILINEAR)
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=int(rng.integers(60, 91)))
-    return buffer.getvalue()
+# The planted copies and the fixture's calibration use the same edits, the job's own
+# (pipeline.neighbours.edits): one per copy, crops of up to 2% of each side. Stacked edits
+# (a rescale, a crop and a JPEG on one copy) can move this small plain model's latent as far as
+# a distinct image is: tests/test_invariance.py plants copies for a model trained against that.
+PLANTED_EDITS = Edits(kinds=("crop", "rescale", "jpeg"), crop=(0.0, 0.02))
+
+
+def near_copy(pixels: np.ndarray, kind: str, rng: np.random.Generator) -> bytes:
+    """A copy of `pixels` through one of PLANTED_EDITS's edits."""
+    return edited_copy(encode_image(pixels), kind, rng, PLANTED_EDITS)
 
 
 def distinct_originals(n: int) -> list[np.ndarray]:
@@ -168,7 +164,8 @@ def planted(tmp_path_factory):
         group = [ids[n]]
         for c in range(COPIES):
             copy_id = f"copy-{n:04d}-{c}"
-            copies.append(near_copy(originals[n], np.random.default_rng([7, n, c])))
+            kind = PLANTED_EDITS.kinds[(COPIES * n + c) % len(PLANTED_EDITS.kinds)]
+            copies.append(near_copy(originals[n], kind, np.random.default_rng([7, n, c])))
             copy_ids.append(copy_id)
             group.append(copy_id)
         groups.append(frozenset(group))
@@ -186,11 +183,11 @@ def planted_run(planted, ray_local):
     """The real embed job, then the real neighbours job with a calibrated threshold."""
     root = planted["root"]
     embed(EmbedConfig(data_url=planted["corpus"], model_url=planted["model"], out_url=str(root / "latents")))
-    # Calibrated on edits like the planted ones: the default crops of up to 15%, borders and
-    # overlays move this model's latents as far as a different image does.
+    # Calibrated on the planted copies' edits (PLANTED_EDITS): the default crops of up to 15%,
+    # borders and overlays move this model's latents as far as a different image does.
     cfg = NeighboursConfig(latents_url=str(root / "latents"), out_url=str(root / "neighbours"), k=5,
                            model_url=planted["model"], data_url=planted["originals"],
-                           calibration_edits=("crop", "rescale", "jpeg"), calibration_crop=(0.0, 0.02))
+                           calibration_edits=PLANTED_EDITS.kinds, calibration_crop=PLANTED_EDITS.crop)
     return cfg, neighbours(cfg)
 
 
