@@ -147,9 +147,7 @@ def patch_bank_of(model, pixels: np.ndarray, size: int, sampler: str, seed: int,
                                             features=True)["features"], projection, per_image, generator)
                   for start in range(0, len(pixels), batch_size)]
     candidates = np.concatenate([c.reshape(-1, projection.shape[1]) for c in candidates])
-    if len(candidates) > PATCH_CANDIDATES:
-        candidates = candidates[np.random.default_rng(seed).permutation(len(candidates))[:PATCH_CANDIDATES]]
-    return bank_from_candidates(candidates, projection, size, sampler, seed)
+    return bank_from_candidates(candidates, projection, size, sampler, seed, PATCH_CANDIDATES)
 
 
 def score_corpus(model, ids: list[str], pixels: np.ndarray, held_out: np.ndarray, trained: int | None = None,

@@ -64,7 +64,7 @@ from pipeline.resources import (
     plan_actor_pool,
     pool_setting_problems,
 )
-from pipeline.scores import computable, named_scores, parse_scores
+from pipeline.scores import named_scores, parse_scores
 from pipeline.shards import (
     Columns,
     ShardList,

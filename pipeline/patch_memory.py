@@ -160,10 +160,13 @@ def candidate_patches(features: list[torch.Tensor], projection: np.ndarray, coun
 
 
 def bank_from_candidates(candidates: np.ndarray, projection: np.ndarray, size: int, sampler: str = "coreset",
-                         seed: int = 0) -> PatchBank:
-    """A bank of `size` of the (N, dim) candidate patches, chosen by `sampler`."""
+                         seed: int = 0, max_candidates: int | None = None) -> PatchBank:
+    """A bank of `size` of the (N, dim) candidate patches, chosen by `sampler` (from a random
+    `max_candidates` of them when there are more)."""
     if not len(candidates):
         raise ValueError("no training images to build a patch bank from")
+    if max_candidates is not None and len(candidates) > max_candidates:
+        candidates = candidates[np.random.default_rng(seed).permutation(len(candidates))[:max_candidates]]
     return PatchBank(subsample(candidates, size, sampler, seed), projection)
 
 

@@ -96,6 +96,11 @@ def patch_projection(model: torch.nn.Module, config, seed: int) -> np.ndarray:
     return random_projection(feature_channels(model, config.channels, config.image_size), PATCH_DIM, seed)
 
 
+def _bank_rows(plan: TrainPlan) -> float:
+    """How many training rows the bank sample holds (about; it is an id-hash sample)."""
+    return min(max(1.0, plan.rows * (1 - plan.cfg.val_fraction)), BANK_CAP)
+
+
 def _calibration_data(plan: TrainPlan):
     """The decoded held-out rows and bank sample, and the actor pool to map them with."""
     import ray
@@ -108,7 +113,7 @@ def _calibration_data(plan: TrainPlan):
         fn_kwargs=dict(columns=cfg.columns, image_size=cfg.model.image_size, channels=cfg.model.channels,
                        resize=cfg.resize, val_fraction=cfg.val_fraction,
                        bank_fraction=min(1.0, BANK_CAP / training_rows)))
-    return ds, resources, min(training_rows, BANK_CAP)
+    return ds, resources
 
 
 def _collect(ds) -> dict[str, np.ndarray]:
@@ -119,37 +124,36 @@ def _collect(ds) -> dict[str, np.ndarray]:
     return {name: np.concatenate(values) for name, values in parts.items()}
 
 
-def _calibration_rows(plan: TrainPlan, model_url: str) -> dict[str, np.ndarray]:
-    """Every held-out row's and the bank sample's latents, stem statistics and scores, on the driver."""
+def _mapped(plan: TrainPlan, mapper: type, **kwargs) -> dict[str, np.ndarray]:
+    """The calibration data through `mapper` (an actor pool; `kwargs` and the pool's torch threads
+    go to its constructor), collected on the driver."""
     from ray.data import ActorPoolStrategy
 
-    ds, resources, _ = _calibration_data(plan)
-    ds = ds.map_batches(CalibrationScorer, batch_format="numpy", batch_size=resources.batch_size,
-                        fn_constructor_kwargs=dict(model_url=model_url, torch_threads=resources.torch_threads),
+    ds, resources = _calibration_data(plan)
+    ds = ds.map_batches(mapper, batch_format="numpy", batch_size=resources.batch_size,
+                        fn_constructor_kwargs=dict(torch_threads=resources.torch_threads, **kwargs),
                         compute=ActorPoolStrategy(size=resources.actors), num_cpus=resources.cpus_per_actor)
     return _collect(ds)
+
+
+def _calibration_rows(plan: TrainPlan, model_url: str) -> dict[str, np.ndarray]:
+    """Every held-out row's and the bank sample's latents, stem statistics and scores, on the driver."""
+    return _mapped(plan, CalibrationScorer, model_url=model_url)
 
 
 def build_export_patch_bank(plan: TrainPlan, model_url: str) -> PatchBank:
     """--patch-bank N: candidate patches from the bank sample's images, N of them kept by
     --patch-sampler; stored with the exported model."""
-    from ray.data import ActorPoolStrategy
-
     cfg = plan.cfg
     started = time.perf_counter()
-    ds, resources, bank_rows = _calibration_data(plan)
-    per_image = max(1, int(PATCH_CANDIDATES // max(bank_rows, 1)))
-    ds = ds.map_batches(PatchCandidates, batch_format="numpy", batch_size=resources.batch_size,
-                        fn_constructor_kwargs=dict(model_url=model_url, per_image=per_image, seed=cfg.seed,
-                                                   torch_threads=resources.torch_threads),
-                        compute=ActorPoolStrategy(size=resources.actors), num_cpus=resources.cpus_per_actor)
-    candidates = _collect(ds).get("patches", np.zeros((0, 1), np.float32))
-    if len(candidates) > PATCH_CANDIDATES:
-        candidates = candidates[np.random.default_rng(cfg.seed).permutation(len(candidates))[:PATCH_CANDIDATES]]
+    per_image = max(1, int(PATCH_CANDIDATES // _bank_rows(plan)))
+    rows = _mapped(plan, PatchCandidates, model_url=model_url, per_image=per_image, seed=cfg.seed)
+    candidates = rows.get("patches", np.zeros((0, 1), np.float32))
     checkpoint = load_checkpoint(model_url)
     projection = patch_projection(checkpoint.model, checkpoint.config, cfg.seed)
     try:
-        patch_bank = bank_from_candidates(candidates, projection, cfg.patch_bank, cfg.patch_sampler, cfg.seed)
+        patch_bank = bank_from_candidates(candidates, projection, cfg.patch_bank, cfg.patch_sampler, cfg.seed,
+                                          PATCH_CANDIDATES)
     except ValueError as e:
         raise InputError(f"--patch-bank: {e} (every training image failed to decode?)") from e
     save_checkpoint(model_url, checkpoint.model, training=checkpoint.training, patch_bank=patch_bank)
