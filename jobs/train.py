@@ -21,6 +21,7 @@ from dataclasses import fields
 from jobs.cli import arguments, parser, run_job
 from jobs.inputs import add_column_flags
 from pipeline import train
+from pipeline.corruptions import CORRUPTIONS
 from pipeline.errors import InputError
 from pipeline.images import RESIZE_POLICIES
 from pipeline.model import ARCHITECTURES, AutoencoderConfig
@@ -41,7 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     model = p.add_argument_group("model")
     model.add_argument("--arch", choices=ARCHITECTURES, default=M.arch,
                        help="architecture: fire (squeeze) or plain (the baseline)")
-    model.add_argument("--image-size", type=int, default=M.image_size, help="side of the square model input")
+    model.add_argument("--image-size", type=int, default=M.image_size,
+                       help="side of the square images are decoded to: the model's input, or with --tile the "
+                            "working resolution its tiles are cut from (up to 4096)")
+    model.add_argument("--tile", type=int, default=0, metavar="T",
+                       help="see images at --image-size through T px tiles, the model's input (a multiple of 16 "
+                            "from 32 to 256): a thin crack that shrinking the whole image would erase stays visible. "
+                            "Training samples --tiles-per-image tiles of each image; embed scores every tile and "
+                            "assembles the anomaly maps at working resolution. 0 (the default): whole images")
+    model.add_argument("--tile-stride", type=int, default=0, metavar="PX",
+                       help="with --tile: pixels between neighbouring tiles when scoring (default: half a tile)"),
     model.add_argument("--channels", type=int, choices=[1, 3], default=M.channels, help="1 = grayscale, 3 = RGB")
     model.add_argument("--latent-dim", type=int, default=M.latent_dim, help="size of the latent vector")
     model.add_argument("--base-width", type=int, default=M.base_width, help="channels after the stem")
@@ -73,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--defect-aware", action="store_true",
                    help="learn to return the clean image from a copy with synthetic corruptions (texture blobs, "
                         "moved patches, strokes, shaded regions), so that defects light up the error map")
+    p.add_argument("--corruptions", type=lambda text: tuple(k.strip() for k in text.split(",") if k.strip()),
+                   default=D["corruptions"], metavar="KINDS",
+                   help=f"with --defect-aware or --defect-head: the synthetic corruption kinds drawn, comma-separated "
+                        f"(default all: {','.join(CORRUPTIONS)}); fewer to measure what the model finds of a kind it "
+                        "never saw")
     p.add_argument("--corruption-share", type=float, default=D["corruption_share"],
                    help="with --defect-aware: share of each batch that is corrupted")
     p.add_argument("--invariance", type=float, default=D["invariance"], metavar="W",
@@ -87,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "docs/BENCHMARKS.md#real-surfaces")
     p.add_argument("--patch-sampler", choices=SAMPLERS, default=D["patch_sampler"],
                    help="how the N are chosen: coreset (greedy k-centre, keeps rare normal patches) or random")
+    p.add_argument("--tiles-per-image", type=int, default=D["tiles_per_image"], metavar="K",
+                   help="with --tile: random tiles of each image per training step (a step trains on "
+                        "--batch-size x K tiles)")
     p.add_argument("--inject-crash", default=None, help=argparse.SUPPRESS)  # tests: marker file, crash once
     return p
 
@@ -94,7 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     args = arguments(build_parser(), argv)
     try:
-        model = AutoencoderConfig(**{name: args.pop(name) for name in MODEL_FIELDS})
+        values = {name: args.pop(name) for name in MODEL_FIELDS}
+        tile, stride = args.pop("tile"), args.pop("tile_stride")
+        if tile:  # the model's input is the tile; the images' size is the working resolution
+            values.update(image_size=tile, working_size=values["image_size"])
+        model = AutoencoderConfig(**values, tile_stride=stride)
     except ValueError as e:
         raise InputError(str(e)) from e
     return TrainConfig(data_url=args.pop("data"), out_url=args.pop("out"), model=model, **args)

@@ -137,14 +137,18 @@ def shaded_regions(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.T
 _MAKERS = {"texture": texture_blobs, "patch": moved_patches, "stroke": strokes, "shade": shaded_regions}
 
 
-def corrupt(x: torch.Tensor, generator: torch.Generator, share: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Corrupt about `share` of a batch (B, C, S, S) in [0, 1], each chosen image by one kind drawn
-    at random; (corrupted batch, mask (B, S, S): where something was put)."""
+def corrupt(x: torch.Tensor, generator: torch.Generator, share: float = 0.5,
+            kinds: tuple[str, ...] = CORRUPTIONS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Corrupt about `share` of a batch (B, C, S, S) in [0, 1], each chosen image by one of `kinds`
+    (CORRUPTIONS) drawn at random; (corrupted batch, mask (B, S, S): where something was put)."""
+    unknown = sorted(set(kinds) - set(CORRUPTIONS))
+    if unknown or not kinds:
+        raise ValueError(f"corruption kinds must be some of {CORRUPTIONS}, got {kinds}")
     batch = x.shape[0]
     chosen = _uniform((batch,), generator, x.device) < share
-    kind = torch.randint(len(CORRUPTIONS), (batch,), generator=generator, device=x.device)
+    kind = torch.randint(len(kinds), (batch,), generator=generator, device=x.device)
     out, mask = x.clone(), torch.zeros(batch, *x.shape[-2:], device=x.device)
-    for index, name in enumerate(CORRUPTIONS):
+    for index, name in enumerate(kinds):
         mine = chosen & (kind == index)
         if mine.any():
             corrupted, where = _MAKERS[name](x, generator)

@@ -55,10 +55,12 @@ from pipeline.latents import (
     write_success,
 )
 from pipeline.lease import Lease, run_prepared
+from pipeline.model import AutoencoderConfig
 from pipeline.progress import Progress, TallyClient, TallyWatch
 from pipeline.resources import (
     CPU_BATCH_SIZE,
     ResourcePlan,
+    input_size,
     largest_node_cpus,
     object_store_budget,
     plan_actor_pool,
@@ -209,6 +211,7 @@ class EmbedSummary:
     out: str
     errors_by_reason: dict[str, int] = field(default_factory=dict)
     rows_by_node: dict[str, int] = field(default_factory=dict)  # rows this run embedded, by Ray node id
+    tiles_per_s: float | None = None  # a tiled model's tiles scored a second (None: whole images)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -337,7 +340,7 @@ def _pipeline(plan: EmbedPlan, resources: ResourcePlan, out_fs, out_path: str, o
                      override_num_blocks=len(plan.shards.files))
     ds = ds.map_batches(
         decode_rows, batch_format="numpy", batch_size=resources.batch_size, num_cpus=resources.task_cpus,
-        fn_kwargs=dict(columns=cfg.columns, image_size=model_config["image_size"],
+        fn_kwargs=dict(columns=cfg.columns, image_size=input_size(model_config),
                        channels=model_config["channels"], resize=cfg.resize, keep=cfg.keep))
     ds = ds.map_batches(
         Embedder, batch_format="numpy", batch_size=resources.batch_size,
@@ -369,7 +372,7 @@ def run(plan: EmbedPlan) -> EmbedSummary:
     fs, out_path = storage.arrow_filesystem(cfg.out_url)
     resuming = fs.get_file_info(storage.join(out_path, CHECKPOINT_DIR)).type != pafs.FileType.NotFound
     resources = plan_actor_pool(ray.cluster_resources(), resuming, cfg.actors, cfg.gpu, cfg.torch_threads,
-                                cfg.batch_size, node_cpus=largest_node_cpus())
+                                cfg.batch_size, node_cpus=largest_node_cpus(), input_size=input_size(plan.model_config))
     print(_describe(plan, resources, resuming), flush=True)
 
     ctx = ray.data.DataContext.get_current()
@@ -396,6 +399,9 @@ def run(plan: EmbedPlan) -> EmbedSummary:
         ctx.execution_options.resource_limits = saved_limits
     summary = summarize(cfg, plan.rows_in, plan.threshold, time.perf_counter() - started)
     summary.rows_by_node = watch.by_node
+    grid = AutoencoderConfig.from_dict(plan.model_config).tile_grid()
+    if grid is not None:
+        summary.tiles_per_s = summary.images_per_s * grid.count
     if summary.rows_out != summary.rows_in:  # never mark such an output finished
         raise JobFailed(f"{summary.rows_in} rows in but {summary.rows_out} rows out in {cfg.out_url}", summary)
     plan.lease.check()
@@ -442,7 +448,7 @@ def embed_reference(cfg: EmbedConfig, threshold: float) -> pa.Table:
         with shards.arrow_fs.open_input_file(path) as f:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=wanted):
                 rows = {name: batch.column(name).to_numpy(zero_copy_only=False) for name in wanted}
-                decoded = decode_rows(rows, cfg.columns, model_config["image_size"], model_config["channels"],
+                decoded = decode_rows(rows, cfg.columns, input_size(model_config), model_config["channels"],
                                       resize, cfg.keep)
                 tables.append(embedder(decoded))
     return pa.concat_tables(tables)

@@ -25,7 +25,7 @@ from pipeline.latents import check_model_fits, read_latent_rows
 from pipeline.model import fuse_for_inference
 from pipeline.patch_memory import PatchBank
 from pipeline.scores import SCORES, computable, with_inputs
-from pipeline.scoring import ScoreInputs, TrainingBank, compute_scores
+from pipeline.scoring import ScoreInputs, TrainingBank, compute_scores, upsample
 from pipeline.thresholds import Calibration
 
 
@@ -36,6 +36,8 @@ def load_inference_model(model_url: str, device: str | torch.device = "cpu") -> 
 
 
 PRECISIONS = ("auto", "float32", "bfloat16")
+# Tiles a tiled model's scorer runs in one call: 512 tiles of 128 px are 100 MB of float32 input.
+MAX_TILES = 512
 
 
 def native_bfloat16(device: str | torch.device) -> bool:
@@ -97,26 +99,64 @@ class ImageScorer:
         self._of_scores = [name for name in self.score_names if SCORES[name].needs == "scores"]
         self._computed = [name for name in self.score_names if name not in self._of_scores]
         self._needs_features = any(SCORES[name].needs == "patches" for name in self._computed)
+        self.grid = model.config.tile_grid()  # None: the model sees images whole
 
     @torch.inference_mode()
-    def __call__(self, x: torch.Tensor, ids: Sequence[str] | None = None, features: bool = False) -> dict[str, Any]:
+    def __call__(self, x: torch.Tensor, ids: Sequence[str] | None = None, features: bool = False,
+                 maps: Sequence[str] = ()) -> dict[str, Any]:
         """(B, C, S, S) in [0, 1] (and the images' ids) -> {"z", "stem_stats", "scores": {name: (B,)}};
         with `features`, also "features": the encoder's stage maps, float32 (what a patch bank is
-        built from)."""
+        built from; a tiled model's are its tiles'); with `maps` (names in pipeline.scores.MAPS),
+        also "x_hat" (B, C, S, S) and "maps": {name: (B, S, S)}, each drawn over its image, as the
+        report's galleries show them.
+
+        A tiled model (`AutoencoderConfig.tile_grid`) takes images at its working size and runs
+        at most MAX_TILES tiles a call, so memory stays bounded whatever the working size."""
+        step = self.images_per_call(len(x))
+        parts = [self._one_call(x[start:start + step], None if ids is None else ids[start:start + step],
+                                features, maps) for start in range(0, max(1, len(x)), step)]  # an empty batch: one call
+        if len(parts) == 1:
+            return parts[0]
+        merged: dict[str, Any] = {"z": np.concatenate([p["z"] for p in parts]),
+                                  "stem_stats": np.concatenate([p["stem_stats"] for p in parts]),
+                                  "scores": {name: np.concatenate([p["scores"][name] for p in parts])
+                                             for name in parts[0]["scores"]}}
+        if features:
+            merged["features"] = [torch.cat(stage) for stage in zip(*(p["features"] for p in parts))]
+        if maps:
+            merged["x_hat"] = torch.cat([p["x_hat"] for p in parts])
+            merged["maps"] = {name: torch.cat([p["maps"][name] for p in parts]) for name in maps}
+        return merged
+
+    def images_per_call(self, batch: int) -> int:
+        """How many of a batch's images one model call takes: all of them, or as many as MAX_TILES
+        tiles hold (at least one)."""
+        return max(1, batch) if self.grid is None else self.grid.images_per_call(MAX_TILES)
+
+    def _one_call(self, x: torch.Tensor, ids: Sequence[str] | None, features: bool,
+                  maps: Sequence[str]) -> dict[str, Any]:
+        grid = self.grid
+        seen = x if grid is None else grid.cut(x)
         with forward_precision(self.precision, self._device):
-            out = self.model(x, features=features or self._needs_features)
+            out = self.model(seen, features=features or self._needs_features or "patch" in maps)
         stages = [stage.float() for stage in out["features"]] if "features" in out else None
-        inputs = ScoreInputs(x, out["x_hat"], out["z"], out["stem_stats"], ids, self.bank, out.get("defect_logits"),
-                             stages, self.patch_bank)
+        z, stem_stats = out["z"].float(), out["stem_stats"].float()
+        if grid is not None:  # an image's latent and stem statistics: the means of its tiles'
+            z, stem_stats = grid.mean_per_image(z), grid.mean_per_image(stem_stats)
+        inputs = ScoreInputs(seen, out["x_hat"], z, stem_stats, ids, self.bank, out.get("defect_logits"),
+                             stages, self.patch_bank, grid)
         values = {name: score.float().cpu().numpy() for name, score in compute_scores(self._computed, inputs).items()}
         for name in self._of_scores:  # the fused score: its parts on the calibration's common scale
             values[name] = self.calibration.fuse(values).astype(np.float32)
-        result = {"z": out["z"].float().cpu().numpy(), "stem_stats": out["stem_stats"].float().cpu().numpy(),
-                  "scores": values}
+        result = {"z": z.cpu().numpy(), "stem_stats": stem_stats.cpu().numpy(), "scores": values}
         if features:
             result["features"] = stages
+        if maps:
+            x_hat = out["x_hat"].float()
+            result["x_hat"] = x_hat if grid is None else grid.assemble(x_hat)
+            size = tuple(x.shape[-2:])
+            result["maps"] = {name: upsample(inputs.image_map(name), size) for name in maps}
         return result
-
 
     def rows(self, x: torch.Tensor, ids: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """The same as one flat mapping, one entry per image: "z", "stem_stats" and every score

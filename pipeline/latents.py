@@ -210,7 +210,12 @@ def recorded_metadata(schema: pa.Schema, url: str) -> dict[str, Any]:
 
 
 def check_model_fits(latents_url: str, model_meta: dict[str, Any], model_url: str) -> None:
-    """Refuse a model whose decoder does not match the latents: another latent size, or other weights."""
+    """Refuse a model whose decoder does not match the latents: another latent size, or other
+    weights; and a tiled model, whose image latent is its tiles' mean and decodes to no image."""
+    if (model_meta["model"].get("working_size") or 0) > 0:
+        raise InputError(f"the model at {model_url} is tiled ({model_meta['model']['image_size']} px tiles of "
+                         f"{model_meta['model']['working_size']} px images): an image's latent is the mean of its "
+                         "tiles' latents, for search and neighbours, and does not decode back to the image")
     schema = latent_dataset(latents_url).schema
     for name in ("id", "latent"):
         if name not in schema.names:

@@ -29,7 +29,10 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from pipeline.tiles import TileGrid
+
 ARCHITECTURES = ("fire", "plain")
+MAX_WORKING_SIZE = 4096  # px a side of a tiled model's images: 48 MB of float32 RGB each
 BlockFactory = Callable[[int, int], nn.Module]  # (in_channels, out_channels) -> block
 # The down stages whose maps local scores read: mid-level, as PatchCore takes ResNet's layers 2
 # and 3 (local enough to place a defect, deep enough to describe texture rather than pixels).
@@ -59,6 +62,11 @@ class AutoencoderConfig:
     # Per-channel normalisation applied inside the model; inputs stay in [0, 1].
     mean: tuple[float, ...] = field(default=())
     std: tuple[float, ...] = field(default=())
+    # How the model sees an image (pipeline.tiles). working_size 0: whole, shrunk to image_size.
+    # Otherwise tiled: the image is decoded at working_size px and cut into image_size tiles, a
+    # new one every tile_stride px (0: half a tile); maps and scores are the image's, assembled.
+    working_size: int = 0
+    tile_stride: int = 0
 
     def __post_init__(self) -> None:
         problems = []
@@ -78,6 +86,12 @@ class AutoencoderConfig:
             problems.append(f"pct_3x3 must be in (0, 1), got {self.pct_3x3}")
         if self.bottleneck_channels < 1:
             problems.append(f"bottleneck_channels must be positive, got {self.bottleneck_channels}")
+        if self.working_size and not self.image_size <= self.working_size <= MAX_WORKING_SIZE:
+            problems.append(f"working_size must be 0 (no tiles) or from the tile size {self.image_size} to "
+                            f"{MAX_WORKING_SIZE}, got {self.working_size}")
+        if self.tile_stride and not (self.working_size and 1 <= self.tile_stride <= self.image_size):
+            problems.append(f"tile_stride needs tiles (a working_size) and must be from 1 to the tile size "
+                            f"{self.image_size}, got {self.tile_stride}")
         # JSON gives lists back; keep tuples so configs compare and hash as values.
         mean = tuple(float(m) for m in self.mean) or (0.5,) * self.channels
         std = tuple(float(s) for s in self.std) or (0.25,) * self.channels
@@ -93,6 +107,17 @@ class AutoencoderConfig:
     @property
     def stage_widths(self) -> tuple[int, int, int]:
         return (self.base_width * 2, self.base_width * 4, self.base_width * 8)
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square an image is decoded to: the working size when tiled, the model's input otherwise."""
+        return self.working_size or self.image_size
+
+    def tile_grid(self) -> TileGrid | None:
+        """Where a tiled model's tiles lie in an image (None when the model sees images whole)."""
+        if not self.working_size:
+            return None
+        return TileGrid.square(self.working_size, self.image_size, self.tile_stride or None)
 
     @property
     def bottleneck_size(self) -> int:

@@ -20,6 +20,9 @@ from pipeline.errors import InputError
 # large batches (throughput still rose from 1,024 to 4,096 on an H200).
 CPU_BATCH_SIZE = 128
 GPU_BATCH_SIZE = 1024
+# Above this side, images per call shrink with the images' area (a tiled model's working size):
+# a decoded batch then holds about as many pixels as a default batch of BATCH_SIDE px images.
+BATCH_SIDE = 128
 # The least object-store memory an inference job's blocks in flight may fill (object_store_budget).
 MIN_OBJECT_STORE_BUDGET = 256 * 2**20
 
@@ -46,7 +49,8 @@ def pool_setting_problems(batch_size: int | None, actors: int | None, torch_thre
 
 def plan_actor_pool(resources: dict[str, float], resuming: bool, actors: int | None = None,
                     gpu: bool | None = None, torch_threads: int | None = None,
-                    batch_size: int | None = None, node_cpus: float | None = None) -> ResourcePlan:
+                    batch_size: int | None = None, node_cpus: float | None = None,
+                    input_size: int = 0) -> ResourcePlan:
     """The model actor pool of an inference job (embed, decode) and its task sizes.
 
     The actors leave room for one read and one write task at all times, and on a resumed
@@ -54,7 +58,8 @@ def plan_actor_pool(resources: dict[str, float], resuming: bool, actors: int | N
     2-CPU machine a resumed run gives the model actor no logical CPU at all and it still
     computes on both cores. `node_cpus`, the CPUs of the cluster's largest node
     (`largest_node_cpus`), caps what one actor asks for: an actor bigger than every node would
-    wait for ever (a cluster of 2-CPU nodes has 5 CPUs in all, but no node with 4).
+    wait for ever (a cluster of 2-CPU nodes has 5 CPUs in all, but no node with 4). `input_size`,
+    the side images are decoded to, shrinks the default batch for large images (BATCH_SIDE).
     """
     cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
     task_cpus = 0.5 if cpus <= 4 else 1.0
@@ -67,13 +72,26 @@ def plan_actor_pool(resources: dict[str, float], resuming: bool, actors: int | N
     if use_gpu:
         # Autoscaling GPU workers may not be up yet: at least one actor, placed when they are.
         actors = actors or max(1, int(gpus))
-        return ResourcePlan(actors, 0.0, 1.0, torch_threads or 4, task_cpus, batch_size or GPU_BATCH_SIZE)
+        return ResourcePlan(actors, 0.0, 1.0, torch_threads or 4, task_cpus,
+                            batch_size or _default_batch(GPU_BATCH_SIZE, input_size))
     # One actor per 4 CPUs (at least one), each with a thread per CPU it stands for.
     actors = actors or max(1, int(available // 4))
     per_actor = math.floor((available - 2 * task_cpus) / actors * 2) / 2
     per_actor = min(4.0, per_actor, node_cpus or math.inf) if per_actor >= 0.5 else 0.0
     threads = torch_threads or max(1, int(min(cpus // actors, node_cpus or math.inf)))
-    return ResourcePlan(actors, per_actor, 0.0, threads, task_cpus, batch_size or CPU_BATCH_SIZE)
+    return ResourcePlan(actors, per_actor, 0.0, threads, task_cpus, batch_size or _default_batch(CPU_BATCH_SIZE, input_size))
+
+
+def _default_batch(default: int, input_size: int) -> int:
+    """Images per call: `default`, or as many as hold the same pixels when images are larger than BATCH_SIDE."""
+    if input_size <= BATCH_SIDE:
+        return default
+    return max(1, default * BATCH_SIDE**2 // input_size**2)
+
+
+def input_size(model_config: dict[str, Any]) -> int:
+    """The side a checkpoint's images are decoded to (`AutoencoderConfig.input_size`), from its config dict."""
+    return model_config.get("working_size") or model_config["image_size"]
 
 
 def largest_node_cpus() -> float | None:
@@ -93,7 +111,7 @@ def object_store_budget(plan: ResourcePlan, model_config: dict[str, Any]) -> int
     for as long as the job ran: the peak memory of 100,000 images was 1.34x that of 20,000.
     Bounded, it is 1.14x, at the same speed (docs/BENCHMARKS.md).
     """
-    image_bytes = model_config["image_size"] ** 2 * model_config["channels"]
+    image_bytes = input_size(model_config) ** 2 * model_config["channels"]
     return max(MIN_OBJECT_STORE_BUDGET, plan.actors * 16 * plan.batch_size * image_bytes)
 
 

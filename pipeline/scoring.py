@@ -30,6 +30,7 @@ import torch
 from pipeline.errors import InputError
 from pipeline.scores import DEFAULT_SCORE, FUSED_FROM, SCORES, names_needing
 from pipeline.thresholds import Calibration, calibrate
+from pipeline.tiles import TileGrid
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
@@ -263,18 +264,23 @@ class ScoreInputs:
     images' ids (the bank leaves each one's own entry out); bank: a `TrainingBank` or None;
     defect_logits: (B, H, W) from a model with a defect head; features: the encoder's stage maps
     (`model(x, features=True)["features"]`) and patch_bank: a `PatchBank`, for the patch map.
+
+    A tiled model's batch (`grid`, a `TileGrid`): x, x_hat, defect_logits and features are its
+    images' tiles (image-major), z and stem_stats the images' own (their tiles' means). The maps
+    are made per tile and assembled at working resolution before they are pooled (`image_map`).
     """
 
     def __init__(self, x: torch.Tensor | None = None, x_hat: torch.Tensor | None = None,
                  z: torch.Tensor | None = None, stem_stats: torch.Tensor | None = None,
                  ids: Sequence[str] | None = None, bank: TrainingBank | None = None,
                  defect_logits: torch.Tensor | None = None, features: list[torch.Tensor] | None = None,
-                 patch_bank=None):
+                 patch_bank=None, grid: TileGrid | None = None):
         self.x = None if x is None else x.float()
         self.x_hat = None if x_hat is None else x_hat.float()
         self.z, self.stem_stats, self.ids, self.bank = z, stem_stats, ids, bank
         self.defect_logits = defect_logits
         self.features, self.patch_bank = features, patch_bank
+        self.grid = grid
         self._maps: dict[str, torch.Tensor] = {}
 
     @functools.cached_property
@@ -289,10 +295,24 @@ class ScoreInputs:
         return _grid_ssim(self.x, self.x_hat, _grid_size(self.x))
 
     def map(self, name: str) -> torch.Tensor:
-        """(B, h, w) the anomaly map `name` (ANOMALY_MAPS) on the map grid."""
+        """(B, h, w) the anomaly map `name` (ANOMALY_MAPS) on the map grid (of each tile, when tiled)."""
         if name not in self._maps:
             self._maps[name] = _MAKE_MAP[name](self)
         return self._maps[name]
+
+    def image_map(self, name: str) -> torch.Tensor:
+        """The map `name` over each whole image, what its scores pool: the map grid's; with tiles,
+        the tiles' maps assembled at working resolution, (B, H, W)."""
+        if self.grid is None:
+            return self.map(name)
+        key = f"{name}@image"
+        if key not in self._maps:
+            self._maps[key] = self.grid.assemble(self.map(name))
+        return self._maps[key]
+
+    def per_image(self, values: torch.Tensor) -> torch.Tensor:
+        """(B,) per-input values -> per image: as they are, or with tiles their tiles' mean."""
+        return values if self.grid is None else self.grid.mean_per_image(values)
 
 
 _MAKE_MAP: dict[str, Callable[[ScoreInputs], torch.Tensor]] = {
@@ -336,8 +356,9 @@ def _ssim_error(inputs: ScoreInputs) -> torch.Tensor:
 # The compute function of each registered score (pipeline.scores.SCORES) that does not pool a
 # map's grid and is not a score of scores: ScoreInputs -> (B,).
 COMPUTE: dict[str, Callable[[ScoreInputs], torch.Tensor]] = {
-    "mse": lambda s: s.squared.flatten(1).mean(dim=1),
-    "ssim_error": _ssim_error,
+    # With tiles: the mean of the assembled error map (overlaps averaged), and of the tiles' SSIM errors.
+    "mse": lambda s: (s.squared if s.grid is None else s.grid.assemble(s.squared)).flatten(1).mean(dim=1),
+    "ssim_error": lambda s: s.per_image(_ssim_error(s)),
     "latent_knn": lambda s: s.bank.latent.distances(s.z, s.ids),
     "stem_knn": lambda s: s.bank.stem.distances(s.stem_stats, s.ids),
 }
@@ -349,7 +370,7 @@ def compute_scores(names: Sequence[str], inputs: ScoreInputs) -> dict[str, torch
     scores = {}
     for name in names:
         spec = SCORES[name]
-        scores[name] = POOLS[spec.pool](inputs.map(spec.map)) if spec.pools_grid else COMPUTE[name](inputs)
+        scores[name] = POOLS[spec.pool](inputs.image_map(spec.map)) if spec.pools_grid else COMPUTE[name](inputs)
     return scores
 
 

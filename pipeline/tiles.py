@@ -88,19 +88,26 @@ class TileGrid:
         return tiles.flatten(0, 1)  # (B * count, C, t, t)
 
     def assemble(self, maps: torch.Tensor) -> torch.Tensor:
-        """(B * count, h, w) per-tile maps -> (B, H, W): each map resized to its tile (bilinear when
-        it is coarser), put where its tile came from, and averaged where tiles overlap."""
-        if maps.shape[0] % self.count:
-            raise ValueError(f"{maps.shape[0]} tile maps are not a whole number of images of {self.count} tiles")
-        t = self.tile
+        """(B * count, ..., h, w) per-tile maps (or images) -> (B, ..., H, W): each resized to its
+        tile (bilinear when it is coarser), put where its tile came from, and averaged where tiles
+        overlap."""
+        n = maps.shape[0]
+        if n % self.count:
+            raise ValueError(f"{n} tile maps are not a whole number of images of {self.count} tiles")
+        t, lead = self.tile, tuple(maps.shape[1:-2])
+        maps = maps.float()
         if tuple(maps.shape[-2:]) != (t, t):
-            maps = torch.nn.functional.interpolate(maps[:, None].float(), size=(t, t), mode="bilinear",
-                                                   align_corners=False)[:, 0]
-        per_image = maps.float().view(-1, self.count, t, t)  # (B, count, t, t)
-        total = per_image.new_zeros(per_image.shape[0], self.height, self.width)
+            maps = torch.nn.functional.interpolate(maps.reshape(-1, 1, *maps.shape[-2:]), size=(t, t),
+                                                   mode="bilinear", align_corners=False).view(n, *lead, t, t)
+        per_image = maps.reshape(n // self.count, self.count, *lead, t, t)
+        total = per_image.new_zeros(n // self.count, *lead, self.height, self.width)
         for i, (top, left) in enumerate(self.positions):
-            total[:, top:top + t, left:left + t] += per_image[:, i]
+            total[..., top:top + t, left:left + t] += per_image[:, i]
         return total / self.coverage.to(total.device)
+
+    def images_per_call(self, max_tiles: int) -> int:
+        """How many images' tiles fit in one model call of at most `max_tiles` tiles (at least one image)."""
+        return max(1, max_tiles // self.count)
 
     def mean_per_image(self, values: torch.Tensor) -> torch.Tensor:
         """(B * count, ...) per-tile values -> (B, ...) their mean over each image's tiles (the

@@ -112,6 +112,19 @@ def test_the_corruption_code_shares_nothing_with_synth():
     assert not set(CORRUPTIONS) & set(ANOMALY_KINDS)
 
 
+def test_corruptions_can_be_limited_to_some_kinds():
+    """Leave-one-kind-out training draws only the kinds named: moved patches alone give masks that
+    are filled rectangles."""
+    x = _batch(12)
+    _, masks = corrupt(x, torch.Generator().manual_seed(3), share=1.0, kinds=("patch",))
+    for mask in masks:
+        rows, columns = mask.any(dim=1).nonzero(), mask.any(dim=0).nonzero()
+        box = mask[int(rows.min()):int(rows.max()) + 1, int(columns.min()):int(columns.max()) + 1]
+        assert bool((box == 1).all()), "a non-rectangular mask: a kind that was not asked for"
+    with pytest.raises(ValueError, match="corruption kinds"):
+        corrupt(x, torch.Generator(), kinds=("crack",))
+
+
 def test_the_same_seed_gives_the_same_corruptions():
     x = _batch(8)
     a = corrupt(x, torch.Generator().manual_seed(9))

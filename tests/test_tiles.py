@@ -32,6 +32,7 @@ def test_identity_maps_reassemble_into_the_image_exactly():
     assembled = grid.assemble(tiles[:, 0])
     assert assembled.shape == (2, 200, 176)
     torch.testing.assert_close(assembled, images[:, 0])
+    torch.testing.assert_close(grid.assemble(tiles), images)  # whole tiles, every channel
     assert grid.coverage.min() >= 1
 
 

@@ -230,6 +230,28 @@ def test_resuming_with_other_settings_is_refused(tmp_path, corpus):
         train(replace(cfg, model=replace(TINY, arch="plain")))
     with pytest.raises(InputError, match=r"invariance: 0.0 -> 0.1"):
         train(replace(cfg, invariance=0.1))
+    with pytest.raises(InputError, match=r"working_size: 0 -> 64"):
+        train(replace(cfg, model=replace(TINY, working_size=64)))
+    with pytest.raises(InputError, match=r"corruptions: \['texture', 'patch', 'stroke', 'shade'\] -> \['shade'\]"):
+        train(replace(cfg, corruptions=("shade",)))
+
+
+def test_a_run_folder_of_an_older_version_resumes_with_the_defaults_it_did_not_record(tmp_path, corpus):
+    """Settings added since a run began (tiles, corruption kinds) were at their defaults then."""
+    import json
+
+    from pipeline.shards import fingerprint
+    from pipeline.train import check_run_folder
+
+    cfg = TrainConfig(data_url=corpus, out_url=str(tmp_path / "run"), **SMALL, data_fingerprint=fingerprint(corpus))
+    check_run_folder(cfg)
+    run_file = tmp_path / "run" / "run.json"
+    recorded = json.loads(run_file.read_text())
+    del recorded["corruptions"], recorded["model"]["working_size"], recorded["model"]["tile_stride"]
+    run_file.write_text(json.dumps(recorded))
+    check_run_folder(cfg)  # no refusal: what the old run did not record, it ran at the default
+    with pytest.raises(InputError, match="working_size: 0 -> 64"):
+        check_run_folder(replace(cfg, model=replace(TINY, working_size=64)))
 
 
 @pytest.mark.ray

@@ -67,7 +67,7 @@ def encode_images(model_url: str, images: Sequence[bytes | None], latent_dtype: 
     with torch.inference_mode():
         for start in range(0, len(images), ENCODE_BATCH):
             chunk = images[start:start + ENCODE_BATCH]
-            pixels, chunk_reasons = decode_batch(chunk, config.image_size, config.channels, resize)
+            pixels, chunk_reasons = decode_batch(chunk, config.input_size, config.channels, resize)
             reasons += chunk_reasons
             z[start:start + len(chunk)] = encoder(to_input(torch.from_numpy(pixels)))["z"]
     return np.array([r is None for r in reasons], bool), reasons, dequantize_latents(*quantize_latents(z, latent_dtype))

@@ -40,28 +40,20 @@ def _heat_map(error: np.ndarray, scale: float) -> np.ndarray:
 def _reconstruct(model, pixels: dict[str, np.ndarray], map_name: str, precision: str, patch_bank=None,
                  ) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
     """{id: (S, S, C) uint8} -> {id: (reconstruction (S, S, C) uint8, anomaly map (S, S), mse)};
-    the map is drawn at the image's size from its grid (pipeline.scoring). The forward pass runs
-    at the embed job's `precision`, so each mse is the one the latents hold."""
+    the map is drawn at the image's size (a tiled model's: assembled at its working size). The
+    embed job's scorer makes them, at its `precision`, so each mse is the one the latents hold."""
     import torch
 
-    from pipeline.inference import forward_precision, to_input, to_pixels
-    from pipeline.scoring import ScoreInputs, mse_per_image, upsample
+    from pipeline.inference import ImageScorer, to_input, to_pixels
 
+    scorer = ImageScorer(model, scores=("mse",), precision=precision, patch_bank=patch_bank)
     ids, out = list(pixels), {}
-    with torch.inference_mode():
-        for start in range(0, len(ids), RECONSTRUCT_BATCH):
-            chunk = ids[start:start + RECONSTRUCT_BATCH]
-            x = to_input(torch.from_numpy(np.stack([pixels[i] for i in chunk])))  # (B, C, S, S)
-            with forward_precision(precision, "cpu"):
-                result = model(x, features=map_name == "patch")
-            x_hat = result["x_hat"].float()
-            features = [stage.float() for stage in result.get("features", ())]
-            maps = ScoreInputs(x, x_hat, defect_logits=result.get("defect_logits"), features=features,
-                               patch_bank=patch_bank).map(map_name)
-            errors = upsample(maps, tuple(x.shape[-2:])).numpy()
-            mse, images = mse_per_image(x, x_hat).numpy(), to_pixels(x_hat)
-            for n, i in enumerate(chunk):
-                out[i] = (images[n], errors[n], float(mse[n]))
+    for start in range(0, len(ids), RECONSTRUCT_BATCH):
+        chunk = ids[start:start + RECONSTRUCT_BATCH]
+        result = scorer(to_input(torch.from_numpy(np.stack([pixels[i] for i in chunk]))), maps=(map_name,))
+        errors, mse, images = result["maps"][map_name].numpy(), result["scores"]["mse"], to_pixels(result["x_hat"])
+        for n, i in enumerate(chunk):
+            out[i] = (images[n], errors[n], float(mse[n]))
     return out
 
 
@@ -114,7 +106,7 @@ def build_galleries(model_url: str, images: dict[str, bytes | None], galleries: 
     if missing:
         notes.append(f"{len(missing)} gallery ids were not found in --data (e.g. {missing[0]!r})")
     present = [i for i in ids if i in images]
-    pixels, reasons = decode_batch([images[i] for i in present], config.image_size, config.channels, resize)
+    pixels, reasons = decode_batch([images[i] for i in present], config.input_size, config.channels, resize)
     decoded = {i: (pixels[n], reasons[n]) for n, i in enumerate(present)}
     reconstructed = _reconstruct(model, {i: p for i, (p, reason) in decoded.items() if reason is None},
                                  map_name, precision, checkpoint.patch_bank)

@@ -7,6 +7,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pipeline.corruptions import CORRUPTIONS
 from pipeline.errors import InputError
 from pipeline.images import DEFAULT_RESIZE, RESIZE_POLICIES
 from pipeline.lease import Lease
@@ -26,7 +27,7 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD")
 
 # Settings that must not change between a run and its resumption.
 RESUME_KEYS = ("model", "val_fraction", "id_column", "image_column", "resize", "loss", "defect_aware",
-               "corruption_share", "invariance", "data_fingerprint")
+               "corruption_share", "corruptions", "invariance", "data_fingerprint")
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,11 @@ class TrainConfig:
     loss: str = "mse"  # "mse", or "ssim_l1": 0.85 (1 - SSIM) + 0.15 L1, structure-aware (AE-SSIM)
     defect_aware: bool = False  # learn to return the clean image from a corrupted copy (pipeline.corruptions)
     corruption_share: float = 0.5  # with defect_aware: the share of each batch that is corrupted
+    corruptions: tuple[str, ...] = CORRUPTIONS  # the kinds drawn (pipeline.corruptions); fewer: leave-one-kind-out
     invariance: float = 0.0  # weight of the contrastive term for edit-invariant latents (train/invariance.py); 0: off
     patch_bank: int = 0  # training patches the exported model remembers for the patch scores (pipeline.patch_memory); 0: none
     patch_sampler: str = "coreset"  # how they are chosen from the candidates: one of patch_memory.SAMPLERS
+    tiles_per_image: int = 4  # a tiled model (model.working_size): random tiles of each image per step
     data_fingerprint: str = ""
     inject_crash: str | None = field(default=None, repr=False)  # tests only: marker file path
 
@@ -67,8 +70,9 @@ class TrainConfig:
                 object.__setattr__(self, "model", AutoencoderConfig.from_dict(self.model))
             except (TypeError, ValueError) as e:
                 raise InputError(str(e)) from e
+        object.__setattr__(self, "corruptions", tuple(self.corruptions))  # JSON gives a list back
         problems = []
-        for name in ("epochs", "batch_size", "workers", "keep_checkpoints"):
+        for name in ("epochs", "batch_size", "workers", "keep_checkpoints", "tiles_per_image"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -89,6 +93,8 @@ class TrainConfig:
             problems.append(f"loss must be one of {TRAINING_LOSSES}, got {self.loss!r}")
         if not 0.0 < self.corruption_share <= 1.0:
             problems.append(f"corruption_share must be in (0, 1], got {self.corruption_share}")
+        if not self.corruptions or not set(self.corruptions) <= set(CORRUPTIONS):
+            problems.append(f"corruptions must be some of {CORRUPTIONS}, got {self.corruptions}")
         if not (self.invariance >= 0 and math.isfinite(self.invariance)):
             problems.append(f"invariance must be a finite weight >= 0, got {self.invariance}")
         if self.patch_bank < 0:

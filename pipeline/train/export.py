@@ -15,6 +15,7 @@ from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.datasets import decode_for_calibration, read_shards
 from pipeline.errors import InputError
 from pipeline.inference import ImageScorer, load_inference_model, to_input
+from pipeline.model import AutoencoderConfig
 from pipeline.patch_memory import PATCH_DIM, PatchBank, bank_from_candidates, candidate_patches, feature_channels, \
     random_projection
 from pipeline.resources import largest_node_cpus, plan_actor_pool
@@ -71,29 +72,47 @@ class CalibrationScorer:
 
 
 class PatchCandidates:
-    """Ray Data mapper: decoded calibration rows -> {"patches": (n, dim)}, `per_image` random
-    locations of each training (bank sample) row, described as the patch bank holds them."""
+    """Ray Data mapper: decoded calibration rows -> {"patches": (n, dim)}, `per_input` random
+    locations of each training (bank sample) row, or of each of its tiles for a tiled model,
+    described as the patch bank holds them."""
 
-    def __init__(self, model_url: str, per_image: int, seed: int, torch_threads: int | None = None):
+    def __init__(self, model_url: str, per_input: int, seed: int, torch_threads: int | None = None):
         if torch_threads:
             torch.set_num_threads(torch_threads)
         model, checkpoint = load_inference_model(model_url)
         self.encoder = ImageScorer(model, scores=(), precision="auto")
         self.projection = patch_projection(model, checkpoint.config, seed)
-        self.per_image, self.generator = per_image, np.random.default_rng(seed)
+        self.per_input, self.generator = per_input, np.random.default_rng(seed)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keep = np.asarray(batch["ok"], dtype=bool) & ~np.asarray(batch["val"], dtype=bool)
         if not keep.any():
             return {"patches": np.zeros((0, self.projection.shape[1]), np.float32)}
-        features = self.encoder(_inputs(batch, keep), features=True)["features"]
-        patches = candidate_patches(features, self.projection, self.per_image, self.generator)
-        return {"patches": patches.reshape(-1, patches.shape[-1])}
+        return {"patches": candidates_of(self.encoder, _inputs(batch, keep), self.projection, self.per_input,
+                                         self.generator)}
+
+
+def candidates_of(encoder: ImageScorer, x: torch.Tensor, projection: np.ndarray, per_input: int,
+                  generator: np.random.Generator) -> np.ndarray:
+    """(n, dim) candidate patches of the images `x`: `per_input` random places of each image (of
+    each tile, for a tiled model), taken one model call at a time: a whole batch's tile features
+    would not fit in memory (256 images of 256 px in 64 px tiles: gigabytes)."""
+    step = encoder.images_per_call(len(x))
+    parts = [candidate_patches(encoder(x[start:start + step], features=True)["features"], projection, per_input,
+                               generator) for start in range(0, len(x), step)]
+    return np.concatenate([part.reshape(-1, projection.shape[1]) for part in parts])
 
 
 def patch_projection(model: torch.nn.Module, config, seed: int) -> np.ndarray:
     """The fixed random projection of a model's patch descriptions (the same on every actor)."""
     return random_projection(feature_channels(model, config.channels, config.image_size), PATCH_DIM, seed)
+
+
+def candidates_per_input(config: AutoencoderConfig, images: float) -> int:
+    """Candidate places taken from each model input (an image, or each tile of a tiled model's
+    image) so that `images` training images give about PATCH_CANDIDATES in all."""
+    grid = config.tile_grid()
+    return max(1, int(PATCH_CANDIDATES // (images * (1 if grid is None else grid.count))))
 
 
 def _bank_rows(plan: TrainPlan) -> float:
@@ -107,10 +126,11 @@ def _calibration_data(plan: TrainPlan):
 
     cfg = plan.cfg
     training_rows = max(1.0, plan.rows * (1 - cfg.val_fraction))
-    resources = plan_actor_pool(ray.cluster_resources(), resuming=False, node_cpus=largest_node_cpus())
+    resources = plan_actor_pool(ray.cluster_resources(), resuming=False, node_cpus=largest_node_cpus(),
+                                input_size=cfg.model.input_size)
     ds = read_shards(plan.shards, cfg.columns, num_cpus=resources.task_cpus).map_batches(
         decode_for_calibration, batch_format="numpy", batch_size=resources.batch_size, num_cpus=resources.task_cpus,
-        fn_kwargs=dict(columns=cfg.columns, image_size=cfg.model.image_size, channels=cfg.model.channels,
+        fn_kwargs=dict(columns=cfg.columns, image_size=cfg.model.input_size, channels=cfg.model.channels,
                        resize=cfg.resize, val_fraction=cfg.val_fraction,
                        bank_fraction=min(1.0, BANK_CAP / training_rows)))
     return ds, resources
@@ -146,8 +166,8 @@ def build_export_patch_bank(plan: TrainPlan, model_url: str) -> PatchBank:
     --patch-sampler; stored with the exported model."""
     cfg = plan.cfg
     started = time.perf_counter()
-    per_image = max(1, int(PATCH_CANDIDATES // _bank_rows(plan)))
-    rows = _mapped(plan, PatchCandidates, model_url=model_url, per_image=per_image, seed=cfg.seed)
+    per_input = candidates_per_input(cfg.model, _bank_rows(plan))
+    rows = _mapped(plan, PatchCandidates, model_url=model_url, per_input=per_input, seed=cfg.seed)
     candidates = rows.get("patches", np.zeros((0, 1), np.float32))
     checkpoint = load_checkpoint(model_url)
     projection = patch_projection(checkpoint.model, checkpoint.config, cfg.seed)
@@ -158,7 +178,8 @@ def build_export_patch_bank(plan: TrainPlan, model_url: str) -> PatchBank:
         raise InputError(f"--patch-bank: {e} (every training image failed to decode?)") from e
     save_checkpoint(model_url, checkpoint.model, training=checkpoint.training, patch_bank=patch_bank)
     print(f"patch bank: {len(patch_bank.patches):,} of {len(candidates):,} candidate patches ({cfg.patch_sampler}, "
-          f"{per_image} a training image), {time.perf_counter() - started:.0f}s", flush=True)
+          f"{per_input} a {'tile' if cfg.model.working_size else 'training image'}), "
+          f"{time.perf_counter() - started:.0f}s", flush=True)
     return patch_bank
 
 

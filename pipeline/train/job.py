@@ -51,6 +51,7 @@ class EpochLines(Poller):
 def format_progress(m: dict[str, Any]) -> str:
     return (f"epoch {m['epoch']}/{m['epochs']}  train_loss {m['train_loss']:.5f}  val_mse {m['val_mse']:.5f}  "
             f"val_psnr {m['val_psnr']:.2f} dB  {m['images_per_s']:.0f} img/s  "
+            f"{'%.0f tiles/s  ' % m['tiles_per_s'] if 'tiles_per_s' in m else ''}"
             f"waited for data {m['data_wait_seconds'] / m['train_seconds']:.0%}  "
             f"decode_failures {m['decode_failures']}  {m['epoch_seconds']:.1f}s")
 
@@ -61,7 +62,7 @@ def format_progress(m: dict[str, Any]) -> str:
 def preflight_decode(cfg: TrainConfig, shards: ShardList) -> None:
     """Refuse data whose images do not decode at all, before starting any worker."""
     images = first_images(shards, cfg.image_column, PREFLIGHT_ROWS)
-    _, errors = decode_batch(images, cfg.model.image_size, cfg.model.channels, cfg.resize)
+    _, errors = decode_batch(images, cfg.model.input_size, cfg.model.channels, cfg.resize)
     if any(e is None for e in errors):
         return
     reasons: dict[str, int] = {}
@@ -73,9 +74,11 @@ def preflight_decode(cfg: TrainConfig, shards: ShardList) -> None:
 
 
 def _resume_view(settings: dict[str, Any]) -> dict[str, Any]:
-    """The resume-relevant settings, with the model's fields spelled out one by one."""
-    flat = {k: settings.get(k) for k in RESUME_KEYS if k != "model"}
-    flat.update({k: v for k, v in (settings.get("model") or {}).items()})
+    """The resume-relevant settings, with the model's fields spelled out one by one; a setting
+    that a run folder of an older version did not record has its default (what that run used)."""
+    defaults = json.loads(json.dumps(TrainConfig(data_url="", out_url="").to_dict()))
+    flat = {k: settings.get(k, defaults.get(k)) for k in RESUME_KEYS if k != "model"}
+    flat.update({**defaults["model"], **(settings.get("model") or {})})
     return flat
 
 
@@ -123,7 +126,7 @@ def _split(plan: TrainPlan, validation: bool):
     cfg = plan.cfg
     return read_shards(plan.shards, cfg.columns).map_batches(
         decode_split, batch_format="numpy",
-        fn_kwargs=dict(columns=cfg.columns, image_size=cfg.model.image_size, channels=cfg.model.channels,
+        fn_kwargs=dict(columns=cfg.columns, image_size=cfg.model.input_size, channels=cfg.model.channels,
                        resize=cfg.resize, val_fraction=cfg.val_fraction, validation=validation),
     )
 

@@ -19,10 +19,11 @@ import torch
 from pipeline import storage
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.corruptions import corrupt
-from pipeline.inference import to_input
+from pipeline.inference import ImageScorer, to_input
 from pipeline.model import build_model
-from pipeline.scoring import mse_per_image, psnr, training_loss
+from pipeline.scoring import psnr, training_loss
 from pipeline.thresholds import calibration_from_errors
+from pipeline.tiles import random_tiles
 from pipeline.train.config import METRICS_FILE, TRAIN_STATE_FILE, TrainConfig
 from pipeline.train.invariance import invariance_loss, training_views
 
@@ -157,12 +158,16 @@ def defect_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def batch_loss(model: torch.nn.Module, x: torch.Tensor, cfg: TrainConfig, corruptions: torch.Generator,
                viewing: torch.Generator, autocast: Any = contextlib.nullcontext()) -> torch.Tensor:
     """The training loss of one batch `x` ((B, C, S, S) in [0, 1]) as `cfg` asks for it: the
-    reconstruction loss, the defect head's, and the invariance term. The train job's step and the
-    benches' bare loops both call this, so they train the same thing."""
+    reconstruction loss, the defect head's, and the invariance term; a tiled model's on
+    `cfg.tiles_per_image` random tiles of each image. The train job's step and the benches' bare
+    loops both call this, so they train the same thing. `viewing` is a CPU generator: the tiles'
+    and the edited views' places."""
+    if cfg.model.working_size:
+        x = random_tiles(x, cfg.model.image_size, cfg.tiles_per_image, viewing)
     # Defect-aware: the model sees a corrupted copy and must return the clean image; a defect
     # head learns besides where the corruption is.
     corrupting = cfg.defect_aware or cfg.model.defect_head
-    seen, where = corrupt(x, corruptions, cfg.corruption_share) if corrupting else (x, None)
+    seen, where = corrupt(x, corruptions, cfg.corruption_share, cfg.corruptions) if corrupting else (x, None)
     # Invariance: an edited view of each image rides in the same forward pass (one call, as
     # DDP wants), and a contrastive term ties each image's latent to its own view's.
     views = training_views(x, viewing) if cfg.invariance else None
@@ -212,17 +217,17 @@ def _train_one_epoch(w: _Worker, shard, epoch: int, on_images: Callable[[int], N
 
 
 def _validate(w: _Worker, shard) -> tuple[np.ndarray, float]:
-    """Per-image errors of the held-out split, gathered from every worker, and rows that failed to decode."""
+    """Per-image errors (mse as embed computes it: a tiled model's over its assembled tiles) of the
+    held-out split, gathered from every worker, and rows that failed to decode."""
     _average_buffers(w.net)
     w.model.eval()
     errors, failed = [], 0.0
-    with torch.inference_mode(), w.autocast:
-        for batch in shard.iter_torch_batches(batch_size=w.cfg.batch_size * 2, pin_memory=w.cuda):
-            ok = batch["ok"]
-            failed += float((~ok).sum())
-            if ok.any():
-                x = to_input(batch["pixels"][ok])
-                errors.append(mse_per_image(x, w.net(x)["x_hat"]).float().cpu().numpy())
+    scorer = ImageScorer(w.net, scores=("mse",), precision="bfloat16" if w.cuda and w.cfg.amp else "float32")
+    for batch in shard.iter_torch_batches(batch_size=w.cfg.batch_size * 2, pin_memory=w.cuda):
+        ok = batch["ok"]
+        failed += float((~ok).sum())
+        if ok.any():
+            errors.append(scorer(to_input(batch["pixels"][ok]))["scores"]["mse"])
     mine = np.concatenate(errors) if errors else np.zeros(0, np.float32)
     return np.concatenate(_all_gather_objects(mine)), failed
 
@@ -234,13 +239,14 @@ def _epoch_metrics(w: _Worker, epoch: int, sums: dict[str, float], errors: np.nd
     if images == 0:  # every rank has the same sums: all stop at this epoch (train_loop), the driver fails the job
         return {"epoch": epoch + 1, "train_images": 0, "decode_failures": int(failed + val_failed)}
     val_mse = float(errors.mean()) if errors.size else math.nan
+    tiles = {"tiles_per_s": images * w.cfg.tiles_per_image / sums["train_seconds"]} if w.cfg.model.working_size else {}
     return {
         "epoch": epoch + 1, "epochs": w.cfg.epochs,
         "train_loss": loss_sum / images, "val_mse": val_mse, "val_psnr": psnr(val_mse) if errors.size else math.nan,
         "train_images": int(images), "val_images": int(errors.size), "decode_failures": int(failed + val_failed),
         "images_per_s": images / sums["train_seconds"], "train_seconds": sums["train_seconds"],
         "data_wait_seconds": data_wait / w.world, "epoch_seconds": time.perf_counter() - started,
-        "lr": w.scheduler.get_last_lr()[0],
+        "lr": w.scheduler.get_last_lr()[0], **tiles,
     }
 
 
