@@ -1,5 +1,6 @@
-"""Shared bits of the benchmark scripts: the machine's description, Markdown tables, and the
-raw results each one commits under docs/bench-results/ (docs/BENCHMARKS.md's tables name them)."""
+"""Shared bits of the benchmark scripts: the machine's description, Markdown tables, the raw
+results each one commits under docs/bench-results/ (docs/BENCHMARKS.md's tables name them), and
+a child process run with its peak memory."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 import platform
 import re
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -94,3 +97,46 @@ def table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def run_child(cmd: list[str], sample_memory: bool) -> dict:
+    """Run `cmd` (a bench's child mode, printing its result as the last line of JSON) in a fresh
+    process session; with `sample_memory`, its result gets "peak_pss_mib": the peak proportional
+    set size (shared pages split between processes) summed over its whole process tree (driver,
+    raylet, GCS, workers, object store mappings), sampled every 0.2 s.
+
+    Reading PSS (/proc/PID/smaps of every process) costs real CPU, more for Ray's many processes
+    than for one: timed runs should take no samples.
+    """
+    import psutil
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    peak = [0]
+
+    def sample():
+        root = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            total = 0
+            try:
+                procs = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                break
+            for p in procs:
+                try:
+                    total += p.memory_full_info().pss
+                except psutil.Error:
+                    pass
+            peak[0] = max(peak[0], total)
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    if sample_memory:
+        sampler.start()
+    stdout, _ = proc.communicate()
+    if sample_memory:
+        sampler.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[1:4])} failed ({proc.returncode})")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result["peak_pss_mib"] = peak[0] / 2**20
+    return result

@@ -86,9 +86,8 @@ def train_model(pixels: np.ndarray, val_pixels: np.ndarray, cfg, log):
 
     import torch
 
-    from pipeline.inference import to_input
+    from pipeline.inference import ImageScorer, to_input
     from pipeline.model import build_model
-    from pipeline.scoring import mse_per_image
     from pipeline.train.loop import batch_loss
 
     torch.manual_seed(cfg.seed)
@@ -117,8 +116,8 @@ def train_model(pixels: np.ndarray, val_pixels: np.ndarray, cfg, log):
             total += float(loss.detach()) * len(x)
         scheduler.step()
         model.eval()
-        with torch.inference_mode():
-            val_mse = float(torch.cat([mse_per_image(x, model(x)["x_hat"]) for x in held_out.split(256)]).mean())
+        scorer = ImageScorer(model, scores=("mse",))  # the train job's validation (a tiled model's: by tiles)
+        val_mse = float(np.concatenate([scorer(x)["scores"]["mse"] for x in held_out.split(256)]).mean())
         if val_mse < best[0]:
             best = (val_mse, epoch + 1, copy.deepcopy(model.state_dict()))
         log(f"epoch {epoch + 1}/{cfg.epochs} loss {total / len(data):.5f} val_mse {val_mse:.5f} "
@@ -136,17 +135,16 @@ def patch_bank_of(model, pixels: np.ndarray, size: int, sampler: str, seed: int,
 
     from pipeline.inference import ImageScorer, to_input
     from pipeline.model import fuse_for_inference
-    from pipeline.patch_memory import bank_from_candidates, candidate_patches
-    from pipeline.train.export import PATCH_CANDIDATES, patch_projection
+    from pipeline.patch_memory import bank_from_candidates
+    from pipeline.train.export import PATCH_CANDIDATES, candidates_of, candidates_per_input, patch_projection
 
     folded = fuse_for_inference(model).to(memory_format=torch.channels_last)
     encoder = ImageScorer(folded, scores=(), precision=precision)
     projection = patch_projection(folded, model.config, seed)
-    per_image, generator = max(1, PATCH_CANDIDATES // len(pixels)), np.random.default_rng(seed)
-    candidates = [candidate_patches(encoder(to_input(torch.from_numpy(pixels[start:start + batch_size])),
-                                            features=True)["features"], projection, per_image, generator)
-                  for start in range(0, len(pixels), batch_size)]
-    candidates = np.concatenate([c.reshape(-1, projection.shape[1]) for c in candidates])
+    per_input, generator = candidates_per_input(model.config, len(pixels)), np.random.default_rng(seed)
+    candidates = np.concatenate([candidates_of(encoder, to_input(torch.from_numpy(pixels[start:start + batch_size])),
+                                               projection, per_input, generator)
+                                 for start in range(0, len(pixels), batch_size)])
     return bank_from_candidates(candidates, projection, size, sampler, seed, PATCH_CANDIDATES)
 
 

@@ -26,18 +26,15 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.common import machine, scored_rows, table, write_results  # noqa: E402
+from bench.common import machine, run_child, scored_rows, table, write_results  # noqa: E402
 
 
 
@@ -121,43 +118,10 @@ def ray_job(data: str, model: str, out: str, batch_size: int, scores: str | None
 
 def run_measured(mode: str, data: str, model: str, out: str, batch_size: int, sample_memory: bool,
                  scores: str | None) -> dict:
-    """Run one mode in a fresh process; with `sample_memory`, sample its process tree's PSS.
-
-    Reading PSS (/proc/PID/smaps of every process) costs real CPU, more for Ray's many
-    processes than for one: throughput runs therefore take no samples.
-    """
+    """Run one mode in a fresh process (bench.common.run_child: with `sample_memory`, its peak PSS)."""
     cmd = [sys.executable, __file__, "--child", mode, "--data", data, "--model", model, "--out", out,
            "--batch-size", str(batch_size), *(["--scores", scores] if scores else [])]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
-    peak = [0]
-
-    def sample():
-        root = psutil.Process(proc.pid)
-        while proc.poll() is None:
-            total = 0
-            try:
-                procs = [root, *root.children(recursive=True)]
-            except psutil.Error:
-                break
-            for p in procs:
-                try:
-                    total += p.memory_full_info().pss
-                except psutil.Error:
-                    pass
-            peak[0] = max(peak[0], total)
-            time.sleep(0.2)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    if sample_memory:
-        sampler.start()
-    stdout, _ = proc.communicate()
-    if sample_memory:
-        sampler.join()
-    if proc.returncode != 0:
-        raise SystemExit(f"{mode} run failed ({proc.returncode})")
-    result = json.loads(stdout.strip().splitlines()[-1])
-    result["peak_pss_mib"] = peak[0] / 2**20
-    return result
+    return run_child(cmd, sample_memory)
 
 
 def alternate(modes: list[str], rounds: int, data: str, model: str, work: Path, n: int,

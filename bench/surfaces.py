@@ -58,17 +58,23 @@ TARGET_AUROC, TARGET_RECALL, TARGET_FPR = 0.95, 0.8, 0.02
 # Training variants (TrainConfig settings), as in bench/detection.py. The patch variants train
 # exactly as "plain" does (they share its weights) and add the patch memory that
 # `train --patch-bank` exports, chosen by each sampler, so that the two samplers are compared
-# on the same models. The learned defect head (issue 23, item 3) adds its variants here once it
-# is measured: "head", trained on every corruption family, and "head-without-<kind>" for the
-# leave-one-kind-out run, scored on <kind> only.
+# on the same models. "head" trains the learned defect head (`train --defect-head`) on every
+# corruption kind of pipeline/corruptions.py; "head-without-<corruption>" leaves one out, and is
+# read only on the anomaly kinds that corruption is nearest to (LEFT_OUT_FOR): the leave-one-
+# kind-out run, what the head finds of a kind of defect it never saw anything like.
 PATCH_BANK = 4096  # patches kept of about 120,000 candidates (475 crops x 256 places at 64 px)
+CORRUPTION_KINDS = ("texture", "patch", "stroke", "shade")  # pipeline.corruptions.CORRUPTIONS, by name only
+# Each anomaly kind and the corruption most like it: pasted texture / texture blobs, a thin crack /
+# a few-pixel stroke, a dark region / a shaded region, small bright specks / a few-pixel stroke.
+LEFT_OUT_FOR = {"texture": "texture", "crack": "stroke", "dark": "shade", "speck": "stroke"}
 VARIANTS = {"plain": {},
             "patch-coreset": {"patch_bank": PATCH_BANK, "patch_sampler": "coreset"},
-            "patch-random": {"patch_bank": PATCH_BANK, "patch_sampler": "random"}}
+            "patch-random": {"patch_bank": PATCH_BANK, "patch_sampler": "random"},
+            "head": {"defect_head": True},
+            **{f"head-without-{left_out}": {"defect_head": True,
+                                            "corruptions": tuple(c for c in CORRUPTION_KINDS if c != left_out)}
+               for left_out in dict.fromkeys(LEFT_OUT_FOR.values())}}
 TRAINED_AS = {"patch-coreset": "plain", "patch-random": "plain"}  # variants that reuse another's weights
-# Tiled models (issue 23, item 1): the working resolution and tile settings are parameters, so
-# that a run feeds images at --image-size and cuts them into --tile tiles once the pipeline can.
-TILED = False
 
 
 # ---------------------------------------------------------------- images
@@ -125,8 +131,19 @@ def surface_set(surface: str, seed: int, n_train: int, n_normal: int, per_kind: 
 
 
 def run_key(surface: str, seed: int, settings: dict, variant: str = "plain") -> str:
-    return (f"{surface}_s{seed}_p{settings['image_size']}_n{settings['train']}_e{settings['epochs']}"
+    tiles = f"_tile{settings['tile']}s{settings['tile_stride']}" if settings.get("tile") else ""
+    return (f"{surface}_s{seed}_p{settings['image_size']}{tiles}_n{settings['train']}_e{settings['epochs']}"
             f"_t{settings['normal']}x{settings['per_kind']}_{variant}")
+
+
+def model_config(settings: dict, channels: int, defect_head: bool = False):
+    """The model a run trains: whole images at --image-size, or with --tile tiles of them (`train --tile`)."""
+    from pipeline.model import AutoencoderConfig
+
+    if settings.get("tile"):
+        return AutoencoderConfig(image_size=settings["tile"], working_size=settings["image_size"],
+                                 tile_stride=settings["tile_stride"], channels=channels, defect_head=defect_head)
+    return AutoencoderConfig(image_size=settings["image_size"], channels=channels, defect_head=defect_head)
 
 
 def run_one(surface: str, seed: int, settings: dict, out: Path, variant: str = "plain") -> dict:
@@ -134,7 +151,7 @@ def run_one(surface: str, seed: int, settings: dict, out: Path, variant: str = "
     import torch
 
     from bench.detection import patch_bank_of, score_corpus, score_metrics, train_model
-    from pipeline.model import AutoencoderConfig, build_model
+    from pipeline.model import build_model
     from pipeline.sampling import split_of
     from pipeline.train import TrainConfig
 
@@ -152,9 +169,10 @@ def run_one(surface: str, seed: int, settings: dict, out: Path, variant: str = "
     pixels, kinds, contrasts = surface_set(surface, seed, n_train, settings["normal"], settings["per_kind"],
                                            settings["image_size"])
     ids = [f"{surface}-{i:06d}" for i in range(len(pixels))]
+    training = dict(VARIANTS[variant])
+    head = training.pop("defect_head", False)
     cfg = TrainConfig(data_url="(in memory)", out_url="(in memory)", seed=seed, epochs=settings["epochs"],
-                      model=AutoencoderConfig(image_size=settings["image_size"], channels=pixels.shape[-1]),
-                      **VARIANTS[variant])
+                      model=model_config(settings, pixels.shape[-1], head), **training)
     held_out = split_of(ids[:n_train], cfg.val_fraction)
     log(f"{len(pixels)} images ({time.perf_counter() - started:.0f}s); training on {int((~held_out).sum())}")
     weights = out / "models" / f"{run_key(surface, seed, settings, TRAINED_AS.get(variant, variant))}.pt"
@@ -179,6 +197,7 @@ def run_one(surface: str, seed: int, settings: dict, out: Path, variant: str = "
     for name, values in scores.items():
         threshold = calibration.threshold(name, DEFAULT_Q)
         metrics[name] = score_metrics(values[n_train:], kinds, threshold, KINDS)
+        metrics[name]["auroc_by_kind"] = {kind: _auroc(values[n_train:], kinds, kind) for kind in KINDS}
         metrics[name]["recall_by_contrast"] = {
             kind: {str(c): float((values[n_train:][(kinds == kind) & (contrasts == c)] > threshold).mean())
                    for c in CONTRASTS} for kind in KINDS}
@@ -194,6 +213,14 @@ def run_one(surface: str, seed: int, settings: dict, out: Path, variant: str = "
     log(f"done in {result['seconds']:.0f}s: {calibration.default_score} AUROC "
         f"{metrics[calibration.default_score]['auroc']:.3f}")
     return result
+
+
+def _auroc(values: np.ndarray, kinds: np.ndarray, kind: str) -> float:
+    """AUROC of the normal images against the anomalies of one kind."""
+    from sklearn.metrics import roc_auc_score
+
+    keep = (kinds == "") | (kinds == kind)
+    return float(roc_auc_score(kinds[keep] == kind, values[keep]))
 
 
 # ---------------------------------------------------------------- Markdown
@@ -227,27 +254,64 @@ def _score_line(surface: str, label: str, group: list[dict], score: str, bold: b
 def _variant_markdown(runs: list[dict]) -> list[str]:
     """The scores only a variant has (the patch scores), by surface and variant."""
     base = next((set(r["scores"]) for r in runs if r["variant"] == "plain"), set())
-    lines = ["", f"### The patch memory (`train --patch-bank {PATCH_BANK}`), coreset against random", "",
-             "The same models as above (the patch variants train exactly as plain does); only the bank differs.", "",
+    lines = ["", f"### Variants: the patch memory (`train --patch-bank {PATCH_BANK}`, coreset or random) and the "
+             "learned defect head (`train --defect-head`)", "",
+             "The patch variants are the same models as above (they train exactly as plain does); only the bank "
+             "differs. The head variant trains its own model (the autoencoder defect-aware, the head beside it); "
+             "its other scores are not shown here.", "",
              "| surface | variant: score | AUROC | FPR at default | recall at default: " + " / ".join(KINDS)
              + " | ideal-1%-FPR recall: " + " / ".join(KINDS) + " |", "|---|---|---:|---:|---|---|"]
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in runs:
-        if r["variant"] != "plain":
+        if r["variant"] != "plain" and not r["variant"].startswith("head-without-"):
             groups.setdefault((r["surface"], r["variant"]), []).append(r)
     for (surface, variant), group in groups.items():
         for score in group[0]["scores"]:
             if score not in base:
                 lines.append(_score_line(surface, f"{variant}: ", group, score))
     timing = {variant: _mean(r["patch_bank_seconds"] for (_, v), g in groups.items() if v == variant for r in g)
-              for variant in dict.fromkeys(v for _, v in groups)}
-    lines += ["", "Building the bank (candidates, then the sampler), mean seconds per run: "
-              + ", ".join(f"{variant} {seconds:.1f}" for variant, seconds in timing.items()) + "."]
+              for variant in dict.fromkeys(v for _, v in groups) if variant.startswith("patch")}
+    if timing:
+        lines += ["", "Building the bank (candidates, then the sampler), mean seconds per run: "
+                  + ", ".join(f"{variant} {seconds:.1f}" for variant, seconds in timing.items()) + "."]
     return lines
 
 
-def markdown(runs: list[dict], settings: dict) -> str:
+def _head_markdown(runs: list[dict]) -> list[str]:
+    """The learned head against each kind: trained on every corruption, and without the one
+    nearest that kind (LEFT_OUT_FOR); its training time against plain's."""
+    by = {(r["surface"], r["variant"], r["seed"]): r for r in runs}
+    lines = ["", "### The learned defect head, leave one kind out", "",
+             "Each anomaly kind against the unseen normal crops, by `defect_top` / `defect_max`: the head trained "
+             "on every corruption kind, and the head trained without the corruption nearest that kind "
+             f"({', '.join(f'{k}: {c}' for k, c in LEFT_OUT_FOR.items())}). Means over seeds.", "",
+             "| surface | kind | trained without | AUROC, all kinds | AUROC, kind left out | recall at default, "
+             "all kinds | recall at default, kind left out |", "|---|---|---|---:|---:|---:|---:|"]
+    for surface in dict.fromkeys(r["surface"] for r in runs):
+        seeds = sorted({r["seed"] for r in runs if r["surface"] == surface and r["variant"] == "head"})
+        for kind, left_out in LEFT_OUT_FOR.items():
+            pairs = [(by[(surface, "head", s)], by.get((surface, f"head-without-{left_out}", s))) for s in seeds]
+            pairs = [(a, b) for a, b in pairs if b is not None]
+            if not pairs:
+                continue
+
+            def cells(metric: str) -> list[str]:
+                return [" / ".join(f"{_mean(r['scores'][score][metric][kind] for r in side):.2f}"
+                                   for score in ("defect_top", "defect_max")) for side in zip(*pairs)]
+
+            lines.append(f"| {surface} | {kind} | {left_out} | " + " | ".join(cells("auroc_by_kind")) + " | "
+                         + " | ".join(cells("recall")) + " |")
+    plain = [r["train_seconds"] for r in runs if r["variant"] == "plain"]
+    head = [r["train_seconds"] for r in runs if r["variant"] == "head"]
+    if plain and head:
+        lines += ["", f"Training cost: {_mean(head):.0f} s per head run against {_mean(plain):.0f} s plain "
+                  f"({_mean(head) / _mean(plain):.2f}x; runs in parallel on shared cores)."]
+    return lines
+
+
+def markdown(runs: list[dict], settings: dict, results: str = "docs/bench-results/surfaces.json") -> str:
     from bench.common import machine
+    from pipeline.train import TrainConfig
 
     variants = list(dict.fromkeys(r["variant"] for r in runs))
     others = [r for r in runs if r["variant"] != variants[0]]
@@ -261,11 +325,16 @@ def markdown(runs: list[dict], settings: dict) -> str:
     first = runs[0]
     lines = ["## Real surfaces", "",
              f"`python bench/surfaces.py` — detection on real photographs; raw numbers in "
-             f"docs/bench-results/surfaces.json. Machine: {machine()}.", "",
+             f"{results}. Machine: {machine()}.", "",
              f"Surfaces: {', '.join(by_surface)} (skimage.data, 512 px greyscale photographs), one model per "
              f"surface and seed (seeds {', '.join(map(str, seeds))}). Normal images: random "
              f"{CROP_SIDES[0]}-{CROP_SIDES[1]} px crops, turned and flipped; the model sees each whole crop "
-             f"resized to {settings['image_size']} px (the pipeline's decode), {first['channels']} channel(s). "
+             f"resized to {settings['image_size']} px (the pipeline's decode)"
+             + (f", cut into {settings['tile']} px tiles every {settings['tile_stride'] or settings['tile'] // 2} "
+                f"px (`train --tile`: trained on {TrainConfig(data_url='-', out_url='-').tiles_per_image} random "
+                f"tiles of each crop per step, scored on every tile, maps assembled at {settings['image_size']} px)"
+                if settings.get("tile") else "")
+             + f", {first['channels']} channel(s). "
              f"Trained on {settings['train']:,} defect-free crops (5% of them, {first['calibration_images']} "
              f"images, calibrate; the rest train for {settings['epochs']} epochs with the train job's other "
              f"defaults and are the neighbour bank). Scored: {settings['normal']} unseen normal crops and "
@@ -308,10 +377,9 @@ def markdown(runs: list[dict], settings: dict) -> str:
         for surface, name in best.items()) + "."]
     if others:
         lines += _variant_markdown([*runs, *others])
-    lines += ["", "Not yet measurable here: tiled models at full resolution (`--tile` is refused until the "
-              "jobs tile; `--image-size` sets the resolution the whole crop is resized to), and the learned "
-              "defect head (`defect_*`) with its leave-one-kind-out run (issue 23, items 1 and 3).", ""]
-    return "\n".join(lines)
+    if any(r["variant"] == "head" for r in others):
+        lines += _head_markdown([*runs, *others])
+    return "\n".join([*lines, ""])
 
 
 # ---------------------------------------------------------------- main
@@ -331,33 +399,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-kind", type=int, default=6, help="anomalies of each kind scored per run")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the train job's)")
     p.add_argument("--image-size", type=int, default=None, help="working resolution (default: the model's)")
-    p.add_argument("--tile", type=int, default=None, help="tile side fed to the model (not in the pipeline yet)")
-    p.add_argument("--tile-stride", type=int, default=None, help="tile stride (not in the pipeline yet)")
+    p.add_argument("--tile", type=int, default=0, help="tile side fed to the model (train --tile); 0: whole images")
+    p.add_argument("--tile-stride", type=int, default=0, help="tile stride when scoring (0: half a tile)")
     p.add_argument("--variants", nargs="+", default=["plain"], choices=sorted(VARIANTS), help="training variants")
     p.add_argument("--quick", action="store_true", help="one small run (brick, seed 1, 200 crops, 2 epochs)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at once, one thread each")
     args = p.parse_args(argv)
-    if (args.tile or args.tile_stride) and not TILED:
-        p.error("--tile / --tile-stride: the pipeline has no tiled models yet (issue 23, item 1)")
     from pipeline.model import AutoencoderConfig
     from pipeline.train import TrainConfig
 
     settings = {"train": args.train, "normal": args.normal, "per_kind": args.per_kind,
                 "epochs": args.epochs or TrainConfig(data_url="-", out_url="-").epochs,
-                "image_size": args.image_size or AutoencoderConfig().image_size}
+                "image_size": args.image_size or AutoencoderConfig().image_size,
+                "tile": args.tile, "tile_stride": args.tile_stride}
     if args.quick:
         args.surfaces, args.seeds = args.surfaces[:1], args.seeds[:1]
         settings.update(train=200, normal=60, per_kind=3, epochs=2)
     out = Path(args.out)
     runs_wanted = [(surface, seed, variant) for surface in args.surfaces for variant in args.variants
                    for seed in args.seeds]
+    # Runs that train first: a variant that reuses another's weights (TRAINED_AS) waits for them.
+    phases = [[r for r in runs_wanted if r[2] not in TRAINED_AS], [r for r in runs_wanted if r[2] in TRAINED_AS]]
+    done = {}
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(run_one, surface, seed, settings, out, variant)
-                   for surface, seed, variant in runs_wanted]
-        runs = [f.result() for f in futures]
-    text = markdown(runs, settings)
-    (out / "surfaces.md").write_text(text)
+        for phase in phases:
+            futures = {r: pool.submit(run_one, *r[:2], settings, out, r[2]) for r in phase}
+            done.update({r: f.result() for r, f in futures.items()})
+    runs = [done[r] for r in runs_wanted]
     results = Path(args.results or (out / "surfaces.json" if args.quick else RESULTS))
+    text = markdown(runs, settings, os.path.relpath(results.resolve(), REPO))
+    (out / "surfaces.md").write_text(text)
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps({"settings": settings, "runs": runs}, indent=1))
     print(text)
