@@ -176,7 +176,8 @@ def run_one(surface: str, seed: int, settings: dict, out: Path, variant: str = "
     held_out = split_of(ids[:n_train], cfg.val_fraction)
     log(f"{len(pixels)} images ({time.perf_counter() - started:.0f}s); training on {int((~held_out).sum())}")
     weights = out / "models" / f"{run_key(surface, seed, settings, TRAINED_AS.get(variant, variant))}.pt"
-    if weights.exists():
+    trained = not weights.exists()  # False: another run's weights, loaded (train_seconds is then no training time)
+    if not trained:
         model = build_model(cfg.model)
         model.load_state_dict(torch.load(weights, weights_only=True))
         model.eval()
@@ -204,7 +205,7 @@ def run_one(surface: str, seed: int, settings: dict, out: Path, variant: str = "
     result = {"key": key, "surface": surface, "seed": seed, "variant": variant, **settings,
               "channels": int(pixels.shape[-1]), "calibration_images": int(held_out.sum()),
               "scored_normal": int((kinds == "").sum()), "scored_anomalies": int((kinds != "").sum()),
-              "train_seconds": train_seconds, "patch_bank_seconds": patch_seconds,
+              "train_seconds": train_seconds, "trained": trained, "patch_bank_seconds": patch_seconds,
               "default_score": calibration.default_score,
               "estimated_contamination": {name: c.contamination for name, c in calibration.scores.items()},
               "scores": metrics, "seconds": time.perf_counter() - started}
@@ -301,8 +302,9 @@ def _head_markdown(runs: list[dict]) -> list[str]:
 
             lines.append(f"| {surface} | {kind} | {left_out} | " + " | ".join(cells("auroc_by_kind")) + " | "
                          + " | ".join(cells("recall")) + " |")
-    plain = [r["train_seconds"] for r in runs if r["variant"] == "plain"]
-    head = [r["train_seconds"] for r in runs if r["variant"] == "head"]
+    # Training cost: only runs that trained here (a cached or weight-sharing run's time is not training).
+    plain = [r["train_seconds"] for r in runs if r["variant"] == "plain" and r.get("trained")]
+    head = [r["train_seconds"] for r in runs if r["variant"] == "head" and r.get("trained")]
     if plain and head:
         lines += ["", f"Training cost: {_mean(head):.0f} s per head run against {_mean(plain):.0f} s plain "
                   f"({_mean(head) / _mean(plain):.2f}x; runs in parallel on shared cores)."]
