@@ -80,3 +80,20 @@ def test_drawing_code_imports_nothing_from_corruptions_or_synth():
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert out.stdout.strip() == "[]"
+
+
+def test_the_leave_one_kind_out_variants_never_train_on_the_corruption_they_are_read_for():
+    """Each anomaly kind is read from a head trained without the corruption nearest it; that
+    variant's training config draws every other corruption kind and not that one."""
+    from bench.surfaces import LEFT_OUT_FOR, VARIANTS
+    from pipeline.corruptions import CORRUPTIONS
+    from pipeline.train import TrainConfig
+
+    assert set(LEFT_OUT_FOR) == set(KINDS) and set(LEFT_OUT_FOR.values()) <= set(CORRUPTIONS)
+    assert "corruptions" not in VARIANTS["head"]  # the head trained on every kind: the default
+    assert TrainConfig(data_url="-", out_url="-").corruptions == CORRUPTIONS
+    for kind, left_out in LEFT_OUT_FOR.items():
+        settings = dict(VARIANTS[f"head-without-{left_out}"])
+        assert settings.pop("defect_head") is True
+        cfg = TrainConfig(data_url="-", out_url="-", **settings)
+        assert left_out not in cfg.corruptions and set(cfg.corruptions) == set(CORRUPTIONS) - {left_out}, kind
