@@ -41,8 +41,10 @@ def model_config(mode: str, size: int, tile: int):
     return AutoencoderConfig(image_size=tile)  # the whole image shrunk to the tile's size
 
 
-def child(job: str, mode: str, data: str, work: str, size: int, tile: int, epochs: int) -> dict:
-    """One job in this process, on a fresh local Ray; its numbers as one JSON line."""
+def child(job: str, mode: str, data: str, work: str, size: int, tile: int, epochs: int, memory: bool) -> dict:
+    """One job in this process, on a fresh local Ray; its numbers as one JSON line. Each training
+    run has its own folder (a second run into the first's would resume it: nothing to train);
+    embed reads the timed run's model."""
     import ray
 
     from pipeline.embed import EmbedConfig, embed
@@ -53,7 +55,8 @@ def child(job: str, mode: str, data: str, work: str, size: int, tile: int, epoch
     run = str(Path(work) / f"run-{mode}")
     try:
         if job == "train":
-            result = train(TrainConfig(data_url=data, out_url=run, model=model_config(mode, size, tile), epochs=epochs))
+            result = train(TrainConfig(data_url=data, out_url=run + ("-memory" if memory else ""),
+                                       model=model_config(mode, size, tile), epochs=epochs))
             last = result.history[-1]
             return {"rows": last["train_images"] + last["val_images"], "images_per_s": last["images_per_s"],
                     "tiles_per_s": last.get("tiles_per_s", last["images_per_s"]), "seconds": result.seconds,
@@ -69,7 +72,8 @@ def child(job: str, mode: str, data: str, work: str, size: int, tile: int, epoch
 
 def measure(job: str, mode: str, data: str, work: Path, args, sample_memory: bool) -> dict:
     cmd = [sys.executable, __file__, "--child", job, mode, "--data", data, "--work", str(work),
-           "--size", str(args.size), "--tile", str(args.tile), "--epochs", str(args.epochs)]
+           "--size", str(args.size), "--tile", str(args.tile), "--epochs", str(args.epochs),
+           *(["--memory"] if sample_memory else [])]
     result = run_child(cmd, sample_memory)
     print(f"  {job} {mode}{' (memory)' if sample_memory else ''}: {result['images_per_s']:.1f} images/s, "
           f"{result['tiles_per_s']:.0f} tiles/s, {result['seconds']:.0f} s, peak {result['peak_pss_mib']:.0f} MiB",
@@ -86,9 +90,11 @@ def main() -> None:
     p.add_argument("--work", default=None, help="working folder (default: a temporary one)")
     p.add_argument("--child", nargs=2, metavar=("JOB", "MODE"), help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
+    p.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(child(*args.child, args.data, args.work, args.size, args.tile, args.epochs)), flush=True)
+        print(json.dumps(child(*args.child, args.data, args.work, args.size, args.tile, args.epochs, args.memory)),
+              flush=True)
         return
 
     from pipeline.model import AutoencoderConfig
