@@ -1,6 +1,8 @@
 """Embedding throughput and memory: the Ray Data job against a bare single-process loop.
 
     python bench/embed_throughput.py --images 20000      # prints Markdown tables
+    python bench/embed_throughput.py --images 20000 --skip-5n --pool 1x2 --results embed_throughput-pool
+        # also the Ray job with one model actor of two torch threads (repeatable), at N only
 
 Both do the same work on the same cores: read Parquet, decode PNG, encode + decode with the
 Fire model, compute the anomaly scores `--scores` names (default: embed's default, the fused
@@ -104,23 +106,29 @@ def parquet_bytes(folder: str) -> int:
     return sum(path.stat().st_size for path in Path(folder).rglob("*.parquet"))
 
 
-def ray_job(data: str, model: str, out: str, batch_size: int, scores: str | None) -> dict:
+def ray_job(data: str, model: str, out: str, batch_size: int, scores: str | None, pool: str | None = None) -> dict:
+    """The embed job on a fresh local Ray cluster; `pool` "AxT": A model actors of T torch threads
+    each (default: what the job plans for this machine)."""
     import ray
 
     from pipeline.embed import EmbedConfig, embed
 
+    actors, threads = (int(part) for part in pool.split("x")) if pool else (None, None)
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    summary = embed(EmbedConfig(data_url=data, model_url=model, out_url=out, batch_size=batch_size, scores=scores))
+    summary = embed(EmbedConfig(data_url=data, model_url=model, out_url=out, batch_size=batch_size, scores=scores,
+                                actors=actors, torch_threads=threads))
     ray.shutdown()
     return {"rows": summary.rows_out, "seconds": summary.seconds, "bytes": parquet_bytes(out)}
 
 
 def run_measured(mode: str, data: str, model: str, out: str, batch_size: int, sample_memory: bool,
                  scores: str | None) -> dict:
-    """Run one mode in a fresh process (bench.common.run_child: with `sample_memory`, its peak PSS)."""
+    """Run one mode in a fresh process (bench.common.run_child: with `sample_memory`, its peak PSS).
+    A mode "ray AxT" is the Ray job with that actor pool."""
+    mode, _, pool = mode.partition(" ")
     cmd = [sys.executable, __file__, "--child", mode, "--data", data, "--model", model, "--out", out,
-           "--batch-size", str(batch_size), *(["--scores", scores] if scores else [])]
+           "--batch-size", str(batch_size), *(["--scores", scores] if scores else []), *(["--pool", pool] if pool else [])]
     return run_child(cmd, sample_memory)
 
 
@@ -135,7 +143,7 @@ def alternate(modes: list[str], rounds: int, data: str, model: str, work: Path, 
     written: dict[str, int] = {}
     for _ in range(rounds):
         for mode in modes:
-            out = work / f"out-{mode}-{n}-{time.monotonic_ns()}"
+            out = work / f"out-{mode.replace(' ', '-')}-{n}-{time.monotonic_ns()}"
             r = run_measured(mode, data, model, str(out), batch_size, sample_memory=False, scores=scores)
             assert r["rows"] == n, r
             seconds[mode].append(r["seconds"])
@@ -154,32 +162,42 @@ def main() -> None:
     p.add_argument("--work", default=None, help="folder for inputs and outputs (default: a temp dir)")
     p.add_argument("--skip-5n", action="store_true", help="only the throughput comparison at N")
     p.add_argument("--scores", default=None, help="embed --scores (default: embed's default scores)")
+    p.add_argument("--pool", action="append", default=[], metavar="AxT",
+                   help="also time the Ray job with A model actors of T torch threads (repeatable; at N only)")
+    p.add_argument("--results", default="embed_throughput",
+                   help="name of the raw results file under docs/bench-results/ (without .json)")
     p.add_argument("--child", choices=["bare", "ray"], help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        fn = bare_loop if args.child == "bare" else ray_job
-        print(json.dumps(fn(args.data, args.model, args.out, args.batch_size, args.scores)), flush=True)
+        if args.child == "bare":
+            result = bare_loop(args.data, args.model, args.out, args.batch_size, args.scores)
+        else:
+            result = ray_job(args.data, args.model, args.out, args.batch_size, args.scores, args.pool[0] if args.pool else None)
+        print(json.dumps(result), flush=True)
         return
 
     from bench import score_cost
 
     print("What the scores cost against the forward pass (bench/score_cost.py):\n", flush=True)
-    score_cost.main(["--batch-size", str(args.batch_size)])
+    score_cost.main(["--batch-size", str(args.batch_size), "--results", f"{args.results}.score_cost"])
     print(flush=True)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-embed-"))
     n = args.images
     data, model = make_inputs(work, n)
-    runs, written = alternate(["bare", "ray"], args.rounds, data, model, work, n, args.batch_size, args.scores)
+    pools = [f"ray {pool}" for pool in args.pool]
+    runs, written = alternate(["bare", "ray", *pools], args.rounds, data, model, work, n, args.batch_size, args.scores)
     table_rows = []
 
     def add(size: int, result: dict[str, list[float]]) -> None:
-        bare, ray_ = statistics.median(result["bare"]), statistics.median(result["ray"])
-        for name, secs, all_runs in (("bare single-process loop", bare, result["bare"]),
-                                     ("Ray Data job", ray_, result["ray"])):
-            table_rows.append([f"{size:,}", name, len(all_runs), ", ".join(f"{s:.1f}" for s in all_runs), secs,
+        bare = statistics.median(result["bare"])
+        names = {"bare": "bare single-process loop", "ray": "Ray Data job",
+                 **{mode: f"Ray Data job, {mode.split()[1]} (actors x threads)" for mode in pools}}
+        for mode, all_runs in result.items():
+            secs = statistics.median(all_runs)
+            table_rows.append([f"{size:,}", names[mode], len(all_runs), ", ".join(f"{s:.1f}" for s in all_runs), secs,
                                size / secs, f"{bare / secs:.2f}"])
 
     add(n, runs)
@@ -196,7 +214,7 @@ def main() -> None:
     print(f"\nOutput bytes per row (Parquet files, every column): Ray job {per_row['ray']:.0f}, "
           f"bare loop {per_row['bare']:.0f}; scores: {args.scores or 'embed default'}")
     if args.skip_5n:
-        write_results("embed_throughput", {"images": n, "batch_size": args.batch_size, "scores": args.scores,
+        write_results(args.results, {"images": n, "batch_size": args.batch_size, "scores": args.scores,
                                            "seconds": runs, "bytes_per_row": per_row})
         return
     # What the pipeline costs beyond the bare loop's work, at both sizes: a fixed start-up shows as
@@ -216,7 +234,7 @@ def main() -> None:
         ["5N", 5 * n, big["seconds"], big["peak_pss_mib"]],
     ]))
     print(f"\npeak memory ratio 5N / N: {big['peak_pss_mib'] / small['peak_pss_mib']:.2f}")
-    write_results("embed_throughput", {"images": n, "batch_size": args.batch_size, "scores": args.scores,
+    write_results(args.results, {"images": n, "batch_size": args.batch_size, "scores": args.scores,
                                        "seconds": runs, "seconds_5n": runs5, "memory_n": small, "memory_5n": big,
                                        "bytes_per_row": per_row})
 

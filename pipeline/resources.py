@@ -23,6 +23,12 @@ GPU_BATCH_SIZE = 1024
 # Above this side, images per call shrink with the images' area (a tiled model's working size):
 # a decoded batch then holds about as many pixels as a default batch of BATCH_SIDE px images.
 BATCH_SIDE = 128
+# Torch threads of each CPU model actor: a single-threaded actor per CPU. Its convolutions are
+# small (a batch of 64 px images), and a thread team waits at every layer for its slowest member,
+# which the job's decode and write tasks and Ray's own processes keep preempting: on 2 cores two
+# one-thread actors embedded 20,000 images in 29.3 s against 44.1 s for one two-thread actor
+# (medians, the same run of bench/embed_throughput.py --pool 1x2; docs/BENCHMARKS.md).
+MODEL_THREADS_PER_ACTOR = 1
 # The least object-store memory an inference job's blocks in flight may fill (object_store_budget).
 MIN_OBJECT_STORE_BUDGET = 256 * 2**20
 
@@ -50,16 +56,19 @@ def pool_setting_problems(batch_size: int | None, actors: int | None, torch_thre
 def plan_actor_pool(resources: dict[str, float], resuming: bool, actors: int | None = None,
                     gpu: bool | None = None, torch_threads: int | None = None,
                     batch_size: int | None = None, node_cpus: float | None = None,
-                    input_size: int = 0) -> ResourcePlan:
-    """The model actor pool of an inference job (embed, decode) and its task sizes.
+                    input_size: int = 0, threads_per_actor: int = MODEL_THREADS_PER_ACTOR) -> ResourcePlan:
+    """The actor pool of an inference job (embed, decode, a model's calibration; neighbours'
+    search) and its task sizes.
 
-    The actors leave room for one read and one write task at all times, and on a resumed
-    run for the checkpoint filter, an actor of Ray Data's own that holds a whole CPU. On a
-    2-CPU machine a resumed run gives the model actor no logical CPU at all and it still
-    computes on both cores. `node_cpus`, the CPUs of the cluster's largest node
-    (`largest_node_cpus`), caps what one actor asks for: an actor bigger than every node would
-    wait for ever (a cluster of 2-CPU nodes has 5 CPUs in all, but no node with 4). `input_size`,
-    the side images are decoded to, shrinks the default batch for large images (BATCH_SIDE).
+    On CPUs there is an actor per `threads_per_actor` CPUs (at least one), each with that many
+    threads: between them the threads follow the cores. The actors leave room for one read and
+    one write task at all times, and on a resumed run for the checkpoint filter, an actor of Ray
+    Data's own that holds a whole CPU. On a 2-CPU machine a resumed run gives the model actor no
+    logical CPU at all and it still computes on both cores. `node_cpus`, the CPUs of the
+    cluster's largest node (`largest_node_cpus`), caps what one actor asks for: an actor bigger
+    than every node would wait for ever (a cluster of 2-CPU nodes has 5 CPUs in all, but no node
+    with 4). `input_size`, the side images are decoded to, shrinks the default batch for large
+    images (BATCH_SIDE).
     """
     cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
     task_cpus = 0.5 if cpus <= 4 else 1.0
@@ -74,10 +83,11 @@ def plan_actor_pool(resources: dict[str, float], resuming: bool, actors: int | N
         actors = actors or max(1, int(gpus))
         return ResourcePlan(actors, 0.0, 1.0, torch_threads or 4, task_cpus,
                             batch_size or _default_batch(GPU_BATCH_SIZE, input_size))
-    # One actor per 4 CPUs (at least one), each with a thread per CPU it stands for.
-    actors = actors or max(1, int(available // 4))
-    per_actor = math.floor((available - 2 * task_cpus) / actors * 2) / 2
-    per_actor = min(4.0, per_actor, node_cpus or math.inf) if per_actor >= 0.5 else 0.0
+    actors = actors or max(1, int(available // threads_per_actor))
+    # Hundredths, not halves: 64 one-thread actors on four 16-CPU nodes ask for 0.96 CPU each and
+    # spread out, where 0.5 each would let Ray pack 32 of them onto one node.
+    per_actor = math.floor((available - 2 * task_cpus) / actors * 100) / 100
+    per_actor = min(float(threads_per_actor), per_actor, node_cpus or math.inf) if per_actor >= 0.01 else 0.0
     threads = torch_threads or max(1, int(min(cpus // actors, node_cpus or math.inf)))
     return ResourcePlan(actors, per_actor, 0.0, threads, task_cpus, batch_size or _default_batch(CPU_BATCH_SIZE, input_size))
 

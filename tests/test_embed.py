@@ -206,7 +206,18 @@ def test_no_actor_asks_for_more_cpus_or_threads_than_the_largest_node_has(cpus, 
     # Nodes of 1, 2 and 2 CPUs: 5 in all, so one actor of 4 CPUs by the total, which no node could host.
     plan = plan_actor_pool({"CPU": cpus}, False, node_cpus=node_cpus)
     assert 0 < plan.cpus_per_actor <= node_cpus and plan.torch_threads <= node_cpus
-    assert plan_actor_pool({"CPU": 5.0}, False).cpus_per_actor > 2.0  # by the total alone: more than such a node has
+    # By the total alone, an actor of 4 threads (the neighbours' search) asks for more than such a node has.
+    assert plan_actor_pool({"CPU": 5.0}, False, threads_per_actor=4).cpus_per_actor > 2.0
+
+
+@pytest.mark.parametrize("cpus", [2, 3, 16, 64])
+def test_cpu_model_actors_are_single_threaded_and_cover_the_cores(cpus):
+    plan = plan_actor_pool({"CPU": float(cpus)}, False)
+    assert (plan.actors, plan.torch_threads) == (cpus, 1)
+    if cpus == 64:  # four 16-CPU nodes: no node can take more one-thread actors than it has cores
+        assert 16 // plan.cpus_per_actor <= 16
+    search = plan_actor_pool({"CPU": float(cpus)}, False, threads_per_actor=4)
+    assert search.actors == max(1, cpus // 4) and search.torch_threads * search.actors <= max(cpus, 2)
 
 
 def test_gpu_actors_take_one_gpu_each_and_large_batches():

@@ -77,6 +77,8 @@ from pipeline.shards import (
 )
 
 SEARCH_BATCH_SIZE = 1024  # faiss searches a batch of queries at once (BLAS for the flat index)
+# Each search actor holds the whole index: a few multi-threaded actors rather than one per CPU.
+SEARCH_THREADS_PER_ACTOR = 4
 MAX_K = 1000
 # Settings that decide the output's content: a rerun into the same folder must match them.
 OUTPUT_KEYS = ("latents_url", "k", "model_url", "data_url", "duplicate_threshold", "calibration_images",
@@ -421,7 +423,7 @@ def _search(plan: NeighboursPlan) -> dict[str, int]:
     resuming = fs.get_file_info(posixpath.join(out_path, CHECKPOINT_DIR)).type != pafs.FileType.NotFound
     resources = plan_actor_pool(ray.cluster_resources(), resuming, cfg.actors, gpu=False,
                                 torch_threads=cfg.threads, batch_size=cfg.batch_size or SEARCH_BATCH_SIZE,
-                                node_cpus=largest_node_cpus())
+                                node_cpus=largest_node_cpus(), threads_per_actor=SEARCH_THREADS_PER_ACTOR)
     print(f"neighbours: searching the {cfg.k} nearest of {plan.rows_in:,} rows on {resources.actors} actor(s) x "
           f"{resources.cpus_per_actor:g} CPU, {resources.torch_threads} faiss threads, batches of "
           f"{resources.batch_size}{', resuming' if resuming else ''} -> {cfg.out_url}", flush=True)
