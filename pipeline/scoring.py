@@ -38,8 +38,12 @@ SSIM_K1, SSIM_K2 = 0.01, 0.03
 
 
 def mse_per_image(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W), (B, C, H, W) -> (B,) mean squared error; computed in float32."""
-    return (x.float() - x_hat.float()).pow(2).flatten(1).mean(dim=1)
+    """(B, C, H, W), (B, C, H, W) -> (B,) mean squared error; computed in float32.
+
+    One reduction over (C, H, W) whatever the memory format: flattening the model's
+    channels_last output copied it first, and a mean over its channels alone (the squared
+    error map) is a slow innermost reduction; either made this several times slower."""
+    return torch.sub(x.float(), x_hat.float()).square_().mean(dim=(1, 2, 3))
 
 
 def squared_error_map(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
@@ -188,6 +192,21 @@ def _grey(x: torch.Tensor) -> torch.Tensor:
     return x.float().mean(dim=1)
 
 
+@functools.lru_cache(maxsize=64)
+def _cell_blur_band(size: int, cells: int, sigma: float, radius: int, device: str) -> torch.Tensor:
+    """A (size, cells) matrix: right-multiplying an (..., size) tensor by it takes the mean over
+    each of `cells` cells (adaptive pooling's cells; none when size == cells), then the Gaussian
+    blur of `blur` along the grid: both linear, so one banded matrix product does the two."""
+    gauss = _gaussian_band(cells, sigma, radius, False, device)
+    if size == cells:
+        return gauss
+    pool = torch.zeros(size, cells, dtype=torch.float32, device=device)
+    for cell in range(cells):
+        first, last = cell * size // cells, -(-(cell + 1) * size // cells)  # adaptive_avg_pool2d's bounds
+        pool[first:last, cell] = 1.0 / (last - first)
+    return (pool @ gauss).contiguous()
+
+
 def _grid_ssim(x: torch.Tensor, x_hat: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, C, H, W) pairs -> (B, *size) SSIM at each cell of the map grid, the mean over the channels.
 
@@ -198,17 +217,28 @@ def _grid_ssim(x: torch.Tensor, x_hat: torch.Tensor, size: tuple[int, int]) -> t
     MAP_CELLS or fewer) this is scikit-image's SSIM map, pixel for pixel away from the border
     (at the border the window is cut and renormalised, see `blur`). On a 64 px image the
     formula runs on a quarter of the pixels of the exact per-pixel SSIM.
+
+    The cell means and the blur are both linear: each statistic goes to the grid in two matrix
+    products (`_cell_blur_band`), one along each side, straight from its per-pixel plane.
     """
-    # Plain NCHW: the cell sums run several times faster on it than on the model's channels_last.
-    # Each statistic goes to the grid on its own, so no (B, 5C, H, W) buffer is ever filled.
+    # Plain NCHW: the products along a side need each row contiguous (the model's output is
+    # channels_last). Each statistic goes to the grid on its own: no (B, 5C, H, W) buffer.
     x, x_hat = x.float().contiguous(), x_hat.float().contiguous()
-    channels = x.shape[1]
-    stats = torch.empty((x.shape[0], 5 * channels, *size), dtype=torch.float32, device=x.device)
-    for i, plane in enumerate((x, x_hat, x * x, x_hat * x_hat, x * x_hat)):
-        stats[:, i * channels:(i + 1) * channels] = _cell_means(plane, size) if plane.shape[-2:] != size else plane
     cell = x.shape[-1] / size[1]  # pixels per cell
     sigma = max(SSIM_SIGMA / cell, 0.5)
-    mu_a, mu_b, aa, bb, ab = blur(stats, sigma, SSIM_WINDOW // 2 if cell == 1 else None).split(channels, dim=1)
+    radius = SSIM_WINDOW // 2 if cell == 1 else int(math.ceil(3 * sigma))
+    device = str(x.device)
+    across = _cell_blur_band(x.shape[-1], size[1], float(sigma), radius, device)  # (W, w)
+    down = _cell_blur_band(x.shape[-2], size[0], float(sigma), radius, device).T.contiguous()  # (h, H)
+    planes = x.shape[0] * x.shape[1]
+
+    def on_grid(plane: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, h, w)
+        rows = plane @ across  # (B, C, H, w): one matrix product over every row of the batch
+        return torch.bmm(down.expand(planes, -1, -1), rows.reshape(planes, *rows.shape[-2:])).view(
+            *x.shape[:2], *size)
+
+    mu_a, mu_b = on_grid(x), on_grid(x_hat)
+    aa, bb, ab = on_grid(x * x), on_grid(x_hat * x_hat), on_grid(x * x_hat)
     c1, c2 = SSIM_K1**2, SSIM_K2**2
     mu_ab = mu_a * mu_b
     squares = mu_a.square_().add_(mu_b.square_())  # mu_a^2 + mu_b^2
@@ -357,7 +387,7 @@ def _ssim_error(inputs: ScoreInputs) -> torch.Tensor:
 # map's grid and is not a score of scores: ScoreInputs -> (B,).
 COMPUTE: dict[str, Callable[[ScoreInputs], torch.Tensor]] = {
     # With tiles: the mean of the assembled error map (overlaps averaged), and of the tiles' SSIM errors.
-    "mse": lambda s: (s.squared if s.grid is None else s.grid.assemble(s.squared)).flatten(1).mean(dim=1),
+    "mse": lambda s: mse_per_image(s.x, s.x_hat) if s.grid is None else s.grid.assemble(s.squared).flatten(1).mean(dim=1),
     "ssim_error": lambda s: s.per_image(_ssim_error(s)),
     "latent_knn": lambda s: s.bank.latent.distances(s.z, s.ids),
     "stem_knn": lambda s: s.bank.stem.distances(s.stem_stats, s.ids),

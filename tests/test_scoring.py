@@ -15,6 +15,7 @@ from pipeline.scoring import (
     TOP_SHARE,
     _grid_ssim,
     NeighbourBank,
+    blur,
     mse_per_image,
     pool_max,
     pool_top,
@@ -282,6 +283,31 @@ def test_the_grid_ssim_sees_texture_finer_than_a_cell():
     flat = torch.full_like(x, 0.5)
     assert float(_grid_ssim(x, flat, (32, 32)).mean()) < 0.1
     assert float(_grid_ssim(x, x, (32, 32)).mean()) == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("shape,size", [((64, 64), (32, 32)), ((60, 50), (30, 25)), ((96, 128), (32, 43))])
+def test_the_grid_ssim_is_cell_means_then_a_blur_then_the_formula(shape, size):
+    """The two matrix products per statistic equal their definition: adaptive pooling's cell
+    means, the map grid's blur, SSIM's formula per channel, then the channels' mean; also on the
+    model's channels_last layout and where cells do not tile the image exactly."""
+    rng = np.random.default_rng(8)
+    x = torch.from_numpy(rng.random((2, 3, *shape), dtype=np.float32))
+    x_hat = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
+    sigma = max(1.5 * size[1] / shape[1], 0.5)
+
+    def grid(plane):
+        return blur(torch.nn.functional.adaptive_avg_pool2d(plane, size), sigma)
+
+    mu_a, mu_b = grid(x), grid(x_hat)
+    var_a, var_b = grid(x * x) - mu_a**2, grid(x_hat * x_hat) - mu_b**2
+    cov = grid(x * x_hat) - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    expected = ((2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))).mean(dim=1)
+    channels_last = [t.contiguous(memory_format=torch.channels_last) for t in (x, x_hat)]
+    for got in (_grid_ssim(x, x_hat, size), _grid_ssim(*channels_last, size)):
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=2e-5)
+    np.testing.assert_allclose(mse_per_image(*channels_last).numpy(), ((x - x_hat) ** 2).mean(dim=(1, 2, 3)).numpy(),
+                               rtol=1e-6)
 
 
 def test_the_neighbour_score_equals_brute_force_and_leaves_an_image_itself_out():
