@@ -46,9 +46,18 @@ def mse_per_image(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return torch.sub(x.float(), x_hat.float()).square_().mean(dim=(1, 2, 3))
 
 
+def _channel_mean(maps: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H, W) float32, the mean over channels as a sum of channel planes: on the
+    model's channels_last tensors a mean over dim 1 is an innermost reduction, twice as slow."""
+    total = maps[:, 0].float().clone()
+    for channel in range(1, maps.shape[1]):
+        total.add_(maps[:, channel])
+    return total.mul_(1.0 / maps.shape[1])
+
+
 def squared_error_map(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W), (B, C, H, W) -> (B, H, W) squared error per pixel, mean over channels."""
-    return (x.float() - x_hat.float()).pow(2).mean(dim=1)
+    return _channel_mean(torch.sub(x.float(), x_hat.float()).square_())
 
 
 @functools.lru_cache(maxsize=64)
@@ -189,7 +198,7 @@ def _gradient_magnitude(grey: torch.Tensor) -> torch.Tensor:
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, H, W): the channels' mean, the grey image the GMS map compares."""
-    return x.float().mean(dim=1)
+    return _channel_mean(x)
 
 
 @functools.lru_cache(maxsize=64)
