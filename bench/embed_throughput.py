@@ -128,7 +128,8 @@ def run_measured(mode: str, data: str, model: str, out: str, batch_size: int, sa
     A mode "ray AxT" is the Ray job with that actor pool."""
     mode, _, pool = mode.partition(" ")
     cmd = [sys.executable, __file__, "--child", mode, "--data", data, "--model", model, "--out", out,
-           "--batch-size", str(batch_size), *(["--scores", scores] if scores else []), *(["--pool", pool] if pool else [])]
+           "--batch-size", str(batch_size), *(["--scores", scores] if scores else []),
+           *(["--pool", pool] if pool else [])]
     return run_child(cmd, sample_memory)
 
 
@@ -175,7 +176,8 @@ def main() -> None:
         if args.child == "bare":
             result = bare_loop(args.data, args.model, args.out, args.batch_size, args.scores)
         else:
-            result = ray_job(args.data, args.model, args.out, args.batch_size, args.scores, args.pool[0] if args.pool else None)
+            result = ray_job(args.data, args.model, args.out, args.batch_size, args.scores,
+                             args.pool[0] if args.pool else None)
         print(json.dumps(result), flush=True)
         return
 

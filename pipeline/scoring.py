@@ -219,7 +219,7 @@ def _cell_blur_band(size: int, cells: int, sigma: float, radius: int, device: st
 def _grid_ssim(x: torch.Tensor, x_hat: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, C, H, W) pairs -> (B, *size) SSIM at each cell of the map grid, the mean over the channels.
 
-    SSIM's five local statistics (each channel's means, second moments and cross moment) are
+    SSIM's local statistics (each channel's means, second moments and cross moment) are
     cell means of the per-pixel products, so texture finer than a cell still counts in the
     variances; then Gaussian-weighted over SSIM's window (sigma 1.5 pixels, at least half a
     cell) and put through SSIM's formula once per cell. With one pixel a cell (images of
@@ -228,10 +228,11 @@ def _grid_ssim(x: torch.Tensor, x_hat: torch.Tensor, size: tuple[int, int]) -> t
     formula runs on a quarter of the pixels of the exact per-pixel SSIM.
 
     The cell means and the blur are both linear: each statistic goes to the grid in two matrix
-    products (`_cell_blur_band`), one along each side, straight from its per-pixel plane.
+    products (`_cell_blur_band`), one along each side, straight from its per-pixel plane; the two
+    second moments, which the formula only adds, go as their sum.
     """
     # Plain NCHW: the products along a side need each row contiguous (the model's output is
-    # channels_last). Each statistic goes to the grid on its own: no (B, 5C, H, W) buffer.
+    # channels_last). Each statistic goes to the grid on its own: no full-size buffer of them all.
     x, x_hat = x.float().contiguous(), x_hat.float().contiguous()
     cell = x.shape[-1] / size[1]  # pixels per cell
     sigma = max(SSIM_SIGMA / cell, 0.5)
@@ -247,12 +248,13 @@ def _grid_ssim(x: torch.Tensor, x_hat: torch.Tensor, size: tuple[int, int]) -> t
             *x.shape[:2], *size)
 
     mu_a, mu_b = on_grid(x), on_grid(x_hat)
-    aa, bb, ab = on_grid(x * x), on_grid(x_hat * x_hat), on_grid(x * x_hat)
+    # The formula reads the two second moments only as their sum: one plane, one pair of products.
+    moments, ab = on_grid(torch.addcmul(x * x, x_hat, x_hat)), on_grid(x * x_hat)
     c1, c2 = SSIM_K1**2, SSIM_K2**2
     mu_ab = mu_a * mu_b
     squares = mu_a.square_().add_(mu_b.square_())  # mu_a^2 + mu_b^2
     structure = ab.sub_(mu_ab).mul_(2).add_(c2)  # 2 cov + c2
-    spread = aa.add_(bb).sub_(squares).add_(c2)  # var_a + var_b + c2
+    spread = moments.sub_(squares).add_(c2)  # var_a + var_b + c2
     return mu_ab.mul_(2).add_(c1).mul_(structure).div_(squares.add_(c1).mul_(spread)).mean(dim=1)
 
 
@@ -396,7 +398,8 @@ def _ssim_error(inputs: ScoreInputs) -> torch.Tensor:
 # map's grid and is not a score of scores: ScoreInputs -> (B,).
 COMPUTE: dict[str, Callable[[ScoreInputs], torch.Tensor]] = {
     # With tiles: the mean of the assembled error map (overlaps averaged), and of the tiles' SSIM errors.
-    "mse": lambda s: mse_per_image(s.x, s.x_hat) if s.grid is None else s.grid.assemble(s.squared).flatten(1).mean(dim=1),
+    "mse": lambda s: (mse_per_image(s.x, s.x_hat) if s.grid is None
+                      else s.grid.assemble(s.squared).flatten(1).mean(dim=1)),
     "ssim_error": lambda s: s.per_image(_ssim_error(s)),
     "latent_knn": lambda s: s.bank.latent.distances(s.z, s.ids),
     "stem_knn": lambda s: s.bank.stem.distances(s.stem_stats, s.ids),
@@ -451,21 +454,22 @@ class NeighbourBank:
         self._row = {row_id: i for i, row_id in enumerate(self.ids)}
 
     def _tensors(self, vectors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(standardised vectors (N, D), their squared norms (1, N), mean (D,), std (D,)) on vectors' device."""
+        """(standardised vectors transposed (D, N), contiguous for the ranking's matrix product,
+        their squared norms (1, N), mean (D,), std (D,)) on vectors' device."""
         device = vectors.device
-        return (vectors, vectors.pow(2).sum(dim=1)[None], torch.from_numpy(self.mean).to(device),
+        return (vectors.T.contiguous(), vectors.pow(2).sum(dim=1)[None], torch.from_numpy(self.mean).to(device),
                 torch.from_numpy(self.std).to(device))
 
     def distances(self, queries: torch.Tensor, ids: Sequence[str] | None = None) -> torch.Tensor:
         """(B, D) -> (B,) mean Euclidean distance to the k nearest bank vectors, never an entry
         with the query's own id. On a GPU the bank is copied there once, not per batch."""
         if queries.device not in self._on_device:
-            self._on_device[queries.device] = self._tensors(self._on_device[torch.device("cpu")][0].to(queries.device))
-        bank, squares, mean, std = self._on_device[queries.device]
+            self._on_device[queries.device] = self._tensors(self._on_device[torch.device("cpu")][0].T.to(queries.device))
+        columns, squares, mean, std = self._on_device[queries.device]
         q = (queries.float() - mean) / std
         # |q - v|^2 = |q|^2 + (|v|^2 - 2 q.v): the bracket ranks the bank for each query (one fused
         # matrix product), and |q|^2 is added to the k chosen only.
-        ranking = torch.addmm(squares, q, bank.T, beta=1.0, alpha=-2.0)
+        ranking = torch.addmm(squares, q, columns, beta=1.0, alpha=-2.0)
         if ids is not None:
             own = [(i, self._row[row_id]) for i, row_id in enumerate(ids) if row_id in self._row]
             if own:
