@@ -62,7 +62,7 @@ def plan_actor_pool(resources: dict[str, float], resuming: bool, actors: int | N
 
     On CPUs there is an actor per `threads_per_actor` CPUs (at least one), each with that many
     threads: between them the threads follow the cores. The actors leave room for one read and
-    one write task at all times, and on a resumed run for the checkpoint filter, an actor of Ray
+    one write task at all times, on some node, and on a resumed run for the checkpoint filter, an actor of Ray
     Data's own that holds a whole CPU. On a 2-CPU machine a resumed run gives the model actor no
     logical CPU at all and it still computes on both cores. `node_cpus`, the CPUs of the
     cluster's largest node (`largest_node_cpus`), caps what one actor asks for: an actor bigger
@@ -83,12 +83,13 @@ def plan_actor_pool(resources: dict[str, float], resuming: bool, actors: int | N
         actors = actors or max(1, int(gpus))
         return ResourcePlan(actors, 0.0, 1.0, torch_threads or 4, task_cpus,
                             batch_size or _default_batch(GPU_BATCH_SIZE, input_size))
-    actors = actors or max(1, int(available // threads_per_actor))
-    # Hundredths, not halves: 64 one-thread actors on four 16-CPU nodes ask for 0.96 CPU each and
-    # spread out, where 0.5 each would let Ray pack 32 of them onto one node.
-    per_actor = math.floor((available - 2 * task_cpus) / actors * 100) / 100
-    per_actor = min(float(threads_per_actor), per_actor, node_cpus or math.inf) if per_actor >= 0.01 else 0.0
+    # Actors ask for whole multiples of a task's CPUs, so that every node's free CPUs are too and
+    # the room left for reading and writing takes whole tasks wherever it lies: 0.6-CPU actors on
+    # nodes of 1, 2 and 2 CPUs left 0.2-0.4 free on each and no node could run a 1-CPU read task.
+    units = int((available - 2 * task_cpus) // task_cpus)  # task-sized shares left for the actors
+    actors = actors or max(1, min(int(available // threads_per_actor), units))
     threads = torch_threads or max(1, int(min(cpus // actors, node_cpus or math.inf)))
+    per_actor = min(units // actors * task_cpus, 4.0, float(max(threads, threads_per_actor)), node_cpus or math.inf)
     return ResourcePlan(actors, per_actor, 0.0, threads, task_cpus, batch_size or _default_batch(CPU_BATCH_SIZE, input_size))
 
 

@@ -210,14 +210,31 @@ def test_no_actor_asks_for_more_cpus_or_threads_than_the_largest_node_has(cpus, 
     assert plan_actor_pool({"CPU": 5.0}, False, threads_per_actor=4).cpus_per_actor > 2.0
 
 
-@pytest.mark.parametrize("cpus", [2, 3, 16, 64])
-def test_cpu_model_actors_are_single_threaded_and_cover_the_cores(cpus):
+@pytest.mark.parametrize("cpus,actors", [(2, 2), (3, 3), (16, 14), (64, 62)])
+def test_cpu_model_actors_are_single_threaded_and_cover_the_cores(cpus, actors):
     plan = plan_actor_pool({"CPU": float(cpus)}, False)
-    assert (plan.actors, plan.torch_threads) == (cpus, 1)
+    assert (plan.actors, plan.torch_threads) == (actors, 1)
     if cpus == 64:  # four 16-CPU nodes: no node can take more one-thread actors than it has cores
         assert 16 // plan.cpus_per_actor <= 16
     search = plan_actor_pool({"CPU": float(cpus)}, False, threads_per_actor=4)
     assert search.actors == max(1, cpus // 4) and search.torch_threads * search.actors <= max(cpus, 2)
+
+
+@pytest.mark.parametrize("nodes", [(1, 2, 2), (2, 2), (1, 1, 1, 1, 1), (4, 4, 4), (16, 16, 16, 16), (2, 16)])
+@pytest.mark.parametrize("threads_per_actor", [1, 4])
+def test_the_actors_always_leave_a_whole_read_and_write_task_on_some_node(nodes, threads_per_actor):
+    """Placed first-fit on the nodes in any order, the actors leave room for the two tasks (whole
+    ones, not fragments spread over nodes): 0.6-CPU actors on nodes of 1, 2 and 2 CPUs once left
+    no node a 1-CPU read task could run on, and the train job's calibration waited for ever."""
+    plan = plan_actor_pool({"CPU": float(sum(nodes))}, False, node_cpus=float(max(nodes)),
+                           threads_per_actor=threads_per_actor)
+    for order in (nodes, tuple(reversed(nodes))):
+        free = list(map(float, order))
+        for _ in range(plan.actors):
+            node = next(i for i, cpus in enumerate(free) if cpus >= plan.cpus_per_actor)
+            free[node] -= plan.cpus_per_actor
+        tasks = sum(int(cpus // plan.task_cpus) for cpus in free)
+        assert tasks >= 2, (plan, free)
 
 
 def test_gpu_actors_take_one_gpu_each_and_large_batches():
