@@ -62,8 +62,8 @@ def plan_actor_pool(resources: dict[str, float], resuming: bool, actors: int | N
 
     On CPUs there is an actor per `threads_per_actor` CPUs (at least one), each with that many
     threads: between them the threads follow the cores. The actors leave room for one read and
-    one write task at all times, on some node, and on a resumed run for the checkpoint filter, an actor of Ray
-    Data's own that holds a whole CPU. On a 2-CPU machine a resumed run gives the model actor no
+    one write task at all times, on some node, and on a resumed run for the checkpoint filter,
+    an actor of Ray Data's own that holds a whole CPU. On a 2-CPU machine a resumed run gives the model actor no
     logical CPU at all and it still computes on both cores. `node_cpus`, the CPUs of the
     cluster's largest node (`largest_node_cpus`), caps what one actor asks for: an actor bigger
     than every node would wait for ever (a cluster of 2-CPU nodes has 5 CPUs in all, but no node
