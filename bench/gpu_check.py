@@ -12,8 +12,9 @@ pipeline.embed.Embedder, pipeline.synth):
    inference_mode) fed decoded batches on the GPU, at several batch sizes, with the trained
    model calibrated and given a training bank as the train job exports it: the default scores
    (fused, its parts, mse) at the default precision (bfloat16 on GPUs that have it) and in
-   float32, and every score (`--scores all`). The scores run on the device in the same batch;
-   only the per-image numbers come back to the host.
+   float32, and every score (`--scores all`, with a 4,096-entry patch memory: its search is a
+   matrix product on the device). The scores run on the device in the same batch; only the
+   per-image numbers come back to the host.
 Ray Train (NCCL) and the Ray Data job are not exercised here: the lent machines have no Ray
 and cannot install it; their CPU paths are tested in CI.
 """
@@ -108,23 +109,34 @@ def convergence(work: Path, steps: int = 600) -> dict:
             "model_url": model_url}
 
 
-def calibrated(model_url: str, work: Path, device: str = "cuda") -> str:
-    """The model with a calibration and a 1,000-image training bank, exported as the train job
-    exports one, so that the embedder computes the fused score and the neighbour scores."""
+def calibrated(model_url: str, work: Path, device: str = "cuda", patch_bank: int = 4096) -> str:
+    """The model with a calibration, a 1,000-image training bank and a `patch_bank`-entry patch
+    memory (random sample), exported as the train job exports them, so that the embedder
+    computes the fused score, the neighbour scores and, with every score, the patch scores."""
     from bench.common import scored_rows
     from pipeline.checkpoint import load_checkpoint
-    from pipeline.inference import ImageScorer, load_inference_model
+    from pipeline.inference import ImageScorer, load_inference_model, to_input
+    from pipeline.patch_memory import bank_from_candidates
     from pipeline.scoring import calibrate_with_bank
     from pipeline.synth import synthetic_image
+    from pipeline.train.export import candidates_of, patch_projection
 
     model, _ = load_inference_model(model_url, device=device)
+    checkpoint = load_checkpoint(model_url)
     pixels = np.stack([synthetic_image(i, 5, 64, 3) for i in range(1200)])
-    rows = scored_rows(_OnDevice(ImageScorer(model), device), pixels)
+    projection = patch_projection(model, checkpoint.config, seed=0)
+    candidates = candidates_of(ImageScorer(model), to_input(torch.from_numpy(pixels[200:])).to(device), projection,
+                               per_input=64, generator=np.random.default_rng(0))
+    patches = bank_from_candidates(candidates, projection, patch_bank, "random", 0)
+    rows = scored_rows(_OnDevice(ImageScorer(model, patch_bank=patches, scores=("mse", "patch_knn_max", "patch_knn_top")),
+                                 device), pixels)
+    rows.update(scored_rows(_OnDevice(ImageScorer(model), device), pixels))
     ids = [f"bank-{i}" for i in range(len(pixels))]
     calibration, bank = calibrate_with_bank(ids, np.arange(len(ids)) < 200, rows)
     url = str(work / "calibrated")
-    save_checkpoint(url, load_checkpoint(model_url).model, training={"calibration": calibration.to_dict(),
-                                                                     "preprocessing": {"resize": "pad"}}, bank=bank)
+    save_checkpoint(url, checkpoint.model, training={"calibration": calibration.to_dict(),
+                                                     "preprocessing": {"resize": "pad"}},
+                    bank=bank, patch_bank=patches)
     return url
 
 

@@ -29,6 +29,7 @@ from safetensors.numpy import save as save_safetensors
 PATCH_DIM = 64  # numbers per patch description after the random projection
 SELECTION_DIM = 32  # the coreset's distances are taken after a further projection to this many
 SAMPLERS = ("coreset", "random")
+DEVICE_SEARCH_CHUNK = 1 << 26  # numbers in one (queries, bank) distance block on a GPU: 256 MiB of float32
 
 
 def patch_descriptions(features: list[torch.Tensor]) -> torch.Tensor:
@@ -104,6 +105,7 @@ class PatchBank:
             raise ValueError(f"a patch bank needs (N >= 1, {self.projection.shape[1]}) patches, "
                              f"got {self.patches.shape}")
         self._index = None
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def channels(self) -> int:
@@ -119,16 +121,38 @@ class PatchBank:
 
     def distance_map(self, features: list[torch.Tensor]) -> torch.Tensor:
         """The encoder's stage maps -> (B, h, w): every location's Euclidean distance to its
-        nearest bank patch."""
+        nearest bank patch. On the CPU faiss searches; on a GPU the search is an exact matrix
+        product on the device, so the maps never go to the host."""
         located = project(patch_descriptions(features), self.projection)  # (B, h, w, dim)
-        flat = np.ascontiguousarray(located.reshape(-1, located.shape[-1]).cpu().numpy(), dtype=np.float32)
-        index = self._search()
+        flat = located.reshape(-1, located.shape[-1])
+        if located.device.type == "cpu":
+            squared = self._faiss_nearest(flat)
+        else:
+            squared = self._nearest_on_device(flat)
+        return squared.clamp_min(0).sqrt().view(located.shape[:3])
+
+    def _faiss_nearest(self, flat: torch.Tensor) -> torch.Tensor:
+        """(Q, dim) on the CPU -> (Q,) squared distance to the nearest bank patch."""
         import faiss
 
+        index = self._search()
         faiss.omp_set_num_threads(torch.get_num_threads())  # the caller's thread budget (an actor's share)
-        squared, _ = index.search(flat, 1)
-        distances = torch.from_numpy(np.sqrt(np.maximum(squared[:, 0], 0.0)))
-        return distances.view(located.shape[:3]).to(located.device)
+        squared, _ = index.search(np.ascontiguousarray(flat.detach().float().numpy()), 1)
+        return torch.from_numpy(squared[:, 0])
+
+    def _nearest_on_device(self, flat: torch.Tensor, chunk_elements: int = DEVICE_SEARCH_CHUNK) -> torch.Tensor:
+        """(Q, dim) on any device -> (Q,) squared distance to the nearest bank patch, exactly:
+        |q|^2 + min over the bank of (|p|^2 - 2 q.p), queries in chunks so that the (chunk, N)
+        product stays under `chunk_elements` numbers. The bank is copied to the device once."""
+        if flat.device not in self._on_device:
+            patches = torch.from_numpy(self.patches).to(flat.device)
+            self._on_device[flat.device] = (patches.T.contiguous(), patches.pow(2).sum(dim=1)[None])
+        columns, squares = self._on_device[flat.device]
+        flat = flat.float()
+        rows = max(1, chunk_elements // columns.shape[1])
+        nearest = [torch.addmm(squares, part, columns, beta=1.0, alpha=-2.0).amin(dim=1) + part.pow(2).sum(dim=1)
+                   for part in flat.split(rows)]
+        return torch.cat(nearest) if nearest else flat.new_zeros(0)
 
     def to_bytes(self) -> bytes:
         return save_safetensors({"patches": self.patches, "projection": self.projection})

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from pipeline.model import AutoencoderConfig, build_model
-from pipeline.patch_memory import PatchBank, build_patch_bank, greedy_coreset, patch_descriptions, subsample
+from pipeline.patch_memory import (PatchBank, build_patch_bank, greedy_coreset, patch_descriptions, project,
+                                   random_projection, subsample)
 
 
 def _covering_radius(points: np.ndarray, chosen: np.ndarray) -> float:
@@ -55,6 +56,24 @@ def test_the_bank_survives_bytes_and_scores_alike():
         query = model(torch.rand(2, 3, 32, 32), features=True)["features"]
         torch.testing.assert_close(restored.distance_map(query), bank.distance_map(query))
     assert bank.distance_map(query).shape == (2, 8, 8)  # a quarter of the 32 px input
+
+
+def test_the_device_search_finds_what_faiss_finds():
+    """On a GPU the nearest-patch search is a chunked matrix product on the device (no host round
+    trip); run here on the CPU, it must give faiss's exact distances, chunk boundaries included."""
+    generator = np.random.default_rng(3)
+    bank = PatchBank(generator.normal(size=(500, 16)).astype(np.float32),
+                     random_projection(24, dim=16, seed=1))
+    queries = torch.from_numpy(generator.normal(size=(777, 16)).astype(np.float32))
+    exact = bank._faiss_nearest(queries)
+    for chunk in (500 * 100, 500 * 777, 1):  # several chunks with a ragged last one; one chunk; a row at a time
+        torch.testing.assert_close(bank._nearest_on_device(queries, chunk_elements=chunk), exact,
+                                   rtol=1e-4, atol=1e-3)
+    # Through distance_map: the device path's map equals the faiss map (the path is chosen by device).
+    features = [torch.rand(2, 8, 6, 6), torch.rand(2, 16, 3, 3)]
+    located = project(patch_descriptions(features), bank.projection).reshape(-1, 16)
+    torch.testing.assert_close(bank._nearest_on_device(located).clamp_min(0).sqrt().view(2, 6, 6),
+                               bank.distance_map(features), rtol=1e-4, atol=1e-3)
 
 
 def test_a_place_unlike_the_training_patches_is_the_farthest():
