@@ -94,6 +94,42 @@ def test_a_place_unlike_the_training_patches_is_the_farthest():
     assert 9 <= peak[0] <= 14 and 9 <= peak[1] <= 14, f"the farthest patch is at {peak}, not over the square"
 
 
+def test_the_calibration_pass_scores_the_held_out_rows_and_describes_the_rest(tmp_path):
+    """The train job's calibration pass: every row gets its latent and stem statistics, only the
+    held-out rows get scores (the calibration reads no other row's), and those are what the
+    embed job's scorer gives the same images, patch scores included."""
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.inference import ImageScorer, load_inference_model
+    from pipeline.train.export import CalibrationScorer
+
+    torch.manual_seed(0)
+    model = build_model(AutoencoderConfig(image_size=32, base_width=8, latent_dim=16)).eval()
+    with torch.no_grad():
+        bank = build_patch_bank([model(torch.rand(4, 3, 32, 32), features=True)["features"] for _ in range(2)],
+                                size=32, dim=16)
+    save_checkpoint(str(tmp_path / "m"), model, patch_bank=bank)
+    generator = np.random.default_rng(0)
+    batch = {"id": np.array([f"r{i}" for i in range(10)], dtype=object),
+             "pixels": generator.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8),
+             "ok": np.array([True] * 9 + [False]),
+             "val": np.array([True, False, False, True, False, False, False, True, False, True])}
+    rows = CalibrationScorer(str(tmp_path / "m"))(batch)
+    val = batch["val"][:9]
+    np.testing.assert_array_equal(rows["val"], val)
+    assert list(rows["id"]) == [f"r{i}" for i in range(9)]
+
+    folded, _ = load_inference_model(str(tmp_path / "m"))
+    x = torch.from_numpy(batch["pixels"][:9]).permute(0, 3, 1, 2).float() / 255
+    expected = ImageScorer(folded, precision="auto", patch_bank=bank).rows(x)
+    assert {"patch_knn_max", "mse", "ssim_top"} <= set(rows)
+    for name, values in expected.items():
+        if name in ("z", "stem_stats"):  # every row's
+            np.testing.assert_allclose(rows[name], values, rtol=1e-4, atol=1e-5)
+        else:  # the held-out rows' only
+            np.testing.assert_allclose(rows[name][val], values[val], rtol=1e-4, atol=1e-6)
+            assert np.isnan(rows[name][~val]).all(), name
+
+
 @pytest.mark.ray
 def test_the_train_job_builds_a_patch_bank_that_survives_export_load_and_embedding(ray_local, tmp_path):
     """--patch-bank N: the exported model carries N training patches under its digest, calibrated

@@ -19,7 +19,6 @@ from pipeline.model import AutoencoderConfig
 from pipeline.patch_memory import PATCH_DIM, PatchBank, bank_from_candidates, candidate_patches, feature_channels, \
     random_projection
 from pipeline.resources import largest_node_cpus, plan_actor_pool
-from pipeline.scores import names_needing
 from pipeline.scoring import BANK_CAP, calibrate_with_bank
 from pipeline.shards import id_strings
 from pipeline.thresholds import Calibration
@@ -46,8 +45,10 @@ def _inputs(batch: dict[str, np.ndarray], keep: np.ndarray) -> torch.Tensor:
 
 
 class CalibrationScorer:
-    """Ray Data mapper: decoded calibration rows -> their latents, stem statistics and scores
-    (the patch scores for the held-out rows only, NaN for the bank's: those are never read)."""
+    """Ray Data mapper: decoded calibration rows -> their latents and stem statistics, and the
+    held-out rows' scores (NaN for the bank's: the calibration reads only the held-out rows'
+    scores, and the bank only their latents and stem statistics, so the bank's images, nearly
+    all of the pass, get the forward pass alone)."""
 
     def __init__(self, model_url: str, torch_threads: int | None = None):
         if torch_threads:
@@ -55,19 +56,22 @@ class CalibrationScorer:
         model, checkpoint = load_inference_model(model_url)
         # The embed job's default precision, so that the thresholds are taken on scores made as
         # embed makes them.
-        self.scorer = ImageScorer(model, precision="auto")
-        self.patch_scorer = None if checkpoint.patch_bank is None else ImageScorer(
-            model, scores=names_needing("patches"), precision="auto", patch_bank=checkpoint.patch_bank)
+        self.scorer = ImageScorer(model, precision="auto", patch_bank=checkpoint.patch_bank)
+        self.describer = ImageScorer(model, scores=(), precision="auto")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.asarray(batch["ok"], dtype=bool)
         x, val = _inputs(batch, ok), np.asarray(batch["val"][ok], dtype=bool)
-        rows = self.scorer.rows(x)
-        if self.patch_scorer is not None:
-            held_out = self.patch_scorer(x[torch.from_numpy(val)])["scores"] if val.any() else {}
-            for name in self.patch_scorer.score_names:
-                rows[name] = np.full(len(val), np.nan, np.float32)
-                rows[name][val] = held_out.get(name, [])
+        if not len(val):  # every row failed to decode: the scorer's empty columns keep the blocks alike
+            return {"id": batch["id"][ok], "val": val, **self.scorer.rows(x)}
+        rows: dict[str, np.ndarray] = {}
+        for part, scorer in ((val, self.scorer), (~val, self.describer)):
+            if not part.any():
+                continue
+            for name, values in scorer.rows(x[torch.from_numpy(part)]).items():
+                if name not in rows:
+                    rows[name] = np.full((len(val), *values.shape[1:]), np.nan, dtype=np.float32)
+                rows[name][part] = values
         return {"id": batch["id"][ok], "val": val, **rows}
 
 
