@@ -128,6 +128,10 @@ def test_the_calibration_pass_scores_the_held_out_rows_and_describes_the_rest(tm
         else:  # the held-out rows' only
             np.testing.assert_allclose(rows[name][val], values[val], rtol=1e-4, atol=1e-6)
             assert np.isnan(rows[name][~val]).all(), name
+    # A batch with no held-out row (or no bank row) has the same columns, so the blocks line up.
+    for held_out in (False, True):
+        alike = CalibrationScorer(str(tmp_path / "m"))({**batch, "val": np.full(10, held_out)})
+        assert set(alike) == set(rows) and all(len(v) == 9 for v in alike.values())
 
 
 @pytest.mark.ray
