@@ -128,9 +128,7 @@ def calibrated(model_url: str, work: Path, device: str = "cuda", patch_bank: int
     candidates = candidates_of(ImageScorer(model), to_input(torch.from_numpy(pixels[200:])).to(device), projection,
                                per_input=64, generator=np.random.default_rng(0))
     patches = bank_from_candidates(candidates, projection, patch_bank, "random", 0)
-    rows = scored_rows(_OnDevice(ImageScorer(model, patch_bank=patches, scores=("mse", "patch_knn_max", "patch_knn_top")),
-                                 device), pixels)
-    rows.update(scored_rows(_OnDevice(ImageScorer(model), device), pixels))
+    rows = scored_rows(_OnDevice(ImageScorer(model, patch_bank=patches), device), pixels)
     ids = [f"bank-{i}" for i in range(len(pixels))]
     calibration, bank = calibrate_with_bank(ids, np.arange(len(ids)) < 200, rows)
     url = str(work / "calibrated")
