@@ -150,9 +150,8 @@ class PatchBank:
         columns, squares = self._on_device[flat.device]
         flat = flat.float()
         rows = max(1, chunk_elements // columns.shape[1])
-        nearest = [torch.addmm(squares, part, columns, beta=1.0, alpha=-2.0).amin(dim=1) + part.pow(2).sum(dim=1)
-                   for part in flat.split(rows)]
-        return torch.cat(nearest) if nearest else flat.new_zeros(0)
+        return torch.cat([torch.addmm(squares, part, columns, beta=1.0, alpha=-2.0).amin(dim=1) + part.pow(2).sum(dim=1)
+                          for part in flat.split(rows)])  # no queries: one empty part
 
     def to_bytes(self) -> bytes:
         return save_safetensors({"patches": self.patches, "projection": self.projection})

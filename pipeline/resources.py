@@ -63,8 +63,8 @@ def plan_actor_pool(resources: dict[str, float], resuming: bool, actors: int | N
     On CPUs there is an actor per `threads_per_actor` CPUs (at least one), each with that many
     threads: between them the threads follow the cores. The actors leave room for one read and
     one write task at all times, on some node, and on a resumed run for the checkpoint filter,
-    an actor of Ray Data's own that holds a whole CPU. On a 2-CPU machine a resumed run gives the model actor no
-    logical CPU at all and it still computes on both cores. `node_cpus`, the CPUs of the
+    an actor of Ray Data's own that holds a whole CPU. On a 2-CPU machine a resumed run gives
+    the model actor no logical CPU at all and it still computes on both cores. `node_cpus`, the CPUs of the
     cluster's largest node (`largest_node_cpus`), caps what one actor asks for: an actor bigger
     than every node would wait for ever (a cluster of 2-CPU nodes has 5 CPUs in all, but no node
     with 4). `input_size`, the side images are decoded to, shrinks the default batch for large
@@ -90,7 +90,8 @@ def plan_actor_pool(resources: dict[str, float], resuming: bool, actors: int | N
     actors = actors or max(1, min(int(available // threads_per_actor), units))
     threads = torch_threads or max(1, int(min(cpus // actors, node_cpus or math.inf)))
     per_actor = min(units // actors * task_cpus, 4.0, float(max(threads, threads_per_actor)), node_cpus or math.inf)
-    return ResourcePlan(actors, per_actor, 0.0, threads, task_cpus, batch_size or _default_batch(CPU_BATCH_SIZE, input_size))
+    return ResourcePlan(actors, per_actor, 0.0, threads, task_cpus,
+                        batch_size or _default_batch(CPU_BATCH_SIZE, input_size))
 
 
 def _default_batch(default: int, input_size: int) -> int:

@@ -62,15 +62,12 @@ class CalibrationScorer:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.asarray(batch["ok"], dtype=bool)
         x, val = _inputs(batch, ok), np.asarray(batch["val"][ok], dtype=bool)
-        if not len(val):  # every row failed to decode: the scorer's empty columns keep the blocks alike
-            return {"id": batch["id"][ok], "val": val, **self.scorer.rows(x)}
-        # Every score's column in every block, held-out rows or not, so that the blocks line up.
-        rows = {name: np.full(len(val), np.nan, dtype=np.float32) for name in self.scorer.score_names}
+        # Both scorers run even on no rows (ImageScorer gives empty columns), so that every block
+        # has every column whatever mix of rows it holds.
+        rows: dict[str, np.ndarray] = {}
         for part, scorer in ((val, self.scorer), (~val, self.describer)):
-            if not part.any():
-                continue
             for name, values in scorer.rows(x[torch.from_numpy(part)]).items():
-                if name not in rows:  # "z" and "stem_stats", from whichever part comes first
+                if name not in rows:
                     rows[name] = np.full((len(val), *values.shape[1:]), np.nan, dtype=np.float32)
                 rows[name][part] = values
         return {"id": batch["id"][ok], "val": val, **rows}
