@@ -1,13 +1,17 @@
 """Training throughput and quality: Ray Train against a bare loop, and Fire against plain.
 
     python bench/train_throughput.py --images 6000 --epochs 4
+    python bench/train_throughput.py --images 3000 --epochs 6 --rounds 3 --setups bare,ray,ray-streamed --no-quality
 
 1. Throughput: the same Fire model, data and number of optimizer steps, trained (a) by a
-   bare single-process PyTorch loop (pyarrow read + decode + step, all cores' threads),
-   (b) by the Ray Train job (`pipeline.train.train`) with one worker using every core's
-   threads, and (c) with one single-threaded worker per core (DDP over gloo, each worker
-   half the batch, so the global batch and the steps stay those of the bare loop). Decoding
-   runs in Ray Data tasks. The runs alternate, `--rounds` times; medians are compared.
+   bare single-process PyTorch loop (pyarrow read + decode + step every epoch, all cores'
+   threads), (b) by the Ray Train job (`pipeline.train.train`) with one worker using every
+   core's threads, (c) the same with `--cache-mb 0`, so every epoch streams and decodes the
+   shards again instead of reading the rows kept in memory after the first, and (d) with one
+   single-threaded worker per core (DDP over gloo, each worker half the batch, so the global
+   batch and the steps stay those of the bare loop). Decoding runs in Ray Data tasks.
+   `--setups` picks some of bare, ray, ray-streamed, ddp (default: all). The runs alternate,
+   `--rounds` times; medians are compared.
    Images/s is training images over the epochs' training time, measured the same way on
    all sides (Ray's includes waiting for Ray Data); wall time including Ray's start-up,
    validation every epoch and checkpoints is shown beside it.
@@ -145,6 +149,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64, help="global batch (each of W workers takes 1/W)")
     p.add_argument("--rounds", type=int, default=2, help="alternating runs of each throughput setup")
     p.add_argument("--work", default=None, help="folder for data and runs (default: a temp dir)")
+    p.add_argument("--setups", type=lambda text: [k.strip() for k in text.split(",") if k.strip()],
+                   default=["bare", "ray", "ray-streamed", "ddp"],
+                   help="throughput setups, some of bare, ray, ray-streamed, ddp (default: all)")
+    p.add_argument("--no-quality", dest="quality", action="store_false",
+                   help="skip the Fire-against-plain quality comparison (one more Ray run)")
+    p.add_argument("--results", default="train_throughput", help="name of the raw results file")
     p.add_argument("--child", choices=["bare", "ray"], help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -162,12 +172,19 @@ def main() -> None:
                                rows_per_shard=500)
     cores = os.cpu_count()
     base = dict(data_url=str(data), epochs=args.epochs)
-    setups = {
-        "bare single-process loop": ("bare", dict(batch_size=args.batch_size)),
-        f"Ray Train, 1 worker x {cores} threads": ("ray", dict(batch_size=args.batch_size, workers=1)),
-        f"Ray Train, {cores} workers x 1 thread (DDP)": ("ray", dict(batch_size=args.batch_size // cores,
-                                                                       workers=cores)),
+    every_setup = {
+        "bare": ("bare single-process loop", "bare", dict(batch_size=args.batch_size)),
+        "ray": (f"Ray Train, 1 worker x {cores} threads", "ray", dict(batch_size=args.batch_size, workers=1)),
+        "ray-streamed": (f"Ray Train, 1 worker x {cores} threads, streamed every epoch (--cache-mb 0)", "ray",
+                         dict(batch_size=args.batch_size, workers=1, cache_mb=0)),
+        "ddp": (f"Ray Train, {cores} workers x 1 thread (DDP)", "ray",
+                dict(batch_size=args.batch_size // cores, workers=cores)),
     }
+    unknown = set(args.setups) - set(every_setup)
+    if unknown or "bare" not in args.setups:
+        raise SystemExit(f"--setups: some of {', '.join(every_setup)}, bare among them (the baseline); "
+                         f"got {', '.join(args.setups)}")
+    setups = {every_setup[key][0]: every_setup[key][1:] for key in every_setup if key in args.setups}
     runs: dict[str, list[dict]] = {name: [] for name in setups}
     for round_ in range(args.rounds):
         for name, (mode, extra) in setups.items():
@@ -178,7 +195,8 @@ def main() -> None:
     plain_cfg = TrainConfig(out_url=str(work / f"ray-plain-{time.monotonic_ns()}"),
                             model=AutoencoderConfig(arch="plain"), workers=1,
                             batch_size=args.batch_size, **base)
-    plain_ray = run_child("ray", plain_cfg)
+    fire_name = every_setup["ray"][0]
+    plain_ray = run_child("ray", plain_cfg) if args.quality else None
 
     def median(name, key):
         return statistics.median(r[key] for r in runs[name])
@@ -196,15 +214,16 @@ def main() -> None:
           f"global batch {args.batch_size}, Fire model; medians of {args.rounds} alternating runs\n")
     print(table(["setup", "train images/s (each run)", "median images/s", "ratio to bare",
                  "images/s after epoch 1", "epoch-1 data wait (s)", "data wait share", "wall s"], rows))
-    print(f"\nQuality after the same budget ({args.epochs} epochs on {args.images} images, Ray Train, 1 worker):\n")
-    fire_name = f"Ray Train, 1 worker x {cores} threads"
-    fire_cfg = TrainConfig(out_url="-", **base)
-    rows = []
-    for name, cfg, r in (("fire", fire_cfg, runs[fire_name][0]), ("plain", plain_cfg, plain_ray)):
-        rows.append([name, f"{count_parameters(build_model(cfg.model)):,}", gflops(cfg), r["val_mse"],
-                     f"{psnr(r['val_mse']):.2f}", r["images_per_s"]])
-    print(table(["model", "parameters", "GFLOPs/image", "val MSE", "val PSNR (dB)", "train images/s"], rows))
-    write_results("train_throughput", {"images": args.images, "epochs": args.epochs, "batch_size": args.batch_size,
+    if plain_ray is not None and fire_name in runs:
+        print(f"\nQuality after the same budget ({args.epochs} epochs on {args.images} images, Ray Train, 1 "
+              "worker):\n")
+        fire_cfg = TrainConfig(out_url="-", **base)
+        rows = []
+        for name, cfg, r in (("fire", fire_cfg, runs[fire_name][0]), ("plain", plain_cfg, plain_ray)):
+            rows.append([name, f"{count_parameters(build_model(cfg.model)):,}", gflops(cfg), r["val_mse"],
+                         f"{psnr(r['val_mse']):.2f}", r["images_per_s"]])
+        print(table(["model", "parameters", "GFLOPs/image", "val MSE", "val PSNR (dB)", "train images/s"], rows))
+    write_results(args.results, {"images": args.images, "epochs": args.epochs, "batch_size": args.batch_size,
                                        "runs": runs, "ray_plain": plain_ray})
 
 

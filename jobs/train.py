@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "docs/BENCHMARKS.md#real-surfaces")
     p.add_argument("--patch-sampler", choices=SAMPLERS, default=D["patch_sampler"],
                    help="how the N are chosen: coreset (greedy k-centre, keeps rare normal patches) or random")
+    p.add_argument("--cache-mb", type=int, default=D["cache_mb"], metavar="MB",
+                   help="per worker: when its decoded training and held-out rows fit in MB, they are kept after "
+                        "the first epoch and later epochs shuffle them in memory instead of reading and decoding "
+                        "the shards again (briefly twice MB while they are put in order); larger splits stream "
+                        f"every epoch. 0: always stream (default {D['cache_mb']})")
     p.add_argument("--tiles-per-image", type=int, default=D["tiles_per_image"], metavar="K",
                    help="with --tile: random tiles of each image per training step (a step trains on "
                         "--batch-size x K tiles)")

@@ -21,7 +21,7 @@ import numpy as np
 from pipeline import tars
 from pipeline.formats.columns import Columns, id_strings, image_bytes
 from pipeline.images import DEFAULT_RESIZE, decode_batch
-from pipeline.sampling import BANK_SAMPLE_KEY, hash_sample, split_of
+from pipeline.sampling import BANK_SAMPLE_KEY, hash_sample, id_hashes, split_of
 
 if TYPE_CHECKING:
     from pipeline.shards import ShardList
@@ -85,7 +85,8 @@ def decode_for_calibration(batch: dict[str, np.ndarray], columns: Columns, image
 
 def decode_split(batch: dict[str, np.ndarray], columns: Columns, image_size: int, channels: int,
                  resize: str, val_fraction: float, validation: bool) -> dict[str, np.ndarray]:
-    """Training input: only the rows of one split, decoded; {"pixels", "ok"} so it converts to tensors.
+    """Training input: only the rows of one split, decoded; {"pixels", "ok", "key"} so it converts
+    to tensors ("key": a 64-bit hash of the id, an order for the rows that no layout changes).
 
     Rows of the other split are dropped before decoding, so each split pays only for itself.
     """
@@ -93,4 +94,5 @@ def decode_split(batch: dict[str, np.ndarray], columns: Columns, image_size: int
     mine = split_of(ids, val_fraction) == validation
     images = [img for img, m in zip(image_bytes(batch[columns.image]), mine) if m]
     pixels, reasons = decode_batch(images, image_size, channels, resize)
-    return {"pixels": pixels, "ok": np.array([r is None for r in reasons], dtype=bool)}
+    keys = id_hashes([i for i, m in zip(ids, mine) if m], digest_size=8).view(np.int64)
+    return {"pixels": pixels, "ok": np.array([r is None for r in reasons], dtype=bool), "key": keys}

@@ -79,6 +79,10 @@ def test_two_worker_training_learns_and_exports_a_model_that_loads_without_ray(r
     assert history[0]["train_images"] + history[0]["val_images"] == 320
     assert all(m["decode_failures"] == 2 for m in history)
     assert history[0]["val_images"] == len(x_val)
+    # Both workers' splits fit the default --cache-mb: decoded once, then read from memory, with
+    # the same rows every epoch.
+    assert [m["data_in_memory"] for m in history] == [False] + [True] * 5
+    assert {(m["train_images"], m["val_images"]) for m in history} == {(history[0]["train_images"], len(x_val))}
     # The exported model is the best epoch; loaded with no Ray, it reproduces the reported val MSE.
     exported = load_checkpoint(result.model_url)
     best = min(history, key=lambda m: m["val_mse"])
@@ -143,6 +147,45 @@ def test_same_seed_gives_identical_weights(ray_local, corpus, tmp_path):
     trained = load_checkpoint(train(invariant).model_url)
     assert trained.weights_sha256 != runs[0].weights_sha256 and trained.training["invariance"] == 0.5
     assert math.isfinite(_metrics(invariant.out_url)[0]["train_loss"])
+
+
+@pytest.mark.ray
+def test_splits_kept_in_memory_train_on_the_same_rows_as_streamed_ones(ray_local, corpus, tmp_path):
+    runs = {}
+    for name, cache_mb in (("kept", TrainConfig.cache_mb), ("streamed", 0)):
+        cfg = TrainConfig(data_url=corpus, out_url=str(tmp_path / name), workers=1, epochs=2, seed=3,
+                          cache_mb=cache_mb, **SMALL)
+        train(cfg)
+        runs[name] = _metrics(cfg.out_url)
+    kept, streamed = runs["kept"], runs["streamed"]
+    assert [m["data_in_memory"] for m in kept] == [False, True]
+    assert [m["data_in_memory"] for m in streamed] == [False, False]
+    # The first epoch streams in both, so it is the same epoch; the second reads other orders of the same rows.
+    assert (kept[0]["train_loss"], kept[0]["val_mse"]) == (streamed[0]["train_loss"], streamed[0]["val_mse"])
+    for a, b in zip(kept, streamed):
+        assert (a["train_images"], a["val_images"], a["decode_failures"]) == (
+            b["train_images"], b["val_images"], b["decode_failures"]) == (a["train_images"], a["val_images"], 2)
+    assert kept[1]["train_loss"] != streamed[1]["train_loss"]
+
+
+@pytest.mark.faults  # a kill or a crash mid-job: `make test-faults`
+@pytest.mark.ray
+def test_a_run_resumed_with_its_data_in_memory_ends_with_the_weights_of_an_uninterrupted_one(ray_local, corpus,
+                                                                                            tmp_path):
+    # The crash comes in epoch 2, after epoch 1's checkpoint: the restarted worker decodes both
+    # splits again before epoch 2 and reads them in the order the uninterrupted run did.
+    marker = tmp_path / "crashed"
+    runs = {}
+    for name, crash in (("whole", None), ("resumed", str(marker))):
+        cfg = TrainConfig(data_url=corpus, out_url=str(tmp_path / name), workers=1, epochs=3, seed=5,
+                          inject_crash=crash, **SMALL)
+        runs[name] = (load_checkpoint(train(cfg).model_url).weights_sha256, _metrics(cfg.out_url))
+        assert [m["data_in_memory"] for m in runs[name][1]] == [False, True, True]
+    assert marker.exists(), "the injected crash never happened"
+    (whole, whole_history), (resumed, resumed_history) = runs["whole"], runs["resumed"]
+    assert [(m["train_loss"], m["val_mse"]) for m in resumed_history] == [
+        (m["train_loss"], m["val_mse"]) for m in whole_history]
+    assert resumed == whole
 
 
 @pytest.mark.faults  # a kill or a crash mid-job: `make test-faults`

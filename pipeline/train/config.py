@@ -60,6 +60,7 @@ class TrainConfig:
     invariance: float = 0.0  # weight of the contrastive term for edit-invariant latents (train/invariance.py); 0: off
     patch_bank: int = 0  # training patches the exported model remembers for the patch scores (pipeline.patch_memory); 0: none
     patch_sampler: str = "coreset"  # how they are chosen from the candidates: one of patch_memory.SAMPLERS
+    cache_mb: int = 1024  # per worker: decoded splits that fit stay in memory after epoch 1 (train/cache.py); 0: off
     tiles_per_image: int = 4  # a tiled model (model.working_size): random tiles of each image per step
     data_fingerprint: str = ""
     inject_crash: str | None = field(default=None, repr=False)  # tests only: marker file path
@@ -97,8 +98,9 @@ class TrainConfig:
             problems.append(f"corruptions must be some of {CORRUPTIONS}, got {self.corruptions}")
         if not (self.invariance >= 0 and math.isfinite(self.invariance)):
             problems.append(f"invariance must be a finite weight >= 0, got {self.invariance}")
-        if self.patch_bank < 0:
-            problems.append(f"patch_bank must not be negative, got {self.patch_bank}")
+        for name in ("patch_bank", "cache_mb"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must not be negative, got {getattr(self, name)}")
         if self.patch_sampler not in SAMPLERS:
             problems.append(f"patch_sampler must be one of {SAMPLERS}, got {self.patch_sampler!r}")
         if problems:

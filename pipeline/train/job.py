@@ -52,7 +52,8 @@ def format_progress(m: dict[str, Any]) -> str:
     return (f"epoch {m['epoch']}/{m['epochs']}  train_loss {m['train_loss']:.5f}  val_mse {m['val_mse']:.5f}  "
             f"val_psnr {m['val_psnr']:.2f} dB  {m['images_per_s']:.0f} img/s  "
             f"{'%.0f tiles/s  ' % m['tiles_per_s'] if 'tiles_per_s' in m else ''}"
-            f"waited for data {m['data_wait_seconds'] / m['train_seconds']:.0%}  "
+            f"waited for data {m['data_wait_seconds'] / m['train_seconds']:.0%}"
+            f"{' (in memory)' if m.get('data_in_memory') else ''}  "
             f"decode_failures {m['decode_failures']}  {m['epoch_seconds']:.1f}s")
 
 

@@ -4,6 +4,7 @@ restored from the last checkpoint, one pass over its data shard, validation, a c
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from pipeline.model import build_model
 from pipeline.scoring import psnr, training_loss
 from pipeline.thresholds import calibration_from_errors
 from pipeline.tiles import random_tiles
+from pipeline.train.cache import WorkerSplits
 from pipeline.train.config import METRICS_FILE, TRAIN_STATE_FILE, TrainConfig
 from pipeline.train.invariance import invariance_loss, training_views
 
@@ -101,6 +103,7 @@ class _Worker:
     autocast: Any
     start_epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    data_was_in_memory: bool = False  # the checkpoint resumed from trained on splits kept in memory
 
     @property
     def net(self) -> torch.nn.Module:
@@ -139,7 +142,8 @@ def _restore(cfg: TrainConfig, torch_threads: int) -> _Worker:
     worker = _Worker(cfg=cfg, rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=device, model=model,
                      optimizer=optimizer, scheduler=scheduler,
                      autocast=torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.amp),
-                     start_epoch=int(train_state["epoch"]) + 1 if train_state else 0, history=history)
+                     start_epoch=int(train_state["epoch"]) + 1 if train_state else 0, history=history,
+                     data_was_in_memory=bool(train_state and train_state.get("data_in_memory")))
     return worker
 
 
@@ -182,17 +186,15 @@ def batch_loss(model: torch.nn.Module, x: torch.Tensor, cfg: TrainConfig, corrup
     return loss
 
 
-def _train_one_epoch(w: _Worker, shard, epoch: int, on_images: Callable[[int], None]) -> dict[str, float]:
+def _train_one_epoch(w: _Worker, data: WorkerSplits, epoch: int, on_images: Callable[[int], None]) -> dict[str, float]:
     """One pass over this worker's training shard; sums that the caller reduces over workers."""
     cfg = w.cfg
     w.model.train()
     started = time.perf_counter()
     loss_sum = images = failed = 0.0
     waiting = _WaitClock()
-    batches = shard.iter_torch_batches(
-        batch_size=cfg.batch_size, local_shuffle_buffer_size=4 * cfg.batch_size,
-        local_shuffle_seed=cfg.seed * 100_003 + epoch * 31 + w.rank, pin_memory=w.cuda,
-    )
+    in_memory = data.in_memory
+    batches = data.train_batches(epoch)
     corruptions = torch.Generator(device=w.device).manual_seed(cfg.seed * 100_003 + epoch * 31 + w.rank)
     # The views' sizes and places are drawn on the CPU: a draw on a GPU generator would wait for the device.
     viewing = torch.Generator().manual_seed(cfg.seed * 100_019 + epoch * 37 + w.rank)
@@ -213,17 +215,21 @@ def _train_one_epoch(w: _Worker, shard, epoch: int, on_images: Callable[[int], N
         on_images(n_ok)
     w.scheduler.step()
     return {"loss_sum": loss_sum, "images": images, "failed": failed, "data_wait": waiting.seconds,
-            "train_seconds": time.perf_counter() - started}
+            "train_seconds": time.perf_counter() - started, "data_in_memory": in_memory}
 
 
-def _validate(w: _Worker, shard) -> tuple[np.ndarray, float]:
+def _every_worker(value: bool, device: torch.device) -> bool:
+    return _all_reduce_sum([0.0 if value else 1.0], device)[0] == 0
+
+
+def _validate(w: _Worker, data: WorkerSplits) -> tuple[np.ndarray, float]:
     """Per-image errors (mse as embed computes it: a tiled model's over its assembled tiles) of the
     held-out split, gathered from every worker, and rows that failed to decode."""
     _average_buffers(w.net)
     w.model.eval()
     errors, failed = [], 0.0
     scorer = ImageScorer(w.net, scores=("mse",), precision="bfloat16" if w.cuda and w.cfg.amp else "float32")
-    for batch in shard.iter_torch_batches(batch_size=w.cfg.batch_size * 2, pin_memory=w.cuda):
+    for batch in data.val_batches():
         ok = batch["ok"]
         failed += float((~ok).sum())
         if ok.any():
@@ -245,12 +251,14 @@ def _epoch_metrics(w: _Worker, epoch: int, sums: dict[str, float], errors: np.nd
         "train_loss": loss_sum / images, "val_mse": val_mse, "val_psnr": psnr(val_mse) if errors.size else math.nan,
         "train_images": int(images), "val_images": int(errors.size), "decode_failures": int(failed + val_failed),
         "images_per_s": images / sums["train_seconds"], "train_seconds": sums["train_seconds"],
-        "data_wait_seconds": data_wait / w.world, "epoch_seconds": time.perf_counter() - started,
+        "data_wait_seconds": data_wait / w.world, "data_in_memory": sums["data_in_memory"],
+        "epoch_seconds": time.perf_counter() - started,
         "lr": w.scheduler.get_last_lr()[0], **tiles,
     }
 
 
-def _save(w: _Worker, epoch: int, metrics: dict[str, Any], errors: np.ndarray, facts: dict[str, Any]) -> None:
+def _save(w: _Worker, epoch: int, metrics: dict[str, Any], errors: np.ndarray, facts: dict[str, Any],
+          data_in_memory: bool) -> None:
     """Report the epoch to Ray Train with a checkpoint (rank 0 writes it), then the metrics file."""
     import ray.train
 
@@ -260,7 +268,8 @@ def _save(w: _Worker, epoch: int, metrics: dict[str, Any], errors: np.ndarray, f
             save_checkpoint(d, w.net, training={**facts, "epoch": epoch + 1, "metrics": metrics,
                                                 "history": w.history, "calibration": calibration_from_errors(errors)})
             torch.save({"epoch": epoch, "optimizer": w.optimizer.state_dict(), "scheduler": w.scheduler.state_dict(),
-                        "torch_rng": torch.get_rng_state()}, os.path.join(d, TRAIN_STATE_FILE))
+                        "torch_rng": torch.get_rng_state(), "data_in_memory": data_in_memory},
+                       os.path.join(d, TRAIN_STATE_FILE))
             reported = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=reported, checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
     if w.rank == 0:  # the driver prints each epoch's line from this file, once (EpochLines)
@@ -279,13 +288,19 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     cfg = TrainConfig(**loop_config["config"])
     w = _restore(cfg, loop_config["torch_threads"])
     facts = {**loop_config["facts"], "worker_nodes": _all_gather_objects(ray.get_runtime_context().get_node_id())}
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    data = WorkerSplits(ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val"), cfg.cache_mb << 20,
+                        cfg.batch_size, cfg.seed, w.rank, w.device)
+    every_worker = functools.partial(_every_worker, device=w.device)
+    if w.data_was_in_memory:
+        data.load(w.start_epoch, every_worker)
     for epoch in range(w.start_epoch, cfg.epochs):
         started = time.perf_counter()
-        sums = _train_one_epoch(w, train_shard, epoch, loop_config["on_images"])
-        errors, val_failed = _validate(w, val_shard)
+        sums = _train_one_epoch(w, data, epoch, loop_config["on_images"])
+        errors, val_failed = _validate(w, data)
+        if epoch == w.start_epoch and not w.data_was_in_memory:
+            data.end_first_pass(every_worker)
         metrics = _epoch_metrics(w, epoch, sums, errors, val_failed, started)
         if not metrics["train_images"]:
             return metrics
         w.history = [*w.history, metrics]
-        _save(w, epoch, metrics, errors, facts)
+        _save(w, epoch, metrics, errors, facts, data.in_memory)
