@@ -288,7 +288,10 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     cfg = TrainConfig(**loop_config["config"])
     w = _restore(cfg, loop_config["torch_threads"])
     facts = {**loop_config["facts"], "worker_nodes": _all_gather_objects(ray.get_runtime_context().get_node_id())}
-    data = WorkerSplits(ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val"), cfg.cache_mb << 20,
+    # Rows kept for no later epoch would only hold memory: a process that runs one epoch keeps none,
+    # unless it resumes a run that had them in memory (it reads them as that run would have).
+    budget = cfg.cache_mb << 20 if cfg.epochs - w.start_epoch > 1 or w.data_was_in_memory else 0
+    data = WorkerSplits(ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val"), budget,
                         cfg.batch_size, cfg.seed, w.rank, w.device)
     every_worker = functools.partial(_every_worker, device=w.device)
     if w.data_was_in_memory:
