@@ -1,11 +1,11 @@
 """A worker's decoded split kept in memory after its first pass, when it fits a budget.
 
-Every epoch of a streamed split reads the Parquet shards and decodes every image again, in Ray
-Data tasks that share the machine's cores with the training step: on a small corpus that
-repeated decoding (and each pass's pipeline start) is a fifth of an epoch. A split that fits
-`--cache-mb` is decoded once; later epochs shuffle the kept rows in memory (a full permutation
-per epoch, seeded, where the stream shuffles within a window). A split over the budget streams
-every epoch as before, so memory stays bounded on corpora of any size.
+Every epoch of a streamed split starts a Ray Data pipeline that reads the Parquet shards and
+decodes every image again, in tasks that share the machine's cores with the training step
+(docs/BENCHMARKS.md, "Decoded splits kept in memory", measures what that costs). A split that
+fits `--cache-mb` is decoded once; later epochs shuffle the kept rows in memory (a full
+permutation per epoch, seeded, where the stream shuffles within a window). A split over the
+budget streams every epoch as before, so memory stays bounded on corpora of any size.
 
 Rows that failed to decode stay in the cache (their `ok` is False), so an epoch sees the same
 rows, and every worker the same number of batches, whether it streams or reads the cache.
