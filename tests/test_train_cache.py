@@ -1,7 +1,6 @@
 """The decoded-split cache of a training worker: what it keeps, when it gives up, the order it reads in."""
 
 import numpy as np
-import pytest
 import torch
 
 from pipeline.datasets import decode_split

@@ -116,10 +116,10 @@ class WorkerSplits:
     def end_first_pass(self, every_worker: Callable[[bool], bool]) -> None:
         """After both splits streamed once: keep them if they fit here and, by `every_worker` (a
         collective AND over the workers), everywhere."""
-        keep = every_worker(self.train.fits and self.val is not None and self.val.fits)
+        assert self.val is not None, "stream the held-out split (val_batches) before ending the first pass"
+        keep = every_worker(self.train.fits and self.val.fits)
         self.train.seal(keep)
-        if self.val is not None:
-            self.val.seal(keep)
+        self.val.seal(keep)
 
     def load(self, epoch: int, every_worker: Callable[[bool], bool]) -> None:
         """A resumed run whose data was in memory: decode both splits before `epoch` trains, so it
