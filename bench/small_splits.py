@@ -64,12 +64,6 @@ class Shape:
         self.median, self.sd = float(np.median(reference)), float(reference.std())
 
 
-def _bound(location: float, scale: float, contamination: float, n: int) -> float:
-    from pipeline.thresholds import tolerance_factor
-
-    return location + tolerance_factor(max(3, round(n * (1.0 - contamination))), Q) * scale
-
-
 def run(shapes, sizes, contaminations, separations, seeds: int) -> list[dict]:
     from scipy.stats import norm
 
@@ -91,7 +85,8 @@ def run(shapes, sizes, contaminations, separations, seeds: int) -> list[dict]:
                         default = np.log(ScoreCalibration.fit(np.exp(logs)).quantile(Q))
                         thresholds["clipped, point"].append(clipped[0] + z * clipped[1])
                         thresholds["default"].append(default)
-                        thresholds["clipped, bound"].append(_bound(*clipped, n) if n >= MIXTURE_MIN else default)
+                        bound = ScoreCalibration(n, False, *clipped, 0.0, 1.0, ()).quantile(Q)  # as the default bounds
+                        thresholds["clipped, bound"].append(bound if n >= MIXTURE_MIN else default)
                     for method, values in thresholds.items():
                         values = np.asarray(values)
                         fpr = shape.sf(values)
