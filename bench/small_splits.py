@@ -40,6 +40,7 @@ SIZES = (20, 60, 250, 1000)
 CONTAMINATIONS = (0.0, 0.05, 0.1)
 SEPARATIONS = (3, 5)
 SKEW = 4.0
+SHAPES = ("gaussian", "skewed", "max of 3")  # of the normal bulk: see Shape
 
 
 class Shape:
@@ -107,8 +108,7 @@ def markdown(rows: list[dict]) -> str:
     from pipeline.thresholds import MIXTURE_MIN
 
     by = {(r["shape"], r["n"], r["contamination"], r["separation"], r["method"]): r for r in rows}
-    shapes = ["gaussian", "skewed", "max of 3"]
-    keys = sorted({k[:4] for k in by}, key=lambda k: (k[3], shapes.index(k[0]), k[1], k[2]))
+    keys = sorted({k[:4] for k in by}, key=lambda k: (k[3], SHAPES.index(k[0]), k[1], k[2]))
 
     def cells(r: dict) -> list[str]:
         return [f"{r['mean_fpr']:.2%}", f"{r['share_over_2pct']:.0%}", f"{r['mean_recall']:.2f}"]
@@ -127,7 +127,7 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=SEEDS)
-    parser.add_argument("--shapes", nargs="+", default=["gaussian", "skewed", "max of 3"])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=SHAPES)
     parser.add_argument("--out", default=str(REPO / "docs" / "bench-results" / "small_splits.json"))
     parser.add_argument("--table", metavar="RESULTS", help="print the Markdown of a results file and exit")
     args = parser.parse_args()
