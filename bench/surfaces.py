@@ -387,13 +387,26 @@ def markdown(runs: list[dict], settings: dict, results: str = "docs/bench-result
 # ---------------------------------------------------------------- main
 
 
+def results_path(given: str | None, default: Path) -> Path:
+    """--results: a bare name means docs/bench-results/<name>.json, as for the other benches (a
+    name taken for a path once wrote the results to the repository's root); a path ending in .json
+    is used as it is."""
+    if not given:
+        return default
+    if given.endswith(".json"):
+        return Path(given)
+    if os.sep in given or "/" in given:
+        raise SystemExit(f"--results {given!r}: give a name under docs/bench-results/ or a path ending in .json")
+    return RESULTS.parent / f"{given}.json"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="bench-output/surfaces", help="working folder (run cache, weights)")
     p.add_argument("--results", default=None,
-                   help="raw results (JSON); default docs/bench-results/surfaces.json, "
-                        "with --quick <out>/surfaces.json")
+                   help="raw results: a name under docs/bench-results/ (as the other benches take it) or a path "
+                        "ending in .json; default docs/bench-results/surfaces.json, with --quick <out>/surfaces.json")
     p.add_argument("--surfaces", nargs="+", default=list(SURFACES), help="skimage.data photographs, one model each")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="crop, anomaly and training seeds")
     p.add_argument("--train", type=int, default=500, help="defect-free training crops per run (5%% calibrate)")
@@ -428,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
             futures = {r: pool.submit(run_one, *r[:2], settings, out, r[2]) for r in phase}
             done.update({r: f.result() for r, f in futures.items()})
     runs = [done[r] for r in runs_wanted]
-    results = Path(args.results or (out / "surfaces.json" if args.quick else RESULTS))
+    results = results_path(args.results, out / "surfaces.json" if args.quick else RESULTS)
     text = markdown(runs, settings, os.path.relpath(results.resolve(), REPO))
     (out / "surfaces.md").write_text(text)
     results.parent.mkdir(parents=True, exist_ok=True)

@@ -97,3 +97,14 @@ def test_the_leave_one_kind_out_variants_never_train_on_the_corruption_they_are_
         assert settings.pop("defect_head") is True
         cfg = TrainConfig(data_url="-", out_url="-", **settings)
         assert left_out not in cfg.corruptions and set(cfg.corruptions) == set(CORRUPTIONS) - {left_out}, kind
+
+
+def test_results_take_a_name_as_the_other_benches_do_or_a_json_path():
+    from bench.surfaces import RESULTS, results_path
+
+    default = Path("elsewhere.json")
+    assert results_path(None, default) == default
+    assert results_path("surfaces-tiled", default) == RESULTS.parent / "surfaces-tiled.json"
+    assert results_path("out/x.json", default) == Path("out/x.json")
+    with pytest.raises(SystemExit, match="name under docs/bench-results"):
+        results_path("bench-output/x", default)
