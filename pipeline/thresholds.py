@@ -222,16 +222,24 @@ class Calibration:
     def fuse(self, values: dict[str, np.ndarray]) -> np.ndarray:
         """The fused score: the largest robust z of its parts (an image is as odd as its oddest
         score says)."""
-        return np.max(np.stack([self.get(name).standardise(values[name]) for name in self.fused_from]), axis=0)
+        return np.max(self.fused_parts(values), axis=0)
+
+    def fused_parts(self, values: dict[str, np.ndarray]) -> np.ndarray:
+        """(parts, N): each of the fused score's parts as its robust z."""
+        return np.stack([self.get(name).standardise(values[name]) for name in self.fused_from])
 
     def fuse_held_out(self, held_out: dict[str, np.ndarray]) -> np.ndarray:
         """The fused score of each held-out image as an unseen image would get it: its parts
         standardised by the median and spread of the other held-out values (leave one out). The
         plain in-sample fuse reads a small split as tighter than it is, and its threshold too low.
         Above LEAVE_ONE_OUT_MAX values the difference is negligible and the plain fuse is used."""
+        return np.max(self.held_out_parts(held_out), axis=0)
+
+    def held_out_parts(self, held_out: dict[str, np.ndarray]) -> np.ndarray:
+        """(parts, N): each held-out image's parts as fuse_held_out standardises them."""
         first = np.asarray(held_out[self.fused_from[0]])
         if first.size > LEAVE_ONE_OUT_MAX:
-            return self.fuse(held_out)
+            return self.fused_parts(held_out)
         parts = []
         for name in self.fused_from:
             calibration = self.get(name)
@@ -244,7 +252,7 @@ class Calibration:
                 centre = float(np.median(rest))
                 z[i] = (fitted[i] - centre) / robust_spread(rest, centre)
             parts.append(z)
-        return np.max(np.stack(parts), axis=0)
+        return np.stack(parts)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": 2, "default_score": self.default_score, "fused_from": list(self.fused_from),
