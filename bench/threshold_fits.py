@@ -8,9 +8,10 @@ of those runs' corpora once more (the detection bench's own `corpus` and `score_
 same images, held-out split, calibration and bank), keeps the values under <out>/values/, and
 then asks what `fused`'s default threshold (`quantile:0.99`, no labels) would flag under:
 - fits of the held-out `fused` values: "default" (`ScoreCalibration`: a two-Gaussian mixture
-  chosen by BIC from MIXTURE_MIN values up), and "skew-normal by BIC" (one Gaussian, two, or one
+  chosen by BIC from MIXTURE_MIN values up); "skew-normal by BIC" (one Gaussian, two, or one
   skew-normal, whichever BIC prefers; the skew-normal's 0.99-quantile raised by the same
-  tolerance margin the default adds);
+  tolerance margin the default adds); "skew-normal bulk + Gaussian tail by BIC" (those three or a
+  skew-normal bulk under a Gaussian of anomalies, fitted by EM);
 - fusions of the parts' robust z-scores (each fitted with the default): "max" (the default),
   "sum", "l2 of positives", "max + half the second", "log-sum-exp".
 For each: the FPR on the normal images and each kind's recall at that threshold, AUROC, and the
@@ -80,7 +81,71 @@ def skew_normal_fit(values: np.ndarray) -> float:
     return float(means[bulk] + tolerance_factor(max(3, round(n * weights[bulk])), DEFAULT_Q) * sds[bulk])
 
 
-FITS = {"default": default_fit, "skew-normal by BIC": skew_normal_fit}
+def _skew_bulk_gaussian_tail(values: np.ndarray, start) -> tuple[float, tuple, float] | None:
+    """EM for a skew-normal bulk under a Gaussian tail, started from the two-Gaussian split:
+    (log-likelihood, the bulk's (shape, location, scale), the tail's weight), or None when the tail
+    ends up empty, heavier than MAX_CONTAMINATION or below the bulk's mean."""
+    from scipy.optimize import minimize
+    from scipy.stats import norm, skewnorm
+
+    from pipeline.thresholds import MAX_CONTAMINATION
+
+    lower = int(np.argmin(start.means_[:, 0]))
+    bulk = start.predict_proba(values[:, None])[:, lower]  # each value's responsibility of the bulk
+    shape, location, scale = skewnorm.fit(values)
+    params, previous, tail = np.array([shape, location, math.log(scale)]), -math.inf, 0.0
+    for _ in range(60):
+        tail = 1.0 - float(bulk.mean())
+        if not 1e-3 < tail <= MAX_CONTAMINATION:
+            return None
+        params = minimize(lambda p, r=bulk: -float((r * skewnorm.logpdf(values, p[0], p[1], math.exp(p[2]))).sum()),
+                          params, method="Nelder-Mead", options={"xatol": 1e-4, "fatol": 1e-6, "maxiter": 400}).x
+        weights = 1.0 - bulk
+        mean = float((weights * values).sum() / weights.sum())
+        sd = math.sqrt(float((weights * (values - mean) ** 2).sum() / weights.sum())) + 1e-6
+        in_bulk = (1.0 - tail) * skewnorm.pdf(values, params[0], params[1], math.exp(params[2]))
+        in_tail = tail * norm.pdf(values, mean, sd)
+        likelihood = float(np.log(in_bulk + in_tail + 1e-300).sum())
+        bulk = in_bulk / (in_bulk + in_tail + 1e-300)
+        if likelihood - previous < 1e-5:
+            break
+        previous = likelihood
+    shape, location, scale = params[0], params[1], math.exp(params[2])
+    if mean <= skewnorm.mean(shape, location, scale):
+        return None
+    return previous, (shape, location, scale), tail
+
+
+def skew_mixture_fit(values: np.ndarray) -> float:
+    """As skew_normal_fit, with one more model in the BIC's choice: a skew-normal bulk under a
+    Gaussian tail of anomalies (its 0.99-quantile and margin taken on the bulk's share)."""
+    from scipy.stats import norm, skewnorm
+    from sklearn.mixture import GaussianMixture
+
+    from pipeline.thresholds import MIXTURE_MIN, tolerance_factor
+
+    values = np.asarray(values, dtype=np.float64)
+    n = values.size
+    if n < MIXTURE_MIN:
+        return default_fit(values)
+    column = values[:, None]
+    one = GaussianMixture(1, random_state=0).fit(column)
+    two = GaussianMixture(2, n_init=3, random_state=0).fit(column)
+    shape, location, scale = skewnorm.fit(values)
+    bics = {"others": min(one.bic(column), two.bic(column),
+                          3 * math.log(n) - 2 * float(skewnorm.logpdf(values, shape, location, scale).sum()))}
+    fitted = _skew_bulk_gaussian_tail(values, two)
+    if fitted is not None:
+        bics["skew bulk"] = 6 * math.log(n) - 2 * fitted[0]
+    if min(bics, key=bics.get) == "others":
+        return skew_normal_fit(values)
+    _, bulk, tail = fitted
+    margin = tolerance_factor(max(3, round(n * (1 - tail))), DEFAULT_Q) - norm.ppf(DEFAULT_Q)
+    return float(skewnorm.ppf(DEFAULT_Q, *bulk) + margin * skewnorm.std(*bulk))
+
+
+FITS = {"default": default_fit, "skew-normal by BIC": skew_normal_fit,
+        "skew-normal bulk + Gaussian tail by BIC": skew_mixture_fit}
 
 
 def run_values(key: str, out: Path, n: int) -> dict[str, np.ndarray]:

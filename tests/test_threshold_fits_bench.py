@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import norm, skewnorm
 
-from bench.threshold_fits import FUSIONS, default_fit, skew_normal_fit, verdicts
+from bench.threshold_fits import FUSIONS, default_fit, skew_mixture_fit, skew_normal_fit, verdicts
 
 
 def test_the_skew_normal_candidate_holds_a_skewed_clean_bulk_that_the_mixture_splits():
@@ -21,6 +21,14 @@ def test_the_skew_normal_candidate_keeps_the_mixture_for_separated_anomalies():
     values = np.concatenate([rng.normal(0.0, 1.0, 950), rng.normal(8.0, 1.0, 50)])
     threshold = skew_normal_fit(values)
     assert norm.sf(threshold) < 0.02 and threshold < 4.0  # the bulk's tail, below every anomaly's bulk
+
+
+def test_the_skew_bulk_with_a_gaussian_tail_holds_a_skewed_bulk_under_anomalies():
+    rng = np.random.default_rng(0)
+    spread, centre = skewnorm.std(4.0), skewnorm.mean(4.0)
+    values = np.concatenate([skewnorm.rvs(4.0, size=950, random_state=rng), rng.normal(centre + 6 * spread, spread, 50)])
+    assert skewnorm.sf(skew_mixture_fit(values), 4.0) <= 0.02  # the bulk's own tail, found under the anomalies
+    assert skewnorm.sf(skew_normal_fit(values), 4.0) > 0.025  # without the tail model: two Gaussians, too narrow
 
 
 def test_the_fusions_agree_on_one_part_and_max_is_the_default_fuse():
