@@ -53,32 +53,40 @@ def default_fit(values: np.ndarray) -> float:
     return ScoreCalibration.fit(values, log=False).quantile(DEFAULT_Q)
 
 
-def skew_normal_fit(values: np.ndarray) -> float:
-    """The bulk as one Gaussian, two (the lower one) or one skew-normal, by BIC; below
-    MIXTURE_MIN values the default (clipping)."""
+def _bulk_models(values: np.ndarray):
+    """{model: (BIC, threshold)} for the bulk as one Gaussian, the lower of two, or one skew-normal
+    (its 0.99-quantile raised by the tolerance margin the default adds), and the two-Gaussian fit."""
     from scipy.stats import norm, skewnorm
     from sklearn.mixture import GaussianMixture
 
-    from pipeline.thresholds import MAX_CONTAMINATION, MIXTURE_MIN, tolerance_factor
+    from pipeline.thresholds import MAX_CONTAMINATION, tolerance_factor
 
-    values = np.asarray(values, dtype=np.float64)
-    n = values.size
-    if n < MIXTURE_MIN:
-        return default_fit(values)
-    column = values[:, None]
+    n, column = values.size, values[:, None]
     one = GaussianMixture(1, random_state=0).fit(column)
     two = GaussianMixture(2, n_init=3, random_state=0).fit(column)
     shape, location, scale = skewnorm.fit(values)
-    skew_bic = 3 * math.log(n) - 2 * float(skewnorm.logpdf(values, shape, location, scale).sum())
-    margin = tolerance_factor(n, DEFAULT_Q) - norm.ppf(DEFAULT_Q)  # the default's bound over its point estimate
-    best = min((one.bic(column), "one"), (two.bic(column), "two"), (skew_bic, "skew"))[1]
-    if best == "skew":
-        return float(skewnorm.ppf(DEFAULT_Q, shape, location, scale) + margin * skewnorm.std(shape, location, scale))
+    one_threshold = float(values.mean() + tolerance_factor(n, DEFAULT_Q) * values.std())
     means, sds, weights = two.means_[:, 0], np.sqrt(two.covariances_.reshape(-1)), two.weights_
     bulk, tail = (0, 1) if means[0] < means[1] else (1, 0)
-    if best == "one" or weights[tail] > MAX_CONTAMINATION:
-        return float(values.mean() + tolerance_factor(n, DEFAULT_Q) * values.std())
-    return float(means[bulk] + tolerance_factor(max(3, round(n * weights[bulk])), DEFAULT_Q) * sds[bulk])
+    two_threshold = one_threshold if weights[tail] > MAX_CONTAMINATION else float(
+        means[bulk] + tolerance_factor(max(3, round(n * weights[bulk])), DEFAULT_Q) * sds[bulk])
+    margin = tolerance_factor(n, DEFAULT_Q) - norm.ppf(DEFAULT_Q)  # the default's bound over its point estimate
+    skew_threshold = float(skewnorm.ppf(DEFAULT_Q, shape, location, scale)
+                           + margin * skewnorm.std(shape, location, scale))
+    skew_bic = 3 * math.log(n) - 2 * float(skewnorm.logpdf(values, shape, location, scale).sum())
+    return {"one": (one.bic(column), one_threshold), "two": (two.bic(column), two_threshold),
+            "skew": (skew_bic, skew_threshold)}, two
+
+
+def skew_normal_fit(values: np.ndarray) -> float:
+    """The bulk as one Gaussian, two (the lower one) or one skew-normal, by BIC; below
+    MIXTURE_MIN values the default (clipping)."""
+    from pipeline.thresholds import MIXTURE_MIN
+
+    values = np.asarray(values, dtype=np.float64)
+    if values.size < MIXTURE_MIN:
+        return default_fit(values)
+    return min(_bulk_models(values)[0].values())[1]
 
 
 def _skew_bulk_gaussian_tail(values: np.ndarray, start) -> tuple[float, tuple, float] | None:
@@ -120,7 +128,6 @@ def skew_mixture_fit(values: np.ndarray) -> float:
     """As skew_normal_fit, with one more model in the BIC's choice: a skew-normal bulk under a
     Gaussian tail of anomalies (its 0.99-quantile and margin taken on the bulk's share)."""
     from scipy.stats import norm, skewnorm
-    from sklearn.mixture import GaussianMixture
 
     from pipeline.thresholds import MIXTURE_MIN, tolerance_factor
 
@@ -128,20 +135,14 @@ def skew_mixture_fit(values: np.ndarray) -> float:
     n = values.size
     if n < MIXTURE_MIN:
         return default_fit(values)
-    column = values[:, None]
-    one = GaussianMixture(1, random_state=0).fit(column)
-    two = GaussianMixture(2, n_init=3, random_state=0).fit(column)
-    shape, location, scale = skewnorm.fit(values)
-    bics = {"others": min(one.bic(column), two.bic(column),
-                          3 * math.log(n) - 2 * float(skewnorm.logpdf(values, shape, location, scale).sum()))}
+    models, two = _bulk_models(values)
     fitted = _skew_bulk_gaussian_tail(values, two)
     if fitted is not None:
-        bics["skew bulk"] = 6 * math.log(n) - 2 * fitted[0]
-    if min(bics, key=bics.get) == "others":
-        return skew_normal_fit(values)
-    _, bulk, tail = fitted
-    margin = tolerance_factor(max(3, round(n * (1 - tail))), DEFAULT_Q) - norm.ppf(DEFAULT_Q)
-    return float(skewnorm.ppf(DEFAULT_Q, *bulk) + margin * skewnorm.std(*bulk))
+        likelihood, bulk, tail = fitted
+        margin = tolerance_factor(max(3, round(n * (1 - tail))), DEFAULT_Q) - norm.ppf(DEFAULT_Q)
+        models["skew bulk"] = (6 * math.log(n) - 2 * likelihood,
+                               float(skewnorm.ppf(DEFAULT_Q, *bulk) + margin * skewnorm.std(*bulk)))
+    return min(models.values())[1]
 
 
 FITS = {"default": default_fit, "skew-normal by BIC": skew_normal_fit,
