@@ -195,37 +195,53 @@ def score_metrics(values: np.ndarray, kinds: np.ndarray, threshold: float, kind_
             "ideal_recall": {k: float((values[kinds == k] > ideal).mean()) for k in present}}
 
 
+def run_corpus(key: str, n: int):
+    """A run key's ("s1_c0.05_plain_p64") corpus and settings: (seed, contamination, variant, image
+    size), ids, pixels, kinds, its TrainConfig and its held-out mask."""
+    from pipeline.model import AutoencoderConfig
+    from pipeline.sampling import split_of
+    from pipeline.train import TrainConfig
+
+    seed, fraction, variant, size = key.split("_")
+    seed, fraction, size = int(seed[1:]), float(fraction[1:]), int(size[1:])
+    ids, pixels, kinds = corpus(n, size, fraction, seed)
+    cfg = TrainConfig(data_url="(in memory)", out_url="(in memory)", model=AutoencoderConfig(image_size=size),
+                      seed=seed, **VARIANTS[variant])
+    return (seed, fraction, variant, size), ids, pixels, kinds, cfg, split_of(ids, cfg.val_fraction)
+
+
+def saved_model(weights: Path, cfg):
+    """(model in eval mode, the epoch it was exported from) from a run's kept weights."""
+    import torch
+
+    from pipeline.model import build_model
+
+    saved = torch.load(weights, weights_only=True)
+    model = build_model(cfg.model)
+    model.load_state_dict(saved["state_dict"])
+    return model.eval(), saved["epoch"]
+
+
 def run_one(key: str, n: int, out: Path, precision: str = "float32") -> dict:
     """One (seed, contamination, training variant, image size) run; cached as JSON."""
     import torch
 
-    from pipeline.model import AutoencoderConfig, build_model, count_parameters
-    from pipeline.sampling import split_of
-    from pipeline.train import TrainConfig
+    from pipeline.model import count_parameters
 
     path = out / "runs" / f"{key}.json"
     if path.exists():
         return json.loads(path.read_text())
     torch.set_num_threads(1)
-    seed, fraction, variant, size = key.split("_")
-    seed, fraction, size = int(seed[1:]), float(fraction[1:]), int(size[1:])
     started = time.perf_counter()
 
     def log(message: str) -> None:
         print(f"[{key}] {message}", flush=True)
 
-    ids, pixels, kinds = corpus(n, size, fraction, seed)
-    cfg = TrainConfig(data_url="(in memory)", out_url="(in memory)", model=AutoencoderConfig(image_size=size),
-                      seed=seed, **VARIANTS[variant])
-    held_out = split_of(ids, cfg.val_fraction)
+    (seed, fraction, variant, size), ids, pixels, kinds, cfg, held_out = run_corpus(key, n)
     log(f"{n} images, {int((kinds != '').sum())} anomalies; training on {int((~held_out).sum())}")
     weights = out / "models" / f"{key}.pt"  # kept, so that a change of scoring reruns in minutes
     if weights.exists():
-        saved = torch.load(weights, weights_only=True)
-        model = build_model(cfg.model)
-        model.load_state_dict(saved["state_dict"])
-        model.eval()
-        exported_epoch = saved["epoch"]
+        model, exported_epoch = saved_model(weights, cfg)
     else:
         model, exported_epoch = train_model(pixels[~held_out], pixels[held_out], cfg, log)
         weights.parent.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench.common import write_results  # noqa: E402
-from bench.detection import ANOMALY_KINDS, DEFAULT_Q, IDEAL_FPR, VARIANTS  # noqa: E402
+from bench.detection import ANOMALY_KINDS, DEFAULT_Q, score_metrics  # noqa: E402
 
 FUSIONS = {
     "max": lambda z: z.max(axis=0),
@@ -158,24 +158,14 @@ def run_values(key: str, out: Path, n: int) -> dict[str, np.ndarray]:
             return dict(saved)
     import torch
 
-    from bench.detection import corpus, score_corpus
-    from pipeline.model import AutoencoderConfig, build_model
-    from pipeline.sampling import split_of
-    from pipeline.train import TrainConfig
+    from bench.detection import run_corpus, saved_model, score_corpus
 
     weights = out / "models" / f"{key}.pt"
     if not weights.exists():
         raise SystemExit(f"{weights} is missing: run bench/detection.py --out {out} for this run first")
     torch.set_num_threads(1)
-    seed, fraction, variant, size = key.split("_")
-    seed, fraction, size = int(seed[1:]), float(fraction[1:]), int(size[1:])
-    ids, pixels, kinds = corpus(n, size, fraction, seed)
-    cfg = TrainConfig(data_url="-", out_url="-", model=AutoencoderConfig(image_size=size), seed=seed,
-                      **VARIANTS[variant])
-    held_out = split_of(ids, cfg.val_fraction)
-    model = build_model(cfg.model)
-    model.load_state_dict(torch.load(weights, weights_only=True)["state_dict"])
-    calibration, scores = score_corpus(model.eval(), ids, pixels, held_out)
+    _, ids, pixels, kinds, cfg, held_out = run_corpus(key, n)
+    calibration, scores = score_corpus(saved_model(weights, cfg)[0], ids, pixels, held_out)
     values = {"parts": calibration.fused_parts(scores),
               "held_out_parts": calibration.held_out_parts({name: scores[name][held_out]
                                                             for name in calibration.fused_from}),
@@ -186,14 +176,10 @@ def run_values(key: str, out: Path, n: int) -> dict[str, np.ndarray]:
 
 
 def measure(fused: np.ndarray, kinds: np.ndarray, threshold: float) -> dict:
-    from sklearn.metrics import roc_auc_score
-
-    normal = fused[kinds == ""]
-    ideal = float(np.quantile(normal, 1 - IDEAL_FPR))
-    return {"threshold": float(threshold), "fpr": float((normal > threshold).mean()),
-            "recall": {k: float((fused[kinds == k] > threshold).mean()) for k in ANOMALY_KINDS if (kinds == k).any()},
-            "auroc": float(roc_auc_score((kinds != "").astype(int), fused)),
-            "ideal_colour_shift": float((fused[kinds == "colour_shift"] > ideal).mean())}
+    """The detection bench's metrics at `threshold`, and colour shifts' recall at its ideal cut."""
+    metrics = score_metrics(fused, kinds, threshold)
+    return {"threshold": metrics["threshold"], "fpr": metrics["fpr"], "recall": metrics["recall"],
+            "auroc": metrics["auroc"], "ideal_colour_shift": metrics["ideal_recall"]["colour_shift"]}
 
 
 def evaluate(values: dict[str, np.ndarray]) -> dict[str, dict]:
