@@ -53,29 +53,31 @@ def default_fit(values: np.ndarray) -> float:
     return ScoreCalibration.fit(values, log=False).quantile(DEFAULT_Q)
 
 
-def _bulk_models(values: np.ndarray):
-    """{model: (BIC, threshold)} for the bulk as one Gaussian, the lower of two, or one skew-normal
-    (its 0.99-quantile raised by the tolerance margin the default adds), and the two-Gaussian fit."""
+def _skew_threshold(bulk: tuple[float, float, float], n_bulk: int) -> float:
+    """A skew-normal bulk's 0.99-quantile raised by the margin the default's tolerance bound adds
+    over its point estimate for a bulk of n_bulk values."""
     from scipy.stats import norm, skewnorm
-    from sklearn.mixture import GaussianMixture
 
-    from pipeline.thresholds import MAX_CONTAMINATION, tolerance_factor
+    from pipeline.thresholds import tolerance_factor
+
+    margin = tolerance_factor(max(3, n_bulk), DEFAULT_Q) - norm.ppf(DEFAULT_Q)
+    return float(skewnorm.ppf(DEFAULT_Q, *bulk) + margin * skewnorm.std(*bulk))
+
+
+def _bulk_models(values: np.ndarray):
+    """{model: (BIC, threshold)} for the default's Gaussian bulk (one Gaussian or the lower of two,
+    whichever BIC prefers, as `ScoreCalibration` fits it) and for one skew-normal; and the
+    two-Gaussian fit."""
+    from scipy.stats import skewnorm
+    from sklearn.mixture import GaussianMixture
 
     n, column = values.size, values[:, None]
     one = GaussianMixture(1, random_state=0).fit(column)
-    two = GaussianMixture(2, n_init=3, random_state=0).fit(column)
-    shape, location, scale = skewnorm.fit(values)
-    one_threshold = float(values.mean() + tolerance_factor(n, DEFAULT_Q) * values.std())
-    means, sds, weights = two.means_[:, 0], np.sqrt(two.covariances_.reshape(-1)), two.weights_
-    bulk, tail = (0, 1) if means[0] < means[1] else (1, 0)
-    two_threshold = one_threshold if weights[tail] > MAX_CONTAMINATION else float(
-        means[bulk] + tolerance_factor(max(3, round(n * weights[bulk])), DEFAULT_Q) * sds[bulk])
-    margin = tolerance_factor(n, DEFAULT_Q) - norm.ppf(DEFAULT_Q)  # the default's bound over its point estimate
-    skew_threshold = float(skewnorm.ppf(DEFAULT_Q, shape, location, scale)
-                           + margin * skewnorm.std(shape, location, scale))
-    skew_bic = 3 * math.log(n) - 2 * float(skewnorm.logpdf(values, shape, location, scale).sum())
-    return {"one": (one.bic(column), one_threshold), "two": (two.bic(column), two_threshold),
-            "skew": (skew_bic, skew_threshold)}, two
+    two = GaussianMixture(2, n_init=3, random_state=0).fit(column)  # the fits fit_normal_bulk makes
+    skew = skewnorm.fit(values)
+    skew_bic = 3 * math.log(n) - 2 * float(skewnorm.logpdf(values, *skew).sum())
+    return {"gaussian": (min(one.bic(column), two.bic(column)), default_fit(values)),
+            "skew": (skew_bic, _skew_threshold(skew, n))}, two
 
 
 def skew_normal_fit(values: np.ndarray) -> float:
@@ -127,9 +129,7 @@ def _skew_bulk_gaussian_tail(values: np.ndarray, start) -> tuple[float, tuple, f
 def skew_mixture_fit(values: np.ndarray) -> float:
     """As skew_normal_fit, with one more model in the BIC's choice: a skew-normal bulk under a
     Gaussian tail of anomalies (its 0.99-quantile and margin taken on the bulk's share)."""
-    from scipy.stats import norm, skewnorm
-
-    from pipeline.thresholds import MIXTURE_MIN, tolerance_factor
+    from pipeline.thresholds import MIXTURE_MIN
 
     values = np.asarray(values, dtype=np.float64)
     n = values.size
@@ -139,9 +139,7 @@ def skew_mixture_fit(values: np.ndarray) -> float:
     fitted = _skew_bulk_gaussian_tail(values, two)
     if fitted is not None:
         likelihood, bulk, tail = fitted
-        margin = tolerance_factor(max(3, round(n * (1 - tail))), DEFAULT_Q) - norm.ppf(DEFAULT_Q)
-        models["skew bulk"] = (6 * math.log(n) - 2 * likelihood,
-                               float(skewnorm.ppf(DEFAULT_Q, *bulk) + margin * skewnorm.std(*bulk)))
+        models["skew bulk"] = (6 * math.log(n) - 2 * likelihood, _skew_threshold(bulk, round(n * (1 - tail))))
     return min(models.values())[1]
 
 
