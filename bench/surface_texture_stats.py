@@ -44,8 +44,15 @@ from bench.surfaces import SURFACES, model_config, run_key, surface_set  # noqa:
 SOURCES = ("pixels", "stem", "stage1")
 WINDOWS = (16, 32)  # px of the working-resolution image a description covers
 MEMORY = 20_000  # training windows kept
-SETTINGS = {"train": 500, "normal": 200, "per_kind": 6, "epochs": 10, "image_size": 256, "tile": 64,
-            "tile_stride": 32}  # bench/surfaces.py's tiled runs (see the docstring)
+# bench/surfaces.py's tiled runs (the command in the docstring; its defaults otherwise)
+TILED = {"train": 500, "normal": 200, "per_kind": 6, "image_size": 256, "tile": 64, "tile_stride": 32}
+
+
+def surfaces_settings() -> dict:
+    """The settings of those runs as bench/surfaces.py keys them: the train job's epochs by default."""
+    from pipeline.train import TrainConfig
+
+    return {**TILED, "epochs": TrainConfig(data_url="-", out_url="-").epochs}
 
 
 def feature_map(model, pixels: np.ndarray, source: str):
@@ -102,21 +109,24 @@ def run(surface: str, seed: int, out: Path) -> dict:
 
     from pipeline.model import build_model
     from pipeline.sampling import split_of
+    from pipeline.train import TrainConfig
 
     torch.set_num_threads(1)
-    key = run_key(surface, seed, SETTINGS)
+    settings = surfaces_settings()
+    key = run_key(surface, seed, settings)
     weights, cached = out / "models" / f"{key}.pt", out / "runs" / f"{key}.json"
     if not (weights.exists() and cached.exists()):
         raise SystemExit(f"no surfaces bench run {key} under {out}: run the command in this script's docstring")
     pipeline_scores = json.loads(cached.read_text())["scores"]
-    pixels, kinds, _ = surface_set(surface, seed, SETTINGS["train"], SETTINGS["normal"], SETTINGS["per_kind"],
-                                   SETTINGS["image_size"])
-    model = build_model(model_config(SETTINGS, pixels.shape[-1]))
+    pixels, kinds, _ = surface_set(surface, seed, settings["train"], settings["normal"], settings["per_kind"],
+                                   settings["image_size"])
+    model = build_model(model_config(settings, pixels.shape[-1]))
     model.load_state_dict(torch.load(weights, weights_only=True))
     model.eval()
-    n = SETTINGS["train"]
+    n = settings["train"]
     ids = [f"{surface}-{i:06d}" for i in range(n)]
-    trained = np.flatnonzero(~split_of(ids, 0.05))  # the training split the model saw (the bench's val_fraction)
+    val_fraction = TrainConfig(data_url="-", out_url="-").val_fraction  # as bench/surfaces.py splits
+    trained = np.flatnonzero(~split_of(ids, val_fraction))  # the crops the model trained on
     kinds = kinds[n:]
     result = {"surface": surface, "seed": seed, "run": key, "described": {},
               "pipeline": {name: pipeline_scores[name]["auroc"] for name in pipeline_scores}}
@@ -164,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = [run(surface, seed, Path(args.out)) for surface in args.surfaces for seed in args.seeds]
     text = markdown(runs)
     print(text)
-    write_results(args.results, {"settings": {**SETTINGS, "memory": MEMORY, "windows": WINDOWS}, "runs": runs})
+    write_results(args.results, {"settings": {**surfaces_settings(), "memory": MEMORY, "windows": WINDOWS},
+                                 "runs": runs})
     return 0
 
 
