@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import write_results  # noqa: E402
 from bench.surface_defects import KINDS  # noqa: E402
-from bench.surfaces import SURFACES, model_config, run_key, surface_set  # noqa: E402
+from bench.surfaces import SURFACES, auroc, model_config, run_key, surface_set  # noqa: E402
 
 SOURCES = ("pixels", "stem", "stage1")
 WINDOWS = (16, 32)  # px of the working-resolution image a description covers
@@ -93,14 +93,6 @@ def farthest_window(train: np.ndarray, test: np.ndarray, memory: int = MEMORY, s
     queries = np.ascontiguousarray(((test - centre) / scale).reshape(-1, flat.shape[1]), dtype=np.float32)
     squared, _ = index.search(queries, 1)
     return np.sqrt(np.maximum(squared[:, 0], 0)).reshape(test.shape[0], test.shape[1]).max(axis=1)
-
-
-def auroc(scores: np.ndarray, kinds: np.ndarray, kind: str | None = None) -> float:
-    """AUROC of the anomalies (those of `kind` when given) against the normal images ("")."""
-    from sklearn.metrics import roc_auc_score
-
-    keep = (kinds == "") | ((kinds != "") if kind is None else (kinds == kind))
-    return float(roc_auc_score(kinds[keep] != "", scores[keep]))
 
 
 def run(surface: str, seed: int, out: Path) -> dict:

@@ -198,7 +198,7 @@ def run_one(surface: str, seed: int, settings: dict, out: Path, variant: str = "
     for name, values in scores.items():
         threshold = calibration.threshold(name, DEFAULT_Q)
         metrics[name] = score_metrics(values[n_train:], kinds, threshold, KINDS)
-        metrics[name]["auroc_by_kind"] = {kind: _auroc(values[n_train:], kinds, kind) for kind in KINDS}
+        metrics[name]["auroc_by_kind"] = {kind: auroc(values[n_train:], kinds, kind) for kind in KINDS}
         metrics[name]["recall_by_contrast"] = {
             kind: {str(c): float((values[n_train:][(kinds == kind) & (contrasts == c)] > threshold).mean())
                    for c in CONTRASTS} for kind in KINDS}
@@ -216,12 +216,12 @@ def run_one(surface: str, seed: int, settings: dict, out: Path, variant: str = "
     return result
 
 
-def _auroc(values: np.ndarray, kinds: np.ndarray, kind: str) -> float:
-    """AUROC of the normal images against the anomalies of one kind."""
+def auroc(values: np.ndarray, kinds: np.ndarray, kind: str | None = None) -> float:
+    """AUROC of the normal images ("") against the anomalies of one kind (of every kind when None)."""
     from sklearn.metrics import roc_auc_score
 
-    keep = (kinds == "") | (kinds == kind)
-    return float(roc_auc_score(kinds[keep] == kind, values[keep]))
+    keep = (kinds == "") | ((kinds != "") if kind is None else (kinds == kind))
+    return float(roc_auc_score(kinds[keep] != "", values[keep]))
 
 
 # ---------------------------------------------------------------- Markdown

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bench.surface_texture_stats import auroc, farthest_window, feature_map, window_statistics
+from bench.surface_texture_stats import farthest_window, feature_map, window_statistics
+from bench.surfaces import auroc
 
 
 def test_window_statistics_are_each_windows_mean_and_spread():
@@ -30,7 +31,7 @@ def test_the_farthest_window_finds_a_small_bright_defect_on_noise():
     assert scores[-1] > 2 * scores[:-1].max()  # far beyond every clean image's farthest window
 
 
-def test_auroc_of_a_kind_reads_only_that_kind_and_the_normals():
+def test_the_surfaces_auroc_of_a_kind_reads_only_that_kind_and_the_normals():
     kinds = np.array(["", "", "", "crack", "crack", "speck"], dtype=object)
     scores = np.array([0.1, 0.2, 0.3, 0.9, 0.8, 0.0])
     assert auroc(scores, kinds, "crack") == 1.0
