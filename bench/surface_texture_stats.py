@@ -63,6 +63,8 @@ def feature_map(model, pixels: np.ndarray, source: str):
     if source == "pixels":
         return x
     with torch.inference_mode():
+        # The encoder's first two steps only, as its _encode takes them: the whole image fits
+        # the convolutions but not the latent layer, which expects a tile.
         stem = model.stem(torch.addcmul(-model.mean / model.std, x, 1.0 / model.std))  # (B, base, S/2, S/2)
         return stem if source == "stem" else model.down[0](stem)
 
