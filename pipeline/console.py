@@ -80,18 +80,31 @@ def is_harmless(line: str) -> bool:
     return any(pattern.search(line) for pattern in KNOWN_HARMLESS)
 
 
+class UsefulLines:
+    """The known-harmless lines left out of a stream of lines, with the traceback that follows
+    each: call it on each piece of the stream as it arrives. A line and its traceback may come
+    in different pieces (a pipe read mid-write, a batch of forwarded worker lines), so whether a
+    traceback is being left out carries over from one piece to the next."""
+
+    def __init__(self) -> None:
+        self.skipping = False
+
+    def __call__(self, lines: list[str]) -> list[str]:
+        kept = []
+        for line in lines:
+            if is_harmless(line):
+                self.skipping = True
+                continue
+            if self.skipping and _TRACEBACK_LINE.match(line):
+                continue
+            self.skipping = False
+            kept.append(line)
+        return kept
+
+
 def useful_lines(lines: list[str]) -> list[str]:
     """`lines` without the known-harmless ones and the traceback that follows such a line."""
-    kept, skipping = [], False
-    for line in lines:
-        if is_harmless(line):
-            skipping = True
-            continue
-        if skipping and _TRACEBACK_LINE.match(line):
-            continue
-        skipping = False
-        kept.append(line)
-    return kept
+    return UsefulLines()(lines)
 
 
 class _HarmlessFilter(logging.Filter):
@@ -146,10 +159,13 @@ def filter_worker_lines(verbose: bool = False) -> None:
     if original is None or getattr(original, "squeeze_filtered", False):
         return
 
+    by_source: dict[tuple, UsefulLines] = {}  # one filter per worker stream: its batches are pieces of one stream
+
     def print_useful(data: dict[str, Any]) -> None:
         if data.get("actor_name") in QUIET_ACTORS:
             return
-        lines = useful_lines(list(data.get("lines", [])))
+        source = (data.get("ip"), data.get("pid"), data.get("is_err"))
+        lines = by_source.setdefault(source, UsefulLines())(list(data.get("lines", [])))
         if lines:
             original({**data, "lines": lines})
 
@@ -160,15 +176,15 @@ def filter_worker_lines(verbose: bool = False) -> None:
 
 def _pump(read_fd: int, write_fd: int) -> None:
     """Copy lines from `read_fd` to `write_fd`, leaving out the known-harmless ones, until EOF."""
-    pending = b""
+    pending, useful = b"", UsefulLines()
     with os.fdopen(read_fd, "rb", buffering=0) as source:
         while chunk := source.read(65536):
             pending += chunk
             *lines, pending = pending.split(b"\n")
-            kept = useful_lines([line.decode("utf-8", "replace") for line in lines])
+            kept = useful([line.decode("utf-8", "replace") for line in lines])
             if kept:
                 os.write(write_fd, "\n".join(kept).encode("utf-8") + b"\n")
-    if pending and not is_harmless(pending.decode("utf-8", "replace")):
+    if pending and useful([pending.decode("utf-8", "replace")]):
         os.write(write_fd, pending)
 
 
