@@ -115,10 +115,16 @@ class TallyClient:
 
 class Poller:
     """A context manager that calls `tick` every `poll` seconds on a daemon thread while it is
-    open, and `finish` (one last `tick` unless overridden) when it closes."""
+    open, and `finish` (one last `tick` unless overridden) when it closes.
+
+    What it shows is a display of work that goes on without it: a tick that fails (storage that
+    answers late, a progress actor lost with its node) is said once in a warning and tried again
+    at the next poll, never ends the work or prints a traceback over the job's lines.
+    """
 
     def __init__(self, poll: float, name: str):
-        self.poll = poll
+        self.poll, self.name = poll, name
+        self.failures = 0  # ticks that failed
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name=name, daemon=True)
 
@@ -128,9 +134,20 @@ class Poller:
     def finish(self) -> None:
         self.tick()
 
+    def failed(self, error: Exception) -> None:
+        """Count a failed tick; the first one is said in a warning."""
+        self.failures += 1
+        if self.failures == 1:
+            cause = (str(error).strip().splitlines() or [""])[0][:200]
+            print(f"warning: the {self.name} display could not be updated ({type(error).__name__}: {cause}); "
+                  "the job goes on", file=sys.stderr, flush=True)
+
     def _watch(self) -> None:
         while not self._stop.wait(self.poll):
-            self.tick()
+            try:
+                self.tick()
+            except Exception as error:  # noqa: BLE001 - a display: said once, the work goes on
+                self.failed(error)
 
     def __enter__(self):
         self._thread.start()
@@ -139,26 +156,37 @@ class Poller:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.finish()
+        try:
+            self.finish()
+        except Exception as error:  # noqa: BLE001 - as in _watch; the job's own error, if any, stays its error
+            self.failed(error)
 
 
 class TallyWatch(Poller):
     """Driver side: a Ray tally actor, a thread that feeds its total into a `Progress`, and the
-    final rows by node. Use as a context manager around the work; `client` goes to the mappers."""
+    final rows by node. Use as a context manager around the work; `client` goes to the mappers.
+
+    The tally lives on the driver's node: a worker node that dies takes its mappers with it, which
+    Ray replaces, but not the count of the whole job. (The affinity is hard: Ray 2.60 places a
+    0-CPU actor with a soft one on other nodes too; the driver's node is alive while it runs.)
+    """
 
     def __init__(self, progress: Progress, poll: float = 1.0):
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         super().__init__(poll, "progress")
         self.progress = progress
-        self.tally = ray.remote(num_cpus=0)(RowTally).remote()
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.tally = ray.remote(num_cpus=0, scheduling_strategy=here)(RowTally).remote()
         self.client = TallyClient(self.tally)
-        self.by_node: dict[str, int] = {}
+        self.by_node: dict[str, int] = {}  # the last counts read
 
     def _read(self) -> dict[str, int]:
         import ray
 
-        return ray.get(self.tally.totals.remote())
+        self.by_node = ray.get(self.tally.totals.remote())
+        return self.by_node
 
     def tick(self) -> None:
         self.progress.update(sum(self._read().values()))
@@ -166,14 +194,15 @@ class TallyWatch(Poller):
     def finish(self) -> None:
         import ray
 
-        # The mappers' last messages may still be on their way: read until the count holds still.
-        self.by_node, deadline = self._read(), time.monotonic() + 5.0
-        while time.monotonic() < deadline:
-            time.sleep(0.2)
-            latest = self._read()
-            if latest == self.by_node:
-                break
-            self.by_node = latest
-        self.progress.update(sum(self.by_node.values()))
-        self.progress.close()
-        ray.kill(self.tally)
+        try:
+            # The mappers' last messages may still be on their way: read until the count holds still.
+            previous, deadline = self._read(), time.monotonic() + 5.0
+            while time.monotonic() < deadline:
+                time.sleep(0.2)
+                if self._read() == previous:
+                    break
+                previous = self.by_node
+        finally:  # a tally that cannot be read leaves the last counts read
+            self.progress.update(sum(self.by_node.values()))
+            self.progress.close()
+            ray.kill(self.tally)

@@ -232,3 +232,31 @@ def test_tasks_pinned_by_custom_resources_run_on_different_nodes(multinode_clust
     assert (node1, node2) == (multinode_cluster.node_ids["worker1"], multinode_cluster.node_ids["worker2"])
     alive = [n for n in ray.nodes() if n["Alive"]]
     assert len(alive) == 3 and ray.cluster_resources()["CPU"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(180)
+def test_the_progress_tally_lives_on_the_driver_s_node_while_that_node_is_busy(multinode_cluster):  # noqa: F811
+    """Left to Ray, a 0-CPU actor goes wherever there is room; the job's row tally must not sit
+    on a worker node whose death would take the job's count with it (pipeline/progress.py)."""
+    import ray
+
+    from pipeline.progress import Progress, TallyWatch
+
+    @ray.remote(num_cpus=1)
+    def hold(seconds: float) -> None:
+        import time
+
+        time.sleep(seconds)
+
+    busy = hold.options(resources={multinode_cluster.resources["head"]: 0.01}).remote(20)
+    head = multinode_cluster.node_ids["head"]
+    assert ray.get_runtime_context().get_node_id() == head
+    placed = []
+    for _ in range(4):
+        with TallyWatch(Progress("rows", None, bar=False, interval=3600)) as watch:
+            placed.append(ray.get(watch.tally.__ray_call__.remote(
+                lambda self: ray.get_runtime_context().get_node_id()), timeout=60))
+    ray.cancel(busy, force=True)
+    assert placed == [head] * 4
