@@ -93,6 +93,13 @@ def _tail(done: subprocess.CompletedProcess) -> str:
     return done.stdout[-3000:] + done.stderr[-3000:]
 
 
+def _traceback(done: subprocess.CompletedProcess) -> str:
+    """The first traceback on stderr and what came before it (empty when there is none): a failure
+    then shows what printed it."""
+    start = done.stderr.find("Traceback")
+    return "" if start < 0 else done.stderr[max(start - 600, 0):start + 1400]
+
+
 def _first_error(done: subprocess.CompletedProcess) -> str:
     lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     return lines[0] if lines else ""
@@ -213,7 +220,7 @@ def failing_for_good(bucket: str, upstream: str, workdir: Path, n: int = 200) ->
     with FaultProxy(upstream, fail_for_good=lambda method, path: method == "PUT" and path.startswith(prefix)
                     and path.endswith(".parquet")) as proxy:
         failed = run(embed_command(data, model, out), job_env(proxy.url))
-    after_failure = {"exit": failed.returncode, "error": _first_error(failed), "traceback": "Traceback" in failed.stderr,
+    after_failure = {"exit": failed.returncode, "error": _first_error(failed), "traceback": _traceback(failed),
                      "rows": rows_written(out), "finished": storage.exists(f"{out}/_SUCCESS.json")}
     done = run(embed_command(data, model, out), job_env())
     assert done.returncode == 0, _tail(done)
@@ -233,7 +240,7 @@ def disk_full(disk: Path, workdir: Path, n: int = 1000, room: int = 64 * 1024) -
     stat = os.statvfs(disk)
     ballast.write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - room))
     full = run(embed_command(data, model, str(out)), job_env())
-    after_failure = {"exit": full.returncode, "error": _first_error(full), "traceback": "Traceback" in full.stderr,
+    after_failure = {"exit": full.returncode, "error": _first_error(full), "traceback": _traceback(full),
                      "finished": (out / "_SUCCESS.json").exists()}
     ballast.unlink()
     done = run(embed_command(data, model, str(out)), job_env())
