@@ -175,17 +175,21 @@ def filter_worker_lines(verbose: bool = False) -> None:
 
 
 def _pump(read_fd: int, write_fd: int) -> None:
-    """Copy lines from `read_fd` to `write_fd`, leaving out the known-harmless ones, until EOF."""
+    """Copy lines from `read_fd` to `write_fd`, leaving out the known-harmless ones, until EOF;
+    both descriptors are the pump's own and closed by it."""
     pending, useful = b"", UsefulLines()
-    with os.fdopen(read_fd, "rb", buffering=0) as source:
-        while chunk := source.read(65536):
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            kept = useful([line.decode("utf-8", "replace") for line in lines])
-            if kept:
-                os.write(write_fd, "\n".join(kept).encode("utf-8") + b"\n")
-    if pending and useful([pending.decode("utf-8", "replace")]):
-        os.write(write_fd, pending)
+    try:
+        with os.fdopen(read_fd, "rb", buffering=0) as source:
+            while chunk := source.read(65536):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                kept = useful([line.decode("utf-8", "replace") for line in lines])
+                if kept:
+                    os.write(write_fd, "\n".join(kept).encode("utf-8") + b"\n")
+        if pending and useful([pending.decode("utf-8", "replace")]):
+            os.write(write_fd, pending)
+    finally:
+        os.close(write_fd)
 
 
 @contextlib.contextmanager
@@ -204,7 +208,10 @@ def filtered_stderr(verbose: bool = False) -> Iterator[None]:
     read_fd, write_fd = os.pipe()
     os.dup2(write_fd, 2, inheritable=False)
     os.close(write_fd)
-    pump = threading.Thread(target=_pump, args=(read_fd, saved), name="stderr-filter", daemon=True)
+    # The pump writes to a copy of the real stderr that it closes itself: should it still be at work
+    # when the wait below gives up (a busy machine), closing `saved` cannot hand its number to
+    # another file that the pump would then write into.
+    pump = threading.Thread(target=_pump, args=(read_fd, os.dup(saved)), name="stderr-filter", daemon=True)
     pump.start()
     try:
         yield

@@ -74,3 +74,19 @@ def test_forwarded_worker_lines_keep_one_filter_per_worker(monkeypatch):
     dispatcher.emit({**writer, "lines": [*TRACEBACK, "(Write) done"]})
     assert [(d["pid"], d["lines"]) for d in printed] == [
         (9568, ["(Write) starting"]), (9570, ["  another worker's indented line"]), (9568, ["(Write) done"])]
+
+
+def test_the_stderr_filter_passes_every_line_in_order_and_leaves_no_descriptor_open():
+    child = textwrap.dedent("""
+        import os
+        from pipeline.console import filtered_stderr
+        before = sorted(os.listdir("/proc/self/fd"))
+        for i in range(20):
+            with filtered_stderr():
+                os.write(2, f"line {i}\\n".encode())
+        print(before == sorted(os.listdir("/proc/self/fd")))
+    """)
+    done = subprocess.run([sys.executable, "-c", child], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "True\n"
+    assert done.stderr == "".join(f"line {i}\n" for i in range(20))
