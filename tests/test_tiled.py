@@ -90,7 +90,7 @@ def test_the_jobs_train_embed_and_draw_a_tiled_model(ray_local, tmp_path):
     from jobs.train import parse_args
     from pipeline.checkpoint import load_checkpoint
     from pipeline.embed import EmbedConfig, embed
-    from pipeline.latents import check_model_fits, read_latents
+    from pipeline.latents import check_model_fits, metadata_of, read_latents
     from pipeline.report.galleries import build_galleries, fetch_images
     from pipeline.shards import Columns, ShardList
     from pipeline.synth import write_synthetic_corpus
@@ -115,11 +115,13 @@ def test_the_jobs_train_embed_and_draw_a_tiled_model(ray_local, tmp_path):
     assert table.num_rows == 160 and len(set(table.column("id").to_pylist())) == 160
     assert np.isfinite(table.column("patch_knn_top").to_numpy()).all()
 
-    # The report's galleries recompute a row's mse as embed wrote it, and draw 64 px heat maps.
+    # The report's galleries recompute a row's mse as embed wrote it, at the precision the latents
+    # record (embed's "auto" is bfloat16 on a CPU with AMX or AVX512-BF16), and draw 64 px heat maps.
     worst = table.sort_by([("mse", "descending")]).slice(0, 3)
     rows = [{"id": i, "score": s} for i, s in zip(worst.column("id").to_pylist(), worst.column("mse").to_pylist())]
     images = fetch_images(ShardList.under(str(data)), Columns(), [r["id"] for r in rows])
-    entries, files, _, _ = build_galleries(result.model_url, images, {"worst": rows}, [], "mse")
+    entries, files, _, _ = build_galleries(result.model_url, images, {"worst": rows}, [], "mse",
+                                           metadata_of(table.schema)["precision"])
     for entry, row in zip(entries["worst"], rows):
         assert entry["recomputed_mse"] == pytest.approx(row["score"], rel=1e-4)
         heat = Image.open(io.BytesIO(files[entry["images"]["error"]]))
