@@ -1,6 +1,6 @@
 """Progress is a display of work that goes on without it (pipeline/progress.py): a poll that
 fails is said once and never ends the job or prints a traceback, and the row tally lives on the
-driver's node, so a worker node's death does not take the job's count with it."""
+driver's node (tests/test_cluster.py checks that on several raylets)."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def test_a_failing_last_poll_does_not_replace_the_job_s_own_error(capsys):
 
 
 @pytest.mark.ray
-def test_the_tally_is_on_the_driver_s_node_and_a_lost_tally_leaves_the_last_counts(ray_local, capsys):
+def test_a_lost_tally_leaves_the_last_counts_and_one_warning(ray_local, capsys):
     ray = ray_local
     progress = Progress("embed", 10, stream=None, bar=False, interval=3600)
     with TallyWatch(progress, poll=0.05) as watch:
