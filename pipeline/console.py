@@ -102,11 +102,6 @@ class UsefulLines:
         return kept
 
 
-def useful_lines(lines: list[str]) -> list[str]:
-    """`lines` without the known-harmless ones and the traceback that follows such a line."""
-    return UsefulLines()(lines)
-
-
 class _HarmlessFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not is_harmless(record.getMessage())

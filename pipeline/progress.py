@@ -199,9 +199,10 @@ class TallyWatch(Poller):
             previous, deadline = self._read(), time.monotonic() + 5.0
             while time.monotonic() < deadline:
                 time.sleep(0.2)
-                if self._read() == previous:
+                latest = self._read()
+                if latest == previous:
                     break
-                previous = self.by_node
+                previous = latest
         finally:  # a tally that cannot be read leaves the last counts read
             self.progress.update(sum(self.by_node.values()))
             self.progress.close()

@@ -10,7 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from pipeline.console import UsefulLines, filter_worker_lines, useful_lines
+from pipeline.console import UsefulLines, filter_worker_lines
 
 REPO = Path(__file__).resolve().parents[1]
 HARMLESS = ('2026-12-07 12:28:19,130\tERROR streaming_executor_state.py:747 -- An exception was raised from a task '
@@ -23,7 +23,7 @@ ERROR = "error: no space left on the device: free some space and run the same co
 
 
 def test_a_harmless_line_and_its_traceback_are_left_out_and_the_job_s_error_kept():
-    assert useful_lines(["config: ...", HARMLESS, *TRACEBACK, ERROR]) == ["config: ...", ERROR]
+    assert UsefulLines()(["config: ...", HARMLESS, *TRACEBACK, ERROR]) == ["config: ...", ERROR]
 
 
 def test_a_traceback_that_comes_in_a_later_piece_is_still_left_out():
@@ -36,7 +36,7 @@ def test_a_traceback_that_comes_in_a_later_piece_is_still_left_out():
 
 
 def test_a_traceback_that_is_not_after_a_harmless_line_is_kept():
-    assert useful_lines(["config: ...", *TRACEBACK]) == ["config: ...", *TRACEBACK]
+    assert UsefulLines()(["config: ...", *TRACEBACK]) == ["config: ...", *TRACEBACK]
 
 
 def test_the_stderr_filter_leaves_out_a_traceback_written_after_a_pause():
