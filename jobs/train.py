@@ -25,7 +25,7 @@ from pipeline.corruptions import CORRUPTIONS
 from pipeline.errors import InputError
 from pipeline.images import RESIZE_POLICIES
 from pipeline.model import ARCHITECTURES, AutoencoderConfig
-from pipeline.patch_memory import SAMPLERS
+from pipeline.patch_memory import DESCRIPTIONS, SAMPLERS
 from pipeline.scoring import TRAINING_LOSSES
 from pipeline.train import PLACEMENT_STRATEGIES, TrainConfig
 
@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "docs/BENCHMARKS.md#real-surfaces")
     p.add_argument("--patch-sampler", choices=SAMPLERS, default=D["patch_sampler"],
                    help="how the N are chosen: coreset (greedy k-centre, keeps rare normal patches) or random")
+    p.add_argument("--patch-features", choices=DESCRIPTIONS, default=D["patch_features"],
+                   help="what describes a place in the patch memory: stages (the encoder's mid-level maps, a local "
+                        "mean) or texture (how the first layer's responses vary over a window around the place: "
+                        "each channel's mean and spread over a quarter and a half of the model's input side)")
     p.add_argument("--cache-mb", type=int, default=D["cache_mb"], metavar="MB",
                    help="per worker: when its decoded training and held-out rows fit in MB, they are kept after "
                         "the first epoch and later epochs shuffle them in memory instead of reading and decoding "

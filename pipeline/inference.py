@@ -105,10 +105,10 @@ class ImageScorer:
     def __call__(self, x: torch.Tensor, ids: Sequence[str] | None = None, features: bool = False,
                  maps: Sequence[str] = ()) -> dict[str, Any]:
         """(B, C, S, S) in [0, 1] (and the images' ids) -> {"z", "stem_stats", "scores": {name: (B,)}};
-        with `features`, also "features": the encoder's stage maps, float32 (what a patch bank is
-        built from; a tiled model's are its tiles'); with `maps` (names in pipeline.scores.MAPS),
-        also "x_hat" (B, C, S, S) and "maps": {name: (B, S, S)}, each drawn over its image, as the
-        report's galleries show them.
+        with `features`, also "features": the model's local maps, the stem's and the down stages',
+        float32 (what a patch bank is built from; a tiled model's are its tiles'); with `maps`
+        (names in pipeline.scores.MAPS), also "x_hat" (B, C, S, S) and "maps": {name: (B, S, S)},
+        each drawn over its image, as the report's galleries show them.
 
         A tiled model (`AutoencoderConfig.tile_grid`) takes images at its working size and runs
         at most MAX_TILES tiles a call, so memory stays bounded whatever the working size."""

@@ -292,8 +292,9 @@ class _Autoencoder(nn.Module):
 
     def forward(self, x: torch.Tensor, features: bool = False) -> dict[str, torch.Tensor]:
         """{"z", "x_hat", "stem_stats"}; "defect_logits" (B, S, S) when the model has a defect head;
-        with `features`, also "features": the second and third down stages' maps
-        [(B, w2, S/4, S/4), (B, w3, S/8, S/8)], what local (patch) scores compare."""
+        with `features`, also "features": the maps that local (patch) memories describe, the stem's
+        and then the second and third down stages' [(B, base, S/2, S/2), (B, w2, S/4, S/4),
+        (B, w3, S/8, S/8)] (pipeline.patch_memory.DESCRIPTIONS says which reads which)."""
         z, stem, kept = self._encode(x, FEATURE_STAGES if features else ())
         flat = stem.flatten(2).float()  # (B, base, S*S/4); float32 under autocast too: E[h^2] - E[h]^2 cancels
         mean = flat.mean(dim=2)
@@ -303,7 +304,7 @@ class _Autoencoder(nn.Module):
         if self.defect is not None:  # (B, S, S) logits: where the input differs from normal
             out["defect_logits"] = self.defect(torch.cat([x, out["x_hat"]], dim=1))
         if features:
-            out["features"] = kept
+            out["features"] = [stem, *kept]
         return out
 
 

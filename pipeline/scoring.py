@@ -303,7 +303,7 @@ class ScoreInputs:
 
     x, x_hat: (B, C, H, W) in [0, 1]; z, stem_stats: (B, D) model outputs, for the bank; ids: the
     images' ids (the bank leaves each one's own entry out); bank: a `TrainingBank` or None;
-    defect_logits: (B, H, W) from a model with a defect head; features: the encoder's stage maps
+    defect_logits: (B, H, W) from a model with a defect head; features: the model's local maps
     (`model(x, features=True)["features"]`) and patch_bank: a `PatchBank`, for the patch map.
 
     A tiled model's batch (`grid`, a `TileGrid`): x, x_hat, defect_logits and features are its
@@ -362,7 +362,8 @@ _MAKE_MAP: dict[str, Callable[[ScoreInputs], torch.Tensor]] = {
     "gms": lambda s: _gms_grid(s.x, s.x_hat, _grid_size(s.x)),
     # The defect head's probability; a defect's cells pool like an error map's.
     "defect": lambda s: _on_grid(torch.sigmoid(s.defect_logits.float()), _grid_size(s.x)),
-    # Each location's distance to its nearest training patch (a quarter of the input's resolution).
+    # Each location's distance to its nearest training patch (a quarter of the input's resolution,
+    # or 7 x 7 places of it for a texture memory).
     "patch": lambda s: _on_grid(s.patch_bank.distance_map(s.features), _grid_size(s.x)),
 }
 

@@ -9,7 +9,7 @@ import torch
 
 from pipeline.model import AutoencoderConfig, build_model
 from pipeline.patch_memory import (PatchBank, build_patch_bank, greedy_coreset, patch_descriptions, project,
-                                   random_projection, subsample)
+                                   random_projection, standardising_projection, subsample, texture_descriptions)
 
 
 def _covering_radius(points: np.ndarray, chosen: np.ndarray) -> float:
@@ -45,6 +45,68 @@ def test_descriptions_bring_every_stage_to_the_finest_grid():
     assert patch_descriptions(features).shape == (2, 20, 16, 16)
 
 
+def test_texture_descriptions_are_window_statistics_at_seven_by_seven_shared_centres():
+    """Each place: every channel's mean and spread over the n/4-cell square around it, then over
+    the n/2-cell square with the same centre; a square of high variance shows where it is."""
+    for side in (16, 24, 32):
+        assert texture_descriptions(torch.rand(2, 5, side, side)).shape == (2, 20, 7, 7)
+    stem = torch.full((1, 2, 32, 32), 0.5)
+    stem[0, 1] = 0.25
+    stem[0, 0, 12:20, 12:20] = torch.tensor([0.0, 1.0]).repeat(32)[:64].view(8, 8)  # mean 0.5, spread 0.5
+    described = texture_descriptions(stem)[0]  # (8, 7, 7): small window mean, spread; large window mean, spread
+    torch.testing.assert_close(described[[0, 4]], torch.full((2, 7, 7), 0.5))  # channel 0's means: 0.5 throughout
+    torch.testing.assert_close(described[[1, 5]], torch.full((2, 7, 7), 0.25))  # channel 1: constant
+    assert described[[3, 7]].abs().max() < 1e-3  # ... so no spread
+    # The small window over cells 12-19 is the place whose centre is at cell 16: place 3 (one every 4 cells).
+    assert divmod(int(described[2].argmax()), 7) == (3, 3)
+    torch.testing.assert_close(described[2, 3, 3], torch.tensor(0.5))
+    assert described[2, 0, 0] < 1e-3 and 0 < described[6, 3, 3] < described[2, 3, 3]
+
+
+def test_the_standardising_projection_divides_each_number_by_its_spread():
+    generator = np.random.default_rng(2)
+    candidates = generator.normal(size=(4000, 6)) * np.array([1.0, 100.0, 0.01, 1.0, 1.0, 0.0])  # one never varies
+    projection = standardising_projection(candidates.astype(np.float32), dim=6, seed=0)  # (6, 6): row i for number i
+    random = random_projection(6, 6, seed=0)
+    spread = candidates.std(axis=0)
+    np.testing.assert_allclose(projection[:5] * spread[:5, None], random[:5], rtol=1e-3)
+    np.testing.assert_allclose(projection[5], random[5] / (1e-6 * spread.max()), rtol=1e-3)  # the floor, not 1/0
+
+
+def test_a_texture_bank_finds_a_rougher_square_of_the_same_brightness():
+    """Training images: grey noise of one amplitude. A new image whose square of 16 px has noise
+    twice as strong around the same mean: the texture memory's farthest place is over it."""
+    torch.manual_seed(0)
+    model = build_model(AutoencoderConfig(image_size=64, base_width=8, latent_dim=16)).eval()
+    with torch.no_grad():
+        normals = [0.5 + 0.1 * torch.randn(8, 3, 64, 64) for _ in range(4)]
+        bank = build_patch_bank([model(x, features=True)["features"] for x in normals], size=512, dim=32,
+                                description="texture")
+        odd = 0.5 + 0.1 * torch.randn(1, 3, 64, 64)
+        odd[..., 8:24, 40:56] = 0.5 + 0.2 * torch.randn(1, 3, 16, 16)
+        distances = bank.distance_map(model(odd, features=True)["features"])[0]  # (7, 7): places 8 px apart
+    assert distances.shape == (7, 7)
+    peak = divmod(int(distances.argmax()), 7)
+    # The square spans 8-24 px down and 40-56 across: the places centred at 16 px (row 1) and 48 (column 5).
+    assert peak == (1, 5), f"the farthest place is {peak}, not over the square"
+
+
+@pytest.mark.parametrize("description", ["stages", "texture"])
+def test_the_bank_and_its_description_survive_bytes(description):
+    generator = np.random.default_rng(4)
+    bank = PatchBank(generator.normal(size=(20, 8)).astype(np.float32), random_projection(12, 8), description)
+    restored = PatchBank.from_bytes(bank.to_bytes())
+    assert restored.description == description
+    np.testing.assert_array_equal(restored.patches, bank.patches)
+    np.testing.assert_array_equal(restored.projection, bank.projection)
+    # A bank saved before there was a choice holds no description: the stages were its only one.
+    from safetensors.numpy import save
+    older = save({"patches": bank.patches, "projection": bank.projection})
+    assert PatchBank.from_bytes(older).description == "stages"
+    with pytest.raises(ValueError, match="description"):
+        PatchBank(bank.patches, bank.projection, "colour")
+
+
 def test_the_bank_survives_bytes_and_scores_alike():
     torch.manual_seed(0)
     model = build_model(AutoencoderConfig(image_size=32, base_width=8, latent_dim=16)).eval()
@@ -70,8 +132,8 @@ def test_the_device_search_finds_what_faiss_finds():
         torch.testing.assert_close(bank._nearest_on_device(queries, chunk_elements=chunk), exact,
                                    rtol=1e-4, atol=1e-3)
     # Through distance_map: the device path's map equals the faiss map (the path is chosen by device).
-    features = [torch.rand(2, 8, 6, 6), torch.rand(2, 16, 3, 3)]
-    located = project(patch_descriptions(features), bank.projection).reshape(-1, 16)
+    features = [torch.rand(2, 4, 12, 12), torch.rand(2, 8, 6, 6), torch.rand(2, 16, 3, 3)]  # the stem's, two stages'
+    located = project(patch_descriptions(features[1:]), bank.projection).reshape(-1, 16)
     torch.testing.assert_close(bank._nearest_on_device(located).clamp_min(0).sqrt().view(2, 6, 6),
                                bank.distance_map(features), rtol=1e-4, atol=1e-3)
 
@@ -135,9 +197,11 @@ def test_the_calibration_pass_scores_the_held_out_rows_and_describes_the_rest(tm
 
 
 @pytest.mark.ray
-def test_the_train_job_builds_a_patch_bank_that_survives_export_load_and_embedding(ray_local, tmp_path):
+@pytest.mark.parametrize("description", ["stages", "texture"])
+def test_the_train_job_builds_a_patch_bank_that_survives_export_load_and_embedding(ray_local, tmp_path, description):
     """--patch-bank N: the exported model carries N training patches under its digest, calibrated
-    patch scores for its held-out images, and the embed job computes them when asked."""
+    patch scores for its held-out images, and the embed job computes them when asked; with
+    --patch-features texture its places are described by the stem's window statistics."""
     from jobs.train import parse_args
     from pipeline.checkpoint import PATCH_BANK_FILE, CheckpointError, load_checkpoint, scores_of
     from pipeline.checkpoint import read_checkpoint_meta
@@ -153,15 +217,19 @@ def test_the_train_job_builds_a_patch_bank_that_survives_export_load_and_embeddi
     write_synthetic_corpus(str(data), n=240, image_size=32, anomaly_fraction=0.0, seed=4, rows_per_shard=120)
     cfg = parse_args(["--data", str(data), "--out", str(tmp_path / "run"), "--image-size", "32", "--latent-dim", "16",
                       "--base-width", "8", "--epochs", "1", "--batch-size", "16", "--val-fraction", "0.1",
-                      "--patch-bank", "300", "--patch-sampler", "coreset"])
-    assert (cfg.patch_bank, cfg.patch_sampler) == (300, "coreset")
+                      "--patch-bank", "300", "--patch-sampler", "coreset", "--patch-features", description])
+    assert (cfg.patch_bank, cfg.patch_sampler, cfg.patch_features) == (300, "coreset", description)
     result = train(cfg)
 
     exported = load_checkpoint(result.model_url)
     assert exported.patch_bank is not None and exported.patch_bank.patches.shape == (300, 64)
-    # The bank is in the projection every scorer rebuilds from the model and the run's seed.
-    np.testing.assert_array_equal(exported.patch_bank.projection,
-                                  patch_projection(exported.model, exported.config, cfg.seed))
+    assert exported.patch_bank.description == description
+    gathered_in = patch_projection(exported.model, exported.config, cfg.seed, description)
+    if description == "stages":  # the random projection every scorer rebuilds from the model and the run's seed
+        np.testing.assert_array_equal(exported.patch_bank.projection, gathered_in)
+    else:  # the stem's 8 channels' mean and spread in two windows, each scaled by its spread, then projected
+        assert gathered_in.shape == (32, 32) and exported.patch_bank.projection.shape == (32, 64)
+        assert (exported.patch_bank.projection != 0).all()
     assert {"patch_knn_max", "patch_knn_top"} <= set(scores_of(read_checkpoint_meta(result.model_url)))
     calibration = Calibration.from_dict(exported.calibration)
     held_out = calibration.get("mse").count

@@ -12,7 +12,7 @@ from pipeline.errors import InputError
 from pipeline.images import DEFAULT_RESIZE, RESIZE_POLICIES
 from pipeline.lease import Lease
 from pipeline.model import AutoencoderConfig
-from pipeline.patch_memory import SAMPLERS
+from pipeline.patch_memory import DESCRIPTIONS, SAMPLERS
 from pipeline.scoring import TRAINING_LOSSES
 from pipeline.shards import Columns, ShardList
 
@@ -60,6 +60,7 @@ class TrainConfig:
     invariance: float = 0.0  # weight of the contrastive term for edit-invariant latents (train/invariance.py); 0: off
     patch_bank: int = 0  # training patches the exported model remembers for the patch scores (pipeline.patch_memory); 0: none
     patch_sampler: str = "coreset"  # how they are chosen from the candidates: one of patch_memory.SAMPLERS
+    patch_features: str = "stages"  # what describes a place in that memory: one of patch_memory.DESCRIPTIONS
     cache_mb: int = 1024  # per worker: decoded splits that fit stay in memory after epoch 1 (train/cache.py); 0: off
     tiles_per_image: int = 4  # a tiled model (model.working_size): random tiles of each image per step
     data_fingerprint: str = ""
@@ -103,6 +104,8 @@ class TrainConfig:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
         if self.patch_sampler not in SAMPLERS:
             problems.append(f"patch_sampler must be one of {SAMPLERS}, got {self.patch_sampler!r}")
+        if self.patch_features not in DESCRIPTIONS:
+            problems.append(f"patch_features must be one of {DESCRIPTIONS}, got {self.patch_features!r}")
         if problems:
             raise InputError("invalid training settings: " + "; ".join(problems))
 

@@ -16,8 +16,8 @@ from pipeline.datasets import decode_for_calibration, read_shards
 from pipeline.errors import InputError
 from pipeline.inference import ImageScorer, load_inference_model, to_input
 from pipeline.model import AutoencoderConfig
-from pipeline.patch_memory import PATCH_DIM, PatchBank, bank_from_candidates, candidate_patches, feature_channels, \
-    random_projection
+from pipeline.patch_memory import PATCH_DIM, PatchBank, bank_from_candidates, candidate_patches, candidate_projection, \
+    feature_channels
 from pipeline.resources import largest_node_cpus, plan_actor_pool
 from pipeline.scoring import BANK_CAP, calibrate_with_bank
 from pipeline.shards import id_strings
@@ -37,7 +37,7 @@ from pipeline.train.config import METRICS_FILE, MODEL_DIR, TrainConfig, TrainPla
 # (pipeline.patch_memory) and stores them with the model; the calibration pass then gives the
 # held-out images their patch scores against that memory.
 
-PATCH_CANDIDATES = 200_000  # candidate patches at most: 64 float32 numbers each, about 51 MB on the driver
+PATCH_CANDIDATES = 200_000  # candidate patches at most: 51 MB of float32 on the driver (103 MB for texture's 128)
 
 
 def _inputs(batch: dict[str, np.ndarray], keep: np.ndarray) -> torch.Tensor:
@@ -76,38 +76,40 @@ class CalibrationScorer:
 class PatchCandidates:
     """Ray Data mapper: decoded calibration rows -> {"patches": (n, dim)}, `per_input` random
     locations of each training (bank sample) row, or of each of its tiles for a tiled model,
-    described as the patch bank holds them."""
+    described as the patch bank holds them (`description`, one of patch_memory.DESCRIPTIONS)."""
 
-    def __init__(self, model_url: str, per_input: int, seed: int, torch_threads: int | None = None):
+    def __init__(self, model_url: str, per_input: int, seed: int, description: str = "stages",
+                 torch_threads: int | None = None):
         if torch_threads:
             torch.set_num_threads(torch_threads)
         model, checkpoint = load_inference_model(model_url)
         self.encoder = ImageScorer(model, scores=(), precision="auto")
-        self.projection = patch_projection(model, checkpoint.config, seed)
-        self.per_input, self.generator = per_input, np.random.default_rng(seed)
+        self.projection = patch_projection(model, checkpoint.config, seed, description)
+        self.per_input, self.generator, self.description = per_input, np.random.default_rng(seed), description
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keep = np.asarray(batch["ok"], dtype=bool) & ~np.asarray(batch["val"], dtype=bool)
         if not keep.any():
             return {"patches": np.zeros((0, self.projection.shape[1]), np.float32)}
         return {"patches": candidates_of(self.encoder, _inputs(batch, keep), self.projection, self.per_input,
-                                         self.generator)}
+                                         self.generator, self.description)}
 
 
 def candidates_of(encoder: ImageScorer, x: torch.Tensor, projection: np.ndarray, per_input: int,
-                  generator: np.random.Generator) -> np.ndarray:
+                  generator: np.random.Generator, description: str = "stages") -> np.ndarray:
     """(n, dim) candidate patches of the images `x`: `per_input` random places of each image (of
     each tile, for a tiled model), taken one model call at a time: a whole batch's tile features
     would not fit in memory (256 images of 256 px in 64 px tiles: gigabytes)."""
     step = encoder.images_per_call(len(x))
     parts = [candidate_patches(encoder(x[start:start + step], features=True)["features"], projection, per_input,
-                               generator) for start in range(0, len(x), step)]
+                               generator, description) for start in range(0, len(x), step)]
     return np.concatenate([part.reshape(-1, projection.shape[1]) for part in parts])
 
 
-def patch_projection(model: torch.nn.Module, config, seed: int) -> np.ndarray:
-    """The fixed random projection of a model's patch descriptions (the same on every actor)."""
-    return random_projection(feature_channels(model, config.channels, config.image_size), PATCH_DIM, seed)
+def patch_projection(model: torch.nn.Module, config, seed: int, description: str = "stages") -> np.ndarray:
+    """The fixed projection a model's candidate patches are gathered in (the same on every actor)."""
+    channels = feature_channels(model, config.channels, config.image_size, description)
+    return candidate_projection(channels, description, PATCH_DIM, seed)
 
 
 def candidates_per_input(config: AutoencoderConfig, images: float) -> int:
@@ -169,17 +171,19 @@ def build_export_patch_bank(plan: TrainPlan, model_url: str) -> PatchBank:
     cfg = plan.cfg
     started = time.perf_counter()
     per_input = candidates_per_input(cfg.model, _bank_rows(plan))
-    rows = _mapped(plan, PatchCandidates, model_url=model_url, per_input=per_input, seed=cfg.seed)
+    rows = _mapped(plan, PatchCandidates, model_url=model_url, per_input=per_input, seed=cfg.seed,
+                   description=cfg.patch_features)
     candidates = rows.get("patches", np.zeros((0, 1), np.float32))
     checkpoint = load_checkpoint(model_url)
-    projection = patch_projection(checkpoint.model, checkpoint.config, cfg.seed)
+    projection = patch_projection(checkpoint.model, checkpoint.config, cfg.seed, cfg.patch_features)
     try:
         patch_bank = bank_from_candidates(candidates, projection, cfg.patch_bank, cfg.patch_sampler, cfg.seed,
-                                          PATCH_CANDIDATES)
+                                          PATCH_CANDIDATES, cfg.patch_features)
     except ValueError as e:
         raise InputError(f"--patch-bank: {e} (every training image failed to decode?)") from e
     save_checkpoint(model_url, checkpoint.model, training=checkpoint.training, patch_bank=patch_bank)
-    print(f"patch bank: {len(patch_bank.patches):,} of {len(candidates):,} candidate patches ({cfg.patch_sampler}, "
+    print(f"patch bank: {len(patch_bank.patches):,} of {len(candidates):,} candidate patches ({cfg.patch_features}, "
+          f"{cfg.patch_sampler}, "
           f"{per_input} a {'tile' if cfg.model.working_size else 'training image'}), "
           f"{time.perf_counter() - started:.0f}s", flush=True)
     return patch_bank
