@@ -127,10 +127,10 @@ def train_model(pixels: np.ndarray, val_pixels: np.ndarray, cfg, log):
 
 
 def patch_bank_of(model, pixels: np.ndarray, size: int, sampler: str, seed: int, batch_size: int = 256,
-                  precision: str = "float32"):
-    """The patch bank `train --patch-bank size --patch-sampler sampler` stores with `model`, made
-    in process from its training images (N, S, S, C) as pipeline.train.export makes it: the same
-    candidates per image, projection and sampler."""
+                  precision: str = "float32", description: str = "stages"):
+    """The patch bank `train --patch-bank size --patch-sampler sampler --patch-features description`
+    stores with `model`, made in process from its training images (N, S, S, C) as
+    pipeline.train.export makes it: the same candidates per image, projection and sampler."""
     import torch
 
     from pipeline.inference import ImageScorer, to_input
@@ -140,12 +140,12 @@ def patch_bank_of(model, pixels: np.ndarray, size: int, sampler: str, seed: int,
 
     folded = fuse_for_inference(model).to(memory_format=torch.channels_last)
     encoder = ImageScorer(folded, scores=(), precision=precision)
-    projection = patch_projection(folded, model.config, seed)
+    projection = patch_projection(folded, model.config, seed, description)
     per_input, generator = candidates_per_input(model.config, len(pixels)), np.random.default_rng(seed)
     candidates = np.concatenate([candidates_of(encoder, to_input(torch.from_numpy(pixels[start:start + batch_size])),
-                                               projection, per_input, generator)
+                                               projection, per_input, generator, description)
                                  for start in range(0, len(pixels), batch_size)])
-    return bank_from_candidates(candidates, projection, size, sampler, seed, PATCH_CANDIDATES)
+    return bank_from_candidates(candidates, projection, size, sampler, seed, PATCH_CANDIDATES, description)
 
 
 def score_corpus(model, ids: list[str], pixels: np.ndarray, held_out: np.ndarray, trained: int | None = None,

@@ -40,7 +40,7 @@ def parts(batch_size: int, image_size: int):
 
     from bench.surfaces import PATCH_BANK
     from pipeline import scoring
-    from pipeline.patch_memory import PATCH_DIM, PatchBank, random_projection
+    from pipeline.patch_memory import PATCH_DIM, PatchBank, describe, random_projection
     from pipeline.scores import DEFAULT_SCORE, FUSED_FROM, computable, names_needing, parse_scores
     from pipeline.thresholds import calibrate
     from pipeline.model import AutoencoderConfig, build_model, fuse_for_inference
@@ -75,12 +75,16 @@ def parts(batch_size: int, image_size: int):
     # The patch scores (`train --patch-bank`): a bank of random patches of the size
     # bench/surfaces.py measures, searched from the encoder's maps of the same batch.
     features = [stage.float() for stage in model(x, features=True)["features"]]
-    channels = sum(stage.shape[1] for stage in features)
+    channels = describe(features).shape[1]
     patch_bank = PatchBank(rng.normal(size=(PATCH_BANK, PATCH_DIM)).astype(np.float32),
                            random_projection(channels, PATCH_DIM))
 
-    def patch_scores():
-        inputs = scoring.ScoreInputs(x, x_hat, features=features, patch_bank=patch_bank)
+    # The same with `--patch-features texture`: the stem's window statistics, 7 x 7 places an input.
+    texture_bank = PatchBank(rng.normal(size=(PATCH_BANK, PATCH_DIM)).astype(np.float32),
+                             random_projection(describe(features, "texture").shape[1], PATCH_DIM), "texture")
+
+    def patch_scores(bank=patch_bank):
+        inputs = scoring.ScoreInputs(x, x_hat, features=features, patch_bank=bank)
         return scoring.compute_scores(names_needing("patches"), inputs)
 
     available = computable(True, FUSED_FROM)  # a banked model without a defect head or patch bank
@@ -95,6 +99,7 @@ def parts(batch_size: int, image_size: int):
         **{f"  {name}": step for name, step in one.items()},
         "  fused (from its parts' values)": lambda: calibration.fuse(held_out),
         f"patch scores (patch_knn_max and _top: one map), --patch-bank {PATCH_BANK:,}": patch_scores,
+        f"the same, --patch-features texture": lambda: patch_scores(texture_bank),
     }
 
 

@@ -58,7 +58,9 @@ TARGET_AUROC, TARGET_RECALL, TARGET_FPR = 0.95, 0.8, 0.02
 # Training variants (TrainConfig settings), as in bench/detection.py. The patch variants train
 # exactly as "plain" does (they share its weights) and add the patch memory that
 # `train --patch-bank` exports, chosen by each sampler, so that the two samplers are compared
-# on the same models. "head" trains the learned defect head (`train --defect-head`) on every
+# on the same models; the texture variants the same with `--patch-features texture` (a place
+# described by the stem's window statistics rather than the mid-level stages' local means).
+# "head" trains the learned defect head (`train --defect-head`) on every
 # corruption kind of pipeline/corruptions.py; "head-without-<corruption>" leaves one out, and is
 # read only on the anomaly kinds that corruption is nearest to (LEFT_OUT_FOR): the leave-one-
 # kind-out run, what the head finds of a kind of defect it never saw anything like.
@@ -70,11 +72,14 @@ LEFT_OUT_FOR = {"texture": "texture", "crack": "stroke", "dark": "shade", "speck
 VARIANTS = {"plain": {},
             "patch-coreset": {"patch_bank": PATCH_BANK, "patch_sampler": "coreset"},
             "patch-random": {"patch_bank": PATCH_BANK, "patch_sampler": "random"},
+            "texture-random": {"patch_bank": PATCH_BANK, "patch_sampler": "random", "patch_features": "texture"},
+            "texture-coreset": {"patch_bank": PATCH_BANK, "patch_sampler": "coreset", "patch_features": "texture"},
             "head": {"defect_head": True},
             **{f"head-without-{left_out}": {"defect_head": True,
                                             "corruptions": tuple(c for c in CORRUPTION_KINDS if c != left_out)}
                for left_out in dict.fromkeys(LEFT_OUT_FOR.values())}}
-TRAINED_AS = {"patch-coreset": "plain", "patch-random": "plain"}  # variants that reuse another's weights
+# Variants that reuse plain's weights (they differ only in the bank).
+TRAINED_AS = {variant: "plain" for variant in VARIANTS if variant.startswith(("patch-", "texture-"))}
 
 
 # ---------------------------------------------------------------- images
@@ -189,9 +194,11 @@ def run_one(surface: str, seed: int, settings: dict, out: Path, variant: str = "
     patch_bank, patch_seconds = None, 0.0
     if cfg.patch_bank:
         training = np.flatnonzero(~held_out)
-        patch_bank = patch_bank_of(model, pixels[training], cfg.patch_bank, cfg.patch_sampler, seed)
+        patch_bank = patch_bank_of(model, pixels[training], cfg.patch_bank, cfg.patch_sampler, seed,
+                                   description=cfg.patch_features)
         patch_seconds = time.perf_counter() - started - train_seconds
-        log(f"patch bank of {len(patch_bank.patches)} ({cfg.patch_sampler}) in {patch_seconds:.0f}s")
+        log(f"patch bank of {len(patch_bank.patches)} ({cfg.patch_features}, {cfg.patch_sampler}) "
+            f"in {patch_seconds:.0f}s")
     calibration, scores = score_corpus(model, ids, pixels, held_out, trained=n_train, patch_bank=patch_bank)
     kinds, contrasts = kinds[n_train:], contrasts[n_train:]
     metrics = {}
@@ -255,11 +262,11 @@ def _score_line(surface: str, label: str, group: list[dict], score: str, bold: b
 def _variant_markdown(runs: list[dict]) -> list[str]:
     """The scores only a variant has (the patch scores), by surface and variant."""
     base = next((set(r["scores"]) for r in runs if r["variant"] == "plain"), set())
-    lines = ["", f"### Variants: the patch memory (`train --patch-bank {PATCH_BANK}`, coreset or random) and the "
-             "learned defect head (`train --defect-head`)", "",
-             "The patch variants are the same models as above (they train exactly as plain does); only the bank "
-             "differs. The head variant trains its own model (the autoencoder defect-aware, the head beside it); "
-             "its other scores are not shown here.", "",
+    lines = ["", f"### Variants: the patch memory (`train --patch-bank {PATCH_BANK}`, coreset or random; "
+             "texture: `--patch-features texture`) and the learned defect head (`train --defect-head`)", "",
+             "The patch and texture variants are the same models as above (they train exactly as plain does); "
+             "only the bank differs. The head variant trains its own model (the autoencoder defect-aware, the "
+             "head beside it); its other scores are not shown here.", "",
              "| surface | variant: score | AUROC | FPR at default | recall at default: " + " / ".join(KINDS)
              + " | ideal-1%-FPR recall: " + " / ".join(KINDS) + " |", "|---|---|---:|---:|---|---|"]
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -271,7 +278,7 @@ def _variant_markdown(runs: list[dict]) -> list[str]:
             if score not in base:
                 lines.append(_score_line(surface, f"{variant}: ", group, score))
     timing = {variant: _mean(r["patch_bank_seconds"] for (_, v), g in groups.items() if v == variant for r in g)
-              for variant in dict.fromkeys(v for _, v in groups) if variant.startswith("patch")}
+              for variant in dict.fromkeys(v for _, v in groups) if variant in TRAINED_AS}
     if timing:
         lines += ["", "Building the bank (candidates, then the sampler), mean seconds per run: "
                   + ", ".join(f"{variant} {seconds:.1f}" for variant, seconds in timing.items()) + "."]
