@@ -82,6 +82,23 @@ VARIANTS = {"plain": {},
 TRAINED_AS = {variant: "plain" for variant in VARIANTS if variant.startswith(("patch-", "texture-"))}
 
 
+# A question for the fusion (issue 23), asked of every run with a patch memory: `fused` with one
+# of the patch scores as a fourth part ("fused+patch_knn_top" in the tables), calibrated as the
+# train job calibrates `fused`. Bench-only: the pipeline's `fused` reads the registry's parts.
+FUSED_WITH = ("patch_knn_max", "patch_knn_top")
+
+
+def fused_with(scores: dict[str, np.ndarray], held_out: np.ndarray, part: str) -> tuple[np.ndarray, float]:
+    """Every row's fused score with `part` among its parts, and its default threshold, calibrated on
+    the `held_out` rows (indices of the training rows) as pipeline.thresholds.calibrate fits `fused`."""
+    from pipeline.scores import FUSED_FROM
+    from pipeline.thresholds import calibrate
+
+    parts = (*FUSED_FROM, part)
+    calibration = calibrate({name: scores[name][held_out] for name in parts}, "fused", parts)
+    return calibration.fuse(scores), calibration.threshold("fused", DEFAULT_Q)
+
+
 # ---------------------------------------------------------------- images
 
 
@@ -201,14 +218,20 @@ def run_one(surface: str, seed: int, settings: dict, out: Path, variant: str = "
             f"in {patch_seconds:.0f}s")
     calibration, scores = score_corpus(model, ids, pixels, held_out, trained=n_train, patch_bank=patch_bank)
     kinds, contrasts = kinds[n_train:], contrasts[n_train:]
-    metrics = {}
-    for name, values in scores.items():
-        threshold = calibration.threshold(name, DEFAULT_Q)
-        metrics[name] = score_metrics(values[n_train:], kinds, threshold, KINDS)
-        metrics[name]["auroc_by_kind"] = {kind: auroc(values[n_train:], kinds, kind) for kind in KINDS}
-        metrics[name]["recall_by_contrast"] = {
-            kind: {str(c): float((values[n_train:][(kinds == kind) & (contrasts == c)] > threshold).mean())
+
+    def measured(values: np.ndarray, threshold: float) -> dict:
+        values = values[n_train:]
+        found = score_metrics(values, kinds, threshold, KINDS)
+        found["auroc_by_kind"] = {kind: auroc(values, kinds, kind) for kind in KINDS}
+        found["recall_by_contrast"] = {
+            kind: {str(c): float((values[(kinds == kind) & (contrasts == c)] > threshold).mean())
                    for c in CONTRASTS} for kind in KINDS}
+        return found
+
+    metrics = {name: measured(values, calibration.threshold(name, DEFAULT_Q)) for name, values in scores.items()}
+    for part in FUSED_WITH:
+        if part in scores:
+            metrics[f"fused+{part}"] = measured(*fused_with(scores, np.flatnonzero(held_out), part))
     result = {"key": key, "surface": surface, "seed": seed, "variant": variant, **settings,
               "channels": int(pixels.shape[-1]), "calibration_images": int(held_out.sum()),
               "scored_normal": int((kinds == "").sum()), "scored_anomalies": int((kinds != "").sum()),

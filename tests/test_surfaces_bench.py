@@ -108,3 +108,22 @@ def test_results_take_a_name_as_the_other_benches_do_or_a_json_path():
     assert results_path("out/x.json", default) == Path("out/x.json")
     with pytest.raises(SystemExit, match="name under docs/bench-results"):
         results_path("bench-output/x", default)
+
+
+def test_fused_with_a_patch_score_flags_what_only_that_score_sees():
+    """The bench's fusion question: `fused` with a patch score as a fourth part, calibrated on the
+    held-out rows as the train job calibrates `fused`. A row odd only by the patch score is flagged
+    by it, and not by the pipeline's fused; normal rows stay under its threshold about as often."""
+    from bench.surfaces import fused_with
+    from pipeline.scores import FUSED_FROM
+    from pipeline.thresholds import calibrate
+
+    generator = np.random.default_rng(0)
+    scores = {name: generator.lognormal(0.0, 0.2, 400) for name in (*FUSED_FROM, "patch_knn_top")}
+    scores["patch_knn_top"][-1] = 50.0  # odd by the patch memory alone
+    held_out = np.arange(100)
+    values, threshold = fused_with(scores, held_out, "patch_knn_top")
+    plain = calibrate({name: scores[name][held_out] for name in FUSED_FROM}, "fused", FUSED_FROM)
+    assert values[-1] > threshold and plain.fuse(scores)[-1] <= plain.threshold("fused", 0.99)
+    assert (values[100:-1] > threshold).mean() < 0.05
+    np.testing.assert_array_less(plain.fuse(scores) - 1e-9, values)  # one more part: never lower
