@@ -71,14 +71,10 @@ def feature_map(model, pixels: np.ndarray, source: str):
 
 def window_statistics(maps, window: int):
     """(B, C, h, w) -> (B, places, 2C): each channel's mean and standard deviation over every
-    `window` x `window` square of the map, one every half window."""
-    import torch
+    `window` x `window` square of the map, one every half window (the texture memory's statistics)."""
+    from pipeline.patch_memory import window_statistics as statistics
 
-    pool = torch.nn.functional.avg_pool2d
-    mean = pool(maps, window, stride=max(1, window // 2))
-    spread = (pool(maps * maps, window, stride=max(1, window // 2)) - mean * mean).clamp_min(0).sqrt()
-    described = torch.cat([mean, spread], dim=1)
-    return described.flatten(2).transpose(1, 2).contiguous().numpy()
+    return statistics(maps, window, max(1, window // 2)).flatten(2).transpose(1, 2).contiguous().numpy()
 
 
 def farthest_window(train: np.ndarray, test: np.ndarray, memory: int = MEMORY, seed: int = 0) -> np.ndarray:
