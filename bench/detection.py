@@ -8,8 +8,10 @@
 Synthetic corpus (pipeline.synth, its five anomaly kinds exactly as the demo makes them; seeds
 other than the demo's 0): N images at 64 px with 5% and with 10% anomalies, each seed and
 contamination trained once per training variant (`--variants`, VARIANTS: plain, defect-aware
-(--defect-aware), invariance (--invariance 0.05), ssim-l1 (--loss
-ssim_l1)). One more run at 128 px, and one with the structure-aware loss.
+(--defect-aware), invariance (--invariance 0.05), ssim-l1 (--loss ssim_l1), texture-random (plain's
+weights with the texture memory of --patch-bank 4096 --patch-sampler random --patch-features
+texture; for such runs also `fused` with a patch score as a fourth part, FUSED_WITH)). One more run
+at 128 px, and one with the structure-aware loss.
 
 Each run is what the pipeline does, in one process: the train job's defaults (TrainConfig:
 model, epochs, batch, AdamW, cosine schedule, the corruptions and loss of pipeline.train) in a
@@ -61,7 +63,14 @@ DEFAULT_Q = 0.99
 # Training variants: TrainConfig fields over its defaults, each named explicitly so that a change of
 # default does not change what a recorded variant means.
 VARIANTS = {"plain": {"invariance": 0.0}, "defect-aware": {"defect_aware": True, "invariance": 0.0},
-            "ssim-l1": {"loss": "ssim_l1", "invariance": 0.0}, "invariance": {"invariance": 0.05}}
+            "ssim-l1": {"loss": "ssim_l1", "invariance": 0.0}, "invariance": {"invariance": 0.05},
+            "texture-random": {"invariance": 0.0, "patch_bank": 4096, "patch_sampler": "random",
+                               "patch_features": "texture"}}
+# Variants that only add a memory to plain's model: they score plain's weights (trained once, first).
+TRAINED_AS = {"texture-random": "plain"}
+# The fusion question (issue 23), asked of every run with a patch memory: `fused` with a patch score as
+# one more part ("fused+patch_knn_max"), calibrated as the train job calibrates `fused`.
+FUSED_WITH = ("patch_knn_max", "patch_knn_top")
 
 
 # ---------------------------------------------------------------- one run
@@ -180,6 +189,17 @@ def score_corpus(model, ids: list[str], pixels: np.ndarray, held_out: np.ndarray
     return calibration, scores
 
 
+def fused_with(scores: dict[str, np.ndarray], held_out: np.ndarray, part: str) -> tuple[np.ndarray, float]:
+    """Every row's fused score with `part` among its parts, and its default threshold, calibrated on
+    the `held_out` rows (indices of the training rows) as pipeline.thresholds.calibrate fits `fused`."""
+    from pipeline.scores import FUSED_FROM
+    from pipeline.thresholds import calibrate
+
+    parts = tuple(dict.fromkeys((*FUSED_FROM, part)))
+    calibration = calibrate({name: scores[name][held_out] for name in parts}, "fused", parts)
+    return calibration.fuse(scores), calibration.threshold("fused", DEFAULT_Q)
+
+
 def score_metrics(values: np.ndarray, kinds: np.ndarray, threshold: float, kind_names=ANOMALY_KINDS) -> dict:
     """AUROC, AP, FPR and per-kind recall at `threshold`, per-kind recall at the ideal 1% FPR cut
     (kinds among `kind_names`; bench/surfaces.py passes its own)."""
@@ -239,7 +259,8 @@ def run_one(key: str, n: int, out: Path, precision: str = "float32") -> dict:
 
     (seed, fraction, variant, size), ids, pixels, kinds, cfg, held_out = run_corpus(key, n)
     log(f"{n} images, {int((kinds != '').sum())} anomalies; training on {int((~held_out).sum())}")
-    weights = out / "models" / f"{key}.pt"  # kept, so that a change of scoring reruns in minutes
+    trained_as = key.replace(f"_{variant}_", f"_{TRAINED_AS.get(variant, variant)}_")
+    weights = out / "models" / f"{trained_as}.pt"  # kept, so that a change of scoring reruns in minutes
     if weights.exists():
         model, exported_epoch = saved_model(weights, cfg)
     else:
@@ -247,14 +268,22 @@ def run_one(key: str, n: int, out: Path, precision: str = "float32") -> dict:
         weights.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"state_dict": model.state_dict(), "epoch": exported_epoch}, weights)
     train_seconds = time.perf_counter() - started
-    calibration, scores = score_corpus(model, ids, pixels, held_out, precision=precision)
+    patch_bank = None
+    if cfg.patch_bank:
+        patch_bank = patch_bank_of(model, pixels[~held_out], cfg.patch_bank, cfg.patch_sampler, seed,
+                                   precision=precision, description=cfg.patch_features)
+    calibration, scores = score_corpus(model, ids, pixels, held_out, precision=precision, patch_bank=patch_bank)
+    metrics = {name: score_metrics(values, kinds, calibration.threshold(name, DEFAULT_Q))
+               for name, values in scores.items()}
+    for part in FUSED_WITH:
+        if part in scores:  # the training rows' held-out split calibrates, as for every score
+            values, threshold = fused_with(scores, np.flatnonzero(held_out), part)
+            metrics[f"fused+{part}"] = score_metrics(values, kinds, threshold)
     result = {"key": key, "precision": precision, "seed": seed, "contamination": fraction, "variant": variant, "image_size": size,
               "images": n, "params": count_parameters(model), "epochs": cfg.epochs, "exported_epoch": exported_epoch,
               "train_seconds": train_seconds, "default_score": calibration.default_score,
               "estimated_contamination": {name: c.contamination for name, c in calibration.scores.items()},
-              "scores": {name: score_metrics(values, kinds, calibration.threshold(name, DEFAULT_Q))
-                         for name, values in scores.items()},
-              "seconds": time.perf_counter() - started}
+              "scores": metrics, "seconds": time.perf_counter() - started}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     log(f"done in {result['seconds']:.0f}s: {calibration.default_score} AUROC "
@@ -348,13 +377,16 @@ def markdown(runs: list[dict], digits: dict | None, n: int, seeds: list[int]) ->
              + " | ideal-1%-FPR recall (min kind) | AUROC |",
              "|---|---|---:|---:|" + "---:|" * len(ANOMALY_KINDS) + "---:|---:|"]
     for (size, variant, fraction), group in sorted(groups.items()):
-        s = [r["scores"][default] for r in group]
-        fprs = [x["fpr"] for x in s]
-        ideal_min = _mean(min(x["ideal_recall"].values()) for x in s)
-        lines.append(f"| {size} px | {variant} | {fraction:.0%} ({len(group)} seed{'s' * (len(group) > 1)}) | "
-                     f"{np.mean(fprs):.2%} (max {np.max(fprs):.2%}) | "
-                     + " | ".join(_kinds_cell(group, default, "recall"))
-                     + f" | {ideal_min:.2f} | {_mean(x['auroc'] for x in s):.3f} |")
+        # The default, and for a run with a patch memory the fusion question's answers (FUSED_WITH).
+        for score in (default, *(name for name in group[0]["scores"] if name.startswith(f"{default}+"))):
+            s = [r["scores"][score] for r in group]
+            fprs = [x["fpr"] for x in s]
+            ideal_min = _mean(min(x["ideal_recall"].values()) for x in s)
+            training = variant if score == default else f"{variant}: `{score}`"
+            lines.append(f"| {size} px | {training} | {fraction:.0%} ({len(group)} seed{'s' * (len(group) > 1)}) | "
+                         f"{np.mean(fprs):.2%} (max {np.max(fprs):.2%}) | "
+                         + " | ".join(_kinds_cell(group, score, "recall"))
+                         + f" | {ideal_min:.2f} | {_mean(x['auroc'] for x in s):.3f} |")
     lines += ["", "### Every score, 64 px", ""]
     for variant in VARIANTS:
         for fraction in sorted({r["contamination"] for r in runs}):
@@ -422,10 +454,13 @@ def main(argv: list[str] | None = None) -> int:
     keys = [f"s{seed}_c{fraction:.2f}_{variant}_p64" for fraction in args.contamination for variant in args.variants
             for seed in args.seeds]
     keys += [k for k in args.extra if k not in keys]
+    # A variant that scores another's weights (TRAINED_AS) runs after the runs that train them.
+    later = [key for key in keys if key.split("_")[2] in TRAINED_AS]
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
         digits_future = None if args.no_digits else pool.submit(run_digits, out)
-        futures = [pool.submit(run_one, key, args.n, out, args.precision) for key in keys]
-        runs = [f.result() for f in futures]
+        runs = [f.result() for f in [pool.submit(run_one, key, args.n, out, args.precision)
+                                     for key in keys if key not in later]]
+        runs += [f.result() for f in [pool.submit(run_one, key, args.n, out, args.precision) for key in later]]
         digits = digits_future.result() if digits_future else None
     text = markdown(runs, digits, args.n, args.seeds)
     (out / "detection.md").write_text(text)

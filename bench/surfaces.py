@@ -80,23 +80,7 @@ VARIANTS = {"plain": {},
                for left_out in dict.fromkeys(LEFT_OUT_FOR.values())}}
 # Variants that reuse plain's weights (they differ only in the bank).
 TRAINED_AS = {variant: "plain" for variant in VARIANTS if variant.startswith(("patch-", "texture-"))}
-
-
-# A question for the fusion (issue 23), asked of every run with a patch memory: `fused` with one
-# of the patch scores as a fourth part ("fused+patch_knn_top" in the tables), calibrated as the
-# train job calibrates `fused`. Bench-only: the pipeline's `fused` reads the registry's parts.
-FUSED_WITH = ("patch_knn_max", "patch_knn_top")
-
-
-def fused_with(scores: dict[str, np.ndarray], held_out: np.ndarray, part: str) -> tuple[np.ndarray, float]:
-    """Every row's fused score with `part` among its parts, and its default threshold, calibrated on
-    the `held_out` rows (indices of the training rows) as pipeline.thresholds.calibrate fits `fused`."""
-    from pipeline.scores import FUSED_FROM
-    from pipeline.thresholds import calibrate
-
-    parts = (*FUSED_FROM, part)
-    calibration = calibrate({name: scores[name][held_out] for name in parts}, "fused", parts)
-    return calibration.fuse(scores), calibration.threshold("fused", DEFAULT_Q)
+# The fusion question (bench.detection.FUSED_WITH) is asked of every run with a patch memory.
 
 
 # ---------------------------------------------------------------- images
@@ -172,7 +156,7 @@ def run_one(surface: str, seed: int, settings: dict, out: Path, variant: str = "
     """Train one model on one surface, calibrate it, score the unseen set; cached as JSON."""
     import torch
 
-    from bench.detection import patch_bank_of, score_corpus, score_metrics, train_model
+    from bench.detection import FUSED_WITH, fused_with, patch_bank_of, score_corpus, score_metrics, train_model
     from pipeline.model import build_model
     from pipeline.sampling import split_of
     from pipeline.train import TrainConfig

@@ -114,7 +114,7 @@ def test_fused_with_a_patch_score_flags_what_only_that_score_sees():
     """The bench's fusion question: `fused` with a patch score as a fourth part, calibrated on the
     held-out rows as the train job calibrates `fused`. A row odd only by the patch score is flagged
     by it, and not by the pipeline's fused; normal rows stay under its threshold about as often."""
-    from bench.surfaces import fused_with
+    from bench.detection import fused_with
     from pipeline.scores import FUSED_FROM
     from pipeline.thresholds import calibrate
 
