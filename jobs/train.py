@@ -106,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what describes a place in the patch memory: stages (the encoder's mid-level maps, a local "
                         "mean) or texture (how the first layer's responses vary over a window around the place: "
                         "each channel's mean and spread over a quarter and a half of the model's input side)")
+    p.add_argument("--fuse", type=lambda text: tuple(k.strip() for k in text.split(",") if k.strip()),
+                   default=D["fuse"], metavar="SCORES",
+                   help=f"the parts of the fused score (the score the model flags by): each as a robust z on its "
+                        f"held-out spread, fused by their largest; comma-separated (default {','.join(D['fuse'])}). "
+                        "A patch or defect score needs --patch-bank or --defect-head. On textured surfaces, "
+                        "--patch-bank 4096 --patch-features texture --patch-sampler random with patch_knn_max added "
+                        "ranked better on every real surface measured, but found fewer synthetic colour shifts: "
+                        "see docs/BENCHMARKS.md#fusing-the-texture-memory")
     p.add_argument("--cache-mb", type=int, default=D["cache_mb"], metavar="MB",
                    help="per worker: when its decoded training and held-out rows fit in MB, they are kept after "
                         "the first epoch and later epochs shuffle them in memory instead of reading and decoding "

@@ -197,6 +197,26 @@ def test_the_calibration_pass_scores_the_held_out_rows_and_describes_the_rest(tm
 
 
 @pytest.mark.ray
+def test_fuse_names_single_scores_that_the_model_will_compute():
+    """train --fuse: the fused score's parts, refused before any work when one is not a single score
+    or needs what the run will not build."""
+    from jobs.train import parse_args
+    from pipeline.errors import InputError
+    from pipeline.scores import FUSED_FROM
+
+    base = ["--data", "d", "--out", "o"]
+    assert parse_args(base).fuse == FUSED_FROM
+    fuse = parse_args([*base, "--patch-bank", "64", "--fuse", " mse, patch_knn_max,mse "]).fuse
+    assert fuse == ("mse", "patch_knn_max")
+    assert parse_args([*base, "--defect-head", "--fuse", "defect_top,stem_knn"]).fuse == ("defect_top", "stem_knn")
+    for fuse, told in (("mse,fused,nope", "fused, nope, which are not a single score; name one or more of: mse"),
+                       (",", "fuse names no score"),
+                       ("mse,patch_knn_max", "patch_knn_max, which needs a model trained with --patch-bank N"),
+                       ("defect_max", "defect_max, which needs a model trained with --defect-head")):
+        with pytest.raises(InputError, match=told):
+            parse_args([*base, "--fuse", fuse])
+
+
 @pytest.mark.parametrize("description", ["stages", "texture"])
 def test_the_train_job_builds_a_patch_bank_that_survives_export_load_and_embedding(ray_local, tmp_path, description):
     """--patch-bank N: the exported model carries N training patches under its digest, calibrated
@@ -208,6 +228,7 @@ def test_the_train_job_builds_a_patch_bank_that_survives_export_load_and_embeddi
     from pipeline.embed import EmbedConfig, embed
     from pipeline.inference import ImageScorer, load_inference_model
     from pipeline.latents import read_latents
+    from pipeline.scores import FUSED_FROM
     from pipeline.synth import synthetic_image, write_synthetic_corpus
     from pipeline.thresholds import Calibration
     from pipeline.train import train
@@ -215,10 +236,13 @@ def test_the_train_job_builds_a_patch_bank_that_survives_export_load_and_embeddi
 
     data = tmp_path / "shards"
     write_synthetic_corpus(str(data), n=240, image_size=32, anomaly_fraction=0.0, seed=4, rows_per_shard=120)
+    # The texture memory's patch peak fused as a fourth part (--fuse); the stages' model keeps the default parts.
+    fuse = ["--fuse", "mse,ssim_top,stem_knn,patch_knn_max"] if description == "texture" else []
     cfg = parse_args(["--data", str(data), "--out", str(tmp_path / "run"), "--image-size", "32", "--latent-dim", "16",
                       "--base-width", "8", "--epochs", "1", "--batch-size", "16", "--val-fraction", "0.1",
-                      "--patch-bank", "300", "--patch-sampler", "coreset", "--patch-features", description])
+                      "--patch-bank", "300", "--patch-sampler", "coreset", "--patch-features", description, *fuse])
     assert (cfg.patch_bank, cfg.patch_sampler, cfg.patch_features) == (300, "coreset", description)
+    assert cfg.fuse == ((*FUSED_FROM, "patch_knn_max") if fuse else FUSED_FROM)
     result = train(cfg)
 
     exported = load_checkpoint(result.model_url)
@@ -234,6 +258,7 @@ def test_the_train_job_builds_a_patch_bank_that_survives_export_load_and_embeddi
     calibration = Calibration.from_dict(exported.calibration)
     held_out = calibration.get("mse").count
     assert calibration.get("patch_knn_max").count == calibration.get("patch_knn_top").count == held_out > 0
+    assert calibration.fused_from == cfg.fuse
 
     # A place unlike every training patch: a bright checkerboard pasted on a normal image.
     model, checkpoint = load_inference_model(result.model_url)
@@ -244,14 +269,18 @@ def test_the_train_job_builds_a_patch_bank_that_survives_export_load_and_embeddi
     normal_scores, odd_scores = (scorer(x.float())["scores"]["patch_knn_max"] for x in (normal, odd))
     assert (odd_scores > normal_scores).all(), (odd_scores, normal_scores)
 
-    # The embed job: the default scores leave the patch scores out; --scores all computes them.
+    # The embed job: the default scores are fused's parts (with --fuse, the patch peak) and mse;
+    # --scores all computes both patch scores. `fused` reads its parts as the calibration says.
     for scores, expect in ((None, False), ("all", True)):
         out = str(tmp_path / f"latents-{scores}")
         embed(EmbedConfig(data_url=str(data), model_url=result.model_url, out_url=out, scores=scores))
         table = read_latents(out)
         assert table.num_rows == 240 and ("patch_knn_top" in table.column_names) == expect
+        assert ("patch_knn_max" in table.column_names) == (expect or description == "texture")
         if expect:
             assert np.isfinite(table.column("patch_knn_top").to_numpy()).all()
+        parts = {name: table.column(name).to_numpy() for name in calibration.fused_from}
+        np.testing.assert_allclose(table.column("fused").to_numpy(), calibration.fuse(parts), rtol=1e-5, atol=1e-5)
 
     # Its digest guards it like the training bank.
     bank_file = tmp_path / "run" / "model" / PATCH_BANK_FILE

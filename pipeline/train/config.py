@@ -13,6 +13,7 @@ from pipeline.images import DEFAULT_RESIZE, RESIZE_POLICIES
 from pipeline.lease import Lease
 from pipeline.model import AutoencoderConfig
 from pipeline.patch_memory import DESCRIPTIONS, SAMPLERS
+from pipeline.scores import FUSED_FROM, SCORES
 from pipeline.scoring import TRAINING_LOSSES
 from pipeline.shards import Columns, ShardList
 
@@ -61,6 +62,7 @@ class TrainConfig:
     patch_bank: int = 0  # training patches the exported model remembers for the patch scores (pipeline.patch_memory); 0: none
     patch_sampler: str = "coreset"  # how they are chosen from the candidates: one of patch_memory.SAMPLERS
     patch_features: str = "stages"  # what describes a place in that memory: one of patch_memory.DESCRIPTIONS
+    fuse: tuple[str, ...] = FUSED_FROM  # the fused score's parts, as the export's calibration fuses them
     cache_mb: int = 1024  # per worker: decoded splits that fit stay in memory after epoch 1 (train/cache.py); 0: off
     tiles_per_image: int = 4  # a tiled model (model.working_size): random tiles of each image per step
     data_fingerprint: str = ""
@@ -73,6 +75,7 @@ class TrainConfig:
             except (TypeError, ValueError) as e:
                 raise InputError(str(e)) from e
         object.__setattr__(self, "corruptions", tuple(self.corruptions))  # JSON gives a list back
+        object.__setattr__(self, "fuse", tuple(dict.fromkeys(self.fuse)))
         problems = []
         for name in ("epochs", "batch_size", "workers", "keep_checkpoints", "tiles_per_image"):
             if getattr(self, name) < 1:
@@ -106,8 +109,22 @@ class TrainConfig:
             problems.append(f"patch_sampler must be one of {SAMPLERS}, got {self.patch_sampler!r}")
         if self.patch_features not in DESCRIPTIONS:
             problems.append(f"patch_features must be one of {DESCRIPTIONS}, got {self.patch_features!r}")
+        problems += self._fuse_problems()
         if problems:
             raise InputError("invalid training settings: " + "; ".join(problems))
+
+    def _fuse_problems(self) -> list[str]:
+        """What is wrong with `fuse`: a name that is not a single score, or one this model will not compute."""
+        parts = [name for name, s in SCORES.items() if s.needs != "scores"]
+        unknown = [name for name in self.fuse if name not in parts]
+        if not self.fuse or unknown:
+            told = (f"{', '.join(unknown)}, {'which is' if len(unknown) == 1 else 'which are'} not a single score"
+                    if unknown else "no score")
+            return [f"fuse names {told}; name one or more of: {', '.join(parts)}"]
+        missing = {"patches": "--patch-bank N" if not self.patch_bank else "",
+                   "head": "--defect-head" if not self.model.defect_head else ""}
+        return [f"fuse names {name}, which needs a model trained with {missing[SCORES[name].needs]}"
+                for name in self.fuse if missing.get(SCORES[name].needs)]
 
     @property
     def columns(self) -> Columns:

@@ -192,16 +192,19 @@ def build_export_patch_bank(plan: TrainPlan, model_url: str) -> PatchBank:
 def calibrate_export(plan: TrainPlan, model_url: str) -> Calibration:
     """Score the held-out split and a bank sample with the exported model; store its training bank
     (and with --patch-bank its patch bank) and every score's calibration with it."""
-    if plan.cfg.patch_bank:
+    cfg = plan.cfg
+    if cfg.patch_bank:
         build_export_patch_bank(plan, model_url)
     rows = _calibration_rows(plan, model_url)
-    calibration, bank = calibrate_with_bank(id_strings(rows["id"]), rows["val"].astype(bool), rows)
+    calibration, bank = calibrate_with_bank(id_strings(rows["id"]), rows["val"].astype(bool), rows,
+                                            fused_from=cfg.fuse)
     checkpoint = load_checkpoint(model_url)
     save_checkpoint(model_url, checkpoint.model, training={**checkpoint.training, "calibration": calibration.to_dict()},
                     bank=bank, patch_bank=checkpoint.patch_bank)
     default = calibration.get(calibration.default_score)
+    parts = f" (of {', '.join(calibration.fused_from)})" if calibration.default_score == "fused" else ""
     print(f"calibrated {len(calibration.scores)} scores on {default.count:,} held-out images, bank of "
-          f"{len(bank.ids):,} training images; default score {calibration.default_score}, estimated "
+          f"{len(bank.ids):,} training images; default score {calibration.default_score}{parts}, estimated "
           f"contamination {default.contamination:.1%}", flush=True)
     return calibration
 
