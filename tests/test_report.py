@@ -53,6 +53,7 @@ from pipeline.report import (
     sketch_quantile,
 )
 from pipeline.report.galleries import build_galleries
+from pipeline.scores import FUSED_FROM
 from pipeline.shards import write_shard
 from pipeline.synth import synthetic_image, write_synthetic_corpus
 from pipeline.thresholds import CONFIDENCE, Calibration, threshold_from_calibration
@@ -380,6 +381,11 @@ def test_threshold_policies_resolve_from_their_sources(model_url, tmp_path):
         report_threshold("quantile:0.9", empty, True, None, {**recorded, "model": str(tmp_path / "broken")})
     assert report_threshold("value:0.5", empty, True, None, None).estimated_contamination is None
     assert report_threshold("value:0.5", empty, True, None, None).uncertainty is None
+    # A score of scores names the parts its calibration fuses (train --fuse); a single score none.
+    assert from_model.parts is None and report_threshold("value:0.5", empty, True, None, None, "fused").parts is None
+    assert report_threshold("quantile:0.99", empty, True, calibration, None, "fused").parts == FUSED_FROM
+    chosen = {**calibration, "fused_from": ["mse", "patch_knn_max"]}
+    assert report_threshold("value:2", empty, True, chosen, None, "fused").parts == ("mse", "patch_knn_max")
     assert from_model.uncertainty["point_estimate"] < from_model.value
     for bad in ("quantile:1.5", "contamination:-0.1", "value:abc", "median", "value:nan"):
         with pytest.raises(InputError, match="threshold|contamination|quantile"):
@@ -431,6 +437,18 @@ def test_a_report_reads_whatever_scores_are_there_and_names_a_missing_one(ray_lo
     assert summary["threshold"]["score"] == "ssim_top"
     assert "ssim_top" in summary["scores"] and "mse" not in summary["scores"]
     assert summary["scores"]["ssim_top"]["max"] == pytest.approx(float(truth["ssim"].max()))
+
+
+@pytest.mark.ray
+def test_the_threshold_of_the_fused_score_says_what_it_fuses(ray_local, known, model_url, tmp_path):
+    latents, _ = known
+    fused = _without(latents, tmp_path / "fused", ("ssim_error",), {"mse": "fused"})
+    summary = report(ReportConfig(latents_url=fused, out_url=str(tmp_path / "r"), model_url=model_url, score="fused"))
+    parts = read_checkpoint_meta(model_url)["training"]["calibration"]["fused_from"]
+    assert summary["threshold"]["parts"] == parts == list(FUSED_FROM)
+    html = (tmp_path / "r" / "index.html").read_text()
+    assert "<th>fused from</th><td>the largest robust z of <code>mse</code>, <code>ssim_top</code>, " \
+           "<code>stem_knn</code>" in html
 
 
 def test_bad_input_exits_2_with_a_clear_message(known, tmp_path, capsys):

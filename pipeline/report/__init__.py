@@ -76,7 +76,9 @@ summary.json keys:
                                of the model's held-out split its calibration read as anomalies;
                                null without a calibration), uncertainty {held_out, bulk,
                                confidence, point_estimate} (a quantile threshold is the upper
-                               confidence bound on the bulk's quantile; null without a calibration)}
+                               confidence bound on the bulk's quantile; null without a calibration),
+                               parts (for a score of scores such as fused: the scores its
+                               calibration fuses, `train --fuse`; null otherwise or without one)}
     metrics (labels only)     {label_column, score, positives, negatives, unlabelled_scored_rows,
                                sampled, rows_used, auroc, average_precision, best_f1,
                                best_f1_threshold, best_f1_precision, best_f1_recall,

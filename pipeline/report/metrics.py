@@ -15,6 +15,7 @@ import numpy as np
 
 from pipeline.errors import InputError
 from pipeline.report.sketch import HIST_RATIO, sketch_quantile
+from pipeline.scores import SCORES
 from pipeline.thresholds import CONFIDENCE, Calibration, ThresholdSpec, parse_threshold, resolve_threshold
 
 if TYPE_CHECKING:
@@ -36,6 +37,8 @@ class Threshold:
     # how sure the quantile is (same cases): held-out images, how many formed the normal bulk,
     # the confidence of the upper bound the threshold is, and the bulk's fitted quantile itself
     uncertainty: dict[str, float] | None = None
+    # a score of scores (fused): the parts the calibration fuses (train --fuse); None otherwise or unknown
+    parts: tuple[str, ...] | None = None
 
 
 def report_threshold(spec: str, totals: ScorePartial | None, exact: bool, calibration: dict[str, Any] | None,
@@ -43,13 +46,21 @@ def report_threshold(spec: str, totals: ScorePartial | None, exact: bool, calibr
     """The threshold on `score` a policy gives, and where it came from (`totals` only for contamination)."""
     parsed = parse_threshold(spec)
     if parsed.policy == "value":
-        return Threshold(spec, parsed.policy, parsed.parameter, resolve_threshold(parsed), "the value given")
+        return Threshold(spec, parsed.policy, parsed.parameter, resolve_threshold(parsed), "the value given",
+                         parts=fused_parts(calibration, score))
     if parsed.policy == "contamination":
         value, source = _contamination(parsed, totals, exact)
-        return Threshold(spec, parsed.policy, parsed.parameter, value, source)
+        return Threshold(spec, parsed.policy, parsed.parameter, value, source, parts=fused_parts(calibration, score))
     value, source, used = _calibrated_quantile(spec, parsed.parameter, calibration, metadata, score)
     return Threshold(spec, parsed.policy, parsed.parameter, value, source, estimated_contamination(used, score),
-                     threshold_uncertainty(used, score, parsed.parameter))
+                     threshold_uncertainty(used, score, parsed.parameter), fused_parts(used, score))
+
+
+def fused_parts(calibration: dict[str, Any] | None, score: str) -> tuple[str, ...] | None:
+    """The parts `calibration` fuses into `score` when it is a score of scores (fused), if it says."""
+    if not calibration or SCORES.get(score) is None or SCORES[score].needs != "scores":
+        return None
+    return tuple(calibration.get("fused_from") or ()) or None
 
 
 def estimated_contamination(calibration: dict[str, Any] | None, score: str) -> float | None:

@@ -85,7 +85,8 @@ def threshold_section(found: Findings) -> dict[str, Any]:
     return {"spec": t.spec, "policy": t.policy, "parameter": t.parameter, "value": t.value, "source": t.source,
             "score": score, "rule": f"{score} > value", "flagged_rows": flagged,
             "flagged_share": flagged / scored if scored else None,
-            "estimated_contamination": t.estimated_contamination, "uncertainty": t.uncertainty}
+            "estimated_contamination": t.estimated_contamination, "uncertainty": t.uncertainty,
+            "parts": list(t.parts) if t.parts else None}
 
 
 def _recall_at_fpr(labels: np.ndarray, values: np.ndarray, fpr: float = 0.01) -> float | None:
