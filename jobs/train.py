@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-features", choices=DESCRIPTIONS, default=D["patch_features"],
                    help="what describes a place in the patch memory: stages (the encoder's mid-level maps, a local "
                         "mean) or texture (how the first layer's responses vary over a window around the place: "
-                        "each channel's mean and spread over a quarter and a half of the model's input side)")
+                        "each channel's mean and spread over a quarter and a half of the model's input side, and "
+                        "how far its largest response in the smaller square stands above the mean)")
     p.add_argument("--fuse", type=lambda text: tuple(k.strip() for k in text.split(",") if k.strip()),
                    default=D["fuse"], metavar="SCORES",
                    help=f"the parts of the fused score (the score the model flags by): each as a robust z on its "

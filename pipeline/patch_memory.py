@@ -70,22 +70,30 @@ def window_statistics(maps: torch.Tensor, window: int, stride: int, padding: int
     return torch.cat([mean, spread], dim=1)
 
 
-def texture_descriptions(stem: torch.Tensor) -> torch.Tensor:
-    """The stem's map (B, C, n, n) -> (B, 4C, 7, 7): at places one every n/8 cells, the window
+def texture_descriptions(stem: torch.Tensor, peak: bool = True) -> torch.Tensor:
+    """The stem's map (B, C, n, n) -> (B, 5C, 7, 7): at places one every n/8 cells, the window
     statistics of the n/4-cell square around each place and of the n/2-cell one (a quarter and a
-    half of the model's input side); both squares share their centres."""
+    half of the model's input side; both squares share their centres), and the peak: how far each
+    channel's largest response in the smaller square stands above its mean there (a few bright or
+    dark pixels move a square's mean and spread little, its peak much). `peak=False`: (B, 4C, 7, 7),
+    the description before the peak was added."""
     step = max(1, min(stem.shape[-2:]) // (TEXTURE_PLACES + 1))
-    return torch.cat([window_statistics(stem, 2 * step, step),
-                      window_statistics(stem, 4 * step, step, padding=step)], dim=1)
+    small = window_statistics(stem, 2 * step, step)
+    parts = [small, window_statistics(stem, 4 * step, step, padding=step)]
+    if peak:
+        parts.append(torch.nn.functional.max_pool2d(stem.float(), 2 * step, step) - small[:, :stem.shape[1]])
+    return torch.cat(parts, dim=1)
 
 
-def describe(features: list[torch.Tensor], description: str = "stages") -> torch.Tensor:
+def describe(features: list[torch.Tensor], description: str = "stages", channels: int | None = None) -> torch.Tensor:
     """The model's local maps (`model(x, features=True)["features"]`: the stem's, then the down
-    stages') -> (B, channels, h, w): every place described as `description` (DESCRIPTIONS) says."""
+    stages') -> (B, channels, h, w): every place described as `description` (DESCRIPTIONS) says.
+    `channels`: the numbers a place has in the bank being searched; a texture bank saved before the
+    peak was added (4 per stem channel) is described as it was built."""
     if description == "stages":
         return patch_descriptions(features[1:])
     if description == "texture":
-        return texture_descriptions(features[0])
+        return texture_descriptions(features[0], peak=channels != 4 * features[0].shape[1])
     raise ValueError(f"description must be one of {DESCRIPTIONS}, got {description!r}")
 
 
@@ -180,7 +188,7 @@ class PatchBank:
         """The model's local maps -> (B, h, w): every location's Euclidean distance to its
         nearest bank patch. On the CPU faiss searches; on a GPU the search is an exact matrix
         product on the device, so the maps never go to the host."""
-        located = project(describe(features, self.description), self.projection)  # (B, h, w, dim)
+        located = project(describe(features, self.description, self.channels), self.projection)  # (B, h, w, dim)
         flat = located.reshape(-1, located.shape[-1])
         if located.device.type == "cpu":
             squared = self._faiss_nearest(flat)

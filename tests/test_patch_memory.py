@@ -47,13 +47,19 @@ def test_descriptions_bring_every_stage_to_the_finest_grid():
 
 def test_texture_descriptions_are_window_statistics_at_seven_by_seven_shared_centres():
     """Each place: every channel's mean and spread over the n/4-cell square around it, then over
-    the n/2-cell square with the same centre; a square of high variance shows where it is."""
+    the n/2-cell square with the same centre, then the small square's peak above its mean; a
+    square of high variance shows where it is."""
     for side in (16, 24, 32):
-        assert texture_descriptions(torch.rand(2, 5, side, side)).shape == (2, 20, 7, 7)
+        assert texture_descriptions(torch.rand(2, 5, side, side)).shape == (2, 25, 7, 7)
+        assert texture_descriptions(torch.rand(2, 5, side, side), peak=False).shape == (2, 20, 7, 7)
     stem = torch.full((1, 2, 32, 32), 0.5)
     stem[0, 1] = 0.25
     stem[0, 0, 12:20, 12:20] = torch.tensor([0.0, 1.0]).repeat(32)[:64].view(8, 8)  # mean 0.5, spread 0.5
-    described = texture_descriptions(stem)[0]  # (8, 7, 7): small window mean, spread; large window mean, spread
+    # (10, 7, 7): small window mean, spread; large window mean, spread; small window peak above its mean
+    described = texture_descriptions(stem)[0]
+    torch.testing.assert_close(described[:8], texture_descriptions(stem, peak=False)[0])
+    torch.testing.assert_close(described[8, 3, 3], torch.tensor(0.5))  # the square's 1.0 over its mean 0.5
+    assert described[9].abs().max() < 1e-6 and described[8, 0, 0] < 1e-6  # no peak where the map is flat
     torch.testing.assert_close(described[[0, 4]], torch.full((2, 7, 7), 0.5))  # channel 0's means: 0.5 throughout
     torch.testing.assert_close(described[[1, 5]], torch.full((2, 7, 7), 0.25))  # channel 1: constant
     assert described[[3, 7]].abs().max() < 1e-3  # ... so no spread
@@ -89,6 +95,27 @@ def test_a_texture_bank_finds_a_rougher_square_of_the_same_brightness():
     peak = divmod(int(distances.argmax()), 7)
     # The square spans 8-24 px down and 40-56 across: the places centred at 16 px (row 1) and 48 (column 5).
     assert peak == (1, 5), f"the farthest place is {peak}, not over the square"
+
+
+def test_the_texture_peak_stands_out_where_a_few_pixels_are_bright():
+    """Training stems: noise of one amplitude. A new stem with 4 bright cells: the nearest-patch
+    distance at the places whose small squares hold them is far above every other place's. A texture bank saved before
+    the peak was added (4 numbers per stem channel) is still searched, as it was built."""
+    generator = torch.Generator().manual_seed(0)
+    normals = torch.cat([0.5 + 0.1 * torch.randn(8, 4, 32, 32, generator=generator) for _ in range(4)])
+    odd = 0.5 + 0.1 * torch.randn(1, 4, 32, 32, generator=generator)
+    odd[0, :, 16:18, 16:18] = 1.5  # in the 8-cell squares of places 3 and 4 (one every 4 cells) each way
+    inside = torch.zeros(7, 7, dtype=torch.bool)
+    inside[3:5, 3:5] = True
+    for peak, numbers in ((True, 20), (False, 16)):
+        described = texture_descriptions(normals, peak=peak)
+        projection = standardising_projection(described.permute(0, 2, 3, 1).reshape(-1, numbers).numpy(), dim=16)
+        bank = PatchBank(project(described, projection).reshape(-1, 16).numpy(), projection, "texture")
+        distances = bank.distance_map([odd])[0]  # the stem is the texture description's only input
+        assert distances.shape == (7, 7) and inside.flatten()[int(distances.argmax())], (peak, distances)
+        if peak:
+            # The places whose larger squares reach the cells come next; the rest are far below.
+            assert distances[inside].min() > 1.5 * distances[~inside].max(), distances
 
 
 @pytest.mark.parametrize("description", ["stages", "texture"])
@@ -251,8 +278,8 @@ def test_the_train_job_builds_a_patch_bank_that_survives_export_load_and_embeddi
     gathered_in = patch_projection(exported.model, exported.config, cfg.seed, description)
     if description == "stages":  # the random projection every scorer rebuilds from the model and the run's seed
         np.testing.assert_array_equal(exported.patch_bank.projection, gathered_in)
-    else:  # the stem's 8 channels' mean and spread in two windows, each scaled by its spread, then projected
-        assert gathered_in.shape == (32, 32) and exported.patch_bank.projection.shape == (32, 64)
+    else:  # the stem's 8 channels' mean and spread in two windows and their peak, each scaled by its spread, projected
+        assert gathered_in.shape == (40, 40) and exported.patch_bank.projection.shape == (40, 64)
         assert (exported.patch_bank.projection != 0).all()
     assert {"patch_knn_max", "patch_knn_top"} <= set(scores_of(read_checkpoint_meta(result.model_url)))
     calibration = Calibration.from_dict(exported.calibration)
