@@ -80,7 +80,6 @@ VARIANTS = {"plain": {},
                for left_out in dict.fromkeys(LEFT_OUT_FOR.values())}}
 # Variants that reuse plain's weights (they differ only in the bank).
 TRAINED_AS = {variant: "plain" for variant in VARIANTS if variant.startswith(("patch-", "texture-"))}
-# The fusion question (bench.detection.FUSED_WITH) is asked of every run with a patch memory.
 
 
 # ---------------------------------------------------------------- images
@@ -213,7 +212,7 @@ def run_one(surface: str, seed: int, settings: dict, out: Path, variant: str = "
         return found
 
     metrics = {name: measured(values, calibration.threshold(name, DEFAULT_Q)) for name, values in scores.items()}
-    for part in FUSED_WITH:
+    for part in FUSED_WITH:  # the fusion question, asked of every run with a patch memory
         if part in scores:
             metrics[f"fused+{part}"] = measured(*fused_with(scores, np.flatnonzero(held_out), part))
     result = {"key": key, "surface": surface, "seed": seed, "variant": variant, **settings,

@@ -47,16 +47,17 @@ def report_threshold(spec: str, totals: ScorePartial | None, exact: bool, calibr
     parsed = parse_threshold(spec)
     if parsed.policy == "value":
         return Threshold(spec, parsed.policy, parsed.parameter, resolve_threshold(parsed), "the value given",
-                         parts=fused_parts(calibration, score))
+                         parts=fused_part_names(calibration, score))
     if parsed.policy == "contamination":
         value, source = _contamination(parsed, totals, exact)
-        return Threshold(spec, parsed.policy, parsed.parameter, value, source, parts=fused_parts(calibration, score))
+        return Threshold(spec, parsed.policy, parsed.parameter, value, source,
+                         parts=fused_part_names(calibration, score))
     value, source, used = _calibrated_quantile(spec, parsed.parameter, calibration, metadata, score)
     return Threshold(spec, parsed.policy, parsed.parameter, value, source, estimated_contamination(used, score),
-                     threshold_uncertainty(used, score, parsed.parameter), fused_parts(used, score))
+                     threshold_uncertainty(used, score, parsed.parameter), fused_part_names(used, score))
 
 
-def fused_parts(calibration: dict[str, Any] | None, score: str) -> tuple[str, ...] | None:
+def fused_part_names(calibration: dict[str, Any] | None, score: str) -> tuple[str, ...] | None:
     """The parts `calibration` fuses into `score` when it is a score of scores (fused), if it says."""
     if not calibration or SCORES.get(score) is None or SCORES[score].needs != "scores":
         return None
