@@ -29,25 +29,25 @@ if TYPE_CHECKING:
 PATH_COLUMN = "path"  # the file a row came from, added by read_parquet(include_paths=True)
 
 
-def read_parquet(paths: Sequence[str], filesystem, **kwargs):
-    """`ray.data.read_parquet` over explicit file paths, through Ray Data's V1 Parquet reader.
+def read_parquet(paths: Sequence[str], filesystem, columns: Sequence[str] | None = None, *,
+                 include_paths: bool = False, override_num_blocks: int | None = None, num_cpus: float = 1.0):
+    """A lazy Ray Dataset of `columns` (None: all) of explicit Parquet files, one read task per file
+    (or several files a task), rows in file order; `include_paths` adds PATH_COLUMN.
 
-    Every stage reads Parquet through here. Ray 2.60's default V2 reader starts a listing
-    task and 32 footer-reading actors on every execution, and packs small files into one
-    read task: on this project's 2-core machine each training epoch then waited about 2 s
-    for its first batch and read at half speed (docs/BENCHMARKS.md, "Training"). We always
-    pass the file list, so V2's listing buys nothing; V1 reads one task per file, split into
-    blocks, and supports the same write checkpointing. `DataContext.use_datasource_v2` is
-    Ray's documented switch; the dataset keeps a copy of the context it was created with.
+    Every stage reads Parquet through here, with our reader (`pipeline.formats.sources.ParquetColumns`)
+    rather than Ray's `read_parquet`: its V2 reader starts a listing task and 32 footer-reading actors
+    on every execution and packs small files into one read task (on this 2-core machine each training
+    epoch waited about 2 s for its first batch and read at half speed), and its V1 reader waits in the
+    driver for a remote task that samples files before the dataset exists (0.5-0.8 s of every embed
+    job on a fresh cluster; docs/BENCHMARKS.md, "Embedding throughput"). We always pass the file list,
+    so neither buys anything; ours reads each footer in the task that reads the file.
     """
     import ray.data
 
-    ctx = ray.data.DataContext.get_current()
-    saved, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
-    try:
-        return ray.data.read_parquet(list(paths), filesystem=filesystem, **kwargs)
-    finally:
-        ctx.use_datasource_v2 = saved
+    from pipeline.formats.sources import ParquetColumns
+
+    source = ParquetColumns(list(paths), columns=columns, filesystem=filesystem, include_paths=include_paths)
+    return ray.data.read_datasource(source, override_num_blocks=override_num_blocks, num_cpus=num_cpus)
 
 
 def read_shards(shards: ShardList, columns: Columns, extra: Sequence[str] = (), override_num_blocks: int | None = None,

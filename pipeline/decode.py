@@ -367,8 +367,8 @@ def _pipeline(cfg: DecodeConfig, selection: Selection, on_rows: TallyClient) -> 
           f"{f' + {resources.gpus_per_actor:g} GPU' if resources.gpus_per_actor else ''}, "
           f"{resources.torch_threads} torch threads", flush=True)
     latents = latent_dataset(cfg.latents_url)
-    ds = read_parquet(latents.files, latents.filesystem, num_cpus=resources.task_cpus).select_columns(
-        [c for c in LATENT_COLUMNS if c in latents.schema.names])
+    ds = read_parquet(latents.files, latents.filesystem, [c for c in LATENT_COLUMNS if c in latents.schema.names],
+                      num_cpus=resources.task_cpus)
     keep = col("latent").is_not_null()
     if selection.ids is not None:
         keep = keep & col("id").is_in(selection.ids)

@@ -195,9 +195,11 @@ class TallyWatch(Poller):
         import ray
 
         try:
-            # The mappers' last messages may still be on their way: read until the count holds still.
+            # The mappers' last messages may still be on their way: read until the count holds still,
+            # or has reached the job's exact total.
+            exact = None if self.progress.approximate else self.progress.total
             previous, deadline = self._read(), time.monotonic() + 5.0
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and sum(previous.values()) != exact:
                 time.sleep(0.2)
                 latest = self._read()
                 if latest == previous:

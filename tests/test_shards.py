@@ -168,3 +168,71 @@ def test_ray_data_numpy_batches_of_each_layout(ray_local, tmp_path):
         batch = ray_local.data.read_parquet(path, filesystem=fs).take_batch(10, batch_format="numpy")
         order = np.argsort(batch["id"])
         assert [image_bytes(batch["image"])[i] for i in order] == written
+
+
+def _blob_shards(url: str, rows: tuple[int, ...], blob_bytes: int) -> list[list[str]]:
+    """Shards of {id, image, blob} (`blob`: a column the readers below never ask for), one per count in
+    `rows` (0: a file with no rows); the ids of each, in file order."""
+    ids, rng = [], np.random.default_rng(0)  # random blobs: no encoding makes them small
+    for number, n in enumerate(rows):
+        shard_ids = [f"s{number}-{i:03d}" for i in range(n)]
+        table = pa.table({"id": pa.array(shard_ids, pa.string()),
+                          "image": pa.array([encode_image(_pixels(i)) for i in range(n)], pa.binary()),
+                          "blob": pa.array([rng.bytes(blob_bytes) for _ in range(n)], pa.binary())})
+        write_shard(storage.join(url, f"part-{number:05d}.parquet"), table)
+        ids.append(shard_ids)
+    return ids
+
+
+@pytest.mark.ray
+def test_read_parquet_gives_the_named_columns_of_every_row_once_with_their_file(ray_local, tmp_path):
+    from pipeline.datasets import PATH_COLUMN, read_parquet
+
+    url = str(tmp_path / "shards")
+    ids = _blob_shards(url, (7, 0, 12), blob_bytes=10)
+    fs, root = storage.arrow_filesystem(url)
+    paths = [f"{root}/part-{number:05d}.parquet" for number in range(3)]
+    ds = read_parquet(paths, fs, ["id", "image"], include_paths=True, override_num_blocks=3)
+    rows = ds.take_all()
+    assert set(rows[0]) == {"id", "image", PATH_COLUMN}  # blob was never read
+    by_file = {path: [row["id"] for row in rows if row[PATH_COLUMN] == path] for path in paths}
+    assert [sorted(by_file[path]) for path in paths] == ids
+    assert sorted(row["id"] for row in rows) == sorted(sum(ids, []))
+    first = next(row for row in rows if row["id"] == "s2-005")
+    assert first["image"] == encode_image(_pixels(5))
+
+
+@pytest.mark.ray
+def test_parquet_blocks_keep_file_order_and_stay_within_the_target_block_size(ray_local, tmp_path):
+    """Block rows come from the footer's sizes of the columns read (not the big column left unread),
+    within the DataContext's target block size when the reader was made; a file with no rows gives
+    one empty block of the columns asked for."""
+    import ray.data
+
+    from pipeline.formats.sources import PARQUET_BATCH_ROWS, ParquetColumns
+
+    url = str(tmp_path / "shards")
+    ids = _blob_shards(url, (300, 0), blob_bytes=4096)
+    fs, root = storage.arrow_filesystem(url)
+    full, empty = (f"{root}/part-{number:05d}.parquet" for number in range(2))
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.target_max_block_size
+    try:
+        ctx.target_max_block_size = 64 * 1024  # about 16 rows with the blob, hundreds without
+        small = ParquetColumns([full, empty], columns=["id", "image"], filesystem=fs)
+        with_blob = ParquetColumns([full, empty], columns=["id", "blob"], filesystem=fs)
+    finally:
+        ctx.target_max_block_size = saved
+
+    def blocks(source: ParquetColumns, path: str) -> list[pa.Table]:
+        with fs.open_input_file(path) as f:
+            return list(source._read_stream(f, path))
+
+    whole = blocks(small, full)
+    assert len(whole) == 1 and whole[0].num_rows == 300 <= PARQUET_BATCH_ROWS
+    assert whole[0].column_names == ["id", "image"]
+    parts = blocks(with_blob, full)
+    assert len(parts) > 10 and all(0 < t.num_rows <= 16 for t in parts)
+    assert sum((t.column("id").to_pylist() for t in parts), []) == ids[0]  # file order
+    (nothing,) = blocks(with_blob, empty)
+    assert nothing.num_rows == 0 and nothing.column_names == ["id", "blob"]

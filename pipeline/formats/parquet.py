@@ -222,8 +222,8 @@ class ParquetIdColumn(ParquetShards):
         from pipeline.datasets import read_parquet  # the Ray Data edge, imported where a stage reads
 
         wanted = list(dict.fromkeys([self.columns.id, self.columns.image, *extra]))
-        return read_parquet(self.shards.paths, self.shards.arrow_fs, override_num_blocks=override_num_blocks,
-                            num_cpus=num_cpus).select_columns(wanted)
+        return read_parquet(self.shards.paths, self.shards.arrow_fs, wanted, override_num_blocks=override_num_blocks,
+                            num_cpus=num_cpus)
 
     def fetch(self, ids: Sequence[str]) -> dict[str, bytes | None]:
         """A filtered read (`pc.field(id).isin(ids)`), in the data's own id type where the ids parse."""

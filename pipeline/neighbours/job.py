@@ -439,8 +439,8 @@ def _search(plan: NeighboursPlan) -> dict[str, int]:
     try:
         with TallyWatch(progress) as watch:
             columns = [c for c in ("id", "latent", "latent_scale", "error") if c in _schema_names(plan.latents)]
-            ds = read_parquet(plan.latents.paths, plan.latents.arrow_fs, num_cpus=resources.task_cpus,
-                              override_num_blocks=len(plan.latents.files)).select_columns(columns)
+            ds = read_parquet(plan.latents.paths, plan.latents.arrow_fs, columns, num_cpus=resources.task_cpus,
+                              override_num_blocks=len(plan.latents.files))
             ds = ds.map_batches(
                 NeighbourSearch, batch_format="numpy", batch_size=resources.batch_size,
                 fn_constructor_kwargs=dict(index_url=cfg.out_url, k=cfg.k, threads=resources.torch_threads,

@@ -427,8 +427,7 @@ def run_pass(info: LatentInfo, plan: ScanPlan, task: Callable[[pa.Table, ScanPla
              label: str) -> Iterator[ScorePartial | FlagPartial]:
     """Stream one pass: read the small columns, reduce each block with `task` in a Ray task, and
     yield the partials on the driver as they arrive."""
-    ds = read_parquet(info.paths, info.fs, include_paths=True, partitioning=None)
-    ds = ds.select_columns([*plan.columns, PATH_COLUMN])
+    ds = read_parquet(info.paths, info.fs, plan.columns, include_paths=True)
     ds = ds.map_batches(task, batch_format="pyarrow", batch_size=None, fn_kwargs={"plan": plan})
     progress = Progress(f"report {label}", info.rows)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
