@@ -3,6 +3,8 @@
     python bench/embed_throughput.py --images 20000      # prints Markdown tables
     python bench/embed_throughput.py --images 20000 --skip-5n --pool 1x2 --results embed_throughput-pool
         # also the Ray job with one model actor of two torch threads (repeatable), at N only
+    python bench/embed_throughput.py --images 20000 --skip-5n --ray-reader --results embed_throughput-reader
+        # also the Ray job reading its shards with Ray's own read_parquet (V1), as before, at N only
 
 Both do the same work on the same cores: read Parquet, decode PNG, encode + decode with the
 Fire model, compute the anomaly scores `--scores` names (default: embed's default, the fused
@@ -106,12 +108,34 @@ def parquet_bytes(folder: str) -> int:
     return sum(path.stat().st_size for path in Path(folder).rglob("*.parquet"))
 
 
-def ray_job(data: str, model: str, out: str, batch_size: int, scores: str | None, pool: str | None = None) -> dict:
+def ray_v1_read_parquet(paths, filesystem, columns=None, *, include_paths=False, override_num_blocks=None,
+                        num_cpus=1.0):
+    """`pipeline.datasets.read_parquet` as it was before our own reader: Ray's `read_parquet` through
+    its V1 reader, whose dataset waits for a remote task that samples the files."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    saved, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    try:
+        ds = ray.data.read_parquet(list(paths), filesystem=filesystem, include_paths=include_paths,
+                                   override_num_blocks=override_num_blocks, num_cpus=num_cpus)
+    finally:
+        ctx.use_datasource_v2 = saved
+    return ds if columns is None else ds.select_columns([*columns, *(["path"] if include_paths else [])])
+
+
+def ray_job(data: str, model: str, out: str, batch_size: int, scores: str | None, pool: str | None = None,
+            ray_reader: bool = False) -> dict:
     """The embed job on a fresh local Ray cluster; `pool` "AxT": A model actors of T torch threads
-    each (default: what the job plans for this machine)."""
+    each (default: what the job plans for this machine); `ray_reader`: reading the shards with
+    `ray_v1_read_parquet` (the readers import `pipeline.datasets.read_parquet` when they read)."""
     import ray
 
+    import pipeline.datasets
     from pipeline.embed import EmbedConfig, embed
+
+    if ray_reader:
+        pipeline.datasets.read_parquet = ray_v1_read_parquet
 
     actors, threads = (int(part) for part in pool.split("x")) if pool else (None, None)
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
@@ -125,7 +149,7 @@ def ray_job(data: str, model: str, out: str, batch_size: int, scores: str | None
 def run_measured(mode: str, data: str, model: str, out: str, batch_size: int, sample_memory: bool,
                  scores: str | None) -> dict:
     """Run one mode in a fresh process (bench.common.run_child: with `sample_memory`, its peak PSS).
-    A mode "ray AxT" is the Ray job with that actor pool."""
+    A mode "ray AxT" is the Ray job with that actor pool; "ray-v1" the Ray job with Ray's own reader."""
     mode, _, pool = mode.partition(" ")
     cmd = [sys.executable, __file__, "--child", mode, "--data", data, "--model", model, "--out", out,
            "--batch-size", str(batch_size), *(["--scores", scores] if scores else []),
@@ -167,7 +191,9 @@ def main() -> None:
                    help="also time the Ray job with A model actors of T torch threads (repeatable; at N only)")
     p.add_argument("--results", default="embed_throughput",
                    help="name of the raw results file under docs/bench-results/ (without .json)")
-    p.add_argument("--child", choices=["bare", "ray"], help=argparse.SUPPRESS)
+    p.add_argument("--ray-reader", action="store_true",
+                   help="also time the Ray job reading with Ray's own read_parquet (V1), as before (at N only)")
+    p.add_argument("--child", choices=["bare", "ray", "ray-v1"], help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -177,7 +203,7 @@ def main() -> None:
             result = bare_loop(args.data, args.model, args.out, args.batch_size, args.scores)
         else:
             result = ray_job(args.data, args.model, args.out, args.batch_size, args.scores,
-                             args.pool[0] if args.pool else None)
+                             args.pool[0] if args.pool else None, ray_reader=args.child == "ray-v1")
         print(json.dumps(result), flush=True)
         return
 
@@ -189,14 +215,15 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-embed-"))
     n = args.images
     data, model = make_inputs(work, n)
-    pools = [f"ray {pool}" for pool in args.pool]
+    pools = [f"ray {pool}" for pool in args.pool] + (["ray-v1"] if args.ray_reader else [])
     runs, written = alternate(["bare", "ray", *pools], args.rounds, data, model, work, n, args.batch_size, args.scores)
     table_rows = []
 
     def add(size: int, result: dict[str, list[float]]) -> None:
         bare = statistics.median(result["bare"])
         names = {"bare": "bare single-process loop", "ray": "Ray Data job",
-                 **{mode: f"Ray Data job, {mode.split()[1]} (actors x threads)" for mode in pools}}
+                 "ray-v1": "Ray Data job, Ray's own read_parquet (V1, before)",
+                 **{mode: f"Ray Data job, {mode.split()[1]} (actors x threads)" for mode in pools if " " in mode}}
         for mode, all_runs in result.items():
             secs = statistics.median(all_runs)
             table_rows.append([f"{size:,}", names[mode], len(all_runs), ", ".join(f"{s:.1f}" for s in all_runs), secs,

@@ -38,9 +38,9 @@ def read_parquet(paths: Sequence[str], filesystem, columns: Sequence[str] | None
     rather than Ray's `read_parquet`: its V2 reader starts a listing task and 32 footer-reading actors
     on every execution and packs small files into one read task (on this 2-core machine each training
     epoch waited about 2 s for its first batch and read at half speed), and its V1 reader waits in the
-    driver for a remote task that samples files before the dataset exists (0.5-0.8 s of every embed
-    job on a fresh cluster; docs/BENCHMARKS.md, "Embedding throughput"). We always pass the file list,
-    so neither buys anything; ours reads each footer in the task that reads the file.
+    driver for a remote task that samples files before the dataset exists (docs/BENCHMARKS.md, "Our
+    own Parquet reader"). We always pass the file list, so neither buys anything; ours reads each
+    footer in the task that reads the file.
     """
     import ray.data
 

@@ -2,9 +2,9 @@
 
 - `ParquetColumns`: Parquet files -> blocks of the named columns, one task per file, rows in
   file order. Every stage reads Parquet through it (`pipeline.datasets.read_parquet`): Ray's own
-  `read_parquet` samples files in a remote task before the dataset even exists (V1: 0.5-0.8 s on
-  a fresh cluster, the driver waiting; docs/BENCHMARKS.md, "Embedding throughput") or lists
-  them and reads footers in 32 actors on every execution (V2). Ours reads each footer in the
+  `read_parquet` samples files in a remote task before the dataset even exists, the driver
+  waiting for it (V1; docs/BENCHMARKS.md, "Our own Parquet reader"), or lists them and reads
+  footers in 32 actors on every execution (V2). Ours reads each footer in the
   read task that reads the file, and sizes its blocks from it.
 
 Ray Data's exactly-once writes (`CheckpointConfig`) filter rows right after the read, by a
