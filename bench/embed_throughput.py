@@ -114,6 +114,8 @@ def ray_v1_read_parquet(paths, filesystem, columns=None, *, include_paths=False,
     its V1 reader, whose dataset waits for a remote task that samples the files."""
     import ray.data
 
+    from pipeline.datasets import PATH_COLUMN
+
     ctx = ray.data.DataContext.get_current()
     saved, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
     try:
@@ -121,7 +123,7 @@ def ray_v1_read_parquet(paths, filesystem, columns=None, *, include_paths=False,
                                    override_num_blocks=override_num_blocks, num_cpus=num_cpus)
     finally:
         ctx.use_datasource_v2 = saved
-    return ds if columns is None else ds.select_columns([*columns, *(["path"] if include_paths else [])])
+    return ds if columns is None else ds.select_columns([*columns, *([PATH_COLUMN] if include_paths else [])])
 
 
 def ray_job(data: str, model: str, out: str, batch_size: int, scores: str | None, pool: str | None = None,

@@ -46,7 +46,7 @@ def read_parquet(paths: Sequence[str], filesystem, columns: Sequence[str] | None
 
     from pipeline.formats.sources import ParquetColumns
 
-    source = ParquetColumns(list(paths), columns=columns, filesystem=filesystem, include_paths=include_paths)
+    source = ParquetColumns(paths, columns=columns, filesystem=filesystem, include_paths=include_paths)
     return ray.data.read_datasource(source, override_num_blocks=override_num_blocks, num_cpus=num_cpus)
 
 

@@ -85,8 +85,7 @@ class ParquetColumns(FileBasedDatasource):
                    if wanted is None or group.column(i).path_in_schema.split(".")[0] in wanted)
         return max(1, min(PARQUET_BATCH_ROWS, int(self._block_bytes * meta.num_rows // max(size, 1))))
 
-    def _tables(self, f) -> Iterator[pa.Table]:
-        """The file's `columns`, block by block."""
+    def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
         parquet = pq.ParquetFile(f)
         empty = True
         for batch in parquet.iter_batches(batch_size=self._batch_rows(parquet.metadata), columns=self._read):
@@ -95,9 +94,6 @@ class ParquetColumns(FileBasedDatasource):
         if empty:
             schema = parquet.schema_arrow
             yield schema.empty_table() if self._read is None else schema.empty_table().select(self._read)
-
-    def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
-        yield from self._tables(f)
 
 
 class DerivedIdParquet(ParquetColumns):
@@ -113,7 +109,7 @@ class DerivedIdParquet(ParquetColumns):
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
         name = posixpath.relpath(path, self._root) if path != self._root else posixpath.basename(path)
         row = 0
-        for table in self._tables(f):
+        for table in super()._read_stream(f, path):
             ids = derive_ids(table.column(self._columns.image), self._kind, name, row)
             row += table.num_rows
             yield table.append_column(self._columns.id, ids)
