@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from pipeline import storage
+from pipeline.colour_memory import ColourMemory
 from pipeline.errors import InputError
 from pipeline.model import AutoencoderConfig, build_model
 from pipeline.patch_memory import PatchBank
@@ -35,6 +37,7 @@ from pipeline.scoring import TrainingBank
 
 BANK_FILE = "training_bank.parquet"  # the training split's latents and stem statistics, by id
 PATCH_BANK_FILE = "patch_bank.safetensors"  # the memory of training patches (pipeline.patch_memory)
+COLOUR_FILE = "colour_memory.safetensors"  # the histogram of training pixel values (pipeline.colour_memory)
 FORMAT = "squeeze-autoencoder"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -55,6 +58,7 @@ class Checkpoint:
     weights_sha256: str = ""
     bank: TrainingBank | None = None  # for the neighbour scores; None in models made without one
     patch_bank: PatchBank | None = None  # for the patch scores; None in models trained without --patch-bank
+    colours: ColourMemory | None = None  # for the colour scores; None in models exported before there was one
 
     @property
     def calibration(self) -> dict[str, Any]:
@@ -64,7 +68,8 @@ class Checkpoint:
     def scores(self) -> tuple[str, ...]:
         """Every score this model computes (`scores_of`, from what was loaded)."""
         return computable(self.bank is not None, self.calibration.get("fused_from", ()),
-                          has_head=self.config.defect_head, has_patch_bank=self.patch_bank is not None)
+                          has_head=self.config.defect_head, has_patch_bank=self.patch_bank is not None,
+                          has_colours=self.colours is not None)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -103,9 +108,10 @@ def _read_bank(data: bytes) -> TrainingBank:
 
 
 def save_checkpoint(url: str, model: nn.Module, training: dict[str, Any] | None = None,
-                    bank: TrainingBank | None = None, patch_bank: PatchBank | None = None) -> None:
-    """Write `model` (plain or DDP-wrapped), its config and, when given, its training bank and
-    patch bank to `url`."""
+                    bank: TrainingBank | None = None, patch_bank: PatchBank | None = None,
+                    colours: ColourMemory | None = None) -> None:
+    """Write `model` (plain or DDP-wrapped), its config and, when given, its training bank, patch
+    bank and colour memory to `url`."""
     config: AutoencoderConfig = _unwrap(model).config
     weights = weights_bytes(model)
     meta = {
@@ -117,8 +123,10 @@ def save_checkpoint(url: str, model: nn.Module, training: dict[str, Any] | None 
     }
     # Weights (and bank) first: a config.json present means what it names is complete.
     storage.write_bytes(storage.join(url, WEIGHTS_FILE), weights)
-    for key, name, data in (("bank_sha256", BANK_FILE, None if bank is None else _bank_bytes(bank)),
-                            ("patch_bank_sha256", PATCH_BANK_FILE, None if patch_bank is None else patch_bank.to_bytes())):
+    files = (("bank_sha256", BANK_FILE, None if bank is None else _bank_bytes(bank)),
+             ("patch_bank_sha256", PATCH_BANK_FILE, None if patch_bank is None else patch_bank.to_bytes()),
+             ("colour_memory_sha256", COLOUR_FILE, None if colours is None else colours.to_bytes()))
+    for key, name, data in files:
         if data is not None:
             storage.write_bytes(storage.join(url, name), data)
             meta[key] = hashlib.sha256(data).hexdigest()
@@ -128,11 +136,13 @@ def save_checkpoint(url: str, model: nn.Module, training: dict[str, Any] | None 
 def scores_of(meta: dict[str, Any]) -> tuple[str, ...]:
     """The scores a checkpoint's model computes (from its config alone): the reconstruction
     scores; the neighbour scores when it has a training bank; the defect scores with a defect
-    head; the patch scores with a patch bank; the fused score when its calibration says how to fuse."""
+    head; the patch scores with a patch bank; the colour scores with a colour memory; the fused
+    score when its calibration says how to fuse."""
     calibration = (meta.get("training") or {}).get("calibration") or {}
     return computable(bool(meta.get("bank_sha256")), calibration.get("fused_from", ()),
                       has_head=bool((meta.get("model") or {}).get("defect_head")),
-                      has_patch_bank=bool(meta.get("patch_bank_sha256")))
+                      has_patch_bank=bool(meta.get("patch_bank_sha256")),
+                      has_colours=bool(meta.get("colour_memory_sha256")))
 
 
 def _digested_file(url: str, meta: dict[str, Any], key: str, name: str) -> bytes | None:
@@ -149,26 +159,28 @@ def _digested_file(url: str, meta: dict[str, Any], key: str, name: str) -> bytes
     return data
 
 
-def load_bank(url: str, meta: dict[str, Any]) -> TrainingBank | None:
-    """The checkpoint's training bank, checked against its digest; None when it has none."""
-    data = _digested_file(url, meta, "bank_sha256", BANK_FILE)
+def _load_part(url: str, meta: dict[str, Any], key: str, name: str, parse: Callable[[bytes], Any], what: str,
+               errors: tuple[type[Exception], ...]) -> Any:
+    """The checkpoint's file `name` parsed by `parse`, checked against its digest `meta[key]`; None
+    when the checkpoint has none; CheckpointError naming `what` when it does not parse."""
+    data = _digested_file(url, meta, key, name)
     if data is None:
         return None
     try:
-        return _read_bank(data)
-    except (pa.ArrowInvalid, KeyError, ValueError) as e:
-        raise CheckpointError(f"{storage.join(url, BANK_FILE)} is not a readable training bank: {e}") from e
+        return parse(data)
+    except errors as e:
+        raise CheckpointError(f"{storage.join(url, name)} is not a readable {what}: {e}") from e
 
 
-def load_patch_bank(url: str, meta: dict[str, Any]) -> PatchBank | None:
-    """The checkpoint's patch bank, checked against its digest; None when it has none."""
-    data = _digested_file(url, meta, "patch_bank_sha256", PATCH_BANK_FILE)
-    if data is None:
-        return None
-    try:
-        return PatchBank.from_bytes(data)
-    except (SafetensorError, KeyError, ValueError) as e:
-        raise CheckpointError(f"{storage.join(url, PATCH_BANK_FILE)} is not a readable patch bank: {e}") from e
+def load_parts(url: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """The training bank, patch bank and colour memory a checkpoint names (None for each it does not):
+    the `Checkpoint` fields of those names."""
+    return {"bank": _load_part(url, meta, "bank_sha256", BANK_FILE, _read_bank, "training bank",
+                               (pa.ArrowInvalid, KeyError, ValueError)),
+            "patch_bank": _load_part(url, meta, "patch_bank_sha256", PATCH_BANK_FILE, PatchBank.from_bytes,
+                                     "patch bank", (SafetensorError, KeyError, ValueError)),
+            "colours": _load_part(url, meta, "colour_memory_sha256", COLOUR_FILE, ColourMemory.from_bytes,
+                                  "colour memory", (SafetensorError, KeyError, ValueError))}
 
 
 def read_checkpoint_meta(url: str) -> dict[str, Any]:
@@ -225,4 +237,4 @@ def load_checkpoint(url: str, device: str | torch.device = "cpu") -> Checkpoint:
     model.load_state_dict(state)
     model.to(device).eval()
     return Checkpoint(model=model, config=config, training=meta.get("training") or {}, url=url, weights_sha256=digest,
-                      bank=load_bank(url, meta), patch_bank=load_patch_bank(url, meta))
+                      **load_parts(url, meta))

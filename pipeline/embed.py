@@ -104,7 +104,8 @@ class Embedder:
         self.score = score or (calibration.default_score if calibration else "mse")
         fused_from = calibration.fused_from if calibration else ()
         wanted = parse_scores(scores, checkpoint.scores, self.score, fused_from)
-        self.scorer = ImageScorer(model, checkpoint.bank, calibration, wanted, precision, checkpoint.patch_bank)
+        self.scorer = ImageScorer(model, checkpoint.bank, calibration, wanted, precision, checkpoint.patch_bank,
+                                  checkpoint.colours)
         self.config = checkpoint.config
         self.latent_dtype = latent_dtype
         self.threshold = threshold

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from pipeline.checkpoint import Checkpoint, load_checkpoint, read_checkpoint_meta
+from pipeline.colour_memory import ColourMemory
 from pipeline.latents import check_model_fits, read_latent_rows
 from pipeline.model import fuse_for_inference
 from pipeline.patch_memory import PatchBank
@@ -76,7 +77,8 @@ class ImageScorer:
 
     `scores` names the scores to compute (None: every one the model can, `computable`: the
     reconstruction scores; the neighbour scores with a training bank; the fused score when the
-    calibration says how to fuse; the patch scores with a `patch_bank`). The scores a requested
+    calibration says how to fuse; the patch scores with a `patch_bank`; the colour scores with a
+    `colours` memory, pipeline.colour_memory). The scores a requested
     one reads (the fused score's parts) are computed too; no map is made that no requested score
     reads, and the encoder's feature maps are kept only for the patch scores. `precision` is the
     forward pass's (PRECISIONS; `resolve_precision` on the model's device).
@@ -84,14 +86,16 @@ class ImageScorer:
 
     def __init__(self, model: torch.nn.Module, bank: TrainingBank | None = None,
                  calibration: Calibration | None = None, scores: Sequence[str] | None = None,
-                 precision: str = "float32", patch_bank: PatchBank | None = None):
+                 precision: str = "float32", patch_bank: PatchBank | None = None,
+                 colours: ColourMemory | None = None):
         self.model, self.bank, self.calibration, self.patch_bank = model, bank, calibration, patch_bank
+        self.colours = colours
         device = next(model.parameters()).device
         self.precision = resolve_precision(precision, device)
         self._device = device
         fused_from = calibration.fused_from if calibration is not None else ()
         available = computable(bank is not None, fused_from, has_head=getattr(model, "defect", None) is not None,
-                               has_patch_bank=patch_bank is not None)
+                               has_patch_bank=patch_bank is not None, has_colours=colours is not None)
         self.score_names = available if scores is None else with_inputs(scores, fused_from)
         unavailable = [name for name in self.score_names if name not in available]
         if unavailable:
@@ -144,7 +148,7 @@ class ImageScorer:
         if grid is not None:  # an image's latent and stem statistics: the means of its tiles'
             z, stem_stats = grid.mean_per_image(z), grid.mean_per_image(stem_stats)
         inputs = ScoreInputs(seen, out["x_hat"], z, stem_stats, ids, self.bank, out.get("defect_logits"),
-                             stages, self.patch_bank, grid)
+                             stages, self.patch_bank, grid, self.colours)
         values = {name: score.float().cpu().numpy() for name, score in compute_scores(self._computed, inputs).items()}
         for name in self._of_scores:  # the fused score: its parts on the calibration's common scale
             values[name] = self.calibration.fuse(values).astype(np.float32)

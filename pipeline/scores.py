@@ -23,9 +23,11 @@ from pipeline.errors import InputError
 # "head": the model's learned defect map (models trained with --defect-head);
 # "patches": the encoder's mid-level feature maps against the model's patch bank, a memory of
 #   the training images' local features (models trained with --patch-bank; pipeline.patch_memory);
+# "colours": the image's pixels against the model's colour memory, a histogram of the training
+#   images' pixel values (models exported since it was added; pipeline.colour_memory);
 # "scores": other scores (the fused score: its parts, and the calibration that puts them on one scale).
-NEEDS = ("reconstruction", "bank", "head", "patches", "scores")
-MAPS = ("err", "ssim", "gms", "defect", "patch")  # pipeline.scoring's maps
+NEEDS = ("reconstruction", "bank", "head", "patches", "colours", "scores")
+MAPS = ("err", "ssim", "gms", "defect", "patch", "colour")  # pipeline.scoring's maps
 # "max" and "top" pool a map's grid (pipeline.scoring.POOLS); "mean" is a whole-image mean
 # with its own compute function.
 POOLS = ("max", "top", "mean")
@@ -60,7 +62,7 @@ def _map_scores(map_name: str, what: str, top_fused: bool = False) -> tuple[Scor
                   map_name, "top", fused=top_fused))
 
 
-# In column order. The fused parts (mse, ssim_top, stem_knn) and DEFAULT_SCORE are the choice the
+# In column order. The fused parts (mse, ssim_top, stem_knn, colour_top) and DEFAULT_SCORE are the choice the
 # README's detection section explains (docs/BENCHMARKS.md, bench/detection.py).
 SCORES: dict[str, Score] = {s.name: s for s in (
     Score("mse", "reconstruction", "mean squared error over the image's pixels", "err", "mean", fused=True),
@@ -78,6 +80,10 @@ SCORES: dict[str, Score] = {s.name: s for s in (
           "patch", "max"),
     Score("patch_knn_top", "patches", "mean of the worst 5% of the nearest-training-patch distance map's cells",
           "patch", "top"),
+    Score("colour_max", "colours", "peak of the map of each pixel's rarity among the training pixels' colours",
+          "colour", "max"),
+    Score("colour_top", "colours", "mean of the worst 5% of the colour-rarity map's cells", "colour", "top",
+          fused=True),
     Score("fused", "scores", "the largest robust z of the fused parts", log=False),
 )}
 
@@ -100,12 +106,12 @@ def names_needing(*needs: str) -> tuple[str, ...]:
 
 
 def computable(has_bank: bool, fused_from: Sequence[str] = (), has_head: bool = False,
-               has_patch_bank: bool = False) -> tuple[str, ...]:
+               has_patch_bank: bool = False, has_colours: bool = False) -> tuple[str, ...]:
     """Every score a model can compute: from the reconstruction always, from its training bank,
-    defect head or patch bank when it has one, the fused score when its calibration says how to
-    fuse and every part is there."""
+    defect head, patch bank or colour memory when it has one, the fused score when its
+    calibration says how to fuse and every part is there."""
     names = names_needing("reconstruction", *(("bank",) if has_bank else ()), *(("head",) if has_head else ()),
-                          *(("patches",) if has_patch_bank else ()))
+                          *(("patches",) if has_patch_bank else ()), *(("colours",) if has_colours else ()))
     fused = [name for name in names_needing("scores") if fused_from and set(fused_from) <= set(names)]
     return (*names, *fused)
 

@@ -304,7 +304,8 @@ class ScoreInputs:
     x, x_hat: (B, C, H, W) in [0, 1]; z, stem_stats: (B, D) model outputs, for the bank; ids: the
     images' ids (the bank leaves each one's own entry out); bank: a `TrainingBank` or None;
     defect_logits: (B, H, W) from a model with a defect head; features: the model's local maps
-    (`model(x, features=True)["features"]`) and patch_bank: a `PatchBank`, for the patch map.
+    (`model(x, features=True)["features"]`) and patch_bank: a `PatchBank`, for the patch map;
+    colours: a `ColourMemory`, for the colour map.
 
     A tiled model's batch (`grid`, a `TileGrid`): x, x_hat, defect_logits and features are its
     images' tiles (image-major), z and stem_stats the images' own (their tiles' means). The maps
@@ -315,12 +316,12 @@ class ScoreInputs:
                  z: torch.Tensor | None = None, stem_stats: torch.Tensor | None = None,
                  ids: Sequence[str] | None = None, bank: TrainingBank | None = None,
                  defect_logits: torch.Tensor | None = None, features: list[torch.Tensor] | None = None,
-                 patch_bank=None, grid: TileGrid | None = None):
+                 patch_bank=None, grid: TileGrid | None = None, colours=None):
         self.x = None if x is None else x.float()
         self.x_hat = None if x_hat is None else x_hat.float()
         self.z, self.stem_stats, self.ids, self.bank = z, stem_stats, ids, bank
         self.defect_logits = defect_logits
-        self.features, self.patch_bank = features, patch_bank
+        self.features, self.patch_bank, self.colours = features, patch_bank, colours
         self.grid = grid
         self._maps: dict[str, torch.Tensor] = {}
 
@@ -365,6 +366,8 @@ _MAKE_MAP: dict[str, Callable[[ScoreInputs], torch.Tensor]] = {
     # Each location's distance to its nearest training patch (a quarter of the input's resolution,
     # or 7 x 7 places of it for a texture memory).
     "patch": lambda s: _on_grid(s.patch_bank.distance_map(s.features), _grid_size(s.x)),
+    # Each pixel's rarity among the training pixels' colours, averaged like the squared error.
+    "colour": lambda s: _on_grid(s.colours.rarity_map(s.x), _grid_size(s.x)),
 }
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from pipeline.checkpoint import save_checkpoint
+from pipeline.colour_memory import ColourMemory
 from pipeline.model import AutoencoderConfig, build_model
 from pipeline.inference import ImageScorer
 from pipeline.scoring import calibrate_with_bank, mse_per_image
@@ -19,13 +20,14 @@ def make_tiny_model(url: str, channels: int = 3, seed: int = 0, image_size: int 
     Untrained by default (its weights come from `seed`); `train_steps` > 0 fits it briefly to
     40 synthetic images, enough for its decoder to draw distinct images from distinct latents.
     Its calibration holds every score, calibrated as the train job does it
-    (`calibrate_with_bank`): the held-out rows are 32 random images, the training bank those
-    40 synthetic images. `default_score` is the score it flags by unless told otherwise.
+    (`calibrate_with_bank`): the held-out rows are 32 random images, the training bank and the
+    colour memory those 40 synthetic images. `default_score` is the score it flags by unless
+    told otherwise.
     """
     torch.manual_seed(seed)
     model = build_model(AutoencoderConfig(image_size=image_size, channels=channels, latent_dim=16, base_width=8))
-    synthetic = torch.from_numpy(np.stack([synthetic_image(i, 3, image_size, channels) for i in range(40)]))
-    synthetic = synthetic.permute(0, 3, 1, 2).float() / 255
+    bank_pixels = np.stack([synthetic_image(i, 3, image_size, channels) for i in range(40)])
+    synthetic = torch.from_numpy(bank_pixels).permute(0, 3, 1, 2).float() / 255
     if train_steps:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         for _ in range(train_steps):
@@ -36,10 +38,11 @@ def make_tiny_model(url: str, channels: int = 3, seed: int = 0, image_size: int 
     model.eval()
     x = torch.cat([torch.rand(32, channels, image_size, image_size), synthetic])
     ids = [f"held-out-{i}" for i in range(32)] + [f"bank-{i}" for i in range(40)]
-    calibration, bank = calibrate_with_bank(ids, np.arange(len(ids)) < 32, ImageScorer(model).rows(x),
+    colours = ColourMemory.from_pixels(bank_pixels, seed=seed)
+    calibration, bank = calibrate_with_bank(ids, np.arange(len(ids)) < 32, ImageScorer(model, colours=colours).rows(x),
                                             default=default_score)
     save_checkpoint(url, model, training={"calibration": calibration.to_dict(), "preprocessing": {"resize": "pad"}},
-                    bank=bank)
+                    bank=bank, colours=colours)
     return url
 
 

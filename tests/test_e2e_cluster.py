@@ -12,6 +12,7 @@ import pytest
 from cluster_utils import REPO_ROOT, start_head, start_multinode_cluster, submit_job
 
 from pipeline.checkpoint import load_checkpoint
+from pipeline.colour_memory import LEVELS
 from pipeline.images import encode_image
 from pipeline.latents import read_latents
 from pipeline.scores import FUSED_FROM, computable
@@ -68,8 +69,11 @@ def test_ingest_train_embed_report_as_four_submitted_jobs(head, tmp_path):
     model = load_checkpoint(str(run / "model"))
     calibration = Calibration.from_dict(model.calibration)
     assert model.training["epoch"] >= 1 and calibration.default_score == "fused"
-    assert set(calibration.scores) == set(computable(True, FUSED_FROM)) and calibration.get("mse").count > 0
+    assert set(calibration.scores) == set(computable(True, FUSED_FROM, has_colours=True))
+    assert calibration.get("mse").count > 0 and calibration.get("colour_top").count > 0
     assert model.bank is not None and len(model.bank.ids) > 0
+    # The colour memory counted the training images' pixels (3 channels: LEVELS^3 bins).
+    assert model.colours is not None and model.colours.counts.shape == (LEVELS,) * 3 and model.colours.counts.sum() > 0
     table = read_latents(str(latents))
     assert sorted(table.column("id").to_pylist()) == sorted(ids)
     assert set(table.column("label").to_pylist()) == {0, 1}

@@ -20,7 +20,8 @@ from pipeline.errors import InputError
 from pipeline.latents import METADATA_KEY, dequantize_latents, read_latents
 from pipeline.scores import FUSED_FROM, SCORE_COLUMNS, computable
 
-BANKED = computable(True, FUSED_FROM)  # what a model with a training bank and no defect head computes
+# What a model with a training bank and a colour memory, without a defect head or patch bank, computes.
+BANKED = computable(True, FUSED_FROM, has_colours=True)
 from pipeline.resources import (
     CPU_BATCH_SIZE,
     GPU_BATCH_SIZE,
@@ -150,9 +151,10 @@ def test_scores_default_to_the_flag_score_and_mse_and_all_needs_no_retraining(co
     base = dict(data_url=corpus, model_url=model_url, out_url="", batch_size=64)
     tables = {scores: embed_reference(EmbedConfig(**base, score="fused", scores=scores), 1.0)
               for scores in (None, "all", "gms_top,fused")}
-    assert _score_columns(tables[None]) == ("mse", "ssim_top", "stem_knn", "fused")
+    assert _score_columns(tables[None]) == ("mse", "ssim_top", "stem_knn", "colour_top", "fused")
     assert _score_columns(tables["all"]) == BANKED
-    assert _score_columns(tables["gms_top,fused"]) == ("mse", "ssim_top", "gms_top", "stem_knn", "fused")
+    assert _score_columns(tables["gms_top,fused"]) == ("mse", "ssim_top", "gms_top", "stem_knn", "colour_top",
+                                                       "fused")
     every = tables["all"].to_pydict()
     for scores, table in tables.items():
         recorded = json.loads(table.schema.metadata[METADATA_KEY])["scores"]

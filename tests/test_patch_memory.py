@@ -263,8 +263,8 @@ def test_the_train_job_builds_a_patch_bank_that_survives_export_load_and_embeddi
 
     data = tmp_path / "shards"
     write_synthetic_corpus(str(data), n=240, image_size=32, anomaly_fraction=0.0, seed=4, rows_per_shard=120)
-    # The texture memory's patch peak fused as a fourth part (--fuse); the stages' model keeps the default parts.
-    fuse = ["--fuse", "mse,ssim_top,stem_knn,patch_knn_max"] if description == "texture" else []
+    # The texture memory's patch peak fused as one more part (--fuse); the stages' model keeps the default parts.
+    fuse = ["--fuse", ",".join((*FUSED_FROM, "patch_knn_max"))] if description == "texture" else []
     cfg = parse_args(["--data", str(data), "--out", str(tmp_path / "run"), "--image-size", "32", "--latent-dim", "16",
                       "--base-width", "8", "--epochs", "1", "--batch-size", "16", "--val-fraction", "0.1",
                       "--patch-bank", "300", "--patch-sampler", "coreset", "--patch-features", description, *fuse])

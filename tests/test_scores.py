@@ -24,15 +24,19 @@ def test_every_registered_score_has_a_way_to_be_computed():
         assert spec.pools_grid or spec.needs == "scores" or name in COMPUTE, name
     assert set(COMPUTE) <= set(SCORES), "a compute function for a score the registry does not name"
     assert SCORE_COLUMNS[0] == "mse" and SCORE_COLUMNS[-1] == "fused"
-    assert FUSED_FROM == ("mse", "ssim_top", "stem_knn") and DEFAULT_SCORE == "fused"
+    assert FUSED_FROM == ("mse", "ssim_top", "stem_knn", "colour_top") and DEFAULT_SCORE == "fused"
     assert computable(has_bank=False) == ("mse", "ssim_error", "err_max", "err_top", "ssim_max", "ssim_top",
                                           "gms_max", "gms_top")
-    assert computable(has_bank=True, fused_from=FUSED_FROM, has_head=True, has_patch_bank=True) == SCORE_COLUMNS
+    assert computable(has_bank=True, fused_from=FUSED_FROM, has_head=True, has_patch_bank=True,
+                      has_colours=True) == SCORE_COLUMNS
     assert "defect_top" not in computable(has_bank=True, fused_from=FUSED_FROM), "defect scores need the head"
     assert computable(has_bank=False, has_head=True)[-2:] == ("defect_max", "defect_top")
     assert "patch_knn_max" not in computable(has_bank=True, fused_from=FUSED_FROM, has_head=True), \
         "patch scores need a patch bank"
     assert computable(has_bank=False, has_patch_bank=True)[-2:] == ("patch_knn_max", "patch_knn_top")
+    assert computable(has_bank=False, has_colours=True)[-2:] == ("colour_max", "colour_top")
+    assert "colour_top" not in computable(has_bank=True, fused_from=FUSED_FROM, has_patch_bank=True), \
+        "colour scores need a colour memory"
     assert computable(has_bank=False, fused_from=FUSED_FROM)[-1] == "gms_top", "fused needs stem_knn"
 
 
@@ -45,12 +49,12 @@ def test_the_map_shown_for_a_score_comes_from_the_registry():
 
 
 def test_scores_parses_default_all_and_lists():
-    every = computable(True, FUSED_FROM)
-    assert parse_scores(None, every, "fused", FUSED_FROM) == ("mse", "ssim_top", "stem_knn", "fused")
+    every = computable(True, FUSED_FROM, has_colours=True)
+    assert parse_scores(None, every, "fused", FUSED_FROM) == ("mse", "ssim_top", "stem_knn", "colour_top", "fused")
     assert parse_scores(None, every, "gms_top", FUSED_FROM) == ("mse", "gms_top")
     assert parse_scores("all", every, "fused", FUSED_FROM) == every
     assert parse_scores(" gms_top, err_max ", every, "err_max", FUSED_FROM) == ("err_max", "gms_top")
-    assert parse_scores("fused", every, "fused", FUSED_FROM) == ("mse", "ssim_top", "stem_knn", "fused")
+    assert parse_scores("fused", every, "fused", FUSED_FROM) == ("mse", "ssim_top", "stem_knn", "colour_top", "fused")
     with pytest.raises(InputError, match=r"unknown score\(s\) 'nope'; give all or .*: mse, ssim_error, .*fused"):
         parse_scores("mse,nope", every, "mse", FUSED_FROM)
     with pytest.raises(InputError, match="give all or a comma-separated list"):
@@ -82,12 +86,14 @@ def test_image_scorer_computes_only_what_is_asked_with_the_same_values(tiny_mode
     rng = np.random.default_rng(2)
     x = torch.from_numpy(rng.random((4, 3, 32, 32), dtype=np.float32))
     ids = ["a", "b", "c", "d"]
-    full = ImageScorer(model, checkpoint.bank, calibration)(x, ids)["scores"]
-    assert tuple(full) == computable(True, FUSED_FROM)  # every score of a banked model without a defect head
-    only = ImageScorer(model, checkpoint.bank, calibration, ["gms_max"])(x, ids)["scores"]
+    colours = checkpoint.colours
+    full = ImageScorer(model, checkpoint.bank, calibration, colours=colours)(x, ids)["scores"]
+    # every score of a banked model with a colour memory and without a defect head or patch bank
+    assert tuple(full) == computable(True, FUSED_FROM, has_colours=True)
+    only = ImageScorer(model, checkpoint.bank, calibration, ["gms_max"], colours=colours)(x, ids)["scores"]
     assert tuple(only) == ("gms_max",)
-    fused = ImageScorer(model, checkpoint.bank, calibration, ["fused"])(x, ids)["scores"]
-    assert tuple(fused) == ("mse", "ssim_top", "stem_knn", "fused")
+    fused = ImageScorer(model, checkpoint.bank, calibration, ["fused"], colours=colours)(x, ids)["scores"]
+    assert tuple(fused) == ("mse", "ssim_top", "stem_knn", "colour_top", "fused")
     for name, values in {**only, **fused}.items():
         np.testing.assert_allclose(values, full[name], rtol=1e-6, err_msg=name)
     with pytest.raises(ValueError, match="cannot compute"):

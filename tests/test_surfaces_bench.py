@@ -127,3 +127,24 @@ def test_fused_with_a_patch_score_flags_what_only_that_score_sees():
     assert values[-1] > threshold and plain.fuse(scores)[-1] <= plain.threshold("fused", 0.99)
     assert (values[100:-1] > threshold).mean() < 0.05
     np.testing.assert_array_less(plain.fuse(scores) - 1e-9, values)  # one more part: never lower
+
+
+def test_the_compared_fusions_hold_the_parts_before_the_colour_memory_and_each_patch_part():
+    """The benches measure the default `fused` beside the fused score of the parts before the
+    colour memory joined them, calibrated alike, and with each patch score the run has."""
+    from bench.detection import FUSED_BEFORE, compared_fusions
+    from pipeline.scores import FUSED_FROM
+    from pipeline.thresholds import calibrate
+
+    generator = np.random.default_rng(1)
+    scores = {name: generator.lognormal(0.0, 0.2, 300) for name in (*FUSED_FROM, "patch_knn_max")}
+    held_out = np.arange(120)
+    fusions = compared_fusions(scores, held_out)
+    assert set(fusions) == {"fused+patch_knn_max", "fused@mse,ssim_top,stem_knn"}
+    before = calibrate({name: scores[name][held_out] for name in FUSED_BEFORE}, "fused", FUSED_BEFORE)
+    values, threshold = fusions["fused@mse,ssim_top,stem_knn"]
+    np.testing.assert_allclose(values, before.fuse(scores))
+    assert threshold == before.threshold("fused", 0.99)
+    assert "colour_top" in FUSED_FROM and "colour_top" not in FUSED_BEFORE
+    del scores["patch_knn_max"]
+    assert set(compared_fusions(scores, held_out)) == {"fused@mse,ssim_top,stem_knn"}

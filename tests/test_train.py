@@ -90,12 +90,15 @@ def test_two_worker_training_learns_and_exports_a_model_that_loads_without_ray(r
     assert _val_mse(exported.model, x_val) == pytest.approx(best["val_mse"], rel=1e-4)
     # The calibration carries every score, each fitted on the held-out split; the bank holds the training split.
     calibration = Calibration.from_dict(exported.calibration)
-    assert set(calibration.scores) == {*names_needing("reconstruction", "bank"), "fused"}
+    assert set(calibration.scores) == {*names_needing("reconstruction", "bank", "colours"), "fused"}
     assert calibration.default_score == DEFAULT_SCORE and calibration.fused_from == FUSED_FROM
     for name, fitted in calibration.scores.items():
         assert fitted.count == len(x_val), name
         assert calibration.threshold(name, 0.5) < calibration.threshold(name, 0.99) <= 10 * fitted.grid[-1] + 10
     assert len(exported.bank.ids) == history[0]["train_images"] and not split_of(exported.bank.ids, cfg.val_fraction).any()
+    # The colour memory counted the same number of random pixels (at least 64) of every bank image.
+    counted, bank_images = int(exported.colours.counts.sum()), len(exported.bank.ids)
+    assert counted % bank_images == 0 and counted // bank_images >= 64
     # Ray Train kept the best checkpoints and the latest one, no more.
     kept = sorted(p.name for p in (Path(cfg.out_url) / "checkpoints").glob("epoch-*"))
     assert f"epoch-{len(history):04d}" in kept and len(kept) <= cfg.keep_checkpoints + 1

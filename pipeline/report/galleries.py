@@ -38,7 +38,7 @@ def _heat_map(error: np.ndarray, scale: float) -> np.ndarray:
 
 
 def _reconstruct(model, pixels: dict[str, np.ndarray], map_name: str, precision: str, patch_bank=None,
-                 ) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+                 colours=None) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
     """{id: (S, S, C) uint8} -> {id: (reconstruction (S, S, C) uint8, anomaly map (S, S), mse)};
     the map is drawn at the image's size (a tiled model's: assembled at its working size). The
     embed job's scorer makes them, at its `precision`, so each mse is the one the latents hold."""
@@ -46,7 +46,7 @@ def _reconstruct(model, pixels: dict[str, np.ndarray], map_name: str, precision:
 
     from pipeline.inference import ImageScorer, to_input, to_pixels
 
-    scorer = ImageScorer(model, scores=("mse",), precision=precision, patch_bank=patch_bank)
+    scorer = ImageScorer(model, scores=("mse",), precision=precision, patch_bank=patch_bank, colours=colours)
     ids, out = list(pixels), {}
     for start in range(0, len(ids), RECONSTRUCT_BATCH):
         chunk = ids[start:start + RECONSTRUCT_BATCH]
@@ -109,7 +109,7 @@ def build_galleries(model_url: str, images: dict[str, bytes | None], galleries: 
     pixels, reasons = decode_batch([images[i] for i in present], config.input_size, config.channels, resize)
     decoded = {i: (pixels[n], reasons[n]) for n, i in enumerate(present)}
     reconstructed = _reconstruct(model, {i: p for i, (p, reason) in decoded.items() if reason is None},
-                                 map_name, precision, checkpoint.patch_bank)
+                                 map_name, precision, checkpoint.patch_bank, checkpoint.colours)
     scale = _error_scale(reconstructed)
     entries, files = _entries(galleries, decoded, reconstructed, scale)
     return entries, files, scale, map_name

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import math
 import time
+import zlib
 
 import numpy as np
 import torch
 
 from pipeline import storage
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.colour_memory import ColourMemory, sample_bins, samples_per_input
 from pipeline.datasets import decode_for_calibration, read_shards
 from pipeline.errors import InputError
 from pipeline.inference import ImageScorer, load_inference_model, to_input
@@ -37,6 +39,10 @@ from pipeline.train.config import METRICS_FILE, MODEL_DIR, TrainConfig, TrainPla
 # (pipeline.patch_memory) and stores them with the model; the calibration pass then gives the
 # held-out images their patch scores against that memory.
 
+# Before both, a pass that needs no model counts random pixels of the same bank sample into the
+# colour memory (pipeline.colour_memory), stored with every exported model, so that the
+# calibration pass gives the held-out images their colour scores against it.
+
 PATCH_CANDIDATES = 200_000  # candidate patches at most: 51 MB of float32 on the driver (103 MB for texture's 128)
 
 
@@ -56,7 +62,8 @@ class CalibrationScorer:
         model, checkpoint = load_inference_model(model_url)
         # The embed job's default precision, so that the thresholds are taken on scores made as
         # embed makes them.
-        self.scorer = ImageScorer(model, precision="auto", patch_bank=checkpoint.patch_bank)
+        self.scorer = ImageScorer(model, precision="auto", patch_bank=checkpoint.patch_bank,
+                                  colours=checkpoint.colours)
         self.describer = ImageScorer(model, scores=(), precision="auto")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -71,6 +78,17 @@ class CalibrationScorer:
                     rows[name] = np.full((len(val), *values.shape[1:]), np.nan, dtype=np.float32)
                 rows[name][part] = values
         return {"id": batch["id"][ok], "val": val, **rows}
+
+
+def colour_samples(batch: dict[str, np.ndarray], per_input: int, seed: int) -> dict[str, np.ndarray]:
+    """Ray Data task: decoded calibration rows -> {"bins": (n,)}, the colour-memory bins of
+    `per_input` random pixels of each training (bank sample) row; the draw is seeded by `seed` and
+    the batch's first id, so a rerun counts the same pixels."""
+    keep = np.asarray(batch["ok"], dtype=bool) & ~np.asarray(batch["val"], dtype=bool)
+    if not keep.any():
+        return {"bins": np.zeros(0, np.int64)}
+    generator = np.random.default_rng([seed, zlib.crc32(str(batch["id"][0]).encode())])
+    return {"bins": sample_bins(_inputs(batch, keep), per_input, generator)}
 
 
 class PatchCandidates:
@@ -165,6 +183,26 @@ def _calibration_rows(plan: TrainPlan, model_url: str) -> dict[str, np.ndarray]:
     return _mapped(plan, CalibrationScorer, model_url=model_url)
 
 
+def build_export_colours(plan: TrainPlan, model_url: str) -> ColourMemory:
+    """The colour memory of the bank sample's pixels, stored with the exported model."""
+    cfg = plan.cfg
+    started = time.perf_counter()
+    per_input = samples_per_input(_bank_rows(plan), cfg.model.input_size ** 2)
+    ds, resources = _calibration_data(plan)
+    bins = _collect(ds.map_batches(colour_samples, batch_format="numpy", batch_size=resources.batch_size,
+                                   num_cpus=resources.task_cpus, fn_kwargs=dict(per_input=per_input, seed=cfg.seed)))
+    bins = bins.get("bins", np.zeros(0, np.int64))
+    if not len(bins):
+        raise InputError("the colour memory counted no pixels: every training image failed to decode?")
+    colours = ColourMemory.from_bins(bins, cfg.model.channels)
+    checkpoint = load_checkpoint(model_url)
+    save_checkpoint(model_url, checkpoint.model, training=checkpoint.training, patch_bank=checkpoint.patch_bank,
+                    colours=colours)
+    print(f"colour memory: {len(bins):,} pixels ({per_input} a training image), "
+          f"{time.perf_counter() - started:.0f}s", flush=True)
+    return colours
+
+
 def build_export_patch_bank(plan: TrainPlan, model_url: str) -> PatchBank:
     """--patch-bank N: candidate patches from the bank sample's images, N of them kept by
     --patch-sampler; stored with the exported model."""
@@ -181,7 +219,8 @@ def build_export_patch_bank(plan: TrainPlan, model_url: str) -> PatchBank:
                                           PATCH_CANDIDATES, cfg.patch_features)
     except ValueError as e:
         raise InputError(f"--patch-bank: {e} (every training image failed to decode?)") from e
-    save_checkpoint(model_url, checkpoint.model, training=checkpoint.training, patch_bank=patch_bank)
+    save_checkpoint(model_url, checkpoint.model, training=checkpoint.training, patch_bank=patch_bank,
+                    colours=checkpoint.colours)
     print(f"patch bank: {len(patch_bank.patches):,} of {len(candidates):,} candidate patches ({cfg.patch_features}, "
           f"{cfg.patch_sampler}, "
           f"{per_input} a {'tile' if cfg.model.working_size else 'training image'}), "
@@ -191,8 +230,9 @@ def build_export_patch_bank(plan: TrainPlan, model_url: str) -> PatchBank:
 
 def calibrate_export(plan: TrainPlan, model_url: str) -> Calibration:
     """Score the held-out split and a bank sample with the exported model; store its training bank
-    (and with --patch-bank its patch bank) and every score's calibration with it."""
+    (and with --patch-bank its patch bank), its colour memory and every score's calibration with it."""
     cfg = plan.cfg
+    build_export_colours(plan, model_url)
     if cfg.patch_bank:
         build_export_patch_bank(plan, model_url)
     rows = _calibration_rows(plan, model_url)
@@ -200,7 +240,7 @@ def calibrate_export(plan: TrainPlan, model_url: str) -> Calibration:
                                             fused_from=cfg.fuse)
     checkpoint = load_checkpoint(model_url)
     save_checkpoint(model_url, checkpoint.model, training={**checkpoint.training, "calibration": calibration.to_dict()},
-                    bank=bank, patch_bank=checkpoint.patch_bank)
+                    bank=bank, patch_bank=checkpoint.patch_bank, colours=checkpoint.colours)
     default = calibration.get(calibration.default_score)
     parts = f" (of {', '.join(calibration.fused_from)})" if calibration.default_score == "fused" else ""
     print(f"calibrated {len(calibration.scores)} scores on {default.count:,} held-out images, bank of "
