@@ -71,6 +71,9 @@ TRAINED_AS = {"texture-random": "plain"}
 # The fusion question (issue 23), asked of every run with a patch memory: `fused` with a patch score as
 # one more part ("fused+patch_knn_max"), calibrated as the train job calibrates `fused`.
 FUSED_WITH = ("patch_knn_max", "patch_knn_top")
+# The default fused parts before the colour memory joined them, measured beside every run
+# ("fused@mse,ssim_top,stem_knn"), calibrated the same way: the before and after of that change.
+FUSED_BEFORE = ("mse", "ssim_top", "stem_knn")
 
 
 # ---------------------------------------------------------------- one run
@@ -161,19 +164,21 @@ def score_corpus(model, ids: list[str], pixels: np.ndarray, held_out: np.ndarray
                  batch_size: int = 256, precision: str = "float32", patch_bank=None):
     """(calibration, {score: (N,)}) as train's calibrate_export and the embed job make them. The
     first `trained` rows (default all) are the training corpus: `held_out` among them calibrates,
-    the rest is the neighbour bank; rows after them are only scored. With a `patch_bank`
-    (`patch_bank_of`), the patch scores too."""
+    the rest is the neighbour bank and the colour memory; rows after them are only scored. With a
+    `patch_bank` (`patch_bank_of`), the patch scores too."""
     import torch
 
     from bench.common import scored_rows
+    from pipeline.colour_memory import ColourMemory
     from pipeline.inference import ImageScorer
     from pipeline.model import fuse_for_inference
     from pipeline.scoring import calibrate_with_bank
 
-    scorer = ImageScorer(fuse_for_inference(model).to(memory_format=torch.channels_last), precision=precision,
-                         patch_bank=patch_bank)
-    rows = scored_rows(scorer, pixels, batch_size)
     trained = len(ids) if trained is None else trained
+    colours = ColourMemory.from_pixels(pixels[:trained][~held_out[:trained]], seed=0)
+    scorer = ImageScorer(fuse_for_inference(model).to(memory_format=torch.channels_last), precision=precision,
+                         patch_bank=patch_bank, colours=colours)
+    rows = scored_rows(scorer, pixels, batch_size)
     calibration, bank = calibrate_with_bank(ids[:trained], held_out[:trained],
                                             {name: values[:trained] for name, values in rows.items()})
     scores = {name: values for name, values in rows.items() if name not in ("z", "stem_stats")}
@@ -189,15 +194,28 @@ def score_corpus(model, ids: list[str], pixels: np.ndarray, held_out: np.ndarray
     return calibration, scores
 
 
-def fused_with(scores: dict[str, np.ndarray], held_out: np.ndarray, part: str) -> tuple[np.ndarray, float]:
-    """Every row's fused score with `part` among its parts, and its default threshold, calibrated on
-    the `held_out` rows (indices of the training rows) as pipeline.thresholds.calibrate fits `fused`."""
-    from pipeline.scores import FUSED_FROM
+def fused_of(scores: dict[str, np.ndarray], held_out: np.ndarray, parts) -> tuple[np.ndarray, float]:
+    """Every row's fused score of `parts`, and its default threshold, calibrated on the `held_out`
+    rows (indices of the training rows) as pipeline.thresholds.calibrate fits `fused`."""
     from pipeline.thresholds import calibrate
 
-    parts = tuple(dict.fromkeys((*FUSED_FROM, part)))
-    calibration = calibrate({name: scores[name][held_out] for name in parts}, "fused", parts)
+    calibration = calibrate({name: scores[name][held_out] for name in parts}, "fused", tuple(parts))
     return calibration.fuse(scores), calibration.threshold("fused", DEFAULT_Q)
+
+
+def fused_with(scores: dict[str, np.ndarray], held_out: np.ndarray, part: str) -> tuple[np.ndarray, float]:
+    """`fused_of` the default parts and `part`."""
+    from pipeline.scores import FUSED_FROM
+
+    return fused_of(scores, held_out, tuple(dict.fromkeys((*FUSED_FROM, part))))
+
+
+def compared_fusions(scores: dict[str, np.ndarray], held_out: np.ndarray) -> dict[str, tuple[np.ndarray, float]]:
+    """{"fused+<part>" for each FUSED_WITH part the run has, "fused@<FUSED_BEFORE>"}: (values, threshold)."""
+    fusions = {f"fused+{part}": fused_with(scores, held_out, part) for part in FUSED_WITH if part in scores}
+    if all(part in scores for part in FUSED_BEFORE):
+        fusions[f"fused@{','.join(FUSED_BEFORE)}"] = fused_of(scores, held_out, FUSED_BEFORE)
+    return fusions
 
 
 def score_metrics(values: np.ndarray, kinds: np.ndarray, threshold: float, kind_names=ANOMALY_KINDS) -> dict:
@@ -275,10 +293,9 @@ def run_one(key: str, n: int, out: Path, precision: str = "float32") -> dict:
     calibration, scores = score_corpus(model, ids, pixels, held_out, precision=precision, patch_bank=patch_bank)
     metrics = {name: score_metrics(values, kinds, calibration.threshold(name, DEFAULT_Q))
                for name, values in scores.items()}
-    for part in FUSED_WITH:
-        if part in scores:  # the training rows' held-out split calibrates, as for every score
-            values, threshold = fused_with(scores, np.flatnonzero(held_out), part)
-            metrics[f"fused+{part}"] = score_metrics(values, kinds, threshold)
+    # The training rows' held-out split calibrates, as for every score.
+    for name, (values, threshold) in compared_fusions(scores, np.flatnonzero(held_out)).items():
+        metrics[name] = score_metrics(values, kinds, threshold)
     result = {"key": key, "precision": precision, "seed": seed, "contamination": fraction, "variant": variant, "image_size": size,
               "images": n, "params": count_parameters(model), "epochs": cfg.epochs, "exported_epoch": exported_epoch,
               "train_seconds": train_seconds, "default_score": calibration.default_score,
@@ -323,6 +340,9 @@ def run_digits(out: Path, epochs: int = 40, batch_size: int = 16, base_width: in
         order = np.concatenate([train, np.flatnonzero(evaluated)])  # training images first
         calibrating = split_of([ids[i] for i in order], 0.3)  # read for the training rows only
         _, scores = score_corpus(model, [ids[i] for i in order], pixels[order], calibrating, trained=len(train))
+        # The compared fusions, as in every run (calibrated on the same held-out rows).
+        scores.update({name: values for name, (values, _) in
+                       compared_fusions(scores, np.flatnonzero(calibrating[:len(train)])).items()})
         anomaly = (target[order] != digit).astype(int)
         unseen = np.arange(len(order)) >= len(train)
         rows.append({"digit": digit, "train_images": len(train),
@@ -377,8 +397,9 @@ def markdown(runs: list[dict], digits: dict | None, n: int, seeds: list[int]) ->
              + " | ideal-1%-FPR recall (min kind) | AUROC |",
              "|---|---|---:|---:|" + "---:|" * len(ANOMALY_KINDS) + "---:|---:|"]
     for (size, variant, fraction), group in sorted(groups.items()):
-        # The default, and for a run with a patch memory the fusion question's answers (FUSED_WITH).
-        for score in (default, *(name for name in group[0]["scores"] if name.startswith(f"{default}+"))):
+        # The default, and the compared fusions (`compared_fusions`).
+        compared = (name for name in group[0]["scores"] if name.startswith((f"{default}+", f"{default}@")))
+        for score in (default, *compared):
             s = [r["scores"][score] for r in group]
             fprs = [x["fpr"] for x in s]
             ideal_min = _mean(min(x["ideal_recall"].values()) for x in s)

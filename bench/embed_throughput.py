@@ -44,14 +44,15 @@ from bench.common import machine, run_child, scored_rows, table, write_results  
 
 def make_inputs(root: Path, n: int) -> tuple[str, str]:
     """A synthetic corpus of n 64x64 PNGs and a model shaped as the train job exports one: every
-    score calibrated and a training bank of the corpus's training split (BANK_CAP at most), so
-    that the embed job computes every column it computes in real use. The weights are untrained:
-    the time of a forward pass does not depend on them."""
+    score calibrated, a training bank of the corpus's training split (BANK_CAP at most) and the
+    colour memory of its pixels, so that the embed job computes every column it computes in real
+    use. The weights are untrained: the time of a forward pass does not depend on them."""
     import numpy as np
     import pyarrow.dataset as pads
     import torch
 
     from pipeline.checkpoint import save_checkpoint
+    from pipeline.colour_memory import ColourMemory
     from pipeline.images import decode_batch
     from pipeline.inference import ImageScorer
     from pipeline.model import AutoencoderConfig, build_model, fuse_for_inference
@@ -71,10 +72,13 @@ def make_inputs(root: Path, n: int) -> tuple[str, str]:
         ids = table.column("id").to_pylist()
         keep = np.flatnonzero(split_of(ids, 0.05) | hash_sample(ids, min(1.0, BANK_CAP / len(ids))))
         pixels, _ = decode_batch(image_bytes(table.column("image").take(keep)), 64, 3)
-        rows = scored_rows(ImageScorer(fuse_for_inference(autoencoder)), pixels, 512)
         kept_ids = [ids[i] for i in keep]
-        calibration, bank = calibrate_with_bank(kept_ids, split_of(kept_ids, 0.05), rows)
-        save_checkpoint(str(model), autoencoder, training={"calibration": calibration.to_dict()}, bank=bank)
+        held_out = split_of(kept_ids, 0.05)
+        colours = ColourMemory.from_pixels(pixels[~held_out], seed=0)
+        rows = scored_rows(ImageScorer(fuse_for_inference(autoencoder), colours=colours), pixels, 512)
+        calibration, bank = calibrate_with_bank(kept_ids, held_out, rows)
+        save_checkpoint(str(model), autoencoder, training={"calibration": calibration.to_dict()}, bank=bank,
+                        colours=colours)
     return str(data), str(model)
 
 

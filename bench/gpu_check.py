@@ -110,11 +110,13 @@ def convergence(work: Path, steps: int = 600) -> dict:
 
 
 def calibrated(model_url: str, work: Path, device: str = "cuda", patch_bank: int = 4096) -> str:
-    """The model with a calibration, a 1,000-image training bank and a `patch_bank`-entry patch
-    memory (random sample), exported as the train job exports them, so that the embedder
-    computes the fused score, the neighbour scores and, with every score, the patch scores."""
+    """The model with a calibration, a 1,000-image training bank, their colour memory and a
+    `patch_bank`-entry patch memory (random sample), exported as the train job exports them, so
+    that the embedder computes the fused score, the neighbour scores and, with every score, the
+    patch scores."""
     from bench.common import scored_rows
     from pipeline.checkpoint import load_checkpoint
+    from pipeline.colour_memory import ColourMemory
     from pipeline.inference import ImageScorer, load_inference_model, to_input
     from pipeline.patch_memory import bank_from_candidates
     from pipeline.scoring import calibrate_with_bank
@@ -128,13 +130,14 @@ def calibrated(model_url: str, work: Path, device: str = "cuda", patch_bank: int
     candidates = candidates_of(ImageScorer(model), to_input(torch.from_numpy(pixels[200:])).to(device), projection,
                                per_input=64, generator=np.random.default_rng(0))
     patches = bank_from_candidates(candidates, projection, patch_bank, "random", 0)
-    rows = scored_rows(_OnDevice(ImageScorer(model, patch_bank=patches), device), pixels)
+    colours = ColourMemory.from_pixels(pixels[200:], seed=0)
+    rows = scored_rows(_OnDevice(ImageScorer(model, patch_bank=patches, colours=colours), device), pixels)
     ids = [f"bank-{i}" for i in range(len(pixels))]
     calibration, bank = calibrate_with_bank(ids, np.arange(len(ids)) < 200, rows)
     url = str(work / "calibrated")
     save_checkpoint(url, checkpoint.model, training={"calibration": calibration.to_dict(),
                                                      "preprocessing": {"resize": "pad"}},
-                    bank=bank, patch_bank=patches)
+                    bank=bank, patch_bank=patches, colours=colours)
     return url
 
 

@@ -40,6 +40,7 @@ def parts(batch_size: int, image_size: int):
 
     from bench.surfaces import PATCH_BANK
     from pipeline import scoring
+    from pipeline.colour_memory import LEVELS, ColourMemory
     from pipeline.patch_memory import PATCH_DIM, PatchBank, describe, random_projection
     from pipeline.scores import DEFAULT_SCORE, FUSED_FROM, computable, names_needing, parse_scores
     from pipeline.thresholds import calibrate
@@ -58,6 +59,10 @@ def parts(batch_size: int, image_size: int):
                                 rng.normal(size=(len(ids), stem.shape[1])).astype(np.float32))
     held_out = {name: v.numpy() for name, v in scoring.reconstruction_scores(x, x_hat).items()}
     held_out.update({name: v.numpy() for name, v in bank.scores(z, stem, None).items()})
+    # A colour memory of random counts (its lookups cost the same whatever it holds).
+    colours = ColourMemory(rng.poisson(30.0, size=(LEVELS,) * 3).astype(np.float32))
+    held_out.update({name: v.numpy() for name, v in scoring.compute_scores(
+        names_needing("colours"), scoring.ScoreInputs(x, x_hat, colours=colours)).items()})
     calibration = calibrate(held_out, DEFAULT_SCORE, FUSED_FROM)
     query_ids = [f"query-{i}" for i in range(batch_size)]
 
@@ -66,7 +71,7 @@ def parts(batch_size: int, image_size: int):
             return model(x)
 
     def scored(names):
-        inputs = scoring.ScoreInputs(x, x_hat, z, stem, query_ids, bank)
+        inputs = scoring.ScoreInputs(x, x_hat, z, stem, query_ids, bank, colours=colours)
         values = scoring.compute_scores([n for n in names if n != "fused"], inputs)
         if "fused" in names:
             calibration.fuse({name: v.numpy() for name, v in values.items()})
@@ -87,7 +92,8 @@ def parts(batch_size: int, image_size: int):
         inputs = scoring.ScoreInputs(x, x_hat, features=features, patch_bank=bank)
         return scoring.compute_scores(names_needing("patches"), inputs)
 
-    available = computable(True, FUSED_FROM)  # a banked model without a defect head or patch bank
+    # A banked model with a colour memory (every model train exports), without a defect head or patch bank.
+    available = computable(True, FUSED_FROM, has_colours=True)
     default = parse_scores(None, available)  # what embed computes unless told: fused, its parts, mse
     every = parse_scores("all", available)
     one = {name: (lambda name=name: scored([name])) for name in every if name != "fused"}

@@ -155,7 +155,7 @@ def run_one(surface: str, seed: int, settings: dict, out: Path, variant: str = "
     """Train one model on one surface, calibrate it, score the unseen set; cached as JSON."""
     import torch
 
-    from bench.detection import FUSED_WITH, fused_with, patch_bank_of, score_corpus, score_metrics, train_model
+    from bench.detection import compared_fusions, patch_bank_of, score_corpus, score_metrics, train_model
     from pipeline.model import build_model
     from pipeline.sampling import split_of
     from pipeline.train import TrainConfig
@@ -212,9 +212,8 @@ def run_one(surface: str, seed: int, settings: dict, out: Path, variant: str = "
         return found
 
     metrics = {name: measured(values, calibration.threshold(name, DEFAULT_Q)) for name, values in scores.items()}
-    for part in FUSED_WITH:  # the fusion question, asked of every run with a patch memory
-        if part in scores:
-            metrics[f"fused+{part}"] = measured(*fused_with(scores, np.flatnonzero(held_out), part))
+    for name, fusion in compared_fusions(scores, np.flatnonzero(held_out)).items():  # as bench/detection.py
+        metrics[name] = measured(*fusion)
     result = {"key": key, "surface": surface, "seed": seed, "variant": variant, **settings,
               "channels": int(pixels.shape[-1]), "calibration_images": int(held_out.sum()),
               "scored_normal": int((kinds == "").sum()), "scored_anomalies": int((kinds != "").sum()),
