@@ -93,10 +93,12 @@ class ColourMemory:
     def from_pixels(cls, pixels: np.ndarray, seed: int, batch: int = 256) -> ColourMemory:
         """The memory of (N, S, S, C) uint8 training images in memory, sampled as the train job
         samples its bank (`samples_per_input` pixels of each)."""
+        from pipeline.inference import to_input  # inference imports this module
+
         per_input = samples_per_input(len(pixels), pixels.shape[1] * pixels.shape[2])
         generator = np.random.default_rng(seed)
-        bins = [sample_bins(torch.from_numpy(pixels[start:start + batch]).permute(0, 3, 1, 2).float().div_(255.0),
-                            per_input, generator) for start in range(0, len(pixels), batch)]
+        bins = [sample_bins(to_input(torch.from_numpy(pixels[start:start + batch])), per_input, generator)
+                for start in range(0, len(pixels), batch)]
         return cls.from_bins(np.concatenate(bins), pixels.shape[-1])
 
     def rarity_map(self, x: torch.Tensor) -> torch.Tensor:
