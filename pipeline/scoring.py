@@ -440,6 +440,25 @@ KNN_K = 10  # more than one, so that anomalies in the bank do not find one anoth
 BANK_CAP = 20_000  # bank entries at most (the training split, sampled by id hash above it)
 
 
+# The k nearest of a large bank are found in two stages (`k_smallest`): cheaper than one top-k
+# over every entry on a CPU, and exactly the same values (bench/score_cost.py's stem_knn and latent_knn).
+NEAREST_BLOCK = 128  # bank entries per block
+BLOCKED_SEARCH_MIN = 4 * NEAREST_BLOCK  # times k: smaller banks are searched by one top-k
+
+
+def k_smallest(ranking: torch.Tensor, k: int, block: int) -> torch.Tensor:
+    """(B, N) with N a multiple of `block` -> (B, k) the k smallest values of each row, ascending:
+    those of `ranking.topk(k, largest=False)`. Each row's k smallest values lie in the k blocks
+    (of `block` consecutive entries) whose minima are smallest, since a value in any other block
+    has k block minima at or below it; so the blocks' minima choose k blocks, and the top-k runs
+    over their k x block entries alone."""
+    rows = ranking.shape[0]
+    blocks = ranking.view(rows, -1, block)
+    chosen = blocks.amin(dim=2).topk(k, dim=1, largest=False).indices  # (B, k)
+    candidates = blocks.gather(1, chosen[..., None].expand(-1, -1, block)).view(rows, -1)
+    return candidates.topk(k, dim=1, largest=False).values
+
+
 class NeighbourBank:
     """Vectors of the training split by id; `distances` scores queries against them."""
 
@@ -454,21 +473,31 @@ class NeighbourBank:
         spread = vectors.std(axis=0) if std is None else np.asarray(std, np.float32)
         self.std = np.where(spread > 1e-8, spread, 1.0).astype(np.float32)
         vectors = torch.from_numpy((vectors - self.mean) / self.std)  # (N, D)
+        # A bank of many blocks is searched in two stages (`k_smallest`), its ranking padded to whole blocks.
+        self._blocks = -(-len(vectors) // NEAREST_BLOCK) if len(vectors) >= BLOCKED_SEARCH_MIN * self.k else None
         self._on_device = {torch.device("cpu"): self._tensors(vectors)}
         self._row = {row_id: i for i, row_id in enumerate(self.ids)}
 
     def _tensors(self, vectors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(standardised vectors transposed (D, N), contiguous for the ranking's matrix product,
-        their squared norms (1, N), mean (D,), std (D,)) on vectors' device."""
-        device = vectors.device
-        return (vectors.T.contiguous(), vectors.pow(2).sum(dim=1)[None], torch.from_numpy(self.mean).to(device),
-                torch.from_numpy(self.std).to(device))
+        """(standardised vectors transposed (D, N'), contiguous for the ranking's matrix product,
+        their squared norms (1, N'), mean (D,), std (D,)). N' is N padded to
+        whole blocks for a blocked search: zero vectors of infinite squared norm, which rank last, as
+        a vector that is not finite does (a NaN would spoil its block's minimum)."""
+        finite = torch.isfinite(vectors).all(dim=1)
+        vectors = torch.where(finite[:, None], vectors, 0.0)
+        squares = vectors.pow(2).sum(dim=1).masked_fill_(~finite, math.inf)[None]
+        columns = vectors.T.contiguous()
+        if self._blocks is not None:
+            pad = self._blocks * NEAREST_BLOCK - len(vectors)
+            columns = torch.nn.functional.pad(columns, (0, pad))
+            squares = torch.nn.functional.pad(squares, (0, pad), value=math.inf)
+        return columns, squares, torch.from_numpy(self.mean), torch.from_numpy(self.std)
 
     def distances(self, queries: torch.Tensor, ids: Sequence[str] | None = None) -> torch.Tensor:
         """(B, D) -> (B,) mean Euclidean distance to the k nearest bank vectors, never an entry
         with the query's own id. On a GPU the bank is copied there once, not per batch."""
         if queries.device not in self._on_device:
-            self._on_device[queries.device] = self._tensors(self._on_device[torch.device("cpu")][0].T.to(queries.device))
+            self._on_device[queries.device] = tuple(t.to(queries.device) for t in self._on_device[torch.device("cpu")])
         columns, squares, mean, std = self._on_device[queries.device]
         q = (queries.float() - mean) / std
         # |q - v|^2 = |q|^2 + (|v|^2 - 2 q.v): the bracket ranks the bank for each query (one fused
@@ -479,7 +508,9 @@ class NeighbourBank:
             if own:
                 rows, columns = zip(*own)
                 ranking[list(rows), list(columns)] = math.inf
-        nearest = ranking.topk(self.k, dim=1, largest=False).values.add_(q.pow(2).sum(dim=1, keepdim=True))
+        nearest = (ranking.topk(self.k, dim=1, largest=False).values if self._blocks is None
+                   else k_smallest(ranking, self.k, NEAREST_BLOCK))
+        nearest = nearest.add_(q.pow(2).sum(dim=1, keepdim=True))
         nearest = nearest.clamp_min_(0)
         return nearest.sqrt().mean(dim=1)
 

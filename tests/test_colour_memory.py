@@ -34,7 +34,7 @@ def test_bins_are_channel_major_and_cover_every_pixel_value():
     grey = torch.arange(256, dtype=torch.float32).reshape(1, 1, 16, 16) / 255
     assert colour_bins(grey).min() == 0 and colour_bins(grey).max() == LEVELS - 1
     every = torch.arange(256, dtype=torch.float32).repeat(3, 1).reshape(1, 3, 16, 16) / 255
-    expected = (every * LEVELS).floor().clamp(0, LEVELS - 1).long()
+    expected = (every * LEVELS).floor().clamp(0, LEVELS - 1).int()
     expected = (expected[:, 0] * LEVELS + expected[:, 1]) * LEVELS + expected[:, 2]
     with torch.autocast("cpu", dtype=torch.bfloat16):  # an embed forward pass's context changes no bin
         assert torch.equal(colour_bins(every), expected)
@@ -52,6 +52,9 @@ def test_a_colour_never_seen_is_rarer_than_the_training_colours_and_its_place_sh
     # A whole image in swapped channels is made of colours the memory has not seen either.
     swapped = normal[..., [2, 0, 1]]
     assert memory.rarity_map(_input(swapped)).mean() > rarity[0].max()
+    # Each pixel's value is its bin's rarity (the lookup reads int32 bins).
+    x = _input(np.concatenate([normal, stained, swapped]))
+    assert np.array_equal(memory.rarity_map(x).numpy(), memory.rarity[colour_bins(x).numpy()])
 
 
 def test_grey_images_have_a_grey_memory():

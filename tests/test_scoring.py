@@ -14,8 +14,10 @@ from pipeline.scoring import (
     ANOMALY_MAPS,
     TOP_SHARE,
     _grid_ssim,
+    NEAREST_BLOCK,
     NeighbourBank,
     blur,
+    k_smallest,
     mse_per_image,
     pool_max,
     pool_top,
@@ -325,6 +327,35 @@ def test_the_neighbour_score_equals_brute_force_and_leaves_an_image_itself_out()
             distance[ids.index(query_id)] = np.inf  # its own entry never counts
         assert got[i] == pytest.approx(np.sort(distance)[:5].mean(), rel=1e-4)
     assert (bank.distances(torch.from_numpy(vectors[:10])).numpy() < got[:10]).all(), "without ids it finds itself"
+
+
+def test_the_two_stage_nearest_values_are_one_top_k_s_with_ties_and_infinities():
+    generator = torch.Generator().manual_seed(3)
+    for k in (1, 5, 10):
+        # Few distinct values (many ties), infinities (own entries, padding) and a row of equals.
+        ranking = torch.randint(0, 40, (64, 50 * 16), generator=generator).float()
+        ranking[torch.rand(ranking.shape, generator=generator) < 0.1] = math.inf
+        ranking[0] = 7.0
+        assert torch.equal(k_smallest(ranking, k, 16), ranking.topk(k, dim=1, largest=False).values)
+
+
+def test_a_large_bank_is_searched_in_blocks_with_the_brute_force_distances():
+    rng = np.random.default_rng(11)
+    count = 5 * 4 * NEAREST_BLOCK * 2 + 37  # searched in blocks at k = 5, the last one padded
+    vectors = rng.normal(size=(count, 6)).astype(np.float32)
+    vectors[100] = np.nan  # a broken entry is never anyone's neighbour
+    ids = [f"img-{i}" for i in range(count)]
+    bank = NeighbourBank(ids, vectors, k=5, mean=np.zeros(6, np.float32), std=np.ones(6, np.float32))
+    assert bank._blocks is not None
+    queries = np.concatenate([vectors[:20], vectors[-3:], rng.normal(size=(5, 6)).astype(np.float32)])
+    query_ids = [*ids[:20], *ids[-3:], *(f"new-{i}" for i in range(5))]
+    got = bank.distances(torch.from_numpy(queries), query_ids).numpy()
+    for i, (query, query_id) in enumerate(zip(queries, query_ids)):
+        distance = np.sqrt(((query - vectors) ** 2).sum(axis=1))
+        distance[100] = np.inf
+        if query_id in ids:
+            distance[ids.index(query_id)] = np.inf
+        assert got[i] == pytest.approx(np.sort(distance)[:5].mean(), rel=1e-4)
 
 
 def test_most_thin_scratches_hidden_from_mse_are_ranked_above_every_normal_image_by_the_local_score():
