@@ -99,18 +99,20 @@ def table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def run_child(cmd: list[str], sample_memory: bool) -> dict:
+def run_child(cmd: list[str], sample_memory: bool, env: dict[str, str] | None = None) -> dict:
     """Run `cmd` (a bench's child mode, printing its result as the last line of JSON) in a fresh
-    process session; with `sample_memory`, its result gets "peak_pss_mib": the peak proportional
-    set size (shared pages split between processes) summed over its whole process tree (driver,
-    raylet, GCS, workers, object store mappings), sampled every 0.2 s.
+    process session, with `env` added to its environment; with `sample_memory`, its result gets
+    "peak_pss_mib": the peak proportional set size (shared pages split between processes) summed
+    over its whole process tree (driver, raylet, GCS, workers, object store mappings), sampled
+    every 0.2 s.
 
     Reading PSS (/proc/PID/smaps of every process) costs real CPU, more for Ray's many processes
     than for one: timed runs should take no samples.
     """
     import psutil
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, **(env or {})})
     peak = [0]
 
     def sample():

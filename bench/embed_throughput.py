@@ -5,6 +5,8 @@
         # also the Ray job with one model actor of two torch threads (repeatable), at N only
     python bench/embed_throughput.py --images 20000 --skip-5n --ray-reader --results embed_throughput-reader
         # also the Ray job reading its shards with Ray's own read_parquet (V1), as before, at N only
+    python bench/embed_throughput.py --images 20000 --skip-5n --malloc-defaults --results embed_throughput-malloc
+        # also both with glibc's malloc left as it is (SQUEEZE_KEEP_FREED_MEMORY=0), at N only
 
 Both do the same work on the same cores: read Parquet, decode PNG, encode + decode with the
 Fire model, compute the anomaly scores `--scores` names (default: embed's default, the fused
@@ -155,12 +157,16 @@ def ray_job(data: str, model: str, out: str, batch_size: int, scores: str | None
 def run_measured(mode: str, data: str, model: str, out: str, batch_size: int, sample_memory: bool,
                  scores: str | None) -> dict:
     """Run one mode in a fresh process (bench.common.run_child: with `sample_memory`, its peak PSS).
-    A mode "ray AxT" is the Ray job with that actor pool; "ray-v1" the Ray job with Ray's own reader."""
+    A mode "ray AxT" is the Ray job with that actor pool; "ray-v1" the Ray job with Ray's own reader;
+    "bare-glibc" and "ray-glibc" either with glibc's malloc as it is (pipeline.resources.keep_freed_memory off)."""
+    from pipeline.resources import KEEP_FREED_ENV
+
     mode, _, pool = mode.partition(" ")
+    mode, glibc, _ = mode.partition("-glibc")
     cmd = [sys.executable, __file__, "--child", mode, "--data", data, "--model", model, "--out", out,
            "--batch-size", str(batch_size), *(["--scores", scores] if scores else []),
            *(["--pool", pool] if pool else [])]
-    return run_child(cmd, sample_memory)
+    return run_child(cmd, sample_memory, env={KEEP_FREED_ENV: "0"} if glibc else None)
 
 
 def alternate(modes: list[str], rounds: int, data: str, model: str, work: Path, n: int,
@@ -199,6 +205,8 @@ def main() -> None:
                    help="name of the raw results file under docs/bench-results/ (without .json)")
     p.add_argument("--ray-reader", action="store_true",
                    help="also time the Ray job reading with Ray's own read_parquet (V1), as before (at N only)")
+    p.add_argument("--malloc-defaults", action="store_true",
+                   help="also time both with glibc's malloc as it is, not keeping freed memory (at N only)")
     p.add_argument("--child", choices=["bare", "ray", "ray-v1"], help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -221,7 +229,8 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-embed-"))
     n = args.images
     data, model = make_inputs(work, n)
-    pools = [f"ray {pool}" for pool in args.pool] + (["ray-v1"] if args.ray_reader else [])
+    pools = ([f"ray {pool}" for pool in args.pool] + (["ray-v1"] if args.ray_reader else [])
+             + (["bare-glibc", "ray-glibc"] if args.malloc_defaults else []))
     runs, written = alternate(["bare", "ray", *pools], args.rounds, data, model, work, n, args.batch_size, args.scores)
     table_rows = []
 
@@ -229,6 +238,8 @@ def main() -> None:
         bare = statistics.median(result["bare"])
         names = {"bare": "bare single-process loop", "ray": "Ray Data job",
                  "ray-v1": "Ray Data job, Ray's own read_parquet (V1, before)",
+                 "bare-glibc": "bare single-process loop, glibc's malloc as it is (before)",
+                 "ray-glibc": "Ray Data job, glibc's malloc as it is (before)",
                  **{mode: f"Ray Data job, {mode.split()[1]} (actors x threads)" for mode in pools if " " in mode}}
         for mode, all_runs in result.items():
             secs = statistics.median(all_runs)

@@ -12,7 +12,9 @@ runs after a warm-up: the forward pass in float32 and in bfloat16; the default s
 `pipeline.scoring.compute_scores` makes them (shared maps made once); and each score alone.
 Shares are of the float32 forward pass measured in the same run; the summary lines also give
 them against the bfloat16 one. The bank is full size (BANK_CAP entries, the most a model
-keeps), the worst case for the neighbour scores.
+keeps), the worst case for the neighbour scores. The process keeps freed memory as embed's
+model actors do (pipeline.resources.keep_freed_memory), which speeds up the forward pass more
+than the scores.
 """
 
 from __future__ import annotations
@@ -113,6 +115,9 @@ def measure(threads: int, batch_size: int, image_size: int, repeats: int) -> dic
     """Median wall seconds of each part at `threads` torch threads."""
     import torch
 
+    from pipeline.resources import keep_freed_memory
+
+    keep_freed_memory()  # as every process that loads a model for inference does
     torch.set_num_threads(threads)
     steps = parts(batch_size, image_size)
     seconds: dict[str, list[float]] = {name: [] for name in steps}

@@ -25,13 +25,16 @@ from pipeline.colour_memory import ColourMemory
 from pipeline.latents import check_model_fits, read_latent_rows
 from pipeline.model import fuse_for_inference
 from pipeline.patch_memory import PatchBank
+from pipeline.resources import keep_freed_memory
 from pipeline.scores import SCORES, computable, with_inputs
 from pipeline.scoring import ScoreInputs, TrainingBank, compute_scores, upsample
 from pipeline.thresholds import Calibration
 
 
 def load_inference_model(model_url: str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Checkpoint]:
-    """(folded channels_last model in eval mode, the checkpoint it came from)."""
+    """(folded channels_last model in eval mode, the checkpoint it came from). The process keeps
+    freed memory from now on (`pipeline.resources.keep_freed_memory`): it is going to run the model."""
+    keep_freed_memory()
     checkpoint = load_checkpoint(model_url, device=device)
     return fuse_for_inference(checkpoint.model).to(memory_format=torch.channels_last), checkpoint
 

@@ -8,7 +8,10 @@ real use of the cores.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +34,32 @@ BATCH_SIDE = 128
 MODEL_THREADS_PER_ACTOR = 1
 # The least object-store memory an inference job's blocks in flight may fill (object_store_budget).
 MIN_OBJECT_STORE_BUDGET = 256 * 2**20
+
+# glibc's malloc hands every large freed block back to the kernel: blocks over its mmap threshold
+# are unmapped, and the heap's top is trimmed past its trim threshold. A model in inference frees
+# and allocates the same activations for every batch, so each batch page-faults them all in
+# again. An inference process (`keep_freed_memory`) raises both thresholds so that freed blocks
+# stay in the process for the next batch; its peak memory is the same, only kept. Training showed
+# no gain (autograd keeps its activations alive until the backward pass; *unrecorded note*).
+# bench/embed_throughput.py --malloc-defaults times the bare loop with and without it.
+KEEP_FREED_BYTES = 1 << 30
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+KEEP_FREED_ENV = "SQUEEZE_KEEP_FREED_MEMORY"  # "0" leaves glibc's malloc as it is
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed blocks of up to KEEP_FREED_BYTES for reuse instead of returning
+    them to the kernel; once per process. False where the C library is not glibc (or older than
+    2.26 rejects the threshold) or KEEP_FREED_ENV is "0"."""
+    if os.environ.get(KEEP_FREED_ENV, "1") == "0":
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        getattr(libc, "gnu_get_libc_version")
+    except (OSError, AttributeError):
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, KEEP_FREED_BYTES) and libc.mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from pipeline.scores import FUSED_FROM, SCORE_COLUMNS, computable
 BANKED = computable(True, FUSED_FROM, has_colours=True)
 from pipeline.resources import (
     CPU_BATCH_SIZE,
+    KEEP_FREED_ENV,
     GPU_BATCH_SIZE,
     MIN_OBJECT_STORE_BUDGET,
     object_store_budget,
@@ -359,3 +360,38 @@ def test_output_folder_of_another_model_is_refused(corpus, model_url, tmp_path):
         embed(EmbedConfig(data_url=corpus, model_url=other, out_url=out))
     with pytest.raises(InputError, match="other settings .*latent_dtype"):
         embed(EmbedConfig(data_url=corpus, model_url=model_url, out_url=out, latent_dtype="float32"))
+
+
+# A child process loads a model for inference (as every embed actor does), then allocates and frees
+# a 64 MB buffer a few times, as each batch's activations are: how many pages it faults in.
+_REUSES_FREED_MEMORY = """
+import json, resource, sys
+import torch
+from pipeline.inference import load_inference_model
+from pipeline.resources import keep_freed_memory
+load_inference_model(sys.argv[1])
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.ones(16 * 2**20)
+before = faults()
+for _ in range(5):
+    torch.ones(16 * 2**20)
+print(json.dumps({"kept": keep_freed_memory(), "faults": faults() - before}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc is what is tuned")
+def test_an_inference_process_reuses_freed_memory_instead_of_faulting_it_in_again(tmp_path):
+    model = make_tiny_model(str(tmp_path / "model"))
+    pages = (16 * 2**20 * 4) // os.sysconf("SC_PAGE_SIZE")
+
+    def run(env: dict[str, str]) -> dict:
+        out = subprocess.run([sys.executable, "-c", _REUSES_FREED_MEMORY, model], capture_output=True, text=True,
+                             env={**os.environ, **env}, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    kept, default = run({}), run({KEEP_FREED_ENV: "0"})
+    assert kept["kept"] and not default["kept"]
+    # glibc's default maps a buffer this large afresh every time and faults in each page again.
+    assert default["faults"] >= 5 * pages * 0.9, default
+    assert kept["faults"] < pages * 0.1, kept
