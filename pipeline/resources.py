@@ -35,23 +35,27 @@ MODEL_THREADS_PER_ACTOR = 1
 # The least object-store memory an inference job's blocks in flight may fill (object_store_budget).
 MIN_OBJECT_STORE_BUDGET = 256 * 2**20
 
-# glibc's malloc hands every large freed block back to the kernel: blocks over its mmap threshold
-# are unmapped, and the heap's top is trimmed past its trim threshold. A model in inference frees
-# and allocates the same activations for every batch, so each batch page-faults them all in
-# again. An inference process (`keep_freed_memory`) raises both thresholds so that freed blocks
-# stay in the process for the next batch; its peak memory is the same, only kept. Training showed
-# no gain (autograd keeps its activations alive until the backward pass; *unrecorded note*).
-# bench/embed_throughput.py --malloc-defaults times the bare loop with and without it.
+# glibc's malloc hands large freed blocks back to the kernel: blocks over its mmap threshold are
+# unmapped, the main heap's top is trimmed past its trim threshold, and a thread's heap (Ray
+# Data runs an actor's batches on a pool thread) is unmapped whole once nothing in it is used.
+# A model in inference frees and allocates the same activations for every batch, so each batch
+# page-faulted them in again. An inference process (`keep_freed_memory`) raises both thresholds
+# and pads each heap by a thread heap's largest size (64 MiB), so that freed blocks stay in the
+# process for the next batch; they stay at their peak rather than shrink back (the embed job's
+# peak: docs/BENCHMARKS.md "Freed memory kept in the process"). Training showed no gain
+# (autograd keeps its activations alive until the backward pass; *unrecorded note*).
+# bench/embed_throughput.py --malloc-defaults times the job and the bare loop with and without it.
 KEEP_FREED_BYTES = 1 << 30
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+HEAP_PAD_BYTES = 64 << 20  # glibc's HEAP_MAX_SIZE on 64-bit: no thread heap is then ever wholly free
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc's malloc.h
 KEEP_FREED_ENV = "SQUEEZE_KEEP_FREED_MEMORY"  # "0" leaves glibc's malloc as it is
 
 
 @functools.cache
 def keep_freed_memory() -> bool:
-    """Have glibc's malloc keep freed blocks of up to KEEP_FREED_BYTES for reuse instead of returning
-    them to the kernel; once per process. False where the C library is not glibc (or older than
-    2.26 rejects the threshold) or KEEP_FREED_ENV is "0"."""
+    """Have glibc's malloc keep freed blocks of up to KEEP_FREED_BYTES, and its heaps, for reuse
+    instead of returning them to the kernel; once per process. False where the C library is not
+    glibc (or an older one rejects a setting) or KEEP_FREED_ENV is "0"."""
     if os.environ.get(KEEP_FREED_ENV, "1") == "0":
         return False
     try:
@@ -59,7 +63,8 @@ def keep_freed_memory() -> bool:
         getattr(libc, "gnu_get_libc_version")
     except (OSError, AttributeError):
         return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, KEEP_FREED_BYTES) and libc.mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, KEEP_FREED_BYTES) and libc.mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES)
+                and libc.mallopt(_M_TOP_PAD, HEAP_PAD_BYTES))
 
 
 @dataclass(frozen=True)
