@@ -19,7 +19,9 @@ from pipeline.errors import InputError
 
 # Images per model call. On CPUs, batches of 256 64x64 images ran at ~550 img/s against ~900
 # at 128: the larger activations go to fresh mmap'd memory on every call, and the kernel's
-# page faults took as much time as the convolutions (bench: docs/BENCHMARKS.md). GPUs want
+# page faults took as much time as the convolutions (bench: docs/BENCHMARKS.md). Inference
+# processes now keep freed memory (`keep_freed_memory`, below), so that reason is gone; 128 stays:
+# with it, a one-off probe found batches of 256 no faster on one thread (*unrecorded note*). GPUs want
 # large batches (throughput still rose from 1,024 to 4,096 on an H200).
 CPU_BATCH_SIZE = 128
 GPU_BATCH_SIZE = 1024
@@ -42,8 +44,8 @@ MIN_OBJECT_STORE_BUDGET = 256 * 2**20
 # page-faulted them in again. An inference process (`keep_freed_memory`) raises both thresholds
 # and pads each heap by a thread heap's largest size (64 MiB), so that freed blocks stay in the
 # process for the next batch; they stay at their peak rather than shrink back (the embed job's
-# peak: docs/BENCHMARKS.md "Freed memory kept in the process"). Training showed no gain
-# (autograd keeps its activations alive until the backward pass; *unrecorded note*).
+# peak: docs/BENCHMARKS.md "Freed memory kept in the process"). Training showed no gain in a
+# one-off probe (*unrecorded note*), and is left as it was.
 # bench/embed_throughput.py --malloc-defaults times the job and the bare loop with and without it.
 KEEP_FREED_BYTES = 1 << 30
 HEAP_PAD_BYTES = 64 << 20  # glibc's HEAP_MAX_SIZE on 64-bit: no thread heap is then ever wholly free

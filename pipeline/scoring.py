@@ -480,9 +480,9 @@ class NeighbourBank:
 
     def _tensors(self, vectors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(standardised vectors transposed (D, N'), contiguous for the ranking's matrix product,
-        their squared norms (1, N'), mean (D,), std (D,)). N' is N padded to
-        whole blocks for a blocked search: zero vectors of infinite squared norm, which rank last, as
-        a vector that is not finite does (a NaN would spoil its block's minimum)."""
+        their squared norms (1, N'), mean (D,), std (D,)). N' is N padded to whole blocks for a
+        blocked search: zero vectors of infinite squared norm, which rank last, as a vector that is
+        not finite does (a NaN would spoil its block's minimum)."""
         finite = torch.isfinite(vectors).all(dim=1)
         vectors = torch.where(finite[:, None], vectors, 0.0)
         squares = vectors.pow(2).sum(dim=1).masked_fill_(~finite, math.inf)[None]
