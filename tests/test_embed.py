@@ -364,7 +364,7 @@ def test_output_folder_of_another_model_is_refused(corpus, model_url, tmp_path):
 
 # A child process loads a model for inference (as every embed actor does), then runs a
 # default-size model on batches of 128, on a pool thread (as Ray Data runs an actor's batches)
-# and on the main thread (the bare loop): the most pages one of the last three of ten batches
+# and on the main thread (the bare loop): the pages each of the last five of twelve batches
 # faults in.
 _REUSES_FREED_MEMORY = """
 import json, resource, sys
@@ -380,11 +380,11 @@ def faults_per_batch():
     x = torch.rand(128, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     counts = []
     with torch.inference_mode():
-        for _ in range(10):
+        for _ in range(12):
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             model(x)
             counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    return max(counts[-3:])
+    return counts[-5:]
 with ThreadPoolExecutor(1) as pool:
     thread = pool.submit(faults_per_batch).result()
 print(json.dumps({"kept": keep_freed_memory(), "thread": thread, "main": faults_per_batch()}))
@@ -402,7 +402,9 @@ def test_an_inference_process_reuses_freed_memory_instead_of_faulting_it_in_agai
 
     kept, default = run({}), run({KEEP_FREED_ENV: "0"})
     assert kept["kept"] and not default["kept"]
-    # glibc's default gives part of each batch's activations back and faults them in again
-    # (tens of thousands of pages a batch), on a pool thread and on the main thread.
-    assert default["thread"] > 5000 and default["main"] > 5000, default
-    assert kept["thread"] < 256 and kept["main"] < 256, kept
+    for place in ("thread", "main"):
+        # glibc's default gives part of each batch's activations back and faults them in again,
+        # thousands of pages every batch; kept, a batch faults in next to none (a heap may still
+        # grow once in a while: at most one batch of the five).
+        assert min(default[place]) > 5000, default
+        assert sorted(kept[place])[3] < 256, kept
